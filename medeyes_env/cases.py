@@ -98,7 +98,7 @@ class Case(BaseModel):
             if len(self.options) < 2:
                 raise ValueError(f"case {self.id!r}: a CHOICE question needs 2+ options, got {list(self.options)}")
             if self.answer not in self.options:
-                raise ValueError(f"case {self.id!r}: answer {self.answer!r} is not among the options {list(self.options)}")
+                raise ValueError(f"case {self.id!r}: answer {self.answer!r} not in options {list(self.options)}")
         if self.answer_type is AnswerType.CLOSED and self.answer.strip().lower() not in ("yes", "no"):
             raise ValueError(f"case {self.id!r}: a CLOSED answer must be 'yes' or 'no', got {self.answer!r}")
         if self.image_size is not None:
