@@ -1,0 +1,738 @@
+"""The text action protocol: parse a model's turn into an :class:`Action`, and render one back.
+
+One turn is one model response::
+
+    <reasoning>free text</reasoning>
+    <action>{"name": "scan", "boxes": [[x1, y1, x2, y2], ...]}</action>
+
+or ``<action>{"name": "drill", "box": [x1, y1, x2, y2]}</action>``, or
+``<reasoning>...</reasoning><answer>yes</answer>`` to end the episode. Boxes are
+``xyxy`` in pixels of the ORIGINAL image, top-left origin.
+
+Strict on structure, tolerant in diagnosis. :func:`parse_turn` never raises on
+model text: every malformed turn becomes ``ParsedTurn(action=None, error=...)``
+whose message names what was wrong and shows the expected form, so the
+environment can feed it back. Two levels of success:
+
+- ``ok``: the action can be executed (the environment runs it).
+- ``well_formed``: the turn follows the protocol exactly (the grammar reward).
+
+Tolerated (executed, but the turn is not ``well_formed`` and ``deviations`` says why):
+tag names in another case (``<Action>``), a missing or empty ``<reasoning>``,
+reasoning after the action, non-whitespace text outside the tags, the JSON in a
+Markdown code fence, unknown extra JSON keys, an action name in another case,
+``drill`` with ``"boxes"`` holding exactly one box, ``scan`` with a single ``"box"``.
+
+Tolerated and still well formed: whitespace around and inside tags' content,
+integer or float coordinates, surrounding whitespace of the answer, a box that
+lies partly outside the image (clamped, with a note).
+
+Refused (``error`` set): oversized text, control characters (binary junk),
+nested, unclosed, stray or mismatched tags, no action, two actions, an action
+and an answer, an empty or oversized answer, invalid JSON (NaN, Infinity and
+duplicate keys included), a non-object, a missing or unknown action name (with
+a did-you-mean), wrong box arity, non-numeric, non-finite, inverted or
+zero-area boxes, and boxes entirely outside the image.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
+
+from medeyes_env.cases import Box
+from medeyes_env.errors import ConfigError, MedEyesError
+
+ACTION_NAMES: tuple[str, ...] = ("scan", "drill")
+"""Names allowed inside ``<action>``; answering uses the ``<answer>`` tag."""
+
+TAG_NAMES: tuple[str, ...] = ("reasoning", "action", "answer")
+
+ErrorKind = Literal[
+    "not_text",
+    "oversized",
+    "binary",
+    "stray_tag",
+    "nested_tag",
+    "mismatched_tag",
+    "unclosed_tag",
+    "missing_action",
+    "multiple_actions",
+    "action_and_answer",
+    "empty_answer",
+    "answer_too_long",
+    "reasoning_too_long",
+    "json_too_long",
+    "bad_json",
+    "not_object",
+    "missing_name",
+    "unknown_action",
+    "answer_as_action",
+    "box_arity",
+    "bad_box",
+    "non_finite",
+    "inverted_box",
+    "zero_area",
+    "outside_image",
+    "parser_error",
+]
+"""Machine-readable class of a malformed turn, for logs and training-health counters."""
+
+
+class ProtocolError(MedEyesError, ValueError):
+    """A program (not a model) asked for something the protocol cannot express, e.g. rendering a tag in reasoning."""
+
+
+class ProtocolLimits(BaseModel):
+    """Size limits on every part of a turn; anything larger is refused before it is parsed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_chars: int = Field(default=4096, gt=0, description="Longest turn text in characters; longer is 'oversized'.")
+    max_reasoning_chars: int = Field(
+        default=2048, gt=0, description="Longest <reasoning> content in characters (all reasoning blocks together)."
+    )
+    max_boxes: int = Field(default=5, ge=1, description="Most boxes in one scan (paper: at most 5 regions).")
+    max_answer_chars: int = Field(default=256, gt=0, description="Longest <answer> content, after stripping.")
+    max_json_chars: int = Field(default=1024, gt=0, description="Longest <action> JSON content, after stripping.")
+
+
+def _check_box_values(box: Sequence[float]) -> Box:
+    if len(box) != 4:
+        raise ValueError(f"a box has 4 numbers [x1, y1, x2, y2], got {list(box)}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {list(box)} has a non-finite coordinate")
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"box {list(box)} is not xyxy with x2 > x1 and y2 > y1")
+    return (x1, y1, x2, y2)
+
+
+class Action(BaseModel):
+    """One executable action: ``scan`` several boxes, ``drill`` into one box, or ``answer``.
+
+    >>> Action.drill((10, 20, 50, 60))
+    Action(name='drill', boxes=((10.0, 20.0, 50.0, 60.0),), answer=None)
+    >>> Action.final_answer("  yes ").answer
+    'yes'
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: Literal["scan", "drill", "answer"] = Field(description="What to do: scan, drill or answer.")
+    boxes: tuple[Box, ...] = Field(
+        default=(), description="scan: 1 or more boxes; drill: exactly 1; answer: none. xyxy original-image pixels."
+    )
+    answer: str | None = Field(default=None, description="The final answer, stripped and non-empty; only for answer.")
+
+    @field_validator("boxes")
+    @classmethod
+    def _boxes_ordered(cls, boxes: tuple[Box, ...]) -> tuple[Box, ...]:
+        return tuple(_check_box_values(box) for box in boxes)
+
+    @field_validator("answer")
+    @classmethod
+    def _strip_answer(cls, answer: str | None) -> str | None:
+        return answer.strip() if answer is not None else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Action:
+        if self.name == "answer":
+            if self.boxes:
+                raise ValueError("an answer action takes no boxes")
+            if not self.answer:
+                raise ValueError("an answer action needs a non-empty answer")
+        else:
+            if self.answer is not None:
+                raise ValueError(f"a {self.name} action takes no answer")
+            if self.name == "drill" and len(self.boxes) != 1:
+                raise ValueError(f"a drill action takes exactly one box, got {len(self.boxes)}")
+            if self.name == "scan" and not self.boxes:
+                raise ValueError("a scan action needs at least one box")
+        return self
+
+    @classmethod
+    def scan(cls, *boxes: Sequence[float]) -> Action:
+        """Build a scan over the given boxes."""
+        return cls(name="scan", boxes=tuple(tuple(box) for box in boxes))  # type: ignore[arg-type]
+
+    @classmethod
+    def drill(cls, box: Sequence[float]) -> Action:
+        """Build a drill into one box."""
+        return cls(name="drill", boxes=(tuple(box),))  # type: ignore[arg-type]
+
+    @classmethod
+    def final_answer(cls, text: str) -> Action:
+        """Build the episode's final answer."""
+        return cls(name="answer", answer=text)
+
+
+class ParsedTurn(BaseModel):
+    """The result of :func:`parse_turn`: either an executable action or a feedback message, never both."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reasoning: str | None = Field(description="The <reasoning> content, stripped; None when absent.")
+    action: Action | None = Field(description="The action to execute; None when the turn is malformed.")
+    error: str | None = Field(
+        default=None, description="Feedback for a malformed turn: what was wrong and the expected form; None when ok."
+    )
+    error_kind: ErrorKind | None = Field(default=None, description="Machine-readable class of the error.")
+    notes: tuple[str, ...] = Field(
+        default=(), description="Non-fatal remarks for the model, e.g. a clamped box; includes every deviation."
+    )
+    deviations: tuple[str, ...] = Field(
+        default=(), description="Why a turn that executes does not follow the protocol exactly (empty when it does)."
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def ok(self) -> bool:
+        """True when the action can be executed."""
+        return self.action is not None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def well_formed(self) -> bool:
+        """True only when the turn executes and follows the protocol exactly (the grammar reward's test)."""
+        return self.action is not None and not self.deviations
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Instructions shown to the model
+# --------------------------------------------------------------------------------------------------------------
+
+_INSTRUCTIONS_TEMPLATE = """\
+You examine a medical image step by step before answering. The image is {{width}} x {{height}} pixels.
+Every response is one turn: first your thinking in <reasoning>...</reasoning>, then exactly one of:
+
+1. Scan several candidate regions at once (1 to {max_boxes} boxes):
+<reasoning>The left lower lobe and the right hilum need a closer look.</reasoning>
+<action>{{{{"name": "scan", "boxes": [[x1, y1, x2, y2], [x1, y1, x2, y2]]}}}}</action>
+
+2. Drill into one region to see it zoomed in at full resolution:
+<reasoning>The opacity in the left lower lobe is the most suspicious.</reasoning>
+<action>{{{{"name": "drill", "box": [x1, y1, x2, y2]}}}}</action>
+
+3. Give the final answer, which ends the examination:
+<reasoning>The zoomed view shows a well-defined nodule.</reasoning>
+<answer>yes</answer>
+
+Boxes are [x1, y1, x2, y2]: pixel coordinates in the original {{width}} x {{height}} image, origin at the top-left
+corner, 0 <= x1 < x2 <= {{width}} and 0 <= y1 < y2 <= {{height}}. The action is JSON with double quotes. Write nothing
+outside the tags. After each scan or drill you receive the view and a <feedback> message. You have at most
+{{max_steps}} turns; the last one must be an answer. For yes/no questions answer "yes" or "no"; for multiple choice
+answer with the option's letter or its exact text; otherwise answer with a few words."""
+
+
+def protocol_instructions(width: int, height: int, max_steps: int, limits: ProtocolLimits | None = None) -> str:
+    """Return the protocol instructions for one image, with the limits' box count filled in.
+
+    >>> "512 x 384 pixels" in protocol_instructions(512, 384, max_steps=4)
+    True
+    """
+    limits = limits or ProtocolLimits()
+    return _INSTRUCTIONS_TEMPLATE.format(max_boxes=limits.max_boxes).format(
+        width=width, height=height, max_steps=max_steps
+    )
+
+
+PROTOCOL_INSTRUCTIONS: str = _INSTRUCTIONS_TEMPLATE.format(max_boxes=ProtocolLimits().max_boxes)
+"""The protocol as told to a model; fill it with ``.format(width=, height=, max_steps=)``."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------
+
+# Linear-time patterns only: fixed alternatives and bounded quantifiers, no nested or adjacent unbounded repeats.
+_TAG_RE = re.compile(r"<(/?)(reasoning|action|answer)>", re.IGNORECASE)
+_NEAR_TAG_RE = re.compile(r"</?[ \t]{0,3}([A-Za-z_][A-Za-z0-9_-]{0,23})[ \t]{0,3}/?>")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_FENCE_RE = re.compile(r"\A```[A-Za-z]{0,10}[ \t]*\n?(.*?)\n?[ \t]*```\Z", re.DOTALL)
+
+_SCAN_FORM = '<action>{"name": "scan", "boxes": [[x1, y1, x2, y2], ...]}</action>'
+_DRILL_FORM = '<action>{"name": "drill", "box": [x1, y1, x2, y2]}</action>'
+_ANSWER_FORM = "<answer>your answer</answer>"
+
+
+class _Malformed(Exception):
+    """Internal: carries one error out of the parsing helpers (never escapes :func:`parse_turn`)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
+        self.message = message
+
+
+def _excerpt(text: str, limit: int = 60) -> str:
+    """Quote a short, single-line excerpt of model text for a feedback message."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
+
+
+def _fmt_num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+
+def _fmt_box(box: Sequence[Any]) -> str:
+    try:
+        return "[" + ", ".join(_fmt_num(float(v)) for v in box) + "]"
+    except (TypeError, ValueError, OverflowError):
+        return _excerpt(json.dumps(box, default=str), 80)
+
+
+def _expected_turn(limits: ProtocolLimits) -> str:
+    return (
+        f"Expected <reasoning>...</reasoning> followed by exactly one of {_SCAN_FORM} (1 to {limits.max_boxes} boxes), "
+        f"{_DRILL_FORM} or {_ANSWER_FORM}."
+    )
+
+
+def _box_form(image_size: tuple[int, int]) -> str:
+    width, height = image_size
+    return (
+        f"A box is [x1, y1, x2, y2] in pixels of the {width}x{height} image with "
+        f"0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}."
+    )
+
+
+def _tag_hint(text: str) -> str:
+    """Name near-miss tags (``<actoin>``, ``< action >``, ``<think>``) found in ``text``, with a did-you-mean."""
+    hints: list[str] = []
+    seen: set[str] = set()
+    for match in _NEAR_TAG_RE.finditer(text):
+        name = match.group(1).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in TAG_NAMES and match.group(0).lower() not in (f"<{name}>", f"</{name}>"):
+            hints.append(f"found {match.group(0)!r}: write <{name}> without spaces")
+        elif name not in TAG_NAMES:
+            close = difflib.get_close_matches(name, TAG_NAMES, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"found {match.group(0)!r}: did you mean <{close[0]}>?")
+        if len(hints) >= 2 or len(seen) >= 20:
+            break
+    return (" (" + "; ".join(hints) + ")") if hints else ""
+
+
+class _Segment:
+    __slots__ = ("close_tag", "content", "name", "open_tag")
+
+    def __init__(self, name: str, open_tag: str, close_tag: str, content: str) -> None:
+        self.name = name
+        self.open_tag = open_tag
+        self.close_tag = close_tag
+        self.content = content
+
+
+def _split_tags(text: str, limits: ProtocolLimits) -> tuple[list[_Segment], list[str]]:
+    """Split ``text`` into protocol tag segments and the text outside them; refuse bad nesting."""
+    segments: list[_Segment] = []
+    outside: list[str] = []
+    pos = 0
+    open_match: re.Match[str] | None = None
+    for match in _TAG_RE.finditer(text):
+        closing = match.group(1) == "/"
+        name = match.group(2).lower()
+        if open_match is None:
+            if closing:
+                raise _Malformed(
+                    "stray_tag", f"closing tag {match.group(0)} has no opening <{name}>. {_expected_turn(limits)}"
+                )
+            outside.append(text[pos : match.start()])
+            open_match = match
+        else:
+            open_name = open_match.group(2).lower()
+            if not closing:
+                raise _Malformed(
+                    "nested_tag",
+                    f"nested tags: {match.group(0)} inside {open_match.group(0)}; close each tag before opening the "
+                    f"next. {_expected_turn(limits)}",
+                )
+            if name != open_name:
+                raise _Malformed(
+                    "mismatched_tag",
+                    f"tag {open_match.group(0)} is closed by {match.group(0)}; close it with </{open_name}>. "
+                    f"{_expected_turn(limits)}",
+                )
+            segments.append(
+                _Segment(open_name, open_match.group(0), match.group(0), text[open_match.end() : match.start()])
+            )
+            open_match = None
+        pos = match.end()
+    if open_match is not None:
+        open_name = open_match.group(2).lower()
+        raise _Malformed(
+            "unclosed_tag",
+            f"unclosed tag {open_match.group(0)}: it needs a closing </{open_name}>. {_expected_turn(limits)}",
+        )
+    outside.append(text[pos:])
+    return segments, outside
+
+
+def _reject_constant(name: str) -> float:
+    raise _Malformed("non_finite", f"{name} is not allowed in the action JSON; coordinates must be finite numbers")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Malformed("bad_json", f"the action JSON has the key {key!r} twice")
+        result[key] = value
+    return result
+
+
+def _load_action_json(content: str, limits: ProtocolLimits, deviations: list[str]) -> dict[str, Any]:
+    content = content.strip()
+    fenced = _FENCE_RE.match(content)
+    if fenced:
+        content = fenced.group(1).strip()
+        deviations.append("the action JSON was wrapped in a Markdown code fence; write the JSON directly")
+    if len(content) > limits.max_json_chars:
+        raise _Malformed(
+            "json_too_long",
+            f"the <action> JSON is {len(content)} characters, above the limit of {limits.max_json_chars}. "
+            f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+        )
+    if not content:
+        raise _Malformed("bad_json", f"the <action> tag is empty. Expected {_SCAN_FORM} or {_DRILL_FORM}.")
+    try:
+        data = json.loads(content, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+    except _Malformed as exc:
+        raise _Malformed(exc.kind, f"{exc.message}. Expected {_SCAN_FORM} or {_DRILL_FORM}.") from None
+    except json.JSONDecodeError as exc:
+        hint = "; use double quotes for keys and strings" if "'" in content else ""
+        raise _Malformed(
+            "bad_json",
+            f"the <action> content is not valid JSON ({exc.msg} at character {exc.pos}{hint}). "
+            f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+        ) from None
+    except (ValueError, RecursionError, OverflowError):  # e.g. ints past Python's digit limit, absurd nesting
+        raise _Malformed(
+            "bad_json",
+            f"the <action> content is not valid JSON (it cannot be decoded). Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+        ) from None
+    if not isinstance(data, dict):
+        raise _Malformed(
+            "not_object",
+            f"the <action> content must be a JSON object, got {type(data).__name__} {_excerpt(content, 40)}. "
+            f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+        )
+    return data
+
+
+def _resolve_name(data: dict[str, Any], deviations: list[str]) -> str:
+    if "name" not in data:
+        raise _Malformed("missing_name", f'the action JSON has no "name" key. Expected {_SCAN_FORM} or {_DRILL_FORM}.')
+    raw = data["name"]
+    if not isinstance(raw, str):
+        raise _Malformed(
+            "unknown_action",
+            f'the action "name" must be the string "scan" or "drill", got {_excerpt(json.dumps(raw), 40)}. '
+            f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+        )
+    name = raw.strip().lower()
+    if name in ACTION_NAMES:
+        if name != raw:
+            deviations.append(f'the action name {raw!r} should be written "{name}"')
+        return name
+    if name == "answer":
+        raise _Malformed(
+            "answer_as_action",
+            f"to answer, write the answer in its own tag, {_ANSWER_FORM}, not inside <action>.",
+        )
+    close = difflib.get_close_matches(name, (*ACTION_NAMES, "answer"), n=1, cutoff=0.5)
+    suggestion = f'; did you mean "{close[0]}"?' if close else "."
+    raise _Malformed(
+        "unknown_action",
+        f"unknown action {_excerpt(raw, 30)}{suggestion} The actions are scan and drill (and <answer> to finish). "
+        f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
+    )
+
+
+def _to_coordinate(value: Any, box: Any, image_size: tuple[int, int]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Malformed(
+            "bad_box",
+            f"box {_fmt_box_raw(box)} has a coordinate that is not a number ({_excerpt(json.dumps(value), 20)}); "
+            f"coordinates must be numbers. {_box_form(image_size)}",
+        )
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _Malformed(
+            "non_finite",
+            f"box {_fmt_box_raw(box)} has a coordinate that is not finite; coordinates must be finite numbers. "
+            f"{_box_form(image_size)}",
+        )
+    return number
+
+
+def _fmt_box_raw(box: Any) -> str:
+    try:
+        text = json.dumps(box)
+    except (TypeError, ValueError):
+        text = str(box)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_box(raw: Any, image_size: tuple[int, int], notes: list[str]) -> Box:
+    """Validate one raw JSON box and clamp it to the image."""
+    width, height = image_size
+    if not isinstance(raw, list) or len(raw) != 4:
+        got = f"{len(raw)} values" if isinstance(raw, list) else type(raw).__name__
+        raise _Malformed(
+            "bad_box", f"box {_fmt_box_raw(raw)} must be a list of 4 numbers, got {got}. {_box_form(image_size)}"
+        )
+    x1, y1, x2, y2 = (_to_coordinate(v, raw, image_size) for v in raw)
+    if x2 < x1 or y2 < y1:
+        raise _Malformed(
+            "inverted_box",
+            f"box {_fmt_box(raw)} is inverted (x2 < x1 or y2 < y1); write the top-left corner first. "
+            f"{_box_form(image_size)}",
+        )
+    if x2 == x1 or y2 == y1:
+        raise _Malformed("zero_area", f"box {_fmt_box(raw)} has zero area. {_box_form(image_size)}")
+    if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
+        raise _Malformed(
+            "outside_image",
+            f"box {_fmt_box(raw)} lies outside the {width}x{height} image. {_box_form(image_size)}",
+        )
+    clamped = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
+    if clamped != (x1, y1, x2, y2):
+        notes.append(f"box {_fmt_box(raw)} was clamped to the {width}x{height} image: {_fmt_box(clamped)}")
+    return clamped
+
+
+def _boxes_of(name: str, data: dict[str, Any], limits: ProtocolLimits, deviations: list[str]) -> list[Any]:
+    """Return the raw JSON boxes of a scan or drill, checking the arity."""
+    form = _SCAN_FORM if name == "scan" else _DRILL_FORM
+    has_box, has_boxes = "box" in data, "boxes" in data
+    extra = sorted(set(data) - {"name", "box", "boxes"})
+    if extra:
+        deviations.append(f"ignored unknown key(s) {', '.join(repr(k) for k in extra)} in the action JSON")
+    if has_box and has_boxes:
+        raise _Malformed("box_arity", f'give either "box" or "boxes", not both. Expected {form}.')
+    if name == "drill":
+        if has_box:
+            return [data["box"]]
+        if has_boxes:
+            boxes = data["boxes"]
+            if isinstance(boxes, list) and len(boxes) == 1:
+                deviations.append('drill takes one "box": [x1, y1, x2, y2], not a "boxes" list')
+                return boxes
+            count = f"{len(boxes)} boxes" if isinstance(boxes, list) else f"a {type(boxes).__name__}"
+            raise _Malformed(
+                "box_arity", f"drill takes exactly one box, got {count}; use scan for several. Expected {form}."
+            )
+        raise _Malformed("box_arity", f'drill takes exactly one box in "box", none was given. Expected {form}.')
+    if has_box:
+        deviations.append('scan takes a "boxes" list: [[x1, y1, x2, y2], ...], not a single "box"')
+        return [data["box"]]
+    if not has_boxes:
+        raise _Malformed("box_arity", f'scan needs at least one box in "boxes", none was given. Expected {form}.')
+    boxes = data["boxes"]
+    if not isinstance(boxes, list):
+        raise _Malformed("bad_box", f'"boxes" must be a list of boxes, got {type(boxes).__name__}. Expected {form}.')
+    if not boxes:
+        raise _Malformed("box_arity", f'scan needs at least one box; "boxes" is empty. Expected {form}.')
+    if len(boxes) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in boxes):
+        raise _Malformed(
+            "bad_box",
+            f'"boxes" must be a list of boxes; {_fmt_box_raw(boxes)} is a single box, so wrap it: '
+            f"[{_fmt_box_raw(boxes)}]. Expected {form}.",
+        )
+    if len(boxes) > limits.max_boxes:
+        raise _Malformed(
+            "box_arity", f"scan takes at most {limits.max_boxes} boxes, got {len(boxes)}. Expected {form}."
+        )
+    return boxes
+
+
+def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits) -> ParsedTurn:
+    if not isinstance(text, str):
+        raise _Malformed("not_text", f"the turn must be text, got {type(text).__name__}. {_expected_turn(limits)}")
+    if len(text) > limits.max_chars:
+        raise _Malformed(
+            "oversized",
+            f"the response is too long (oversized): {len(text)} characters, the limit is {limits.max_chars}. "
+            f"Keep each turn short. {_expected_turn(limits)}",
+        )
+    bad = _CONTROL_RE.search(text)
+    if bad:
+        raise _Malformed(
+            "binary",
+            f"the response contains control characters (binary data?), e.g. {bad.group(0)!r} at position "
+            f"{bad.start()}; write plain text. {_expected_turn(limits)}",
+        )
+
+    segments, outside = _split_tags(text, limits)
+    deviations: list[str] = []
+    notes: list[str] = []
+
+    for segment in segments:
+        if segment.open_tag != f"<{segment.name}>" or segment.close_tag != f"</{segment.name}>":
+            deviations.append(f"write the tags of <{segment.name}> in lower case")
+            break
+    stray = "".join(outside).strip()
+    if stray:
+        deviations.append(f"text outside the tags was ignored: {_excerpt(stray)}")
+
+    acting = [s for s in segments if s.name in ("action", "answer")]
+    if not acting:
+        raise _Malformed(
+            "missing_action", f"no <action> or <answer> tag found{_tag_hint(text)}. {_expected_turn(limits)}"
+        )
+    if len(acting) > 1:
+        names = {s.name for s in acting}
+        if names == {"action", "answer"}:
+            raise _Malformed(
+                "action_and_answer",
+                f"the response has both an <action> and an <answer>; give one per turn. {_expected_turn(limits)}",
+            )
+        raise _Malformed(
+            "multiple_actions",
+            f"the response has more than one <{acting[0].name}> ({len(acting)}); give exactly one per turn. "
+            f"{_expected_turn(limits)}",
+        )
+    act = acting[0]
+
+    reasoning_parts = [s.content.strip() for s in segments if s.name == "reasoning"]
+    reasoning: str | None = "\n\n".join(reasoning_parts) if reasoning_parts else None
+    if reasoning is not None and len(reasoning) > limits.max_reasoning_chars:
+        raise _Malformed(
+            "reasoning_too_long",
+            f"the <reasoning> is {len(reasoning)} characters, above the limit of {limits.max_reasoning_chars}; "
+            f"reason briefly. {_expected_turn(limits)}",
+        )
+    if not reasoning_parts:
+        deviations.append("the turn has no <reasoning>; think in <reasoning>...</reasoning> before acting")
+    elif len(reasoning_parts) > 1:
+        deviations.append(f"the turn has {len(reasoning_parts)} <reasoning> blocks; write one")
+    if reasoning_parts and not reasoning:
+        deviations.append("the <reasoning> is empty")
+    if reasoning_parts and segments.index(act) < next(i for i, s in enumerate(segments) if s.name == "reasoning"):
+        deviations.append(f"write the <reasoning> before the <{act.name}>")
+
+    if act.name == "answer":
+        answer = act.content.strip()
+        if not answer:
+            raise _Malformed("empty_answer", f"the <answer> is empty; write your answer in it, {_ANSWER_FORM}.")
+        if len(answer) > limits.max_answer_chars:
+            raise _Malformed(
+                "answer_too_long",
+                f"the <answer> is {len(answer)} characters, above the limit of {limits.max_answer_chars}; "
+                f"answer in a few words, {_ANSWER_FORM}.",
+            )
+        action = Action(name="answer", answer=answer)
+    else:
+        data = _load_action_json(act.content, limits, deviations)
+        name = _resolve_name(data, deviations)
+        raw_boxes = _boxes_of(name, data, limits, deviations)
+        boxes = tuple(_check_box(raw, image_size, notes) for raw in raw_boxes)
+        width, height = image_size
+        if min(width, height) > 4 and all(0.0 <= v <= 1.0 for box in boxes for v in box):
+            notes.append(
+                f"every coordinate is between 0 and 1: boxes are in pixels of the {width}x{height} image, "
+                "not fractions of it"
+            )
+        action = Action(name=name, boxes=boxes)  # type: ignore[arg-type]
+
+    return ParsedTurn(
+        reasoning=reasoning or None,
+        action=action,
+        notes=tuple(notes + deviations),
+        deviations=tuple(deviations),
+    )
+
+
+def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    try:
+        width, height = image_size
+    except (TypeError, ValueError):
+        raise ConfigError(f"image_size must be (width, height), got {image_size!r}") from None
+    for value in (width, height):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"image_size must be two positive ints (width, height), got {image_size!r}")
+    return width, height
+
+
+def parse_turn(text: str, image_size: tuple[int, int], limits: ProtocolLimits | None = None) -> ParsedTurn:
+    """Parse one model turn into an executable :class:`Action`, or a feedback message; never raises on ``text``.
+
+    ``image_size`` is ``(width, height)`` of the original image; boxes are checked
+    against it and clamped into it. A bad ``image_size`` or ``limits`` is a
+    programming error and raises :class:`~medeyes_env.errors.ConfigError`.
+
+    >>> turn = parse_turn('<reasoning>Look left.</reasoning><action>{"name": "drill", "box": [0, 0, 50, 60]}</action>',
+    ...                   image_size=(100, 100))
+    >>> turn.action.name, turn.action.boxes, turn.well_formed
+    ('drill', ((0.0, 0.0, 50.0, 60.0),), True)
+    >>> bad = parse_turn('<action>{"name": "zoom", "box": [0, 0, 50, 60]}</action>', image_size=(100, 100))
+    >>> bad.ok, bad.error_kind
+    (False, 'unknown_action')
+    """
+    limits = limits if limits is not None else ProtocolLimits()
+    image_size = _check_image_size(image_size)
+    try:
+        return _parse(text, image_size, limits)
+    except _Malformed as exc:
+        return ParsedTurn(reasoning=None, action=None, error=exc.message, error_kind=exc.kind)
+    except Exception as exc:  # a parser bug must not crash a rollout; it becomes data with its type
+        return ParsedTurn(
+            reasoning=None,
+            action=None,
+            error=f"the response could not be parsed ({type(exc).__name__}). {_expected_turn(limits)}",
+            error_kind="parser_error",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_renderable(part: str, what: str) -> None:
+    if _TAG_RE.search(part):
+        raise ProtocolError(f"{what} {_excerpt(part)} contains a protocol tag; it would not parse back. Remove it.")
+    if _CONTROL_RE.search(part):
+        raise ProtocolError(f"{what} {_excerpt(part)} contains control characters; it would not parse back.")
+
+
+def render_turn(action: Action, reasoning: str | None = None) -> str:
+    """Render an action (and optional reasoning) as protocol text; the inverse of :func:`parse_turn`.
+
+    Coordinates that are whole numbers are written as integers.
+
+    >>> print(render_turn(Action.scan((0, 0, 10, 10), (5, 5, 20.5, 20)), "Two spots."))
+    <reasoning>Two spots.</reasoning>
+    <action>{"name": "scan", "boxes": [[0, 0, 10, 10], [5, 5, 20.5, 20]]}</action>
+    >>> render_turn(Action.final_answer("no"))
+    '<answer>no</answer>'
+    """
+    parts: list[str] = []
+    if reasoning is not None:
+        _check_renderable(reasoning, "reasoning")
+        parts.append(f"<reasoning>{reasoning}</reasoning>")
+    if action.name == "answer":
+        answer = action.answer or ""  # never empty: Action's validator guarantees it
+        _check_renderable(answer, "answer")
+        parts.append(f"<answer>{answer}</answer>")
+    else:
+        boxes = "[" + ", ".join(_fmt_box(box) for box in action.boxes) + "]"
+        if action.name == "drill":
+            parts.append(f'<action>{{"name": "drill", "box": {boxes[1:-1]}}}</action>')
+        else:
+            parts.append(f'<action>{{"name": "scan", "boxes": {boxes}}}</action>')
+    return "\n".join(parts)
