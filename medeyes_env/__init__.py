@@ -22,3 +22,7 @@ __all__ = [
     "open_source",
     "xywh_to_xyxy",
 ]
+
+from medeyes_env.registration import register_envs as _register_envs
+
+_register_envs()

@@ -1,0 +1,108 @@
+"""Environment throughput: drill / scan / answer steps per second on 1024 px phantoms, and reset cost.
+
+Prints one table. The baseline row is the least work a drill can do (one PIL
+crop-and-resize of the same region); the ratio column says how much the env
+adds on top (parsing, bookkeeping, reward components, observation arrays).
+Run: ``python benchmarks/env_throughput.py [--seconds 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from medeyes_env.env import MedEyesEnv
+
+
+def timed(fn, seconds: float) -> tuple[float, int]:
+    """Run fn repeatedly for about `seconds`; return (mean seconds per call, calls)."""
+    fn()  # warm-up
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fn()
+        calls += 1
+    return elapsed / calls, calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=2.0, help="time budget per row")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core, as the target says
+
+    env = MedEyesEnv("phantom", split="test", max_steps=32)
+    rng = np.random.default_rng(0)
+    env.reset(options={"case_index": 0})
+    image = env.image
+
+    def random_box(side: int = 160) -> list[int]:
+        x, y = rng.integers(0, image.width - side), rng.integers(0, image.height - side)
+        return [int(x), int(y), int(x + side), int(y + side)]
+
+    drill_texts = [
+        f"<reasoning>check region</reasoning><action>{json.dumps({'name': 'drill', 'box': random_box()})}</action>"
+        for _ in range(64)
+    ]
+    scan_texts = [
+        "<reasoning>compare</reasoning><action>"
+        + json.dumps({"name": "scan", "boxes": [random_box(200) for _ in range(3)]})
+        + "</action>"
+        for _ in range(64)
+    ]
+    counter = {"i": 0}
+
+    def step_with(texts: list[str]):
+        def run() -> None:
+            if env.turns and len(env.turns) >= 32:
+                env.reset(options={"case_index": 0})
+            env.step(texts[counter["i"] % len(texts)])
+            counter["i"] += 1
+
+        return run
+
+    def answer_episode() -> None:
+        env.reset(options={"case_index": 0})
+        env.step("<reasoning>done</reasoning><answer>yes</answer>")
+
+    def baseline_crop() -> None:
+        box = random_box()
+        np.asarray(image.resize((256, 256), box=tuple(box)))
+
+    index = {"i": 0}
+
+    def reset_new_case() -> None:
+        index["i"] += 1
+        env.reset(options={"case_index": 1000 + index["i"]})
+
+    rows = []
+    base_s, _ = timed(baseline_crop, args.seconds)
+    for name, fn in [
+        ("baseline: PIL crop+resize to 256 px", baseline_crop),
+        ("drill step (1024 px, incl. reward)", step_with(drill_texts)),
+        ("scan step (3 regions, montage)", step_with(scan_texts)),
+        ("reset (cached case) + answer step", answer_episode),
+        ("reset on a new case (renders phantom)", reset_new_case),
+    ]:
+        per_call, _ = timed(fn, args.seconds) if name[0] != "b" else (base_s, 0)
+        rows.append({"what": name, "per_call_us": per_call * 1e6, "per_s": 1 / per_call, "ratio": per_call / base_s})
+
+    table = Table(title="MedEyesEnv throughput, one core (target: drill >= 5,000 steps/s)")
+    for column in ("what", "µs / call", "calls / s", "× baseline"):
+        table.add_column(column, justify="right" if column != "what" else "left")
+    for row in rows:
+        table.add_row(row["what"], f"{row['per_call_us']:.0f}", f"{row['per_s']:,.0f}", f"{row['ratio']:.1f}")
+    Console().print(table)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

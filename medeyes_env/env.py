@@ -1,0 +1,367 @@
+"""``MedEyesEnv``: scan, drill and answer on a medical image, with verifiable rewards.
+
+## Description
+Each episode is one :class:`~medeyes_env.cases.Case`: an image and a question.
+The agent first sees a downsampled overview, then speaks turns in the text
+protocol of :mod:`medeyes_env.protocol`: ``scan`` several regions (a montage of
+their zoomed crops comes back), ``drill`` into one region (a full-resolution
+zoom comes back), and finally ``answer``.
+
+## Action Space
+``Text``: one model response, e.g.
+``<reasoning>the left base looks dense</reasoning><action>{"name": "drill", "box": [120, 600, 380, 860]}</action>``.
+Boxes are ``xyxy`` pixels of the ORIGINAL image. Anything that does not parse
+is not an error: the episode goes on with a ``<feedback>`` message saying what
+was wrong, the turn counts, and the grammar reward of the episode drops to 0.
+
+## Observation Space
+``Dict(image=Box(0, 255, (view_size, view_size, 3), uint8), text=Text(printable))``:
+the current view (overview, drill zoom or scan montage, letterboxed to a square)
+and the text that comes with it (the question and protocol at reset, a
+``<feedback>`` message after each turn).
+
+## Rewards
+Paid once, at the end of the episode: ``R = 0.7 r_acc + 0.2 r_grammar + 0.1 r_div``
+(paper weights, :class:`~medeyes_env.rewards.RewardConfig`), plus optional
+grounding and tool terms. Every component is reported in ``info["reward_components"]``
+at every step (computed on the episode so far), so a logger never has to recompute
+them. An optional per-turn ``malformed_penalty`` is subtracted for each unparseable turn.
+
+## Starting State
+A case drawn from the source's split with ``self.np_random`` (so one seed gives
+one episode), or the one named by ``options={"case_index": i}`` or ``options={"case": case}``.
+
+## Episode End
+Terminated when the agent answers. Truncated when ``max_steps`` tool turns have
+been taken and the next turn is not an answer (accuracy 0).
+
+## Arguments
+``source`` (spec string such as ``"phantom"`` or a CaseSource), ``split``,
+``config`` (:class:`EnvConfig`, or its fields as keyword arguments), ``render_mode``.
+
+## Version History
+- v0: initial release.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import string
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from medeyes_env import views
+from medeyes_env.cases import AnswerType, Box, Case, Split
+from medeyes_env.errors import ConfigError
+from medeyes_env.protocol import Action, ParsedTurn, ProtocolLimits, parse_turn, protocol_instructions
+from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
+from medeyes_env.sources import CaseSource, open_source
+
+TEXT_CHARSET = frozenset(string.printable)
+ImageFormat = Literal["pil", "data_url"]
+
+
+class EnvConfig(BaseModel):
+    """Everything that shapes an episode; the defaults follow the paper where it says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(default=4, ge=0, le=32, description="T_max: tool turns allowed before the answer (paper 4).")
+    view_size: int = Field(default=256, ge=32, le=2048, description="Side in pixels of every image observation.")
+    drill_min_side: int = Field(default=96, ge=8, description="Smallest region side (original px) a drill shows.")
+    scan_mode: Literal["montage", "outline"] = Field(
+        default="montage", description="montage: a grid of zoomed crops; outline: the overview with boxes drawn."
+    )
+    malformed_penalty: float = Field(default=0.0, ge=0.0, description="Subtracted per unparseable turn.")
+    max_text_chars: int = Field(default=8192, ge=256, description="Longest text observation.")
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    limits: ProtocolLimits = Field(default_factory=ProtocolLimits)
+    render_size: int = Field(default=512, ge=64, description="Side of the render() image.")
+    render_gold: bool = Field(default=True, description="Draw gold regions in render() (green).")
+
+
+class Turn(BaseModel):
+    """One turn of the episode as the environment saw it."""
+
+    text: str
+    parsed: ParsedTurn
+    shown_boxes: list[Box] = Field(default_factory=list, description="Regions the view actually showed.")
+    feedback: str
+
+
+def _printable(text: str, limit: int) -> str:
+    clean = "".join(ch if ch in TEXT_CHARSET else "?" for ch in text)
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+class MedEyesEnv(gym.Env[dict[str, Any], str]):
+    """Progressive visual diagnosis: scan, drill, answer. See the module docstring for the full card."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    def __init__(
+        self,
+        source: str | CaseSource = "phantom",
+        split: Split = "train",
+        config: EnvConfig | None = None,
+        render_mode: str | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        if config is not None and config_overrides:
+            raise ConfigError(f"pass either config or keyword overrides, not both (got {sorted(config_overrides)})")
+        try:
+            self.config = config or EnvConfig(**config_overrides)
+        except ValueError as exc:
+            raise ConfigError(f"invalid MedEyesEnv configuration: {exc}") from exc
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ConfigError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.source = open_source(source) if isinstance(source, str) else source
+        self.split: Split = split
+        self.render_mode = render_mode
+        size = self.config.view_size
+        self.observation_space = spaces.Dict(
+            {
+                "image": spaces.Box(0, 255, (size, size, 3), np.uint8),
+                "text": spaces.Text(max_length=self.config.max_text_chars, charset=TEXT_CHARSET),
+            }
+        )
+        self.action_space = spaces.Text(max_length=self.config.limits.max_chars, min_length=0, charset=TEXT_CHARSET)
+        self.case: Case | None = None
+        self.image: Image.Image | None = None
+        self.turns: list[Turn] = []
+        self._views: list[Image.Image] = []
+        self._prompt = ""
+        self._answer: str | None = None
+        self._done = False
+
+    # -- the Gymnasium API ---------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        """Start an episode on a case drawn with ``self.np_random`` or named in ``options``."""
+        super().reset(seed=seed)
+        options = options or {}
+        if "case" in options:
+            case = options["case"]
+            if not isinstance(case, Case):
+                raise TypeError(f"options['case'] must be a Case, got {type(case).__name__}")
+        else:
+            index = options.get("case_index")
+            if index is None:
+                size = self.source.size(self.split)
+                index = int(self.np_random.integers(0, size if size else 2**31 - 1))
+            elif not isinstance(index, (int, np.integer)) or index < 0:
+                raise ValueError(f"options['case_index'] must be a non-negative int, got {index!r}")
+            case = self.source.case(self.split, int(index))
+        self.case = case
+        self.image = case.load_image()
+        self.turns, self._answer, self._done = [], None, False
+        first_view = views.overview(self.image, self.config.view_size)
+        self._views = [first_view]
+        self._prompt = self._question_text(case)
+        return self._observation(first_view, self._prompt), self._info(None)
+
+    def step(self, action: str) -> tuple[dict, float, bool, bool, dict]:
+        """Execute one turn of model text; never raises on malformed text."""
+        if self.case is None or self.image is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        if self._done:
+            raise gym.error.ResetNeeded("the episode has ended; call reset() before step()")
+        text = action if isinstance(action, str) else self._coerce_action(action)
+        parsed = parse_turn(text, self.image.size, self.config.limits)
+        tool_turns_left = self.config.max_steps - len(self.turns)
+        shown: list[Box] = []
+        terminated = truncated = False
+        view = self._views[-1]
+
+        if not parsed.ok:
+            feedback = f"Your last turn could not be executed: {parsed.error}"
+        elif parsed.action.name == "answer":
+            self._answer = parsed.action.answer
+            terminated = True
+            feedback = "Answer received."
+        elif tool_turns_left <= 0:
+            feedback = f"No tool turns left (max_steps={self.config.max_steps}); you must answer."
+            parsed = parsed.model_copy(update={"notes": (*parsed.notes, "tool call refused: no turns left")})
+        else:
+            view, shown, feedback = self._look(parsed.action)
+        if parsed.notes:
+            feedback += " Note: " + " ".join(parsed.notes)
+
+        self.turns.append(Turn(text=text, parsed=parsed, shown_boxes=shown, feedback=feedback))
+        used_turns = len(self.turns)
+        if not terminated and used_turns > self.config.max_steps:
+            truncated = True
+            feedback += " The episode ended without an answer."
+        elif not terminated:
+            remaining = self.config.max_steps + 1 - used_turns
+            feedback += f" Turns left: {remaining}" + (" (this one must be an answer)." if remaining == 1 else ".")
+        self._views.append(view)
+        self._done = terminated or truncated
+
+        breakdown = self._score()
+        reward = breakdown.total if self._done else 0.0
+        if not parsed.ok:
+            reward -= self.config.malformed_penalty
+        obs_text = f"<feedback>{feedback}</feedback>"
+        self.turns[-1].feedback = feedback
+        return self._observation(view, obs_text), float(reward), terminated, truncated, self._info(breakdown)
+
+    def render(self) -> np.ndarray | None:
+        """RGB array of the image with explored regions drawn (drill red, scan yellow, gold green)."""
+        if self.render_mode != "rgb_array" or self.image is None or self.case is None:
+            return None
+        size = self.config.render_size
+        scale = size / max(self.image.size)
+        canvas = views.overview(self.image, size)
+        offset = ((size - self.image.width * scale) / 2, (size - self.image.height * scale) / 2)
+
+        def place(boxes: Sequence[Box]) -> list[Box]:
+            return [
+                (x1 * scale + offset[0], y1 * scale + offset[1], x2 * scale + offset[0], y2 * scale + offset[1])
+                for x1, y1, x2, y2 in boxes
+            ]
+
+        if self.config.render_gold and self.case.regions:
+            canvas = views.draw_boxes(canvas, place([r.box for r in self.case.regions]), [views.GOLD_COLOUR])
+        for turn in self.turns:
+            if turn.shown_boxes:
+                colours = [views.DRILL_COLOUR] if turn.parsed.action.name == "drill" else views.SCAN_COLOURS
+                canvas = views.draw_boxes(canvas, place(turn.shown_boxes), colours)
+        return np.asarray(canvas)
+
+    # -- what model backends consume ------------------------------------------------------------------
+
+    def chat_messages(self, image_format: ImageFormat = "pil") -> list[dict[str, Any]]:
+        """The episode so far as OpenAI-format chat messages, one image per environment message.
+
+        ``image_format="pil"`` gives ``{"type": "image", "image": PIL.Image}`` parts (local
+        processors); ``"data_url"`` gives ``{"type": "image_url", "image_url": {"url": ...}}``
+        parts (OpenAI-compatible servers such as ``vllm serve``).
+        """
+        if self.case is None:
+            raise gym.error.ResetNeeded("call reset() before chat_messages()")
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": [{"type": "text", "text": self.system_prompt()}]},
+            {"role": "user", "content": [_image_part(self._views[0], image_format), _text(self._prompt)]},
+        ]
+        for turn, view in zip(self.turns, self._views[1:], strict=True):
+            messages.append({"role": "assistant", "content": [_text(turn.text)]})
+            if turn.parsed.ok and turn.parsed.action.name == "answer":
+                break
+            messages.append(
+                {
+                    "role": "user",
+                    "content": [_image_part(view, image_format), _text(f"<feedback>{turn.feedback}</feedback>")],
+                }
+            )
+        return messages
+
+    def system_prompt(self) -> str:
+        """The protocol as the model is told it, with this image's size filled in."""
+        width, height = self.image.size if self.image is not None else (0, 0)
+        # max_steps counts tool turns; the instructions count every turn, the answer included.
+        return protocol_instructions(width, height, self.config.max_steps + 1, self.config.limits)
+
+    @property
+    def explored_boxes(self) -> list[Box]:
+        """Every region the agent asked to see (clamped to the image), in order: what rewards score.
+
+        The view may show a larger region (``drill_min_side``); rewards judge the agent's own box.
+        """
+        return [box for turn in self.turns if turn.shown_boxes for box in turn.parsed.action.boxes]
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _look(self, action: Action) -> tuple[Image.Image, list[Box], str]:
+        cfg = self.config
+        if action.name == "drill":
+            view, shown_box = views.drill_view(self.image, action.boxes[0], cfg.view_size, cfg.drill_min_side)
+            return view, [shown_box], f"Zoomed into region {_fmt_box(shown_box)} at full resolution."
+        view, shown = views.scan_view(self.image, action.boxes, cfg.view_size, cfg.drill_min_side, cfg.scan_mode)
+        listing = "; ".join(f"{i + 1}: {_fmt_box(b)}" for i, b in enumerate(shown))
+        layout = "side by side, numbered" if cfg.scan_mode == "montage" else "outlined on the overview"
+        return view, shown, f"Scanned {len(shown)} region(s), shown {layout}: {listing}."
+
+    def _score(self) -> RewardBreakdown:
+        return score_episode(
+            self.case,
+            self._answer,
+            [turn.parsed.well_formed for turn in self.turns],
+            self.explored_boxes,
+            self.config.rewards,
+        )
+
+    def _question_text(self, case: Case) -> str:
+        width, height = self.image.size
+        lines = [f"Image: {case.modality}, {width}x{height} pixels (this view is downsampled).", case.question]
+        if case.answer_type is AnswerType.CHOICE:
+            lines += [f"({chr(ord('A') + i)}) {option}" for i, option in enumerate(case.options)]
+            lines.append("Answer with the option's letter or text.")
+        elif case.answer_type is AnswerType.CLOSED:
+            lines.append("Answer yes or no.")
+        else:
+            lines.append("Answer with a short phrase.")
+        return "\n".join(lines)
+
+    def _observation(self, view: Image.Image, text: str) -> dict[str, Any]:
+        return {"image": np.asarray(view, dtype=np.uint8), "text": _printable(text, self.config.max_text_chars)}
+
+    def _info(self, breakdown: RewardBreakdown | None) -> dict[str, Any]:
+        case = self.case
+        info: dict[str, Any] = {
+            "case_id": case.id,
+            "answer_type": case.answer_type.value,
+            "image_size": self.image.size,
+            "step": len(self.turns),
+        }
+        if self.turns:
+            last = self.turns[-1]
+            info.update(
+                parsed_ok=last.parsed.ok,
+                well_formed=last.parsed.well_formed,
+                error=last.parsed.error,
+                action=last.parsed.action.name if last.parsed.ok else None,
+                shown_boxes=list(last.shown_boxes),
+                answer=self._answer,
+            )
+        if breakdown is not None:
+            info["reward_components"] = dict(breakdown.components)
+            info["reward_total"] = breakdown.total
+        return info
+
+    @staticmethod
+    def _coerce_action(action: object) -> str:
+        if isinstance(action, bytes):
+            return action.decode("utf-8", errors="replace")
+        if isinstance(action, np.str_):
+            return str(action)
+        # Not text at all: let the parser report it as a malformed turn.
+        return f"<not text: {type(action).__name__}>"
+
+
+def _fmt_box(box: Box) -> str:
+    return "[" + ", ".join(str(round(v)) for v in box) + "]"
+
+
+def _text(text: str) -> dict[str, str]:
+    return {"type": "text", "text": text}
+
+
+def _image_part(image: Image.Image, image_format: ImageFormat) -> dict[str, Any]:
+    if image_format == "pil":
+        return {"type": "image", "image": image}
+    if image_format == "data_url":
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()},
+        }
+    raise ValueError(f"image_format must be 'pil' or 'data_url', got {image_format!r}")

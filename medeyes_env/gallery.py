@@ -1,0 +1,48 @@
+"""Pictures of cases: a grid of images with their gold boxes and a caption, for docs and quick looks."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+from medeyes_env import views
+from medeyes_env.cases import Case
+
+
+def case_tile(case: Case, size: int = 320, caption_lines: int = 4) -> Image.Image:
+    """One case: the letterboxed image with gold boxes (green) above a caption with question and answer."""
+    image = case.load_image()
+    scale = size / max(image.size)
+    offset_x, offset_y = (size - image.width * scale) / 2, (size - image.height * scale) / 2
+    view = views.letterbox(image, size)
+    boxes = [
+        (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
+        for x1, y1, x2, y2 in (region.box for region in case.regions)
+    ]
+    view = views.draw_boxes(view, boxes, [views.GOLD_COLOUR], labels=[r.label for r in case.regions])
+    line_height = 12
+    tile = Image.new("RGB", (size, size + caption_lines * line_height + 6), (20, 20, 20))
+    tile.paste(view, (0, 0))
+    text = f"{case.question} -> {case.answer}"
+    wrapped = textwrap.wrap(text, width=max(20, size // 6))[:caption_lines]
+    draw = ImageDraw.Draw(tile)
+    for index, line in enumerate(wrapped):
+        draw.text((4, size + 3 + index * line_height), line, fill=(235, 235, 235))
+    return tile
+
+
+def case_gallery(cases: Sequence[Case], tile_size: int = 320, columns: int = 3) -> Image.Image:
+    """A grid of :func:`case_tile` pictures."""
+    if not cases:
+        raise ValueError("case_gallery needs at least one case")
+    tiles = [case_tile(case, tile_size) for case in cases]
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    width, height = tiles[0].size
+    grid = Image.new("RGB", (columns * (width + 4), rows * (height + 4)), (0, 0, 0))
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        grid.paste(tile, (column * (width + 4), row * (height + 4)))
+    return grid

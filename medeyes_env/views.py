@@ -1,0 +1,156 @@
+"""What the environment shows: overviews, drill zooms, scan montages, and boxes drawn on images.
+
+All boxes are ``xyxy`` in pixels of the original image. Every view is a square
+RGB image of ``size`` pixels, so the observation space has one fixed shape;
+non-square content is letterboxed (padded), never squashed, because the Idefics3
+processor squashes whatever it gets to a square.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+from medeyes_env.cases import Box
+
+SCAN_COLOURS = ((255, 196, 0), (0, 200, 255), (255, 80, 200), (120, 255, 120), (255, 120, 60))
+DRILL_COLOUR = (255, 60, 60)
+GOLD_COLOUR = (60, 255, 90)
+
+
+def clamp_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
+    """Clamp ``box`` to the image; the result may be empty if the box lay outside.
+
+    >>> clamp_box((-10, 5, 50, 500), (100, 100))
+    (0.0, 5.0, 50.0, 100.0)
+    """
+    width, height = image_size
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+
+
+def expand_to_min_side(box: Sequence[float], min_side: float, image_size: tuple[int, int]) -> Box:
+    """Grow ``box`` about its centre so both sides are at least ``min_side``, shifted to stay inside the image.
+
+    A zoom on a 3-pixel box would show interpolation artefacts, not anatomy, so
+    drills always look at a region of at least ``min_side`` original pixels.
+
+    >>> expand_to_min_side((95, 10, 99, 14), 20, (100, 100))
+    (80.0, 2.0, 100.0, 22.0)
+    """
+    width, height = image_size
+    x1, y1, x2, y2 = clamp_box(box, image_size)
+    new = []
+    for low, high, limit in ((x1, x2, width), (y1, y2, height)):
+        side = min(max(high - low, min_side), limit)
+        centre = (low + high) / 2
+        low = min(max(centre - side / 2, 0.0), limit - side)
+        new.append((low, low + side))
+    (nx1, nx2), (ny1, ny2) = new
+    return (nx1, ny1, nx2, ny2)
+
+
+def letterbox(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
+    """Resize ``image`` to fit a ``size`` x ``size`` square, padding with black, aspect ratio kept."""
+    return zoom(image, (0, 0, image.width, image.height), size, resample)
+
+
+def zoom(
+    image: Image.Image,
+    box: Sequence[float],
+    size: int,
+    resample: Image.Resampling = Image.Resampling.BILINEAR,
+) -> Image.Image:
+    """Return the region ``box`` of ``image`` resized into a ``size`` square, letterboxed.
+
+    Cropping and resizing happen in one PIL call (``resize(box=...)``), which is
+    what keeps a drill step on a 1024 px image well under a millisecond.
+    """
+    x1, y1, x2, y2 = box
+    box_w, box_h = x2 - x1, y2 - y1
+    scale = size / max(box_w, box_h)
+    out_w, out_h = max(1, round(box_w * scale)), max(1, round(box_h * scale))
+    resized = image.resize((out_w, out_h), resample, box=(x1, y1, x2, y2))
+    if (out_w, out_h) == (size, size):
+        return resized
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(resized, ((size - out_w) // 2, (size - out_h) // 2))
+    return canvas
+
+
+def overview(image: Image.Image, size: int) -> Image.Image:
+    """The whole image downsampled to a ``size`` square: the policy's first view.
+
+    Downsampling uses a box filter (area average), as a radiologist's thumbnail
+    would; small findings fade into the background at this scale on purpose.
+    """
+    return letterbox(image, size, Image.Resampling.BOX)
+
+
+def drill_view(image: Image.Image, box: Sequence[float], size: int, min_side: float) -> tuple[Image.Image, Box]:
+    """Zoom into one region at full resolution; returns the view and the box actually shown."""
+    shown = expand_to_min_side(box, min_side, image.size)
+    return zoom(image, shown, size), shown
+
+
+def scan_view(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    size: int,
+    min_side: float,
+    mode: str = "montage",
+) -> tuple[Image.Image, list[Box]]:
+    """Show several candidate regions at once; returns the view and the boxes shown.
+
+    ``montage``: a grid of the regions' zoomed crops, each framed in its colour and
+    numbered, so a small model can compare candidates at a resolution where a
+    finding is visible (FEASIBILITY.md: localisation as a choice, not a regression).
+    ``outline``: the overview with the regions outlined and numbered.
+    """
+    shown = [expand_to_min_side(box, min_side, image.size) for box in boxes]
+    if mode == "outline":
+        view = overview(image, size)
+        scale = size / max(image.size)
+        offset_x = (size - image.width * scale) / 2
+        offset_y = (size - image.height * scale) / 2
+        scaled = [
+            (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
+            for x1, y1, x2, y2 in boxes
+        ]
+        return draw_boxes(view, scaled, colours=SCAN_COLOURS, numbered=True), shown
+    if mode != "montage":
+        raise ValueError(f"scan mode must be 'montage' or 'outline', got {mode!r}")
+    columns = math.ceil(math.sqrt(len(shown)))
+    rows = math.ceil(len(shown) / columns)
+    tile = size // max(columns, rows)
+    canvas = Image.new("RGB", (size, size))
+    for index, box in enumerate(shown):
+        row, column = divmod(index, columns)
+        tile_image = zoom(image, box, tile)
+        tile_image = draw_boxes(tile_image, [(0, 0, tile - 1, tile - 1)], colours=[SCAN_COLOURS[index % 5]])
+        ImageDraw.Draw(tile_image).text((3, 1), str(index + 1), fill=SCAN_COLOURS[index % 5])
+        canvas.paste(tile_image, (column * tile + (size - columns * tile) // 2, row * tile + (size - rows * tile) // 2))
+    return canvas, shown
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    colours: Sequence[tuple[int, int, int]] = (DRILL_COLOUR,),
+    width: int = 2,
+    numbered: bool = False,
+    labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """Return a copy of ``image`` with ``boxes`` outlined (colours cycle); optional numbers or labels."""
+    image = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    draw = ImageDraw.Draw(image)
+    for index, box in enumerate(boxes):
+        colour = colours[index % len(colours)]
+        x1, y1, x2, y2 = box
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
+        text = labels[index] if labels is not None else (str(index + 1) if numbered else None)
+        if text:
+            draw.text((x1 + 3, max(y1 - 12, 0)), text, fill=colour)
+    return image
