@@ -378,7 +378,6 @@ def compute_advantages(
             centred = centred / torch.where(denom > 0, denom, torch.ones_like(denom))  # denom 0 only if flat
         return torch.where(flat, torch.zeros_like(centred), centred)
 
-    adv = torch.zeros_like(r)  # [B]
     no_baseline_groups = 0
     if config.advantage_mode == "joint":
         _, mu_g, sd_g, flat_g = _segment_stats(r, g, n_groups, unbiased)  # [G] each
@@ -413,9 +412,9 @@ def compute_advantages(
         if n:
             rr, aa = r[rows], adv[rows]
             stats[f"stream/{name}/reward_mean"] = rr.mean().item()
-            stats[f"stream/{name}/reward_std"] = rr.std(unbiased=False).item()
+            stats[f"stream/{name}/reward_std"] = rr.std(correction=0).item()
             stats[f"stream/{name}/adv_mean"] = aa.mean().item()
-            stats[f"stream/{name}/adv_std"] = aa.std(unbiased=False).item()
+            stats[f"stream/{name}/adv_std"] = aa.std(correction=0).item()
             stats[f"stream/{name}/adv_zero_frac"] = (aa == 0).double().mean().item()
     stats["stream/off/no_baseline_groups"] = float(no_baseline_groups)
     return adv.to(device=device, dtype=rewards.dtype), stats
@@ -588,7 +587,7 @@ def dual_stream_loss(
                 continue
             a = advantages.detach().float()[rows]
             metrics[f"stream/{name}/adv_mean"] = a.mean().item()
-            metrics[f"stream/{name}/adv_std"] = a.std(unbiased=False).item()
+            metrics[f"stream/{name}/adv_std"] = a.std(correction=0).item()
             metrics[f"stream/{name}/pg_loss"] = _aggregate(
                 torch.where(tok, pg, zero), tok.float(), config.aggregation
             ).item()
