@@ -178,7 +178,9 @@ class ParsedTurn(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    reasoning: str | None = Field(description="The <reasoning> content, stripped; None when absent.")
+    reasoning: str | None = Field(
+        description="The <reasoning> content, stripped, blocks joined by a blank line; None when absent or empty."
+    )
     action: Action | None = Field(description="The action to execute; None when the turn is malformed.")
     error: str | None = Field(
         default=None, description="Feedback for a malformed turn: what was wrong and the expected form; None when ok."
@@ -609,8 +611,8 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits) -> Pa
     act = acting[0]
 
     reasoning_parts = [s.content.strip() for s in segments if s.name == "reasoning"]
-    reasoning: str | None = "\n\n".join(reasoning_parts) if reasoning_parts else None
-    if reasoning is not None and len(reasoning) > limits.max_reasoning_chars:
+    reasoning = "\n\n".join(part for part in reasoning_parts if part)
+    if len(reasoning) > limits.max_reasoning_chars:
         raise _Malformed(
             "reasoning_too_long",
             f"the <reasoning> is {len(reasoning)} characters, above the limit of {limits.max_reasoning_chars}; "

@@ -1,0 +1,237 @@
+"""Property tests: parse_turn never raises and its result keeps its invariants, over 10,500 generated turns."""
+
+import json
+import math
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from medeyes_env.protocol import Action, ParsedTurn, ProtocolLimits, parse_turn, render_turn
+
+LIMITS = ProtocolLimits()
+
+
+def fuzz(examples: int) -> settings:
+    """Settings of one property test: a fixed example count, no per-example deadline (shared CI cores)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+image_sizes = st.tuples(st.integers(1, 4096), st.integers(1, 4096))
+
+# Every code point, lone surrogates and control characters included.
+any_char = st.characters(exclude_categories=())
+
+FRAGMENTS = [
+    "<reasoning>", "</reasoning>", "<action>", "</action>", "<answer>", "</answer>", "<Action>", "</ANSWER>",
+    "< action >", "<actoin>", "<think>", "</think>", "<feedback>", "<", ">", "/", "{", "}", "[", "]", ",", ":",
+    '"', "'", '"name"', '"scan"', '"drill"', '"answer"', '"box"', '"boxes"', "NaN", "Infinity", "-Infinity", "1e999",
+    "-1", "0", "0.5", "10", "255", "512", "1e308", "99999999999999999999999", "true", "null", "yes", "no", "B",
+    " ", "\n", "\t", "```", "```json\n", "\x00", "\ud800", "é", "🫁", "\u202e", "\ufeff", "\r\n",
+]  # fmt: skip
+soup = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
+
+numbers = st.one_of(
+    st.integers(-10, 5000),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(-1.0, 2.0),
+    st.just(10**400),
+)
+junk_values = st.one_of(st.none(), st.booleans(), st.text(max_size=8), numbers)
+coordinates = st.one_of(st.integers(-100, 5000), st.floats(-100.0, 5000.0))
+
+
+def _ordered(box: list[float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+
+
+raw_boxes = st.lists(coordinates, min_size=4, max_size=4)
+plausible_boxes = st.one_of(raw_boxes.map(_ordered), raw_boxes)  # inside, partly in, outside, inverted, zero-area
+other_boxes = st.one_of(
+    st.lists(numbers, min_size=4, max_size=4),
+    st.lists(st.one_of(numbers, junk_values), min_size=0, max_size=6),
+)
+valid_names = st.sampled_from(["scan", "drill"])
+other_names = st.one_of(st.sampled_from(["answer", "Scan", " drill ", "scann", "zoom", ""]), junk_values)
+
+
+@st.composite
+def structured_actions(draw: st.DrawFn) -> str:
+    """Action JSON objects shaped like the real thing, with every field possibly wrong."""
+    obj: dict[str, object] = {}
+    if draw(st.booleans()) or draw(st.booleans()):
+        obj["name"] = draw(valid_names) if draw(st.integers(0, 3)) else draw(other_names)
+
+    def box() -> object:
+        return draw(plausible_boxes) if draw(st.integers(0, 2)) else draw(st.one_of(other_boxes, junk_values))
+
+    choice = draw(st.integers(0, 3))
+    if choice in (0, 2):
+        obj["box"] = box()
+    if choice in (1, 2):
+        if draw(st.integers(0, 3)):
+            obj["boxes"] = [box() for _ in range(draw(st.integers(0, 7)))]
+        else:
+            obj["boxes"] = box()
+    if draw(st.integers(0, 4)) == 0:
+        obj[draw(st.text(max_size=5))] = draw(junk_values)
+    body = json.dumps(obj, allow_nan=True)
+    reasoning = draw(st.sampled_from(["<reasoning>look</reasoning>", "", "<reasoning></reasoning>"]))
+    return f"{reasoning}<action>{body}</action>"
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=10)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(st.text(max_size=6), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@st.composite
+def valid_actions(draw: st.DrawFn, size: tuple[int, int]) -> Action:
+    width, height = size
+
+    def box() -> tuple[float, float, float, float]:
+        x1 = draw(st.floats(0, width, exclude_max=True))
+        y1 = draw(st.floats(0, height, exclude_max=True))
+        x2 = draw(st.floats(x1, width, exclude_min=True))
+        y2 = draw(st.floats(y1, height, exclude_min=True))
+        return (x1, y1, x2, y2)
+
+    kind = draw(st.sampled_from(["scan", "drill", "answer"]))
+    if kind == "scan":
+        return Action.scan(*[box() for _ in range(draw(st.integers(1, LIMITS.max_boxes)))])
+    if kind == "drill":
+        return Action.drill(box())
+    text = draw(st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1, max_size=40))
+    answer = text.replace("<", "(").strip() or "no"
+    return Action.final_answer(answer)
+
+
+def mutate(text: str, data: st.DataObject) -> str:
+    for _ in range(data.draw(st.integers(0, 4))):
+        if not text:
+            break
+        i = data.draw(st.integers(0, len(text) - 1))
+        j = data.draw(st.integers(i, min(len(text), i + 12)))
+        op = data.draw(st.integers(0, 5))
+        if op == 0:
+            text = text[:i] + text[j:]  # delete a slice
+        elif op == 1:
+            text = text[:i] + data.draw(st.sampled_from(FRAGMENTS)) + text[i:]  # insert a protocol fragment
+        elif op == 2:
+            text = text[:j] + text[i:j] + text[j:]  # duplicate a slice
+        elif op == 3:
+            text = text[:i] + text[i:j].swapcase() + text[j:]
+        elif op == 4:
+            text = text[:i] + data.draw(st.text(any_char, max_size=3)) + text[j:]  # replace with random characters
+        else:
+            text = text * 2  # two turns in one
+    return text
+
+
+def check_invariants(turn: ParsedTurn, size: tuple[int, int], limits: ProtocolLimits = LIMITS) -> None:
+    assert isinstance(turn, ParsedTurn)
+    event(
+        turn.error_kind or ("well_formed" if turn.well_formed else "ok, not well formed")
+    )  # --hypothesis-show-statistics
+    assert turn.ok != (turn.error is not None)
+    assert turn.ok == (turn.action is not None)
+    assert (turn.error is None) == (turn.error_kind is None)
+    assert turn.error_kind != "parser_error", turn.error
+    if not turn.ok:
+        assert turn.error and not turn.well_formed
+        return
+    action = turn.action
+    assert action is not None
+    assert turn.well_formed == (not turn.deviations)
+    width, height = size
+    for x1, y1, x2, y2 in action.boxes:
+        assert all(math.isfinite(v) for v in (x1, y1, x2, y2))
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+    if action.name == "scan":
+        assert 1 <= len(action.boxes) <= limits.max_boxes
+    elif action.name == "drill":
+        assert len(action.boxes) == 1
+    else:
+        assert action.answer and action.answer == action.answer.strip()
+        assert len(action.answer) <= limits.max_answer_chars and not action.boxes
+    if turn.reasoning is not None:
+        assert turn.reasoning == turn.reasoning.strip() and turn.reasoning
+        assert len(turn.reasoning) <= limits.max_reasoning_chars
+    # An executed turn renders back to protocol text that parses to the same action.
+    again = parse_turn(render_turn(action, turn.reasoning), size, ProtocolLimits(max_chars=100_000))
+    assert again.action == action and again.reasoning == turn.reasoning
+
+
+@fuzz(3000)
+@given(text=st.text(any_char, max_size=300), size=image_sizes)
+def test_random_text_never_raises(text: str, size: tuple[int, int]) -> None:
+    check_invariants(parse_turn(text, size), size)
+
+
+@fuzz(2500)
+@given(text=soup, size=image_sizes)
+def test_tag_and_json_soup_never_raises(text: str, size: tuple[int, int]) -> None:
+    check_invariants(parse_turn(text, size), size)
+
+
+@fuzz(2000)
+@given(size=image_sizes, reasoning=st.sampled_from(["Look closer.", "", None]), data=st.data())
+def test_mutated_valid_turns_never_raise(size: tuple[int, int], reasoning: str | None, data: st.DataObject) -> None:
+    action = data.draw(valid_actions(size))
+    text = render_turn(action, reasoning)
+    assert parse_turn(text, size).action == action  # the unmutated turn round-trips
+    check_invariants(parse_turn(mutate(text, data), size), size)
+
+
+@fuzz(1000)
+@given(value=json_values, size=image_sizes, wrap=st.sampled_from(["{}", "<action>{}</action>", "<answer>{}</answer>"]))
+def test_random_json_never_raises(value: object, size: tuple[int, int], wrap: str) -> None:
+    text = "<reasoning>r</reasoning>" + wrap.replace("{}", json.dumps(value, allow_nan=True))
+    check_invariants(parse_turn(text, size), size)
+
+
+@fuzz(1500)
+@given(text=structured_actions(), size=image_sizes)
+def test_structured_actions_with_bad_fields_never_raise(text: str, size: tuple[int, int]) -> None:
+    check_invariants(parse_turn(text, size), size)
+
+
+@fuzz(200)
+@given(
+    depth=st.integers(1, 600),
+    tag=st.sampled_from(["reasoning", "action", "answer", "Action"]),
+    size=image_sizes,
+    tail=st.sampled_from(["", "</action>", "<answer>x</answer>"]),
+)
+def test_deeply_nested_tags_never_raise(depth: int, tag: str, size: tuple[int, int], tail: str) -> None:
+    text = (f"<{tag}>" * depth + "x" + f"</{tag}>" * depth)[: LIMITS.max_chars - len(tail)] + tail
+    turn = parse_turn(text, size)
+    check_invariants(turn, size)
+    if depth > 1:
+        assert not turn.ok
+
+
+@fuzz(300)
+@given(
+    text=st.text(any_char, max_size=200),
+    limits=st.builds(
+        ProtocolLimits,
+        max_chars=st.integers(1, 300),
+        max_reasoning_chars=st.integers(1, 100),
+        max_boxes=st.integers(1, 5),
+        max_answer_chars=st.integers(1, 20),
+        max_json_chars=st.integers(1, 100),
+    ),
+    size=image_sizes,
+)
+def test_small_limits_never_raise(text: str, limits: ProtocolLimits, size: tuple[int, int]) -> None:
+    check_invariants(parse_turn(text, size, limits), size, limits)
