@@ -41,6 +41,8 @@ _TENS = "thirty forty fifty sixty seventy eighty ninety"
 _NUMBER_WORDS: dict[str, str] = {word: str(i) for i, word in enumerate(_UNITS.split())} | {
     word: str(10 * i) for i, word in enumerate(_TENS.split(), 3)
 }
+_TENS_WORDS = frozenset(("twenty", *_TENS.split()))
+_DIGIT_WORDS = frozenset(_UNITS.split()[1:10])
 _ARTICLES = frozenset({"a", "an", "the"})
 _APOSTROPHES = "'`\u2018\u2019\u02bc"
 _THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
@@ -54,14 +56,14 @@ def normalize_answer(text: str) -> str:
     Unicode NFKC, lower case, apostrophes dropped, thousands separators dropped,
     decimal points between digits kept, every other punctuation or symbol
     character turned into a space, articles (a, an, the) removed, number words
-    zero..twenty and thirty..ninety turned into digits, whitespace collapsed.
+    zero..ninety-nine turned into digits, whitespace collapsed.
 
     >>> normalize_answer("  The TWO nodules, left-sided. ")
     '2 nodules left sided'
     >>> normalize_answer("Crohn's disease; 1,500 cells; 2.5 cm")
     'crohns disease 1500 cells 2.5 cm'
-    >>> normalize_answer("Yes.")
-    'yes'
+    >>> normalize_answer("Yes."), normalize_answer("twenty-one")
+    ('yes', '21')
     """
     text = unicodedata.normalize("NFKC", text).lower()
     for mark in _APOSTROPHES:
@@ -69,7 +71,17 @@ def normalize_answer(text: str) -> str:
     text = _THOUSANDS_RE.sub("", text)
     text = _DECIMAL_RE.sub(_DECIMAL_MARK, text)
     text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
-    words = [_NUMBER_WORDS.get(word, word) for word in text.split() if word not in _ARTICLES]
+    words: list[str] = []
+    previous = ""
+    for word in text.split():
+        if word in _ARTICLES:
+            previous = word
+            continue
+        if previous in _TENS_WORDS and word in _DIGIT_WORDS:
+            words[-1] = words[-1][0] + _NUMBER_WORDS[word]  # "twenty one" -> "21"
+        else:
+            words.append(_NUMBER_WORDS.get(word, word))
+        previous = word
     return " ".join(words).replace(_DECIMAL_MARK, ".")
 
 
