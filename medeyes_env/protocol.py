@@ -18,8 +18,8 @@ environment can feed it back. Two levels of success:
 - ``well_formed``: the turn follows the protocol exactly (the grammar reward).
 
 Tolerated (executed, but the turn is not ``well_formed`` and ``deviations`` says why):
-tag names in another case (``<Action>``), a missing or empty ``<reasoning>``,
-reasoning after the action, non-whitespace text outside the tags, the JSON in a
+tag names in another case (``<Action>``), a missing or empty ``<reasoning>``, several
+reasoning blocks, reasoning after the action, non-whitespace text outside the tags, the JSON in a
 Markdown code fence, unknown extra JSON keys, an action name in another case,
 ``drill`` with ``"boxes"`` holding exactly one box, ``scan`` with a single ``"box"``.
 
@@ -31,8 +31,13 @@ Refused (``error`` set): oversized text, control characters (binary junk),
 nested, unclosed, stray or mismatched tags, no action, two actions, an action
 and an answer, an empty or oversized answer, invalid JSON (NaN, Infinity and
 duplicate keys included), a non-object, a missing or unknown action name (with
-a did-you-mean), wrong box arity, non-numeric, non-finite, inverted or
-zero-area boxes, and boxes entirely outside the image.
+a did-you-mean), ``{"name": "answer"}`` inside ``<action>`` (answers go in ``<answer>``),
+oversized reasoning or action JSON, wrong box arity, non-numeric, non-finite,
+inverted or zero-area boxes, and boxes entirely outside the image. Tags are
+exactly ``<name>``: ``< action >`` is not a tag (the error message points it out).
+
+A backend that strips the stop string (``</action>``, ``</answer>``) from its output
+must put it back before parsing, or the turn is an ``unclosed_tag`` error.
 """
 
 from __future__ import annotations
@@ -395,7 +400,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _load_action_json(content: str, limits: ProtocolLimits, deviations: list[str]) -> dict[str, Any]:
     content = content.strip()
-    fenced = _FENCE_RE.match(content)
+    fenced = _FENCE_RE.match(content) if content.startswith("```") and content.endswith("```") else None
     if fenced:
         content = fenced.group(1).strip()
         deviations.append("the action JSON was wrapped in a Markdown code fence; write the JSON directly")
