@@ -91,6 +91,15 @@ def test_jsonl_refuses_paths_outside_the_dataset(tmp_path: Path, image: str) -> 
         open_source(f"jsonl:{path}")
 
 
+def test_jsonl_refuses_a_symlink_that_leads_outside(tmp_path: Path) -> None:
+    outside = png(tmp_path / "outside.png")
+    (tmp_path / "data/img").mkdir(parents=True)
+    (tmp_path / "data/img/a.png").symlink_to(outside)
+    path = write_jsonl(tmp_path / "data/cases.jsonl", [record()])
+    with pytest.raises(UnsafePathError, match=rf"^{path}:1: path 'img/a.png' escapes the dataset directory"):
+        open_source(f"jsonl:{path}")
+
+
 def test_corrupt_png_is_refused_at_load_time_naming_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "img/a.png"
     bad.parent.mkdir()

@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import posixpath
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ import pydantic
 from PIL import Image
 
 from medeyes_env.cases import SPLITS, AnswerType, Box, Case, Region, Split, safe_join, xywh_to_xyxy
-from medeyes_env.errors import ImageLoadError, MedEyesError, SourceError
+from medeyes_env.errors import ImageLoadError, MedEyesError, SourceError, UnsafePathError
 from medeyes_env.sources import CaseSource, register_source
 
 logger = logging.getLogger(__name__)
@@ -133,23 +134,42 @@ class _Collector:
         self.rows: dict[Split, list[_Row]] = {split: [] for split in SPLITS}
         self.skipped: list[str] = []
         self.n_skipped = 0
-        self._listings: dict[Path, frozenset[str]] = {}
+        self._dirs: dict[tuple[Path, str], tuple[Path, frozenset[str]]] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
 
     def image(self, root: Path, relative: str, folders: tuple[str, ...] = ("",)) -> Path:
-        """The first ``root/folder/relative`` that exists (paths checked with safe_join), else ImageLoadError."""
+        """The first ``root/folder/relative`` that exists, else ImageLoadError naming the paths tried.
+
+        Same guarantees as :func:`safe_join` (no absolute paths, no escapes, symlinks
+        resolved), but each directory is resolved and listed once per run instead of
+        once per row: on 150k-row datasets this is the difference between seconds and
+        a minute.
+        """
         if not relative:
             raise SourceError("the image name is empty")
         tried: list[Path] = []
         for folder in folders:
-            path = safe_join(root, f"{folder}/{relative}" if folder else relative)
-            if path.parent not in self._listings:
+            joined = f"{folder}/{relative}" if folder else relative
+            directory, name = posixpath.split(joined)
+            if posixpath.isabs(joined) or name in ("", ".", ".."):
+                path = safe_join(root, joined)  # raises for absolute paths and escapes
+                directory, name = str(path.parent), path.name
+            key = (root, directory)
+            if key not in self._dirs:
                 try:
-                    self._listings[path.parent] = frozenset(os.listdir(path.parent))
+                    resolved = safe_join(root, directory or ".")
+                except UnsafePathError:
+                    safe_join(root, joined)  # the same refusal, naming the whole path
+                    raise
+                try:
+                    listing = frozenset(os.listdir(resolved))
                 except OSError:
-                    self._listings[path.parent] = frozenset()
-            if path.name in self._listings[path.parent] and path.is_file():
-                return path
+                    listing = frozenset()
+                self._dirs[key] = (resolved, listing)
+            resolved, listing = self._dirs[key]
+            path = resolved / name
+            if name in listing:
+                return safe_join(root, joined) if os.path.islink(path) else path
             tried.append(path)
         also = f" (also tried {', '.join(str(p) for p in tried[1:])})" if len(tried) > 1 else ""
         raise ImageLoadError(f"image file not found: {tried[0]}{also}")

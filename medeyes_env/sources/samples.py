@@ -20,19 +20,19 @@ particular, no "no abnormality here" question is asked of any image.
 Split assignment is by image, fixed in :data:`SAMPLE_IMAGES`, so no image appears
 in two splits (``samples:all`` lifts this on purpose):
 
-========================  ==========  =====
-image                     split       cases
-========================  ==========  =====
-examples_overlay.dcm      test        6
-J2K_pixelrep_mismatch     test        4
-examples_rgb_color.dcm    test        3
-microaneurysms.png        test        2
-MR_small.dcm              validation  3
-JPEG2000.dcm              validation  2
-CT_small.dcm              train       3
-retina.jpg                train       3
-ihc.png                   train       3
-========================  ==========  =====
+==========================  ==========  =====
+image                       split       cases
+==========================  ==========  =====
+examples_overlay.dcm        test        6
+J2K_pixelrep_mismatch.dcm   test        4
+examples_rgb_color.dcm      test        3
+microaneurysms.png          test        2
+MR_small.dcm                validation  3
+JPEG2000.dcm                validation  2
+CT_small.dcm                train       3
+retina.jpg                  train       3
+ihc.png                     train       3
+==========================  ==========  =====
 
 Images are decoded lazily, on the first :meth:`Case.load_image`, and cached per file.
 """
