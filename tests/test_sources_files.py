@@ -130,6 +130,8 @@ def test_corrupt_png_with_regions_is_refused_when_opening(tmp_path: Path) -> Non
         ({"regions": [{"box": [4, 5, 300, 40]}]}, "region [4.0, 5.0, 300.0, 40.0] lies outside the 64x48 image"),
         ({"regions": [{"xywh": [1, 2, 3, 4]}]}, "each region must be {'box': [x1, y1, x2, y2], 'label': text}"),
         ({"question": ""}, "field 'question' is missing or empty"),
+        ({"regions": [{"box": [[1, 2, 3, 4], [5, 6, 7, 8]]}]}, "a region has one box [x1, y1, x2, y2]"),
+        ({"regions": [{"box": [1, 2, 3]}]}, "region box: expected a box of 4 numbers, got [1, 2, 3]"),
     ],
 )
 def test_jsonl_malformed_rows_name_line_and_problem(tmp_path: Path, fields: dict, message: str) -> None:

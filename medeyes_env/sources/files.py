@@ -344,7 +344,10 @@ def _clip_box(box: Box, size: tuple[int, int]) -> Box | None:
 
 def _boxes_of(value: Any, where: str) -> list[tuple[float, float, float, float]]:
     """One box ``[a, b, c, d]`` or a list of them, as float 4-tuples."""
-    if isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, (int, float)) for v in value):
+    numbers = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+    if numbers and len(value) == 4:
         return [tuple(float(v) for v in value)]  # type: ignore[list-item]
     if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
         return [box for item in value for box in _boxes_of(item, where)]
@@ -397,10 +400,11 @@ def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSour
             where = f"{path}:{number}"
             with collector.row(where):
                 split, row = _jsonl_row(_record(line), root, collector)
-                if row.case_id in seen:
-                    raise SourceError(f"duplicate id {row.case_id!r} (first on line {seen[row.case_id]})")  # type: ignore[index]
+                case_id = row.case_id or ""
+                if case_id in seen:
+                    raise SourceError(f"duplicate id {case_id!r} (first on line {seen[case_id]})")
                 _validate(row, split)
-                seen[row.case_id] = number  # type: ignore[index]
+                seen[case_id] = number
                 collector.rows[split].append(row)
     return collector.source("jsonl", root)
 
@@ -440,7 +444,10 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
     for region in regions_raw:
         if not isinstance(region, dict) or "box" not in region or set(region) - {"box", "label"}:
             raise SourceError(f"each region must be {{'box': [x1, y1, x2, y2], 'label': text}}, got {region!r}")
-        (box,) = _boxes_of(region["box"], "region box")
+        boxes = _boxes_of(region["box"], "region box")
+        if len(boxes) != 1:
+            raise SourceError(f"a region has one box [x1, y1, x2, y2], got {region['box']!r}")
+        box = boxes[0]
         regions.append(Region(box=box, label=str(region.get("label", "abnormality"))))
     size = collector.size(image_path) if regions else None
     row = _Row(
