@@ -1,7 +1,8 @@
-"""Property tests: parse_turn never raises and its result keeps its invariants, over 10,500 generated turns."""
+"""Property tests: parse_turn never raises and its result keeps its invariants, over 10,200 generated turns."""
 
 import json
 import math
+import random
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,8 @@ FRAGMENTS = [
     "-1", "0", "0.5", "10", "255", "512", "1e308", "99999999999999999999999", "true", "null", "yes", "no", "B",
     " ", "\n", "\t", "```", "```json\n", "\x00", "\ud800", "é", "🫁", "\u202e", "\ufeff", "\r\n",
 ]  # fmt: skip
-soup = st.lists(st.sampled_from(FRAGMENTS), max_size=60).map("".join)
+# One byte per fragment: far cheaper for hypothesis to generate than a list of sampled_from draws.
+soup = st.binary(max_size=60).map(lambda picks: "".join(FRAGMENTS[b % len(FRAGMENTS)] for b in picks))
 
 numbers = st.one_of(
     st.integers(-10, 5000),
@@ -115,23 +117,25 @@ def valid_actions(draw: st.DrawFn, size: tuple[int, int]) -> Action:
     return Action.final_answer(answer)
 
 
-def mutate(text: str, data: st.DataObject) -> str:
-    for _ in range(data.draw(st.integers(0, 4))):
+def mutate(text: str, rng: random.Random) -> str:
+    """Apply 0-4 random edits: delete, insert a protocol fragment, duplicate, swap case, random chars, double."""
+    for _ in range(rng.randint(0, 4)):
         if not text:
             break
-        i = data.draw(st.integers(0, len(text) - 1))
-        j = data.draw(st.integers(i, min(len(text), i + 12)))
-        op = data.draw(st.integers(0, 5))
+        i = rng.randrange(len(text))
+        j = rng.randint(i, min(len(text), i + 12))
+        op = rng.randrange(6)
         if op == 0:
-            text = text[:i] + text[j:]  # delete a slice
+            text = text[:i] + text[j:]
         elif op == 1:
-            text = text[:i] + data.draw(st.sampled_from(FRAGMENTS)) + text[i:]  # insert a protocol fragment
+            text = text[:i] + rng.choice(FRAGMENTS) + text[i:]
         elif op == 2:
-            text = text[:j] + text[i:j] + text[j:]  # duplicate a slice
+            text = text[:j] + text[i:j] + text[j:]
         elif op == 3:
             text = text[:i] + text[i:j].swapcase() + text[j:]
         elif op == 4:
-            text = text[:i] + data.draw(st.text(any_char, max_size=3)) + text[j:]  # replace with random characters
+            junk = "".join(chr(rng.choice([rng.randrange(0x80), rng.randrange(0x110000)])) for _ in range(3))
+            text = text[:i] + junk + text[j:]
         else:
             text = text * 2  # two turns in one
     return text
@@ -171,7 +175,7 @@ def check_invariants(turn: ParsedTurn, size: tuple[int, int], limits: ProtocolLi
     assert again.action == action and again.reasoning == turn.reasoning
 
 
-@fuzz(3000)
+@fuzz(3500)
 @given(text=st.text(any_char, max_size=300), size=image_sizes)
 def test_random_text_never_raises(text: str, size: tuple[int, int]) -> None:
     check_invariants(parse_turn(text, size), size)
@@ -183,23 +187,25 @@ def test_tag_and_json_soup_never_raises(text: str, size: tuple[int, int]) -> Non
     check_invariants(parse_turn(text, size), size)
 
 
-@fuzz(2000)
-@given(size=image_sizes, reasoning=st.sampled_from(["Look closer.", "", None]), data=st.data())
-def test_mutated_valid_turns_never_raise(size: tuple[int, int], reasoning: str | None, data: st.DataObject) -> None:
+@fuzz(1500)
+@given(size=image_sizes, reasoning=st.sampled_from(["Look closer.", "", None]), rng=st.randoms(), data=st.data())
+def test_mutated_valid_turns_never_raise(
+    size: tuple[int, int], reasoning: str | None, rng: random.Random, data: st.DataObject
+) -> None:
     action = data.draw(valid_actions(size))
     text = render_turn(action, reasoning)
     assert parse_turn(text, size).action == action  # the unmutated turn round-trips
-    check_invariants(parse_turn(mutate(text, data), size), size)
+    check_invariants(parse_turn(mutate(text, rng), size), size)
 
 
-@fuzz(1000)
+@fuzz(600)
 @given(value=json_values, size=image_sizes, wrap=st.sampled_from(["{}", "<action>{}</action>", "<answer>{}</answer>"]))
 def test_random_json_never_raises(value: object, size: tuple[int, int], wrap: str) -> None:
     text = "<reasoning>r</reasoning>" + wrap.replace("{}", json.dumps(value, allow_nan=True))
     check_invariants(parse_turn(text, size), size)
 
 
-@fuzz(1500)
+@fuzz(1300)
 @given(text=structured_actions(), size=image_sizes)
 def test_structured_actions_with_bad_fields_never_raise(text: str, size: tuple[int, int]) -> None:
     check_invariants(parse_turn(text, size), size)
@@ -220,7 +226,7 @@ def test_deeply_nested_tags_never_raise(depth: int, tag: str, size: tuple[int, i
         assert not turn.ok
 
 
-@fuzz(300)
+@fuzz(600)
 @given(
     text=st.text(any_char, max_size=200),
     limits=st.builds(
