@@ -78,6 +78,18 @@ class ServerResponseError(BackendError):
     """The server answered 200 with something that is not a chat completion (junk JSON, missing fields)."""
 
 
+def request_seed(seed: int | None, call: int, index: int) -> int | None:
+    """The seed of conversation ``index`` in call ``call`` of a backend whose sampling base seed is ``seed``.
+
+    Distinct per conversation (the rollouts of one prompt differ), reproducible whatever the server batches a
+    request with, and the same for every vLLM backend.
+
+    >>> request_seed(3, 0, 0), request_seed(3, 0, 1), request_seed(3, 1, 0), request_seed(None, 5, 5)
+    (3000009, 3000010, 4000012, None)
+    """
+    return None if seed is None else ((seed + call) * _SEED_STRIDE + index) % 2**31
+
+
 def image_data_url(image: Image.Image) -> str:
     """Encode a PIL image as an RGB PNG ``data:`` URL.
 
@@ -337,10 +349,7 @@ class OpenAIBackend:
             call = self.calls
             self.calls += 1
         separator = self.content_separator  # detect once, before the threads start
-        seeds = [
-            None if sampling.seed is None else ((sampling.seed + call) * _SEED_STRIDE + i) % 2**31
-            for i in range(len(batch_messages))
-        ]
+        seeds = [request_seed(sampling.seed, call, i) for i in range(len(batch_messages))]
         payloads = [self._payload(m, sampling, s) for m, s in zip(batch_messages, seeds, strict=True)]
         url = f"{self.base_url}/chat/completions"
         if len(payloads) == 1:

