@@ -14,10 +14,13 @@ Gotchas met here (transformers 5.24, torch 2.13 CPU, no torchvision):
    under the same ``image_processor_type`` and ``AutoImageProcessor`` picks the PIL backend when torchvision is
    missing, so the saved directory works on machines with and without it.
 2. ``Qwen2_5_VLProcessor`` requires a ``video_processor`` argument (``None`` is a TypeError) and
-   ``Qwen2VLVideoProcessor`` needs torchvision. We save a standard ``Qwen2_5_VLProcessor`` directory whose
-   ``video_preprocessor_config.json`` is written by hand (so stock ``AutoProcessor``, vLLM and machines with
-   torchvision load it unchanged) and, when torchvision is missing, load it as :class:`ImageOnlyQwen2_5_VLProcessor`
-   (same class minus the video attribute). That fallback also serves real Qwen2.5-VL checkpoints.
+   ``Qwen2VLVideoProcessor`` needs torchvision. We save the directory in the layout of the released
+   Qwen2.5-VL checkpoints: ``processor_config.json`` naming ``Qwen2_5_VLProcessor``, the image processor's
+   ``preprocessor_config.json``, and NO video config (``AutoVideoProcessor`` then derives the video processor
+   from the image config and the model type), so stock ``AutoProcessor`` and vLLM load it where torchvision
+   is installed. Without torchvision, :func:`load_processor` builds ``ImageOnlyQwen2_5_VLProcessor`` (the same
+   class minus the video attribute); that fallback serves real Qwen2.5-VL checkpoints too. Not verified here:
+   the stock path with torchvision (the PyPI torchvision wheel does not load against the CPU torch build).
 3. Idefics3 (FEASIBILITY 1-7): resample stays PIL LANCZOS (``resample: 1``); ``do_image_splitting=False`` and
    ``size.longest_edge == max_image_size.longest_edge == vision_config.image_size``, so one image is
    ``<fake_token_around_image><global-img>`` + ``<image>`` x ``image_seq_len`` + ``<fake_token_around_image>``;
@@ -56,7 +59,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, ProcessorMixin
 
-FACTORY_VERSION = 1
+FACTORY_VERSION = 2
 """Bumped whenever a build changes, so cached models from an older factory are rebuilt, not reused."""
 
 MARKER_FILE = "medeyes_model.json"
@@ -195,32 +198,6 @@ def _image_only_qwen_processor_class() -> type:
     return ImageOnlyQwen2_5_VLProcessor
 
 
-def _qwen_video_config(preset: ModelPreset, image_processor: Any) -> dict[str, Any]:
-    """A standard Qwen2VLVideoProcessor config, written by hand because building one needs torchvision."""
-    return {
-        "video_processor_type": "Qwen2VLVideoProcessor",
-        "processor_class": "Qwen2_5_VLProcessor",
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "do_sample_frames": False,
-        "image_mean": list(image_processor.image_mean),
-        "image_std": list(image_processor.image_std),
-        "rescale_factor": image_processor.rescale_factor,
-        "resample": 3,
-        "patch_size": preset.patch_size,
-        "merge_size": preset.merge_size,
-        "temporal_patch_size": 2,
-        "min_pixels": preset.min_image_pixels,
-        "max_pixels": preset.max_image_pixels,
-        "size": {"shortest_edge": preset.min_image_pixels, "longest_edge": preset.max_image_pixels},
-        "fps": 2.0,
-        "min_frames": 4,
-        "max_frames": 768,
-    }
-
-
 def _build_qwen2_5_vl(preset: ModelPreset) -> tuple[Any, Any]:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
@@ -323,9 +300,6 @@ def build_tiny_model(
         processor.image_processor.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
         (out_dir / "chat_template.jinja").write_text(processor.chat_template)
-        (out_dir / "video_preprocessor_config.json").write_text(
-            json.dumps(_qwen_video_config(spec, processor.image_processor), indent=2) + "\n"
-        )
         (out_dir / "processor_config.json").write_text(
             json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n"
         )
@@ -363,6 +337,7 @@ def ensure_tiny_model(arch: Arch = "idefics3", preset: str = "tiny") -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             build_tiny_model(arch, preset, out_dir=tmp, seed=0, overwrite=True)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry is an ordinary directory
             if target.exists():  # an incomplete leftover of a crashed build
                 shutil.rmtree(target)
             os.replace(tmp, target)
