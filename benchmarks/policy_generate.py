@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -45,8 +46,11 @@ def conversation() -> list[dict]:
     ]
 
 
-def measure(model_name: str, batches: list[int], tokens: int, repeats: int) -> list[dict]:
+def measure(model_name: str, batches: list[int], tokens: int, repeats: int, threads: int) -> list[dict]:
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from medeyes.agents.policy import SamplingConfig
     from medeyes.agents.transformers_backend import TransformersBackend
@@ -93,17 +97,18 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
-        print(json.dumps(measure(args.worker, batches, args.tokens, args.repeats)))
+        print(json.dumps(measure(args.worker, batches, args.tokens, args.repeats, args.threads)))
         return
     rows = []
     for arch in args.archs.split(","):
         name = f"{args.preset}-{arch}"
         command = [sys.executable, __file__, "--worker", name, "--batches", args.batches]
-        command += ["--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+        command += ["--tokens", str(args.tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.extend(json.loads(result.stdout.strip().splitlines()[-1]))
     header = f"{'model':<22}{'params':>10}{'batch':>6}{'prompt':>8}{'new tok':>9}{'first s':>9}{'median s':>10}"
@@ -115,7 +120,11 @@ def main() -> None:
             f"{r['model']:<22}{r['params']:>10,}{r['batch']:>6}{r['prompt_tokens']:>8}{r['new_tokens']:>9}"
             f"{r['first_call_s']:>9.3f}{r['median_s']:>10.3f}{r['tokens_per_s']:>9.1f}{r['peak_rss_mb']:>13.0f}"
         )
-    print(f"torch threads: {rows[0]['threads']}; new tokens per row: {args.tokens}; median of {args.repeats} runs")
+    load = os.getloadavg()[0]
+    print(
+        f"torch threads: {rows[0]['threads']}; new tokens per row: {args.tokens} (fewer when a row samples its "
+        f"end-of-turn token); median of {args.repeats} runs; 1-min load average before: {load:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,15 @@ ANSWER = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are overhead-bound: on a shared 2-core machine one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory):
     """Build both tiny models once into a private cache, so the aliases resolve there."""
@@ -184,6 +193,9 @@ def test_remote_ids_are_recognised_without_network(tmp_path, monkeypatch):
     assert resolve_model_path("Qwen/Qwen2.5-VL-3B-Instruct") == ("Qwen/Qwen2.5-VL-3B-Instruct", True)
     with pytest.raises(ConfigError, match="not found"):
         resolve_model_path("./Qwen/Qwen2.5-VL-3B-Instruct")
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="model directory checkpoints/step-100 not found"):
+        resolve_model_path("checkpoints/step-100")
 
 
 # ------------------------------------------------------------------------------------------------ backend

@@ -368,8 +368,8 @@ def resolve_model_path(name_or_path: str | Path) -> tuple[str, bool]:
     """Turn a model name into ``(path_or_repo_id, is_remote)``; build aliases on first use.
 
     Aliases (:func:`model_aliases`) never reach the network. An existing directory is local. A name shaped
-    like ``org/name`` that is not a local path is a remote Hugging Face id. Anything else is a missing local
-    directory and raises :class:`ConfigError`.
+    like ``org/name`` whose ``org`` is not a local directory is a remote Hugging Face id. Anything else is a
+    missing local directory and raises :class:`ConfigError`.
     """
     name = str(name_or_path)
     aliases = model_aliases()
@@ -385,7 +385,9 @@ def resolve_model_path(name_or_path: str | Path) -> tuple[str, bool]:
         return str(path), False
     if path.exists():
         raise ConfigError(f"model path {path} is a file, not a model directory; pass the directory that holds it")
-    if _HF_REPO_ID.match(name) and not name.startswith((".", "~")):
+    # "org/name" is a hub id unless its first part is a local directory ("checkpoints/step-100" is a typo, not
+    # a download).
+    if _HF_REPO_ID.match(name) and not name.startswith((".", "~")) and not Path(name.split("/")[0]).is_dir():
         return name, True
     raise ConfigError(
         f"model directory {path} not found; build one with `medeyes model init --out {path}`, "
