@@ -16,8 +16,10 @@ app = typer.Typer(
 def _mount() -> None:
     # Sub-command modules import their heavy dependencies (torch) inside the commands, so `--help` stays fast.
     from medeyes.cli import cases
+    from medeyes.cli.model import model_app
 
     app.command("cases")(cases.cases)
+    app.add_typer(model_app, name="model")
 
 
 _mount()
