@@ -1,0 +1,156 @@
+"""Training metrics: one JSONL line per logged step, TensorBoard scalars, and the health statistics.
+
+Namespaces (METHOD.md section 7): ``train/`` (loss, lr, grad norm, throughput, stage), ``eval/`` (held-out
+accuracy, IoU, steps), ``stream/on/`` and ``stream/off/`` (per-stream health: reward components,
+advantages, tool use, turns, parse rate, response length, ratio and clip statistics). ``metrics.jsonl``
+is appended and flushed line by line. Row ``step = k`` describes the run after ``k`` optimizer updates (row 0:
+the evaluation before training). On resume from a checkpoint taken after ``k`` updates, rows with
+``step > k`` (written after that checkpoint by the crashed run) are dropped first, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Append-only JSONL metrics (``<run_dir>/metrics.jsonl``) with optional TensorBoard mirror."""
+
+    def __init__(self, run_dir: str | os.PathLike[str], tensorboard: bool = True, resume_step: int | None = None):
+        """Open the run's metrics; with ``resume_step``, drop lines of steps > it (a crashed run's tail)."""
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        elif self.path.exists():
+            self.path.unlink()
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                purge = resume_step + 1 if resume_step is not None else None
+                self._writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge)
+            except ImportError:  # tensorboard not installed: JSONL only
+                self._writer = None
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Write one line ``{"step": step, ...}`` (non-finite floats become null) and mirror numbers to TB."""
+        row: dict[str, Any] = {"step": int(step)}
+        for key, value in metrics.items():
+            row[key] = _clean(value)
+        line = json.dumps(row, sort_keys=False) + "\n"
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+        return row
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` keeping only complete lines whose ``step`` is at most ``step``."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn last line
+        if isinstance(row, dict) and int(row.get("step", -1)) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every row of ``<run_dir>/metrics.jsonl`` (a torn last line is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    mu = sum(values) / len(values)
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
+
+
+def episode_health(records: Iterable[Any], prefix: str) -> dict[str, float]:
+    """Health statistics of a set of trajectory records under ``prefix`` (``stream/on/``, ``eval/`` ...).
+
+    Reward and each component (mean), accuracy, share of episodes that used scan / drill / any tool, turns per
+    episode, share of turns that parsed and that were well formed, share of episodes that answered, response
+    length in tokens (when token ids are known) and characters.
+    """
+    records = list(records)
+    if not records:
+        return {}
+    out: dict[str, float] = {f"{prefix}episodes": float(len(records))}
+    rewards = [float(r.reward) for r in records]
+    out[f"{prefix}reward_mean"] = _mean(rewards) or 0.0
+    out[f"{prefix}reward_std"] = _std(rewards) or 0.0
+    components: dict[str, list[float]] = {}
+    for r in records:
+        for key, value in r.reward_components.items():
+            components.setdefault(key, []).append(float(value))
+    for key, values in components.items():
+        out[f"{prefix}reward/{key}"] = sum(values) / len(values)
+    steps = [s for r in records for s in r.steps]
+    names = [[s.action.name for s in r.steps if s.action is not None and s.shown_boxes] for r in records]
+    out[f"{prefix}scan_share"] = sum("scan" in n for n in names) / len(records)
+    out[f"{prefix}drill_share"] = sum("drill" in n for n in names) / len(records)
+    out[f"{prefix}tool_share"] = sum(bool(n) for n in names) / len(records)
+    out[f"{prefix}tool_calls"] = sum(len(n) for n in names) / len(records)
+    out[f"{prefix}turns"] = len(steps) / len(records)
+    out[f"{prefix}answered"] = sum(bool(r.terminated) for r in records) / len(records)
+    if steps:
+        out[f"{prefix}parse_rate"] = sum(s.action is not None for s in steps) / len(steps)
+        out[f"{prefix}well_formed"] = sum(bool(s.well_formed) for s in steps) / len(steps)
+        out[f"{prefix}response_chars"] = sum(len(s.text) for s in steps) / len(steps)
+        lengths = [len(s.token_ids) for s in steps if s.token_ids is not None]
+        if lengths:
+            out[f"{prefix}response_tokens"] = sum(lengths) / len(lengths)
+            finished = [s.finish_reason for s in steps if s.finish_reason is not None]
+            if finished:
+                out[f"{prefix}length_capped"] = sum(f == "length" for f in finished) / len(finished)
+    return out

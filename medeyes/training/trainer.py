@@ -1,0 +1,849 @@
+"""The single-process trainer: SFT warm start and (dual-stream) GRPO, read top to bottom.
+
+One optimizer step of the ``grpo`` stage::
+
+    seed      every random choice of step s derives from (config.seed, s): exact resume needs no RNG juggling
+    collect   G_on on-policy episodes per case through MedEyesEnv (the one rollout driver), plus G_off expert
+              trajectories per case from the trajectory store (dual mode)
+    tokenise  each episode with the model's chat template; loss mask = the generated token spans
+    score     rewards come from the environment (verifiable components)
+    advantage per stream and group (objective.compute_advantages)
+    loss      dual_stream_loss over micro-batches (gradient accumulation), backward
+    step      clip, AdamW, learning-rate schedule
+    log       metrics.jsonl + TensorBoard: train/, stream/on/, stream/off/, eval/
+
+The ``sft`` stage replaces collect..advantage by a batch of expert trajectories and the loss by the
+token-mean NLL of the expert's turns. Evaluation runs greedy episodes on a fixed held-out set at step 0,
+every ``eval.every`` steps and at the end. A checkpoint (model, optimizer, RNG, step) is written atomically
+every ``checkpoint_every`` steps; :func:`train` resumes from the latest one by default.
+
+Use :func:`train` (builds every piece from a :class:`TrainConfig`) or :class:`Trainer` with your own pieces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medeyes.agents.policy import PolicyAgent
+from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.training.config import OptimConfig, TrainConfig
+from medeyes.training.episodes import EpisodeTensors, collate, tokenize_record
+from medeyes.training.metrics import MetricsLogger, episode_health
+from medeyes.training.objective import (
+    compute_advantages,
+    dual_stream_loss,
+    entropy_from_logits,
+    masked_mean,
+    sequence_logprobs_from_logits,
+    sft_loss,
+)
+from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
+from medeyes_env.errors import ConfigError
+from medeyes_env.protocol import render_turn
+from medeyes_env.rewards import accuracy_reward
+from medeyes_env.sources import CaseSource, open_source
+
+LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "eval/accuracy")
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+
+
+# ================================================================================================ small pure helpers
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A 31-bit seed for step ``step`` of a run seeded ``seed`` (distinct per ``salt``).
+
+    >>> step_seed(0, 5) == step_seed(0, 5) != step_seed(0, 6)
+    True
+    """
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def learning_rate(optim: OptimConfig, step: int, total: int) -> float:
+    """Linear warmup to ``optim.lr``, then constant or cosine decay to ``min_lr_ratio * lr`` at ``total``.
+
+    >>> cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.0)
+    >>> [round(learning_rate(cfg, s, 6), 3) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+    """
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    span = max(1, total - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = optim.min_lr_ratio
+    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def masked_token_logprobs(model: torch.nn.Module, batch: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, Any]:
+    """Log-probs of every next token ``[B, T-1]`` (position t predicts ids[t+1]) and the logits."""
+    logits = model(**batch.model_inputs(dtype, causal_only=True)).logits  # [B, T, V]; right padding, see collate
+    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])  # [B, T-1]
+    return logprobs, logits
+
+
+def blind_answers(cases: list[Any]) -> dict[str, str]:
+    """The majority gold answer per question text: what a format-perfect policy that ignores images says.
+
+    >>> from medeyes_env.cases import Case
+    >>> cs = [Case(id=str(i), question="q?", answer=a, answer_type="closed", source="s") for i, a in
+    ...       enumerate(["yes", "no", "no"])]
+    >>> blind_answers(cs)
+    {'q?': 'no'}
+    """
+    by_question: dict[str, Counter[str]] = {}
+    for case in cases:
+        by_question.setdefault(case.question, Counter())[case.answer] += 1
+    return {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
+
+
+def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
+    """Accuracy on ``eval_cases`` of the majority answer per question (overall majority for unseen questions)."""
+    table = blind_answers(train_cases)
+    overall = Counter(c.answer for c in train_cases).most_common(1)[0][0] if train_cases else "yes"
+    scores = [accuracy_reward(table.get(c.question, overall), c) for c in eval_cases]
+    return float(sum(scores) / len(scores)) if scores else 0.0
+
+
+# ================================================================================================ expert trajectories
+
+
+def expert_store_dir(config: TrainConfig) -> Path:
+    """Where the expert demos of ``config`` live: ``expert.dir`` or a cache keyed by everything that shapes them."""
+    if config.expert.dir is not None:
+        return config.expert.dir
+    from medeyes.models.factory import cache_dir
+
+    key = {
+        "data": config.data,
+        "data_options": config.data_options,
+        "split": config.train_split,
+        "env": config.env.model_dump(mode="json"),
+        "expert": config.expert.model_dump(mode="json", exclude={"dir", "generate_if_absent", "reasoning"}),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    safe = "".join(ch if ch.isalnum() else "-" for ch in config.data)
+    return cache_dir() / "expert" / f"{safe}-{config.expert.mode}-{digest}"
+
+
+def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> TrajectoryStore:
+    """Open the expert store; when empty and allowed, run the expert agent (GRN + CVS) to fill it."""
+    from filelock import FileLock
+
+    from medeyes.agents.expert import ExpertAgent, ExpertConfig
+
+    root = expert_store_dir(config)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        store = TrajectoryStore(root)
+        done = root / "complete.json"
+        if done.exists():
+            return store
+        if not config.expert.generate_if_absent:
+            raise ConfigError(
+                f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
+            )
+        agent = ExpertAgent(
+            config.expert.oracle,
+            ExpertConfig(
+                mode=config.expert.mode,
+                n_expert=config.expert.per_case,
+                t_max=max(1, config.env.max_steps),
+                max_regions=config.expert.max_regions,
+                keep_only_correct=config.expert.keep_only_correct,
+                seed=config.expert.seed,
+            ),
+        )
+        rollout = RolloutConfig(
+            split=config.train_split,
+            n=config.expert.cases,
+            samples_per_case=agent.samples_per_case,
+            batch_size=64,
+            seed=config.expert.seed,
+            keep_only_correct=config.expert.keep_only_correct,
+            env=config.env,
+        )
+        result = run_rollout(agent, source, rollout, store=store)
+        summary = summarize(result.records, result.seconds)
+        done.write_text(json.dumps(summary.model_dump(), indent=2))
+    return store
+
+
+BRIEF_REASONING = {"scan": "compare candidates", "drill": "look closer", "answer": "conclude"}
+"""The two-word reasoning of ``expert.reasoning="brief"``, by action."""
+
+
+def brief_record(record: TrajectoryRecord) -> TrajectoryRecord:
+    """The same trajectory with every turn re-rendered with :data:`BRIEF_REASONING` (actions and boxes unchanged).
+
+    Only well-formed turns are rewritten (the expert's always are); the rewards stay those of the original run,
+    which the rewrite does not change (grammar needs a non-empty reasoning; diversity and accuracy read actions).
+    """
+    steps = []
+    for step in record.steps:
+        if step.action is not None and step.well_formed:
+            text = render_turn(step.action, BRIEF_REASONING[step.action.name])
+            step = step.model_copy(update={"text": text, "reasoning": BRIEF_REASONING[step.action.name]})
+        steps.append(step)
+    return record.model_copy(update={"steps": steps})
+
+
+def open_cases(spec: str, options: dict[str, Any]) -> CaseSource:
+    """Open a case source; ``options`` (phantom only) override fields of the phantom preset's config."""
+    if not options:
+        return open_source(spec)
+    name, _, argument = spec.partition(":")
+    if name != "phantom":
+        raise ConfigError(f"data_options apply to the phantom source only, not {spec!r}; remove them")
+    from medeyes_env.sources.phantom import PRESETS, PhantomConfig, PhantomSource
+
+    base = PRESETS.get(argument or "medium")
+    if base is None:
+        raise ConfigError(f"unknown phantom preset {argument!r}; use one of {', '.join(PRESETS)}")
+    try:
+        return PhantomSource(PhantomConfig(**{**base.model_dump(), **options}))
+    except ValueError as exc:
+        raise ConfigError(f"invalid data_options for the phantom source: {exc}") from None
+
+
+class ExpertPool:
+    """Expert trajectories of the training cases, indexed by case index, with their store for images."""
+
+    def __init__(self, store: TrajectoryStore, source: CaseSource, split: str, n_cases: int, reasoning: str = "full"):
+        """Index ``store``'s kept records by the position of their case among the first ``n_cases`` cases."""
+        self.store = store
+        index_of = {source.case(split, i).id: i for i in range(n_cases)}  # type: ignore[arg-type]
+        self.by_case: dict[int, list[TrajectoryRecord]] = {}
+        for record in store.records():
+            if record.kept and record.case_id in index_of and record.steps:
+                if reasoning == "brief":
+                    record = brief_record(record)
+                self.by_case.setdefault(index_of[record.case_id], []).append(record)
+        self.records = [r for i in sorted(self.by_case) for r in self.by_case[i]]
+        if not self.records:
+            raise ConfigError(f"the expert store {store.root} holds no usable trajectory for the training cases")
+
+    def sample(self, n: int, rng: np.random.Generator) -> list[TrajectoryRecord]:
+        """``n`` records drawn uniformly (with replacement) from the whole pool."""
+        return [self.records[i] for i in rng.integers(0, len(self.records), size=n)]
+
+    def for_case(self, case_index: int, n: int, rng: np.random.Generator) -> list[TrajectoryRecord]:
+        """Up to ``n`` distinct records of one case (fewer when fewer were kept)."""
+        records = self.by_case.get(case_index, [])
+        if len(records) <= n:
+            return list(records)
+        return [records[i] for i in rng.choice(len(records), size=n, replace=False)]
+
+
+# ================================================================================================ checkpoints
+
+
+def _atomic_dir_write(final: Path, writer: Any) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        writer(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, extra: dict, keep: int) -> Path:
+    """Write ``checkpoints/step-XXXXXXX`` atomically (model, optimizer, RNG states, ``extra``), then ``latest``."""
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+
+    def write(tmp: Path) -> None:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
+        torch.save(optimizer.state_dict() if optimizer is not None else None, tmp / "optimizer.pt")
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2, default=str))
+
+    _atomic_dir_write(final, write)
+    pointer = root / f".{LATEST_FILE}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST_FILE)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` points at, or None."""
+    pointer = run_dir / CHECKPOINTS_DIR / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = run_dir / CHECKPOINTS_DIR / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load model weights and RNG states from ``path``; return its state (with the optimizer state dict)."""
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    state = json.loads((path / "state.json").read_text())
+    state["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    return state
+
+
+# ================================================================================================ the trainer
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: where, how long, and the held-out accuracy at its first and last evaluation."""
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    resumed_from: int | None
+    first_eval: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    blind_accuracy: float | None = None
+
+
+class Trainer:
+    """Runs the stages of a :class:`TrainConfig` on pieces built elsewhere (see :func:`train`)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: torch.nn.Module,
+        processor: Any,
+        policy: PolicyAgent,
+        source: CaseSource,
+        experts: ExpertPool | None,
+        logger: MetricsLogger,
+        pool_cases: int,
+    ):
+        """Keep the pieces; nothing heavy happens here."""
+        self.config = config
+        self.model = model
+        self.processor = processor
+        self.policy = policy
+        self.source = source
+        self.experts = experts
+        self.logger = logger
+        self.pool_cases = pool_cases
+        self.device = torch.device(config.device)
+        self.autocast_dtype = _autocast_dtype(config)
+        self.pad_id = int(processor.tokenizer.pad_token_id)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_stage: str | None = None
+        self.scratch = config.run_dir / "scratch"
+        self.eval_history: list[dict[str, float]] = []
+        self.blind: float | None = None
+        self.live: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(
+        self,
+        start_step: int = 0,
+        optimizer_state: dict | None = None,
+        optimizer_stage: str | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Train from ``start_step`` to ``config.total_steps``; evaluate and checkpoint on schedule.
+
+        ``optimizer_state`` (from a checkpoint) is loaded when ``optimizer_stage`` is the stage of
+        ``start_step``; a checkpoint taken at a stage boundary starts the next stage with a fresh AdamW.
+        ``max_steps`` stops (after a checkpoint) once this call has run that many steps: a time slice.
+        """
+        cfg = self.config
+        total = cfg.total_steps
+        stop = total if max_steps is None else min(total, start_step + max_steps)
+        started = time.perf_counter()
+        self.blind = self._blind_accuracy()
+        if start_step < total and optimizer_state is not None and optimizer_stage == cfg.stage_at(start_step)[0]:
+            self._ensure_optimizer(optimizer_stage, optimizer_state)
+        with self._progress(total, start_step) as advance:
+            if start_step == 0 and cfg.eval.every:
+                self.logger.log(0, self._evaluate_and_remember(0))
+            for step in range(start_step, stop):
+                # Row `done` of metrics.jsonl describes the state after `done` optimizer updates.
+                stage, _ = cfg.stage_at(step)
+                self._ensure_optimizer(stage, None)
+                t0 = time.perf_counter()
+                metrics = self.sft_step(step) if stage == "sft" else self.grpo_step(step)
+                metrics["train/step_seconds"] = time.perf_counter() - t0
+                metrics["train/stage"] = 0.0 if stage == "sft" else 1.0
+                done = step + 1
+                evaluate = cfg.eval.every and (done % cfg.eval.every == 0 or done == total)
+                if evaluate:
+                    metrics.update(self._evaluate_and_remember(done))
+                metrics["train/elapsed_seconds"] = time.perf_counter() - started
+                if evaluate or done % cfg.log_every == 0 or done == total:
+                    self.logger.log(done, metrics)
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done in (total, stop):
+                    self._checkpoint(done)
+                self.live.update({k: v for k, v in metrics.items() if k in LIVE_KEYS})
+                advance(stage)
+        if stop == total:
+            self._save_final()
+        self.logger.close()
+        evals = self.eval_history
+        return TrainResult(
+            run_dir=cfg.run_dir,
+            steps=stop,
+            seconds=time.perf_counter() - started,
+            resumed_from=start_step or None,
+            first_eval=evals[0] if evals else {},
+            last_eval=evals[-1] if evals else {},
+            blind_accuracy=self.blind,
+        )
+
+    # ------------------------------------------------------------------------------------------ sft
+
+    def sft_step(self, step: int) -> dict[str, float]:
+        """One supervised step: NLL of the expert's turns on ``sft.batch_size`` trajectories."""
+        cfg = self.config
+        if self.experts is None:
+            raise ConfigError("the sft stage needs expert trajectories (expert pool is empty)")
+        rng = np.random.default_rng(step_seed(cfg.seed, step, 1))
+        records = self.experts.sample(cfg.sft.batch_size, rng)
+        t0 = time.perf_counter()
+        episodes = [tokenize_record(r, self.experts.store, self.processor, is_expert=True) for r in records]
+        prep = time.perf_counter() - t0
+        self.model.train()
+        lr = self._set_lr("sft", step)
+        n_tokens = sum(e.generated_tokens for e in episodes)
+        losses = []
+        tokens_seen = 0
+        t1 = time.perf_counter()
+        for chunk in _chunks(episodes, cfg.sft.grad_accum):
+            batch = collate(chunk, self.pad_id).to(self.device)
+            with self._autocast():
+                logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
+            mask = batch.loss_mask[:, 1:]
+            # token-mean over the whole step: weight each micro-batch by its share of the step's tokens
+            loss = sft_loss(logprobs, mask) * (int(mask.sum()) / max(1, n_tokens))
+            loss.backward()
+            losses.append(float(loss))
+            tokens_seen += int(batch.attention_mask.sum())
+        grad_norm = self._optimizer_step("sft")
+        seconds = time.perf_counter() - t1
+        return {
+            "train/loss": sum(losses),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens": float(tokens_seen),
+            "train/loss_tokens": float(n_tokens),
+            "train/tokens_per_second": tokens_seen / max(seconds, 1e-9),
+            "train/prep_seconds": prep,
+        }
+
+    # ------------------------------------------------------------------------------------------ grpo
+
+    def grpo_step(self, step: int) -> dict[str, float]:
+        """One GRPO step: collect, tokenise, score, advantages, loss, optimizer step (module docstring)."""
+        cfg, g = self.config, self.config.grpo
+        _, k = cfg.stage_at(step)
+        rng = np.random.default_rng(step_seed(cfg.seed, step, 2))
+        blocks = max(1, self.pool_cases // g.prompts_per_step)
+        start = (k % blocks) * g.prompts_per_step
+        metrics: dict[str, float] = {}
+
+        # collect: on-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)
+        t0 = time.perf_counter()
+        store_dir = self.scratch / f"rollout-{step:07d}"
+        shutil.rmtree(store_dir, ignore_errors=True)
+        store = TrajectoryStore(store_dir)
+        self.model.eval()
+        self._seed_sampling(step_seed(cfg.seed, step, 3))
+        with self._autocast():
+            result = run_rollout(
+                self.policy,
+                self.source,
+                RolloutConfig(
+                    split=cfg.train_split,
+                    n=g.prompts_per_step,
+                    start=start,
+                    samples_per_case=g.group_on,
+                    batch_size=cfg.rollout_batch,
+                    seed=step_seed(cfg.seed, step, 4),
+                    env=cfg.env,
+                ),
+                store=store,
+            )
+        on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
+        case_index = {self.source.case(cfg.train_split, i).id: i for i in range(start, start + g.prompts_per_step)}  # type: ignore[arg-type]
+        off_records: list[TrajectoryRecord] = []
+        if g.mode == "dual" and self.experts is not None:
+            for i in range(start, start + g.prompts_per_step):
+                off_records += self.experts.for_case(i, g.group_off, rng)
+        metrics["train/rollout_seconds"] = time.perf_counter() - t0
+
+        # tokenise: one function for both streams; mask = generated spans
+        t1 = time.perf_counter()
+        episodes: list[EpisodeTensors] = []
+        for r in on_records:
+            episodes.append(tokenize_record(r, store, self.processor, is_expert=False))
+        for r in off_records:
+            assert self.experts is not None
+            episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
+        shutil.rmtree(store_dir, ignore_errors=True)
+        metrics["train/prep_seconds"] = time.perf_counter() - t1
+
+        # score and advantages: rewards are the environment's; statistics per stream and group
+        records = on_records + off_records
+        rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)  # [B]
+        groups = torch.tensor([case_index.get(r.case_id, -1) for r in records], dtype=torch.long)  # [B]
+        is_expert = torch.tensor([e.is_expert for e in episodes], dtype=torch.bool)  # [B]
+        advantages, adv_stats = compute_advantages(rewards, groups, is_expert, cfg.objective)
+        metrics.update(adv_stats)
+        metrics.update(episode_health(on_records, "stream/on/"))
+        metrics.update(episode_health(off_records, "stream/off/"))
+
+        # old log-probs: recorded at generation, or recomputed before the update
+        if g.old_logprobs == "recompute":
+            self._recompute_old_logprobs(episodes)
+
+        # loss and step, over micro-batches
+        self.model.train()
+        lr = self._set_lr("grpo", step)
+        t2 = time.perf_counter()
+        rows = list(range(len(episodes)))
+        loss_metrics: list[tuple[int, dict[str, float]]] = []
+        entropies: dict[str, list[float]] = {"on": [], "off": []}
+        gaps: list[float] = []
+        tokens_seen = 0
+        for chunk in _chunks(rows, g.grad_accum):
+            batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
+            adv = advantages[chunk].to(self.device)
+            with self._autocast():
+                logprobs, logits = masked_token_logprobs(self.model, batch, self._param_dtype())
+            mask = batch.loss_mask[:, 1:]  # [b, T-1]
+            old = batch.old_logprobs[:, 1:]  # [b, T-1]
+            loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective)
+            (loss * len(chunk) / len(rows)).backward()
+            loss_metrics.append((len(chunk), lm))
+            tokens_seen += int(batch.attention_mask.sum())
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits[:, :-1].detach())  # [b, T-1]
+                for name, rows_mask in (("on", ~batch.is_expert), ("off", batch.is_expert)):
+                    m = mask & rows_mask[:, None]
+                    if m.any():
+                        entropies[name].append(float(masked_mean(entropy, m)))
+                on_mask = mask & ~batch.is_expert[:, None]
+                if on_mask.any():
+                    gaps.append(float(masked_mean((logprobs.detach() - old).abs(), on_mask)))
+        grad_norm = self._optimizer_step("grpo")
+        seconds = time.perf_counter() - t2
+        metrics.update(_weighted_mean_metrics(loss_metrics))
+        for name, values in entropies.items():
+            if values:
+                metrics[f"stream/{name}/entropy"] = sum(values) / len(values)
+        if gaps:
+            metrics["stream/on/logprob_gap"] = sum(gaps) / len(gaps)
+        metrics.update(
+            {
+                "train/loss": metrics.get("loss/total", 0.0),
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/tokens": float(tokens_seen),
+                "train/tokens_per_second": tokens_seen / max(seconds, 1e-9),
+                "train/update_seconds": seconds,
+                "train/retokenized_on_turns": float(sum(e.retokenized_turns for e in episodes if not e.is_expert)),
+            }
+        )
+        return metrics
+
+    def _recompute_old_logprobs(self, episodes: list[EpisodeTensors]) -> None:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            for chunk in _chunks(list(range(len(episodes))), self.config.grpo.grad_accum):
+                batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
+                logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
+                for row, i in enumerate(chunk):
+                    e = episodes[i]
+                    new = torch.zeros_like(e.old_logprobs)
+                    new[1:] = logprobs[row, : e.length - 1].float().cpu()
+                    e.old_logprobs = torch.where(e.loss_mask, new, torch.zeros_like(new))
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy episodes on the first ``eval.cases`` cases of the eval split: accuracy, IoU, steps, health."""
+        cfg = self.config
+        self.model.eval()
+        sampling = self.policy.sampling
+        self.policy.sampling = sampling.model_copy(update={"temperature": cfg.eval.temperature, "seed": cfg.seed})
+        self._seed_sampling(cfg.seed)
+        try:
+            with self._autocast():
+                result = run_rollout(
+                    self.policy,
+                    self.source,
+                    RolloutConfig(
+                        split=cfg.eval_split,
+                        n=cfg.eval.cases,
+                        samples_per_case=1,
+                        batch_size=cfg.eval.batch_size,
+                        seed=cfg.seed,
+                        env=cfg.env,
+                    ),
+                    store=None,
+                )
+        finally:
+            self.policy.sampling = sampling
+        summary = summarize(result.records, result.seconds)
+        out = {
+            "eval/accuracy": summary.accuracy,
+            "eval/iou": summary.mean_best_iou,
+            "eval/steps": summary.mean_steps,
+            "eval/turns": summary.mean_turns,
+            "eval/reward": summary.mean_reward,
+            "eval/parse_rate": summary.parse_rate,
+            "eval/scan_share": summary.scan_share,
+            "eval/drill_share": summary.drill_share,
+            "eval/seconds": result.seconds,
+        }
+        for family, accuracy in summary.accuracy_by_family.items():
+            out[f"eval/accuracy/{family}"] = accuracy
+        if self.blind is not None:
+            out["eval/blind_accuracy"] = self.blind
+        return out
+
+    def _evaluate_and_remember(self, step: int) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.eval_history.append({"step": float(step), **metrics})
+        self.live["eval/accuracy"] = metrics["eval/accuracy"]
+        return metrics
+
+    def _blind_accuracy(self) -> float:
+        cfg = self.config
+        train = [self.source.case(cfg.train_split, i) for i in range(self.pool_cases)]  # type: ignore[arg-type]
+        held = [self.source.case(cfg.eval_split, i) for i in range(cfg.eval.cases)]  # type: ignore[arg-type]
+        return blind_accuracy(train, held)
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def _ensure_optimizer(self, stage: str, state: dict | None) -> None:
+        if self.optimizer is not None and self.optimizer_stage == stage:
+            return
+        optim = self.config.sft.optim if stage == "sft" else self.config.grpo.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
+        )
+        if state is not None:
+            self.optimizer.load_state_dict(state)
+        self.optimizer_stage = stage
+
+    def _set_lr(self, stage: str, step: int) -> float:
+        cfg = self.config
+        optim = cfg.sft.optim if stage == "sft" else cfg.grpo.optim
+        _, k = cfg.stage_at(step)
+        lr = learning_rate(optim, k, cfg.stage_steps(stage))  # type: ignore[arg-type]
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _optimizer_step(self, stage: str) -> float:
+        optim = self.config.sft.optim if stage == "sft" else self.config.grpo.optim
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip else float("inf"))
+        assert self.optimizer is not None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _seed_sampling(self, seed: int) -> None:
+        self.policy.sampling = self.policy.sampling.model_copy(update={"seed": seed})
+        backend = self.policy.backend
+        if hasattr(backend, "calls"):
+            backend.calls = 0
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _checkpoint(self, step: int) -> None:
+        cfg = self.config
+        extra = {
+            "stage": self.optimizer_stage,
+            "config": cfg.model_dump(mode="json"),
+            "eval_history": self.eval_history,
+        }
+        save_checkpoint(cfg.run_dir, step, self.model, self.optimizer, extra, cfg.keep_checkpoints)
+
+    def _save_final(self) -> None:
+        final = self.config.run_dir / "final"
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+
+        with contextlib.suppress(Exception):  # a processor that refuses saving (Qwen fallback) keeps the checkpoint
+            _atomic_dir_write(final, write)
+
+    @contextlib.contextmanager
+    def _progress(self, total: int, start: int) -> Iterator[Any]:
+        if not self.config.progress:
+            yield lambda stage: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("[bold]{task.fields[stage]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[stats]}"),
+        ) as progress:
+            task = progress.add_task("train", total=total, completed=start, stage="train", stats="")
+
+            def advance(stage: str) -> None:
+                live = self.live
+                parts = []
+                if "train/loss" in live:
+                    parts.append(f"loss {live['train/loss']:.3f}")
+                if "stream/on/reward_mean" in live:
+                    parts.append(f"reward {live['stream/on/reward_mean']:.2f}")
+                if "eval/accuracy" in live:
+                    parts.append(f"held-out acc {live['eval/accuracy']:.3f}")
+                if self.blind is not None:
+                    parts.append(f"(blind {self.blind:.3f})")
+                progress.update(task, advance=1, stage=stage, stats="  ".join(parts))
+
+            yield advance
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items)."""
+    n = max(1, min(n, len(items)))
+    size = math.ceil(len(items) / n)
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _weighted_mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    total = sum(w for w, _ in parts) or 1
+    keys = {k for _, m in parts for k in m}
+    out = {}
+    for key in keys:
+        if key.endswith(("_min",)):
+            out[key] = min(m[key] for _, m in parts if key in m)
+        elif key.endswith(("_max",)):
+            out[key] = max(m[key] for _, m in parts if key in m)
+        elif key.endswith(("/rows", "/tokens")):
+            out[key] = sum(m[key] for _, m in parts if key in m)
+        else:
+            weight = sum(w for w, m in parts if key in m) or total
+            out[key] = sum(w * m[key] for w, m in parts if key in m) / weight
+    return out
+
+
+def _autocast_dtype(config: TrainConfig) -> torch.dtype | None:
+    if config.dtype == "auto" and str(config.device).startswith("cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _param_dtype_name(config: TrainConfig) -> str:
+    # auto on CUDA: float32 master weights + bf16 autocast (mixed precision); bfloat16: pure bf16 weights.
+    return "bfloat16" if config.dtype == "bfloat16" else "float32"
+
+
+# ================================================================================================ entry point
+
+
+def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None) -> TrainResult:
+    """Build every piece from ``config`` and run it; resume from ``run_dir``'s latest checkpoint when there is one.
+
+    ``max_steps`` runs at most that many steps in this call (then checkpoints and returns); call again to go on.
+
+    Raises:
+        ConfigError: ``run_dir`` holds a checkpoint of a different configuration (pass ``resume=False`` or use
+            another directory).
+
+    """
+    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.models import load_policy_model
+
+    cfg = config
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if not resume and (run_dir / CHECKPOINTS_DIR).exists():
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # seed: one seed for everything not derived per step
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed & 0xFFFFFFFF)
+    torch.manual_seed(cfg.seed)
+
+    model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=_param_dtype_name(cfg))
+    source = open_cases(cfg.data, cfg.data_options)
+    size = source.size(cfg.train_split)
+    wanted = cfg.train_cases or cfg.expert.cases
+    pool_cases = min(wanted, size) if size is not None else wanted
+    experts = None
+    if "sft" in cfg.stages or cfg.grpo.mode == "dual":
+        store = ensure_expert_trajectories(cfg, source)
+        experts = ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning)
+
+    start_step, optimizer_state = 0, None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model)
+        saved = dict(state.get("config", {}))
+        now = cfg.model_dump(mode="json")
+        for volatile in ("run_dir", "progress", "tensorboard", "threads"):
+            saved.pop(volatile, None)
+            now.pop(volatile, None)
+        if saved != now:
+            raise ConfigError(
+                f"{run_dir} holds a checkpoint of a different training config; resume with the same config, "
+                "pass --fresh to start over, or choose another --run-dir"
+            )
+        start_step, optimizer_state = int(state["step"]), state["optimizer"]
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if checkpoint else None)
+    backend = TransformersBackend(model, processor, device=cfg.device)
+    policy = PolicyAgent(backend, cfg.sampling, name="policy")
+    trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases)
+    optimizer_stage = None
+    if checkpoint is not None:
+        trainer.eval_history = list(state.get("eval_history", []))
+        optimizer_stage = state.get("stage")
+    return trainer.fit(start_step, optimizer_state, optimizer_stage, max_steps)
