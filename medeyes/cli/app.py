@@ -21,6 +21,11 @@ def _mount() -> None:
     app.command("cases")(cases.cases)
     app.add_typer(model_app, name="model")
 
+    from medeyes.cli import inspect, rollout
+
+    app.command("rollout")(rollout.rollout)
+    app.command("inspect")(inspect.inspect)
+
 
 _mount()
 

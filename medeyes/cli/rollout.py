@@ -1,0 +1,221 @@
+"""``medeyes rollout``: run an agent through MedEyesEnv, store trajectories, print a summary.
+
+Agents come from a registry (:data:`AGENTS`) that other modules extend with :func:`register_agent`
+(the policy registers ``policy``). A factory receives an :class:`AgentSpec` with the common options
+and every ``--agent-opt key=value`` pair.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medeyes.agents.base import Agent
+from medeyes.cli.common import console, friendly_errors
+from medeyes.rollout import RolloutConfig, RolloutSummary, producer_of, run_rollout, summarize
+from medeyes.trajectories import TrajectoryStore
+from medeyes_env.cases import SPLITS
+from medeyes_env.env import EnvConfig
+from medeyes_env.errors import ConfigError
+from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
+
+
+class AgentSpec(BaseModel):
+    """What ``--agent NAME`` factories receive."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Registry name of the agent.")
+    seed: int = Field(default=0, description="Run seed.")
+    oracle: str = Field(default="annotation", description="Expert oracle: annotation, perfect, image or vlm.")
+    mode: str = Field(default="full", description="Expert mode: full, scan_only, drill_only, greedy, random.")
+    options: dict[str, str] = Field(default_factory=dict, description="Every --agent-opt key=value pair.")
+
+
+AgentFactory = Callable[[AgentSpec], Agent]
+AGENTS: dict[str, AgentFactory] = {}
+
+
+def register_agent(name: str, factory: AgentFactory) -> None:
+    """Make ``medeyes rollout --agent NAME`` build its agent with ``factory(spec)``."""
+    AGENTS[name] = factory
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _expert_factory(spec: AgentSpec) -> Agent:
+    from medeyes.agents.expert import ExpertConfig, make_expert
+
+    expert_fields = set(ExpertConfig.model_fields)
+    expert_options = {k: _parse_value(v) for k, v in spec.options.items() if k in expert_fields}
+    oracle_options = {
+        k.removeprefix("oracle."): _parse_value(v) for k, v in spec.options.items() if k.startswith("oracle.")
+    }
+    unknown = set(spec.options) - expert_fields - {k for k in spec.options if k.startswith("oracle.")}
+    if unknown:
+        raise ConfigError(
+            f"unknown --agent-opt for the expert: {', '.join(sorted(unknown))}; expert fields are "
+            f"{', '.join(sorted(expert_fields))}, oracle fields go as oracle.NAME=VALUE"
+        )
+    from medeyes.agents.oracles import make_oracle
+
+    expert = make_expert(spec.oracle, spec.mode, seed=spec.seed, **expert_options)
+    if oracle_options:
+        expert.oracle = make_oracle(spec.oracle, **oracle_options)
+    return expert
+
+
+def _random_factory(spec: AgentSpec) -> Agent:
+    from medeyes.agents.random_agent import RandomAgent, RandomAgentConfig
+
+    try:
+        config = RandomAgentConfig(seed=spec.seed, **{k: _parse_value(v) for k, v in spec.options.items()})
+    except ValueError as exc:
+        raise ConfigError(f"invalid --agent-opt for the random agent: {exc}") from None
+    return RandomAgent(config)
+
+
+register_agent("expert", _expert_factory)
+register_agent("random", _random_factory)
+
+
+def build_agent(spec: AgentSpec) -> Agent:
+    """The agent ``spec.name`` names, with a did-you-mean for unknown names."""
+    if spec.name not in AGENTS:
+        close = difflib.get_close_matches(spec.name, AGENTS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown agent {spec.name!r}.{hint} Available: {', '.join(sorted(AGENTS))}")
+    return AGENTS[spec.name](spec)
+
+
+def summary_table(summary: RolloutSummary, title: str) -> Table:
+    """The rich table ``medeyes rollout`` prints."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("episodes", f"{summary.episodes}" + (f" ({summary.errors} failed)" if summary.errors else ""))
+    table.add_row("accuracy", f"{summary.accuracy:.3f}")
+    for kind, accuracy in summary.accuracy_by_type.items():
+        table.add_row(f"  accuracy / {kind}", f"{accuracy:.3f} (n={summary.episodes_by_type[kind]})")
+    for family, accuracy in summary.accuracy_by_family.items():
+        if family != "-":
+            table.add_row(f"  accuracy / family {family}", f"{accuracy:.3f}")
+    table.add_row("mean best IoU vs gold", f"{summary.mean_best_iou:.3f} (n={summary.iou_episodes})")
+    table.add_row("mean tool steps", f"{summary.mean_steps:.2f}")
+    table.add_row("mean reward", f"{summary.mean_reward:.3f}")
+    for name in (*REWARD_COMPONENTS, *METRIC_COMPONENTS):
+        if name in summary.mean_components:
+            table.add_row(f"  {name}", f"{summary.mean_components[name]:.3f}")
+    table.add_row("turns that parsed", f"{summary.parse_rate:.3f}")
+    table.add_row("episodes with scan / drill", f"{summary.scan_share:.2f} / {summary.drill_share:.2f}")
+    if summary.path_diversity is not None:
+        table.add_row("distinct paths per case", f"{summary.path_diversity:.2f}")
+    if summary.trajectories_per_second is not None:
+        table.add_row("trajectories / second", f"{summary.trajectories_per_second:.1f}")
+    return table
+
+
+@friendly_errors
+def rollout(
+    agent: Annotated[str, typer.Option(help="Agent: expert, random, or one registered by an extension.")] = "expert",
+    data: Annotated[str, typer.Option(help="Data source spec: phantom, phantom:hard, samples, jsonl:/path...")] = (
+        "phantom"
+    ),
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    n: Annotated[int, typer.Option(min=1, help="Number of cases.")] = 16,
+    start: Annotated[int, typer.Option(min=0, help="Index of the first case.")] = 0,
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Trajectories per case (default: the agent's, expert n_expert=6).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory to append trajectories to (resumes if it exists).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Live episodes per agent call.")] = 16,
+    oracle: Annotated[str, typer.Option(help="Expert oracle: annotation, perfect, image or vlm.")] = "annotation",
+    mode: Annotated[
+        str, typer.Option(help="Expert mode: full, scan_only, drill_only, greedy (no CVS), random.")
+    ] = "full",
+    keep_only_correct: Annotated[
+        bool | None,
+        typer.Option(
+            "--keep-only-correct/--keep-all", help="Store only correct episodes (default: the expert's setting)."
+        ),
+    ] = None,
+    max_steps: Annotated[int, typer.Option(min=0, help="Tool turns allowed before the answer (T_max).")] = 4,
+    agent_opt: Annotated[
+        list[str] | None, typer.Option(help="Extra agent option KEY=VALUE (repeatable), e.g. xi=0.9.")
+    ] = None,
+    summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run an agent on cases of a data source; store trajectories and print accuracy, IoU, steps and rewards."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    options: dict[str, str] = {}
+    for item in agent_opt or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    built = build_agent(AgentSpec(name=agent, seed=seed, oracle=oracle, mode=mode, options=options))
+    if keep_only_correct is None:
+        config = getattr(built, "config", None)
+        keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
+    rollout_config = RolloutConfig(
+        split=split,  # type: ignore[arg-type]
+        n=n,
+        start=start,
+        samples_per_case=samples,
+        batch_size=batch_size,
+        seed=seed,
+        keep_only_correct=keep_only_correct,
+        env=EnvConfig(max_steps=max_steps),
+    )
+    store = TrajectoryStore(out, producer=producer_of(built)) if out is not None else None
+    if store is not None and store.repaired:
+        console.print(f"[yellow]repaired[/] a torn last line in {store.records_path} ({store.repaired} bytes dropped)")
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"{agent} on {data}/{split}", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = run_rollout(built, data, rollout_config, store=store, progress=advance)
+    summary = summarize(result.records, result.seconds)
+    label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
+    console.print(summary_table(summary, f"{label} on {data}/{split}"))
+    if store is not None:
+        console.print(
+            f"stored {result.stored} trajectories in {store.root}"
+            + (f" (kept only correct ones: {summary.kept}/{summary.episodes})" if keep_only_correct else "")
+            + (f"; skipped {result.skipped} already there" if result.skipped else "")
+        )
+    elif result.skipped == 0:
+        console.print("[dim]not stored; pass --out DIR to keep the trajectories[/]")
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(summary.model_dump_json(indent=2))
+        console.print(f"summary written to {summary_json}")

@@ -1,0 +1,402 @@
+"""The one rollout driver: run episodes of any :class:`~medeyes.agents.base.Agent` through ``MedEyesEnv``.
+
+:func:`run_rollout` keeps up to ``batch_size`` live episodes, each in its own
+:class:`~medeyes_env.env.MedEyesEnv`. Each round it hands the agent one
+:class:`~medeyes.agents.base.EpisodeContext` per live episode (chat messages, case, image, explored boxes,
+and a per-episode ``state`` pre-filled with ``seed`` and ``sample_index``), steps every environment with
+the returned text, and turns each finished episode into a :class:`~medeyes.trajectories.TrajectoryRecord`
+(token ids and log-probabilities of :class:`~medeyes.agents.base.TurnOutput` included when present).
+
+The same driver serves the expert (``samples_per_case = n_expert``), the random baseline, the policy and
+the trainer's on-policy stream. :func:`summarize` turns records into the numbers the CLI prints.
+
+Determinism: episode ``(case_index, sample_index)`` of a run with seed ``s`` resets its environment with
+a seed derived from ``(s, case_index, sample_index)``, whatever the batch size. Trajectory ids are
+``{case_id}#s{seed}#{sample_index}``, so a resumed run skips exactly the episodes it already stored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from medeyes.agents.base import Agent, EpisodeContext, TurnOutput
+from medeyes.trajectories import Producer, StepRecord, Timings, TrajectoryRecord, TrajectoryStore
+from medeyes_env.cases import Split
+from medeyes_env.env import EnvConfig, MedEyesEnv
+from medeyes_env.errors import ConfigError, MedEyesError
+from medeyes_env.rewards import REWARD_COMPONENTS
+from medeyes_env.sources import CaseSource, open_source
+
+
+class RolloutConfig(BaseModel):
+    """Which episodes to run and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: Split = Field(default="test", description="Split of the source to draw cases from.")
+    n: int = Field(default=16, ge=1, description="Number of cases (each run samples_per_case times).")
+    start: int = Field(default=0, ge=0, description="Index of the first case.")
+    samples_per_case: int | None = Field(
+        default=None, ge=1, description="Trajectories per case; None asks the agent (expert: n_expert), else 1."
+    )
+    batch_size: int = Field(default=16, ge=1, description="Live episodes per agent call.")
+    seed: int = Field(default=0, description="Run seed; every episode's seed derives from it.")
+    keep_only_correct: bool = Field(
+        default=False, description="Store only episodes whose accuracy reward is 1 (all are still summarised)."
+    )
+    store_images: bool = Field(default=True, description="Store observation images when a store is given.")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="Environment configuration.")
+
+
+class RolloutResult(BaseModel):
+    """Every episode run (kept or not), what was skipped on resume, and the wall time."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    records: list[TrajectoryRecord] = Field(description="Episodes run now, in completion order.")
+    skipped: int = Field(default=0, description="Episodes already in the store (resume), not run again.")
+    stored: int = Field(default=0, description="Records appended to the store.")
+    seconds: float = Field(default=0.0, description="Wall-clock seconds of the run.")
+
+
+def episode_seed(seed: int, case_index: int, sample_index: int) -> int:
+    """The environment seed of one episode (independent of batching).
+
+    >>> episode_seed(0, 3, 1) == episode_seed(0, 3, 1) != episode_seed(0, 3, 2)
+    True
+    """
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, case_index, sample_index]).generate_state(1)[0])
+
+
+def trajectory_id(case_id: str, seed: int, sample_index: int) -> str:
+    """The id of one episode of a run.
+
+    >>> trajectory_id("phantom/test/00001", 0, 2)
+    'phantom/test/00001#s0#2'
+    """
+    return f"{case_id}#s{seed}#{sample_index}"
+
+
+def producer_of(agent: Agent) -> Producer:
+    """A :class:`Producer` from ``agent.describe()`` (kind/name/oracle/checkpoint read when present)."""
+    info = dict(agent.describe())
+    kind = info.pop("kind", None)
+    if kind not in ("expert", "policy", "random", "other"):
+        kind = "policy" if "model" in info or "backend" in info else "other"
+    name = str(info.pop("name", getattr(agent, "name", type(agent).__name__)))
+    oracle = info.pop("oracle", None)
+    checkpoint = info.pop("checkpoint", None)
+    config = info.pop("config", None)
+    if config is None:
+        config = info
+    elif info:
+        config = {**config, **info}
+    return Producer(
+        kind=kind,
+        name=name,
+        oracle=str(oracle) if oracle is not None else None,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        config=_jsonable(config),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+@dataclass
+class _Live:
+    env: MedEyesEnv
+    context: EpisodeContext
+    record: TrajectoryRecord
+    started: float
+    agent_seconds: float = 0.0
+    env_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+def run_rollout(
+    agent: Agent,
+    source: str | CaseSource = "phantom",
+    config: RolloutConfig | None = None,
+    store: TrajectoryStore | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RolloutResult:
+    """Run ``config.n`` cases x ``samples_per_case`` episodes of ``agent``; append finished ones to ``store``."""
+    config = config or RolloutConfig()
+    source = open_source(source) if isinstance(source, str) else source
+    samples = config.samples_per_case or int(getattr(agent, "samples_per_case", 1) or 1)
+    producer = producer_of(agent)
+    size = source.size(config.split)
+    stop = config.start + config.n if size is None else min(config.start + config.n, size)
+    if stop <= config.start:
+        raise ConfigError(
+            f"source {source.name!r} has {size} case(s) in split {config.split!r}; start={config.start} leaves none"
+        )
+
+    queue: deque[tuple[int, int, str]] = deque()
+    skipped = 0
+    for case_index in range(config.start, stop):
+        case_id = source.case(config.split, case_index).id
+        for sample_index in range(samples):
+            tid = trajectory_id(case_id, config.seed, sample_index)
+            if store is not None and tid in store:
+                skipped += 1
+                continue
+            queue.append((case_index, sample_index, tid))
+    total = len(queue)
+    started = time.perf_counter()
+    envs = [MedEyesEnv(source, split=config.split, config=config.env) for _ in range(min(config.batch_size, total))]
+    free = list(range(len(envs)))
+    live: list[tuple[int, _Live]] = []
+    finished: list[TrajectoryRecord] = []
+    stored = 0
+    next_episode = 0
+
+    def start_episode(slot: int, case_index: int, sample_index: int, tid: str) -> _Live:
+        nonlocal next_episode
+        env = envs[slot]
+        seed = episode_seed(config.seed, case_index, sample_index)
+        t0 = time.perf_counter()
+        obs, _ = env.reset(seed=seed, options={"case_index": case_index})
+        reset_seconds = time.perf_counter() - t0
+        case, image = env.case, env.image
+        assert case is not None and image is not None  # set by reset
+        context = EpisodeContext(
+            episode_id=next_episode,
+            case=case,
+            image=image,
+            messages=[],
+            step=0,
+            max_steps=config.env.max_steps,
+            state={"seed": seed, "sample_index": sample_index},
+        )
+        next_episode += 1
+        record = TrajectoryRecord(
+            trajectory_id=tid,
+            case_id=case.id,
+            source=case.source,
+            split=config.split,
+            sample_index=sample_index,
+            seed=seed,
+            question=case.question,
+            answer_type=case.answer_type.value,
+            options=list(case.options),
+            gold_answer=case.answer,
+            gold_boxes=[r.box for r in case.regions],
+            family=str(case.meta["family"]) if "family" in case.meta else None,
+            image_size=image.size,
+            system_prompt=env.system_prompt(),
+            prompt=_first_user_text(env),
+            producer=producer,
+        )
+        if store is not None and config.store_images:
+            record.original_image = store.put_image(image)
+            record.image = store.put_image(obs["image"])
+        return _Live(env, context, record, time.perf_counter() - reset_seconds, env_seconds=reset_seconds)
+
+    def finish(item: _Live, error: BaseException | None = None) -> None:
+        nonlocal stored
+        record = item.record
+        record.steps = item.steps
+        if error is not None:
+            record.error = str(error)[:2000] or type(error).__name__
+            record.error_type = type(error).__name__
+        if item.steps:
+            record.reward_components = dict(item.steps[-1].reward_components)
+        weights = config.env.rewards.weights()
+        record.reward = sum(weights[k] * record.reward_components.get(k, 0.0) for k in REWARD_COMPONENTS)
+        record.timings = Timings(
+            agent=item.agent_seconds, env=item.env_seconds, total=time.perf_counter() - item.started
+        )
+        record.agent_info = _jsonable(item.context.state.get("record_info", {}))
+        record.kept = error is None and (not config.keep_only_correct or record.correct)
+        if store is not None and record.kept and store.append(record):
+            stored += 1
+        finished.append(record)
+        if progress is not None:
+            progress(len(finished), total)
+
+    while queue or live:
+        while free and queue:
+            slot = free.pop()
+            case_index, sample_index, tid = queue.popleft()
+            live.append((slot, start_episode(slot, case_index, sample_index, tid)))
+        contexts = []
+        for _, item in live:
+            item.context.messages = item.env.chat_messages()
+            item.context.step = len(item.env.turns)
+            item.context.explored = list(item.env.explored_boxes)
+            contexts.append(item.context)
+        t0 = time.perf_counter()
+        try:
+            outputs = agent.act(contexts)
+            if len(outputs) != len(contexts):
+                raise ConfigError(f"agent {agent.name!r} returned {len(outputs)} turns for {len(contexts)} episodes")
+        except (MedEyesError, OSError, TimeoutError) as exc:
+            # A failed call is data (recorded with its type), not a crash; programming errors still raise.
+            for slot, item in live:
+                finish(item, exc)
+                free.append(slot)
+            live = []
+            if len(finished) == total and all(r.error for r in finished):
+                raise
+            continue
+        share = (time.perf_counter() - t0) / max(1, len(contexts))
+        still: list[tuple[int, _Live]] = []
+        for (slot, item), output in zip(live, outputs, strict=True):
+            item.agent_seconds += share
+            done = _step(item, output, share, store if config.store_images else None)
+            if done:
+                finish(item)
+                free.append(slot)
+            else:
+                still.append((slot, item))
+        live = still
+    return RolloutResult(records=finished, skipped=skipped, stored=stored, seconds=time.perf_counter() - started)
+
+
+def _first_user_text(env: MedEyesEnv) -> str:
+    for part in env.chat_messages()[1]["content"]:
+        if part.get("type") == "text":
+            return str(part["text"])
+    return ""
+
+
+def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: TrajectoryStore | None) -> bool:
+    env = item.env
+    t0 = time.perf_counter()
+    obs, _, terminated, truncated, info = env.step(output.text)
+    env_seconds = time.perf_counter() - t0
+    item.env_seconds += env_seconds
+    turn = env.turns[-1]
+    done = terminated or truncated
+    image_ref = None
+    if store is not None and not terminated:
+        image_ref = store.put_image(obs["image"])
+    note = item.context.state.get("note")
+    item.steps.append(
+        StepRecord(
+            index=len(item.steps),
+            text=output.text,
+            action=turn.parsed.action,
+            reasoning=turn.parsed.reasoning,
+            well_formed=turn.parsed.well_formed,
+            error=turn.parsed.error,
+            error_kind=turn.parsed.error_kind,
+            shown_boxes=list(turn.shown_boxes),
+            feedback=turn.feedback,
+            observation_image=image_ref,
+            reward_components=dict(info.get("reward_components", {})),
+            token_ids=output.token_ids,
+            logprobs=output.logprobs,
+            finish_reason=output.finish_reason,
+            agent_seconds=agent_seconds,
+            env_seconds=env_seconds,
+            note=str(note) if note is not None else None,
+        )
+    )
+    item.record.terminated = terminated
+    item.record.final_answer = info.get("answer")
+    item.record.truncated = truncated
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RolloutSummary(BaseModel):
+    """What a run achieved; ``medeyes rollout --summary-json`` writes this."""
+
+    episodes: int = Field(description="Episodes summarised.")
+    errors: int = Field(default=0, description="Episodes that failed (agent or server error).")
+    kept: int = Field(default=0, description="Episodes kept by the filter (stored).")
+    accuracy: float = Field(description="Mean accuracy reward.")
+    accuracy_by_type: dict[str, float] = Field(default_factory=dict, description="Mean accuracy per answer type.")
+    episodes_by_type: dict[str, int] = Field(default_factory=dict, description="Episodes per answer type.")
+    accuracy_by_family: dict[str, float] = Field(default_factory=dict, description="Mean accuracy per family.")
+    mean_best_iou: float = Field(description="Mean best IoU against gold, over episodes whose case has gold boxes.")
+    iou_episodes: int = Field(default=0, description="Episodes with gold boxes (the IoU mean's denominator).")
+    mean_steps: float = Field(description="Mean executed tool turns (scan and drill) per episode.")
+    mean_turns: float = Field(default=0.0, description="Mean turns per episode, the answer included.")
+    mean_reward: float = Field(description="Mean total reward.")
+    mean_components: dict[str, float] = Field(default_factory=dict, description="Mean of every reward component.")
+    parse_rate: float = Field(default=1.0, description="Share of turns that parsed (could be executed).")
+    scan_share: float = Field(default=0.0, description="Share of episodes with at least one scan.")
+    drill_share: float = Field(default=0.0, description="Share of episodes with at least one drill.")
+    path_diversity: float | None = Field(
+        default=None, description="Mean share of distinct action sequences among a case's trajectories (N >= 2)."
+    )
+    seconds: float | None = Field(default=None, description="Wall-clock seconds of the run.")
+    trajectories_per_second: float | None = Field(default=None, description="Episodes per wall-clock second.")
+
+
+def _mean(values: list[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> RolloutSummary:
+    """Accuracy (overall, by answer type and family), best IoU, steps, rewards by component, throughput."""
+    by_type: dict[str, list[float]] = defaultdict(list)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    components: dict[str, list[float]] = defaultdict(list)
+    ious, steps, turns, rewards = [], [], [], []
+    parsed = total_turns = scans = drills = 0
+    paths: dict[str, list[tuple]] = defaultdict(list)
+    for record in records:
+        accuracy = record.reward_components.get("accuracy", 0.0)
+        by_type[record.answer_type].append(accuracy)
+        by_family[record.family or "-"].append(accuracy)
+        for name, value in record.reward_components.items():
+            components[name].append(value)
+        if record.gold_boxes:
+            ious.append(record.reward_components.get("best_iou", 0.0))
+        steps.append(record.tool_steps)
+        turns.append(len(record.steps))
+        rewards.append(record.reward)
+        total_turns += len(record.steps)
+        parsed += sum(1 for s in record.steps if s.action is not None)
+        names = {s.action.name for s in record.steps if s.action is not None and s.shown_boxes}
+        scans += "scan" in names
+        drills += "drill" in names
+        paths[record.case_id].append(
+            tuple((s.action.name, s.action.boxes) if s.action is not None else ("?",) for s in record.steps)
+        )
+    multi = [len(set(p)) / len(p) for p in paths.values() if len(p) >= 2]
+    n = len(records)
+    return RolloutSummary(
+        episodes=n,
+        errors=sum(1 for r in records if r.error),
+        kept=sum(1 for r in records if r.kept),
+        accuracy=_mean([a for values in by_type.values() for a in values]),
+        accuracy_by_type={k: _mean(v) for k, v in sorted(by_type.items())},
+        episodes_by_type={k: len(v) for k, v in sorted(by_type.items())},
+        accuracy_by_family={k: _mean(v) for k, v in sorted(by_family.items())},
+        mean_best_iou=_mean(ious),
+        iou_episodes=len(ious),
+        mean_steps=_mean([float(s) for s in steps]),
+        mean_turns=_mean([float(t) for t in turns]),
+        mean_reward=_mean(rewards),
+        mean_components={k: _mean(v) for k, v in components.items()},
+        parse_rate=parsed / total_turns if total_turns else 1.0,
+        scan_share=scans / n if n else 0.0,
+        drill_share=drills / n if n else 0.0,
+        path_diversity=_mean(multi) if multi else None,
+        seconds=seconds,
+        trajectories_per_second=(n / seconds) if seconds else None,
+    )
