@@ -84,7 +84,8 @@ _JS = """
   window.addEventListener('load', function () {
     const images = Array.from(document.images);
     document.body.dataset.imagesTotal = images.length;
-    document.body.dataset.imagesLoaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+    const loaded = images.filter(function (i) { return i.complete && i.naturalWidth > 0; });
+    document.body.dataset.imagesLoaded = loaded.length;
   });
 })();
 """
