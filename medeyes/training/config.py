@@ -264,27 +264,37 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
 
 
 def _cpu_default() -> dict[str, Any]:
-    """The embedded default: tiny Idefics3 on the easy phantom benchmark, finishing in <= 10 min on 2 cores."""
+    """The embedded default: tiny Idefics3 on an easy phantom task, finishing in <= 10 min on 2 cores.
+
+    Task: presence ("Is there a lung nodule?") and modality questions on 512 px phantoms whose lesions are
+    large enough to show as a blob in the 128 px overview, while lesion-like rings (mimics) look the same
+    there: telling them apart takes a closer look (scan montage or drill). Two tool turns at most.
+    """
     return {
         "model": "tiny",
         "data": "phantom:easy",
+        "data_options": {"families": ["presence", "modality"], "image_size": 512, "lesion_radius": [20.0, 36.0]},
         "threads": 2,
         "env": {"max_steps": 2, "view_size": 128},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 48},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 64},
         "rollout_batch": 64,
         "stages": ["sft", "grpo"],
-        "sft": {"steps": 150, "batch_size": 16, "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0}},
+        "sft": {
+            "steps": 160,
+            "batch_size": 8,
+            "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
+        },
         "grpo": {
-            "steps": 40,
+            "steps": 16,
             "mode": "dual",
             "prompts_per_step": 4,
             "group_on": 8,
             "group_off": 4,
-            "optim": {"lr": 5e-4, "warmup_steps": 0},
+            "optim": {"lr": 5e-4},
         },
-        "expert": {"cases": 256, "per_case": 4},
-        "eval": {"every": 25, "cases": 128, "batch_size": 64},
-        "checkpoint_every": 25,
+        "expert": {"cases": 128, "per_case": 4, "max_regions": 2, "reasoning": "brief"},
+        "eval": {"every": 40, "cases": 128, "batch_size": 64},
+        "checkpoint_every": 5,
     }
 
 
@@ -294,7 +304,9 @@ def _tiny() -> dict[str, Any]:
     data.update(
         sft={"steps": 2, "batch_size": 2, "optim": {"lr": 1e-3}},
         grpo={"steps": 2, "mode": "dual", "prompts_per_step": 1, "group_on": 2, "group_off": 2, "optim": {"lr": 1e-3}},
-        expert={"cases": 4, "per_case": 2},
+        data_options={"families": ["presence", "modality"], "image_size": 256, "lesion_radius": [20.0, 36.0]},
+        threads=1,
+        expert={"cases": 4, "per_case": 2, "max_regions": 2, "reasoning": "brief"},
         eval={"every": 2, "cases": 4, "batch_size": 4},
         sampling={"temperature": 1.0, "max_new_tokens": 16},
         rollout_batch=8,

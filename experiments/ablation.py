@@ -1,0 +1,250 @@
+"""The MedEyes ablation on the phantom benchmark, at CPU scale: one command, results table and learning curves.
+
+Variants (same budget: every variant runs the same number of optimizer steps after the same SFT warm start):
+
+==================  ===============================================================================
+sft_only            the warm start, continued with SFT for the same number of steps (paper: SFT baseline)
+on_policy           GRPO on on-policy rollouts only
+dual_paper          dual-stream GRPO, per-stream advantage statistics (the paper)
+dual_luffy          dual-stream GRPO, expert advantages against the on-policy baseline + policy shaping (LUFFY)
+no_cvs              dual_paper with the expert's choices greedy instead of CVS-sampled (w/o CVS)
+no_grn              dual_paper with random-region expert trajectories (w/o GRN)
+scan_only           dual_paper with a scan-only expert
+drill_only          dual_paper with a drill-only expert
+==================  ===============================================================================
+
+Per seed, the SFT warm start is trained once (``<runs>/seed<s>/sft``) and every variant starts from its
+final model, so differences come from the second stage alone. Every run resumes if interrupted, finished
+runs are skipped, and after each run the table (``docs/ablation.md``), the per-run rows
+(``docs/ablation_runs.jsonl``) and the plot (``docs/ablation_curves.png``) are rewritten, so partial results
+survive. Usage::
+
+    python experiments/ablation.py                      # 3 seeds x 8 variants, about 1 h on 2 CPU cores
+    python experiments/ablation.py --seeds 0 --variants on_policy dual_paper --grpo-steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sft_only": {"stages": ["sft"]},
+    "on_policy": {"grpo.mode": "on_policy"},
+    "dual_paper": {"grpo.mode": "dual", "objective.advantage_mode": "per_stream"},
+    "dual_luffy": {
+        "grpo.mode": "dual",
+        "objective.advantage_mode": "on_baseline",
+        "objective.off_policy_shaping": True,
+    },
+    "no_cvs": {"grpo.mode": "dual", "expert.mode": "greedy"},
+    "no_grn": {"grpo.mode": "dual", "expert.mode": "random"},
+    "scan_only": {"grpo.mode": "dual", "expert.mode": "scan_only"},
+    "drill_only": {"grpo.mode": "dual", "expert.mode": "drill_only"},
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def base_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The shared settings: the CPU default's task, with the ablation's budget."""
+    from medeyes.training.config import PRESETS
+
+    data = PRESETS["cpu-default"]()
+    data.update(progress=False, tensorboard=False, threads=args.threads, checkpoint_every=5)
+    data["eval"] = {**data["eval"], "cases": args.eval_cases, "every": args.eval_every}
+    data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step}
+    return data
+
+
+def run_one(name: str, config: Any) -> dict[str, Any]:
+    """Train (or resume, or skip when finished) one run; return its evaluation summary."""
+    from medeyes.training.metrics import read_metrics
+    from medeyes.training.trainer import train
+
+    done = config.run_dir / "final" / "config.json"
+    started = time.time()
+    if not done.is_file():
+        train(config)
+    rows = read_metrics(config.run_dir)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    last = evals[-1] if evals else {}
+    return {
+        "run": name,
+        "run_dir": str(config.run_dir),
+        "seconds": time.time() - started,
+        "curve": [(r["step"], r["eval/accuracy"]) for r in evals],
+        "accuracy": last.get("eval/accuracy"),
+        "iou": last.get("eval/iou"),
+        "steps": last.get("eval/steps"),
+        "start_accuracy": evals[0]["eval/accuracy"] if evals else None,
+        "blind_accuracy": last.get("eval/blind_accuracy"),
+        "by_family": {k.split("/")[-1]: v for k, v in last.items() if k.startswith("eval/accuracy/")},
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
+    """Markdown table: mean ± std over seeds of held-out accuracy, IoU and steps, per variant."""
+    lines = [
+        header,
+        "",
+        "| variant | seeds | held-out accuracy | IoU | tool steps | accuracy at start (after SFT) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        mine = [r for r in rows if r["variant"] == variant]
+        if not mine:
+            continue
+        lines.append(
+            f"| {variant} | {','.join(str(r['seed']) for r in mine)} | {_mean_std([r['accuracy'] for r in mine])} | "
+            f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
+            f"{_mean_std([r['start_accuracy'] for r in mine])} |"
+        )
+    blind = [r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None]
+    if blind:
+        lines += ["", f"Blind majority-answer baseline (format-perfect, ignores the image): {blind[0]:.3f}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    """Held-out accuracy against GRPO/SFT step, mean over seeds per variant, drawn with Pillow (no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for variant in VARIANTS:
+        mine = [r["curve"] for r in rows if r["variant"] == variant and r["curve"]]
+        if not mine:
+            continue
+        steps = sorted({s for curve in mine for s, _ in curve})
+        curves[variant] = [(s, statistics.fmean(v for curve in mine for t, v in curve if t == s)) for s in steps]
+    width, height, left, right, top, bottom = 900, 520, 70, 200, 40, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if not curves:
+        image.save(path)
+        return
+    xs = [s for c in curves.values() for s, _ in c]
+    ys = [v for c in curves.values() for _, v in c]
+    blind = next((r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None), None)
+    if blind is not None:
+        ys.append(blind)
+    x0, x1 = min(xs), max(xs) or 1
+    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
+    if y1 - y0 < 0.1:
+        y1 = y0 + 0.1
+
+    def px(step: float, value: float) -> tuple[float, float]:
+        x = left + (step - x0) / max(1e-9, x1 - x0) * (width - left - right)
+        y = height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(6):
+        value = y0 + (y1 - y0) * i / 5
+        _, y = px(x0, value)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((8, y - 6), f"{value:.2f}", fill="black")
+    for step in sorted(set(xs)):
+        x, _ = px(step, y0)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 6, height - bottom + 8), f"{int(step)}", fill="black")
+    draw.text((left, 12), "Held-out accuracy vs. steps after the SFT warm start (mean over seeds)", fill="black")
+    draw.text((width // 2 - 60, height - 22), "optimizer steps", fill="black")
+    if blind is not None:
+        a, b = px(x0, blind), px(x1, blind)
+        for k in range(0, int(b[0] - a[0]), 12):
+            draw.line([a[0] + k, a[1], a[0] + k + 6, a[1]], fill="gray")
+        draw.text((width - right + 10, a[1] - 6), "blind baseline", fill="gray")
+    for i, (variant, curve) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        points = [px(s, v) for s, v in curve]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = top + 18 * i
+        draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=3)
+        draw.text((width - right + 36, ly), variant, fill="black")
+    image.save(path)
+
+
+def main() -> None:
+    """Run the ablation (resumable) and write docs/ablation.md, docs/ablation_runs.jsonl, docs/ablation_curves.png."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--sft-steps", type=int, default=100, help="Steps of the shared SFT warm start.")
+    parser.add_argument("--grpo-steps", type=int, default=8, help="Steps of every variant after the warm start.")
+    parser.add_argument("--eval-every", type=int, default=4)
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="GRPO cases per step (G_on=8, G_off=4 each).")
+    parser.add_argument("--eval-cases", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+
+    from medeyes.training.config import build_config
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / "ablation_runs.jsonl"
+    rows: list[dict[str, Any]] = []
+    if rows_path.exists():
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    header = (
+        f"# Ablation on the phantom benchmark (CPU scale)\n\nTiny Idefics3 (random init), SFT warm start of "
+        f"{args.sft_steps} steps, then {args.grpo_steps} steps per variant; held-out accuracy on "
+        f"{args.eval_cases} test cases (greedy), mean ± std over seeds. Produced by `python experiments/ablation.py`."
+    )
+    for seed in args.seeds:
+        base = base_config(args)
+        warm = build_config(
+            base,
+            {
+                "seed": seed,
+                "stages": ["sft"],
+                "sft.steps": args.sft_steps,
+                "run_dir": str(args.runs / f"seed{seed}" / "sft"),
+            },
+        )
+        run_one(f"seed{seed}/sft", warm)
+        warm_model = str(warm.run_dir / "final")
+        for variant in args.variants:
+            if any(r["variant"] == variant and r["seed"] == seed for r in rows):
+                continue
+            overrides: dict[str, Any] = {
+                "seed": seed,
+                "model": warm_model,
+                "stages": ["grpo"],
+                "grpo.steps": args.grpo_steps,
+                "sft.steps": args.grpo_steps,
+                "run_dir": str(args.runs / f"seed{seed}" / variant),
+            }
+            overrides.update(VARIANTS[variant])
+            config = build_config(base, overrides)
+            result = run_one(f"seed{seed}/{variant}", config)
+            result.update(variant=variant, seed=seed)
+            rows.append(result)
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(result) + "\n")
+            write_table(rows, args.out / "ablation.md", header)
+            plot_curves(rows, args.out / "ablation_curves.png")
+            print(f"seed {seed} {variant}: accuracy {result['accuracy']} ({result['seconds']:.0f} s)", flush=True)
+    write_table(rows, args.out / "ablation.md", header)
+    plot_curves(rows, args.out / "ablation_curves.png")
+
+
+if __name__ == "__main__":
+    main()
