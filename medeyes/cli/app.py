@@ -19,6 +19,9 @@ def _mount() -> None:
     from medeyes.cli.model import model_app
 
     app.command("cases")(cases.cases)
+    from medeyes.cli import train
+
+    app.command("train")(train.train)
     app.add_typer(model_app, name="model")
 
     from medeyes.cli import inspect, rollout
