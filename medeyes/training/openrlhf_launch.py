@@ -1,0 +1,591 @@
+"""The OpenRLHF backend, user side: configuration, dataset export, the launch command and its entry point.
+
+For training that outgrows one machine (ARCHITECTURE.md, "Scale"): OpenRLHF runs generation on vLLM
+engines and training on DeepSpeed, scheduled by Ray; MedEyes supplies the environment as an OpenRLHF agent
+and the dual-stream objective (:mod:`medeyes.training.openrlhf_backend`). Three steps:
+
+1. :func:`export_openrlhf_data` writes everything the run reads into one directory (put it on a filesystem
+   every node sees): ``prompts.jsonl`` (one row per training episode group: chat messages with an
+   ``<image>`` tag, the overview image path, and a JSON ``label`` naming the case), ``eval.jsonl``
+   (held-out cases), ``images/`` (overview PNGs), ``expert.jsonl`` (the expert trajectories of the
+   off-policy stream, as text turns), ``medeyes_openrlhf.json`` (:class:`BackendConfig`: source,
+   environment, G_on/G_off, objective) and ``medeyes_agent.py`` (the ``--train.agent_func_path`` file).
+2. :func:`build_command` turns an :class:`OpenRLHFConfig` into the exact command line: ``python -m
+   medeyes.training.openrlhf_launch --medeyes-config <export>/medeyes_openrlhf.json <train_ppo_ray flags>``
+   (``launcher="local"``), or ``ray job submit ... -- python -m openrlhf.cli.train_ppo_ray <flags>`` with
+   the patch hook in the job's runtime environment (``launcher="ray-job"``).
+3. :func:`main` (this module run with ``python -m``) checks the machine (:func:`preflight`), starts Ray with
+   :data:`~medeyes.training.openrlhf_backend.SETUP_HOOK` as every worker's setup hook (so the PPO actors use
+   the dual-stream loss and per-stream advantages), then runs ``openrlhf.cli.train_ppo_ray`` unchanged.
+
+OpenRLHF's optimizer steps are ``len(prompts) * n_samples_per_prompt // train_batch_size``; the export writes
+``grpo.steps * grpo.prompts_per_step`` prompt rows and the command sets ``--train.batch_size`` to one
+rollout batch, so the run takes exactly ``grpo.steps`` optimizer steps, one per rollout batch (on-policy).
+
+Only the ``grpo`` stage runs on OpenRLHF; an ``sft`` warm start is the single-process trainer's job (or
+OpenRLHF's own ``train_sft``), and its output directory is the model to pass here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medeyes.training.config import TrainConfig, preset
+from medeyes.training.openrlhf_backend import (
+    CONFIG_ENV,
+    OPENRLHF_VERSION,
+    SETUP_HOOK,
+    BackendConfig,
+    CaseLabel,
+    ExpertCase,
+    ExpertTrajectory,
+    open_case_source,
+)
+from medeyes_env.errors import ConfigError
+
+PROMPTS_FILE = "prompts.jsonl"
+EVAL_FILE = "eval.jsonl"
+EXPERT_FILE = "expert.jsonl"
+BACKEND_FILE = "medeyes_openrlhf.json"
+AGENT_FILE = "medeyes_agent.py"
+IMAGES_DIR = "images"
+LAUNCH_MODULE = "medeyes.training.openrlhf_launch"
+OPENRLHF_MODULE = "openrlhf.cli.train_ppo_ray"
+RAY_DEFAULT_ENV = {
+    "TOKENIZERS_PARALLELISM": "true",
+    "NCCL_DEBUG": "WARN",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}
+"""The worker environment ``train_ppo_ray`` sets when it starts Ray itself (kept when we start Ray first)."""
+
+_AGENT_TEMPLATE = '''"""MedEyes agent for OpenRLHF (medeyes openrlhf export): --train.agent_func_path this file."""
+
+from medeyes.training.openrlhf_backend import make_agent_executor
+
+AgentExecutor = make_agent_executor({config!r})
+'''
+
+
+class OpenRLHFConfig(BaseModel):
+    """One OpenRLHF run of the MedEyes grpo stage: the training config plus cluster and launch settings.
+
+    Everything that shapes the method (model, data, environment, G_on/G_off, objective, optimizer, sampling,
+    expert data, evaluation, seed) comes from ``train``; the rest is how OpenRLHF lays the run on GPUs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(
+        default_factory=lambda: preset("paper"),
+        description="The MedEyes training config (paper preset: Qwen2.5-VL-3B, lr 1e-6, G_on 8, G_off 6, KL 0).",
+    )
+    export_dir: Path | None = Field(
+        default=None, description="Where the export goes (a filesystem every node sees); None: <run_dir>/openrlhf-data."
+    )
+    nodes: int = Field(default=1, ge=1, description="Nodes for the actor (and vLLM when colocated).")
+    gpus_per_node: int = Field(default=8, ge=1, description="GPUs per node.")
+    vllm_engines: int | None = Field(
+        default=None, ge=1, description="vLLM engines; None: one per GPU / vllm_tensor_parallel (colocated)."
+    )
+    vllm_tensor_parallel: int = Field(default=1, ge=1, description="GPUs per vLLM engine.")
+    colocate: bool = Field(
+        default=True,
+        description="Hybrid engine: actor and vLLM share the GPUs (--train.colocate_all with sleep modes).",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="vLLM's share of GPU memory (lower when colocated)."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
+    max_len: int = Field(
+        default=8192, ge=256, description="--data.max_len: tokens of a whole episode (prompt, turns, feedback, images)."
+    )
+    micro_train_batch_size: int = Field(default=1, ge=1, description="Sequences per GPU per training forward.")
+    micro_rollout_batch_size: int = Field(default=2, ge=1, description="Sequences per GPU per log-prob forward.")
+    gradient_checkpointing: bool = Field(default=True, description="Activation checkpointing in the actor.")
+    attn_implementation: str = Field(
+        default="flash_attention_2", description="--ds.attn_implementation (eager, sdpa, flash_attention_2, ...)."
+    )
+    freeze_visual_encoder: bool = Field(default=False, description="Train only the language model.")
+    feedback_images: bool = Field(default=True, description="Send each view image back with the feedback.")
+    medeyes_loss: bool = Field(
+        default=True,
+        description="Patch in the dual-stream loss and per-stream advantages (needed for the expert stream). "
+        "False: OpenRLHF's own PolicyLoss and group_norm advantages (on-policy mode only).",
+    )
+    save_steps: int | None = Field(
+        default=None, description="Checkpoint every N steps; None: train.checkpoint_every (0 -> only the final model)."
+    )
+    python: str = Field(default="python3", description="Python executable of the cluster's environment.")
+    extra_args: list[str] = Field(default_factory=list, description="More train_ppo_ray flags, appended verbatim.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenRLHFConfig:
+        world = self.nodes * self.gpus_per_node
+        if self.colocate and world % self.vllm_tensor_parallel:
+            raise ConfigError(
+                f"colocate needs nodes*gpus_per_node ({world}) divisible by vllm_tensor_parallel "
+                f"({self.vllm_tensor_parallel}); change one or set colocate=false"
+            )
+        if self.colocate and self.vllm_engines is not None and self.vllm_engines * self.vllm_tensor_parallel != world:
+            raise ConfigError(
+                f"colocate needs vllm_engines*vllm_tensor_parallel == nodes*gpus_per_node, got "
+                f"{self.vllm_engines}*{self.vllm_tensor_parallel} != {world}; set vllm_engines=None"
+            )
+        if not self.medeyes_loss and self.train.grpo.mode == "dual":
+            raise ConfigError(
+                "medeyes_loss=false uses OpenRLHF's PPO loss, which would treat expert rows as on-policy samples; "
+                "set train.grpo.mode=on_policy or keep medeyes_loss=true"
+            )
+        return self
+
+    # -------------------------------------------------------------------------------------------- derived
+
+    @property
+    def data_dir(self) -> Path:
+        """The export directory (absolute)."""
+        return (self.export_dir or self.train.run_dir / "openrlhf-data").resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        """Where OpenRLHF writes checkpoints, the final model and TensorBoard logs (absolute)."""
+        return (self.train.run_dir / "openrlhf").resolve()
+
+    @property
+    def dual(self) -> bool:
+        """Whether the run has an expert stream."""
+        return self.train.grpo.mode == "dual"
+
+    @property
+    def engines(self) -> int:
+        """Number of vLLM engines."""
+        if self.vllm_engines is not None:
+            return self.vllm_engines
+        return max(1, self.nodes * self.gpus_per_node // self.vllm_tensor_parallel)
+
+    def backend(self) -> BackendConfig:
+        """The worker-side :class:`BackendConfig` of this run (written to the export as JSON)."""
+        train = self.train
+        return BackendConfig(
+            data=train.data,
+            data_options=train.data_options,
+            env=train.env,
+            group_on=train.grpo.group_on,
+            group_off=train.grpo.group_off if self.dual else 0,
+            expert_file=self.data_dir / EXPERT_FILE if self.dual else None,
+            objective=train.objective,
+            stop=list(train.sampling.stop),
+            max_turn_tokens=train.sampling.max_new_tokens,
+            feedback_images=self.feedback_images,
+        )
+
+
+# ================================================================================================ export
+
+
+class ExportSummary(BaseModel):
+    """What :func:`export_openrlhf_data` wrote."""
+
+    directory: Path = Field(description="The export directory.")
+    prompt_rows: int = Field(description="Rows of prompts.jsonl (= grpo.steps x prompts_per_step).")
+    train_cases: int = Field(description="Distinct training cases the rows cycle over.")
+    eval_rows: int = Field(description="Rows of eval.jsonl.")
+    expert_cases: int = Field(default=0, description="Training cases with at least one expert trajectory.")
+    expert_trajectories: int = Field(default=0, description="Expert trajectories written.")
+    files: list[str] = Field(default_factory=list, description="Files written, relative to the directory.")
+
+
+def _case_rows(
+    config: OpenRLHFConfig, split: str, indices: Sequence[int], images_dir: Path, expert: bool
+) -> dict[int, dict[str, Any]]:
+    """One OpenRLHF prompt row per case index: chat messages, overview image path, JSON label."""
+    from medeyes.trajectories import image_digest
+    from medeyes_env.env import MedEyesEnv
+
+    train = config.train
+    source = open_case_source(train.data, train.data_options)
+    env = MedEyesEnv(source, split=split, config=train.env)  # type: ignore[arg-type]
+    rows: dict[int, dict[str, Any]] = {}
+    for index in indices:
+        env.reset(options={"case_index": index})
+        case = env.case
+        messages = env.chat_messages("pil")
+        system = messages[0]["content"][0]["text"]
+        overview = messages[1]["content"][0]["image"]
+        question = messages[1]["content"][1]["text"]
+        for text in (system, question):
+            if "<image>" in text:
+                raise ConfigError(
+                    f"case {case.id!r}: its text contains '<image>', which OpenRLHF's dataset reads as an image "
+                    "placeholder; edit the case text"
+                )
+        path = images_dir / f"{image_digest(overview)}.png"
+        if not path.exists():
+            overview.save(path)
+        label = CaseLabel(source=train.data, split=split, index=index, case_id=case.id, expert=expert)  # type: ignore[arg-type]
+        rows[index] = {
+            "prompt": [
+                {"role": "system", "content": system.strip()},
+                {"role": "user", "content": "<image>" + question.strip()},
+            ],
+            "images": [str(path)],
+            "label": label.dumps(),
+            "datasource": f"medeyes-{split}",
+        }
+    return rows
+
+
+def _pool_size(config: OpenRLHFConfig, split: str) -> int:
+    train = config.train
+    needed = train.grpo.steps * train.grpo.prompts_per_step
+    size = open_case_source(train.data, train.data_options).size(split)  # type: ignore[arg-type]
+    pool = train.train_cases or (min(needed, train.expert.cases) if config.dual else needed)
+    pool = max(1, pool)
+    return min(pool, size) if size else pool
+
+
+def _expert_cases(config: OpenRLHFConfig, pool: int) -> list[ExpertCase]:
+    """Expert trajectories of the first ``pool`` training cases (generated with the expert agent when absent)."""
+    from medeyes.training.trainer import brief_record, ensure_expert_trajectories, open_cases
+
+    train = config.train
+    source = open_cases(train.data, train.data_options)
+    store = ensure_expert_trajectories(train, source)
+    index_of = {source.case(train.train_split, i).id: i for i in range(pool)}
+    by_case: dict[int, list[ExpertTrajectory]] = {}
+    for record in store.records():
+        if not (record.kept and record.steps and record.case_id in index_of):
+            continue
+        if train.expert.reasoning == "brief":
+            record = brief_record(record)
+        by_case.setdefault(index_of[record.case_id], []).append(
+            ExpertTrajectory(
+                trajectory_id=record.trajectory_id, turns=[s.text for s in record.steps], reward=record.reward
+            )
+        )
+    return [
+        ExpertCase(
+            case_id=source.case(train.train_split, i).id,
+            source=train.data,
+            split=train.train_split,
+            index=i,
+            trajectories=trajectories,
+        )
+        for i, trajectories in sorted(by_case.items())
+    ]
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def export_openrlhf_data(config: OpenRLHFConfig, expert_cases: Sequence[ExpertCase] | None = None) -> ExportSummary:
+    """Write the prompt, eval and expert files, the backend config and the agent file into ``config.data_dir``.
+
+    Args:
+        config: The run.
+        expert_cases: The off-policy stream's trajectories; None makes them from ``train.expert`` (the
+            trainer's expert store, generated with the GRN + CVS expert when absent). Ignored without a
+            ``dual`` grpo mode.
+
+    Raises:
+        ConfigError: a dual run without any expert trajectory, or case text that breaks the prompt format.
+
+    """
+    train = config.train
+    out = config.data_dir
+    images = out / IMAGES_DIR
+    images.mkdir(parents=True, exist_ok=True)
+    pool = _pool_size(config, train.train_split)
+    n_rows = train.grpo.steps * train.grpo.prompts_per_step
+    if n_rows == 0:
+        raise ConfigError("train.grpo.steps is 0: nothing to train on OpenRLHF; set grpo.steps")
+    expert_rows: list[ExpertCase] = []
+    if config.dual:
+        expert_rows = list(expert_cases) if expert_cases is not None else _expert_cases(config, pool)
+        if not expert_rows:
+            raise ConfigError(
+                "no expert trajectory for any training case; check train.expert (oracle, keep_only_correct) or "
+                "use grpo.mode=on_policy"
+            )
+    cases = _case_rows(config, train.train_split, range(pool), images, expert=config.dual)
+    prompt_rows = [cases[k % pool] for k in range(n_rows)]
+    n_eval = train.eval.cases if train.eval.every > 0 else 0
+    size = open_case_source(train.data, train.data_options).size(train.eval_split)
+    n_eval = min(n_eval, size) if size else n_eval
+    eval_rows = list(_case_rows(config, train.eval_split, range(n_eval), images, expert=False).values())
+
+    _write_jsonl(out / PROMPTS_FILE, prompt_rows)
+    files = [PROMPTS_FILE]
+    if eval_rows:
+        _write_jsonl(out / EVAL_FILE, eval_rows)
+        files.append(EVAL_FILE)
+    if config.dual:
+        _write_jsonl(out / EXPERT_FILE, [row.model_dump(mode="json") for row in expert_rows])
+        files.append(EXPERT_FILE)
+    backend = config.backend()
+    backend.save(out / BACKEND_FILE)
+    (out / AGENT_FILE).write_text(_AGENT_TEMPLATE.format(config=str(out / BACKEND_FILE)))
+    files += [BACKEND_FILE, AGENT_FILE, IMAGES_DIR + "/"]
+    return ExportSummary(
+        directory=out,
+        prompt_rows=len(prompt_rows),
+        train_cases=pool,
+        eval_rows=len(eval_rows),
+        expert_cases=len(expert_rows),
+        expert_trajectories=sum(len(r.trajectories) for r in expert_rows),
+        files=files,
+    )
+
+
+def check_export(config: OpenRLHFConfig) -> list[str]:
+    """Problems with ``config.data_dir`` for this config (missing files, a backend config that differs)."""
+    out = config.data_dir
+    problems = [
+        f"{out / name} is missing" for name in (PROMPTS_FILE, BACKEND_FILE, AGENT_FILE) if not (out / name).is_file()
+    ]
+    if config.dual and not (out / EXPERT_FILE).is_file():
+        problems.append(f"{out / EXPERT_FILE} is missing")
+    if not problems:
+        stored = BackendConfig.load(out / BACKEND_FILE)
+        if stored != config.backend():
+            problems.append(f"{out / BACKEND_FILE} was exported with other settings; export again")
+    return problems
+
+
+# ================================================================================================ command
+
+
+def _model_path(name: str) -> str:
+    from medeyes.models.factory import default_model_dir, model_aliases
+
+    aliases = model_aliases()
+    if name in aliases:
+        return str(default_model_dir(*aliases[name]))
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _num(value: float) -> str:
+    """A float flag value that argparse reads back exactly (``1e-06``, ``0.2``, ``1.0``)."""
+    return repr(float(value))
+
+
+def openrlhf_args(config: OpenRLHFConfig) -> list[str]:
+    """The ``openrlhf.cli.train_ppo_ray`` flags of the run (OpenRLHF 0.11.2's dotted names)."""
+    train = config.train
+    backend = config.backend()
+    grpo, optim, objective, sampling = train.grpo, train.grpo.optim, train.objective, train.sampling
+    data, out = config.data_dir, config.output_dir
+    n = backend.n_samples_per_prompt
+    world = str(config.nodes), str(config.gpus_per_node)
+    args = [
+        "--actor.model_name_or_path", _model_path(train.model),
+        "--actor.num_nodes", world[0], "--actor.num_gpus_per_node", world[1],
+        "--vllm.num_engines", str(config.engines), "--vllm.tensor_parallel_size", str(config.vllm_tensor_parallel),
+        "--vllm.gpu_memory_utilization", _num(config.vllm_gpu_memory_utilization),
+        "--train.agent_func_path", str(data / AGENT_FILE),
+        "--data.prompt_dataset", str(data / PROMPTS_FILE),
+        "--data.input_key", "prompt", "--data.label_key", "label", "--data.image_key", "images",
+        "--data.apply_chat_template",
+        "--data.max_images_per_prompt", str(train.env.max_steps + 1 if config.feedback_images else 1),
+        "--data.max_len", str(config.max_len),
+        "--rollout.n_samples_per_prompt", str(n),
+        "--rollout.batch_size", str(grpo.prompts_per_step),
+        "--rollout.max_new_tokens", str(sampling.max_new_tokens),
+        "--rollout.temperature", _num(sampling.temperature), "--rollout.top_p", _num(sampling.top_p),
+        "--rollout.micro_batch_size", str(config.micro_rollout_batch_size),
+        "--train.batch_size", str(grpo.prompts_per_step * n),
+        "--train.micro_batch_size", str(config.micro_train_batch_size),
+        "--train.num_episodes", "1", "--train.max_epochs", "1",
+        "--train.seed", str(train.seed),
+        "--algo.advantage.estimator", "group_norm",
+        "--algo.kl.init_coef", _num(objective.kl_coef),
+        "--actor.eps_clip_low_high", _num(objective.clip_eps), _num(objective.clip_high),
+        "--actor.loss_agg_mode", objective.aggregation.replace("_", "-"),
+        "--actor.adam.lr", _num(optim.lr),
+        "--actor.adam.betas", _num(optim.betas[0]), _num(optim.betas[1]),
+        "--actor.adam.eps", _num(optim.eps), "--actor.adam.weight_decay", _num(optim.weight_decay),
+        "--actor.lr_scheduler", "constant_with_warmup" if optim.schedule == "constant" else "cosine_with_min_lr",
+        "--actor.lr_warmup_ratio", _num(min(1.0, optim.warmup_steps / max(1, grpo.steps))),
+        "--actor.min_lr_ratio", _num(optim.min_lr_ratio),
+        "--actor.max_norm", _num(optim.grad_clip or 0.0),
+        "--ds.zero_stage", str(config.zero_stage), "--ds.param_dtype", "bf16",
+        "--ds.attn_implementation", config.attn_implementation,
+        "--ckpt.output_dir", str(out / "final"), "--ckpt.path", str(out / "ckpt"), "--ckpt.save_hf",
+        "--ckpt.save_steps", str(config.save_steps if config.save_steps is not None else train.checkpoint_every or -1),
+        "--logger.logging_steps", str(train.log_every),
+    ]  # fmt: skip
+    if train.tensorboard:
+        args += ["--logger.tensorboard_dir", str(out / "tb")]
+    if objective.kl_coef > 0:
+        args += ["--algo.kl.use_loss", "--algo.kl.estimator", "k3"]
+        args += ["--ref.num_nodes", world[0], "--ref.num_gpus_per_node", world[1]]
+    if objective.entropy_coef > 0:
+        args += ["--actor.entropy_coef", _num(objective.entropy_coef)]
+    if not objective.scale_by_std and not config.medeyes_loss:
+        args[args.index("group_norm")] = "dr_grpo"
+    if config.colocate:
+        args += ["--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep"]
+    if config.gradient_checkpointing:
+        args.append("--actor.gradient_checkpointing_enable")
+    if config.freeze_visual_encoder:
+        args.append("--actor.freeze_visual_encoder")
+    if train.eval.every > 0 and (config.data_dir / EVAL_FILE).exists():
+        args += [
+            "--eval.dataset", str(data / EVAL_FILE), "--eval.steps", str(train.eval.every),
+            "--eval.temperature", _num(train.eval.temperature), "--eval.n_samples_per_prompt", "1",
+        ]  # fmt: skip
+    return args + list(config.extra_args)
+
+
+def build_command(
+    config: OpenRLHFConfig, launcher: Literal["local", "ray-job"] = "local", ray_address: str | None = None
+) -> list[str]:
+    """The command line that trains ``config`` on OpenRLHF (argv list; :func:`shlex.join` it to print).
+
+    ``local``: ``python -m medeyes.training.openrlhf_launch`` on the head node (it starts or joins Ray with
+    the patch hook). ``ray-job``: ``ray job submit`` to ``ray_address`` with the hook in ``--runtime-env-json``.
+    With ``medeyes_loss=false`` both run OpenRLHF's own trainer with no MedEyes patch.
+    """
+    args = openrlhf_args(config)
+    backend_file = str(config.data_dir / BACKEND_FILE)
+    if launcher == "local":
+        if config.medeyes_loss:
+            return [config.python, "-m", LAUNCH_MODULE, "--medeyes-config", backend_file, *args]
+        return [config.python, "-m", OPENRLHF_MODULE, *args]
+    if launcher != "ray-job":
+        raise ConfigError(f"launcher must be 'local' or 'ray-job', got {launcher!r}")
+    env_vars = dict(RAY_DEFAULT_ENV)
+    runtime: dict[str, Any] = {"env_vars": env_vars}
+    if config.medeyes_loss:
+        env_vars[CONFIG_ENV] = backend_file
+        runtime["worker_process_setup_hook"] = SETUP_HOOK
+    head = ["ray", "job", "submit"]
+    if ray_address:
+        head += ["--address", ray_address]
+    return [
+        *head,
+        "--runtime-env-json",
+        json.dumps(runtime, sort_keys=True),
+        "--",
+        config.python,
+        "-m",
+        OPENRLHF_MODULE,
+        *args,
+    ]
+
+
+def preflight() -> list[str]:
+    """What this machine lacks to run OpenRLHF training (empty when it can run): CUDA, ray, vllm, deepspeed, ..."""
+    import importlib.metadata
+    import importlib.util
+
+    problems = []
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"no CUDA device (torch {torch.__version__}: torch.cuda.is_available() is False)")
+    except ImportError:
+        problems.append("torch is not installed")
+    for module, hint in (
+        ("ray", "pip install ray==2.55.0"),
+        ("openrlhf", f"pip install openrlhf=={OPENRLHF_VERSION}"),
+        ("vllm", "pip install vllm==0.29.0, the version openrlhf's vllm extra pins"),
+        ("deepspeed", "pip install deepspeed==0.19.6"),
+        ("flash_attn", "pip install flash-attn, a CUDA build that openrlhf.models imports"),
+    ):
+        if importlib.util.find_spec(module) is None:
+            problems.append(f"{module} is not installed ({hint})")
+    if importlib.util.find_spec("openrlhf") is not None:
+        version = importlib.metadata.version("openrlhf")
+        if version != OPENRLHF_VERSION:
+            problems.append(f"openrlhf {version} is installed; the MedEyes patches need {OPENRLHF_VERSION}")
+    return problems
+
+
+def run_command(command: Sequence[str]) -> int:
+    """Run a built command after :func:`preflight`; returns its exit status.
+
+    Raises:
+        ConfigError: the machine cannot run OpenRLHF training (the message lists every missing piece).
+
+    """
+    if command and command[0] != "ray":
+        problems = preflight()
+        if problems:
+            raise ConfigError("cannot run OpenRLHF training on this machine: " + "; ".join(problems))
+    elif not _which(command[0]):
+        raise ConfigError("the 'ray' command is not installed here: pip install ray==2.55.0")
+    return subprocess.call(list(command))
+
+
+def _which(name: str) -> bool:
+    import shutil
+
+    return shutil.which(name) is not None
+
+
+def format_command(command: Sequence[str]) -> str:
+    """The command as one shell line, wrapped before each flag for reading."""
+    parts = [shlex.quote(str(p)) for p in command]
+    lines, current = [], []
+    for part in parts:
+        if part.startswith("--") and current:
+            lines.append(" ".join(current))
+            current = []
+        current.append(part)
+    lines.append(" ".join(current))
+    return " \\\n    ".join(lines)
+
+
+# ================================================================================================ entry point
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m medeyes.training.openrlhf_launch --medeyes-config FILE <train_ppo_ray flags>``.
+
+    Starts (or joins, with ``RAY_ADDRESS``) Ray with the MedEyes patch hook in every worker, patches this
+    process too, then runs ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with the remaining flags.
+    """
+    import runpy
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--medeyes-config" not in args or args.index("--medeyes-config") + 1 >= len(args):
+        sys.exit("usage: python -m medeyes.training.openrlhf_launch --medeyes-config FILE <train_ppo_ray flags>")
+    at = args.index("--medeyes-config")
+    config_path = str(Path(args[at + 1]).resolve())
+    rest = args[:at] + args[at + 2 :]
+    BackendConfig.load(config_path)  # fail here, not in a Ray worker
+    problems = preflight()
+    if problems:
+        sys.exit("cannot run OpenRLHF training on this machine: " + "; ".join(problems))
+    import ray
+
+    from medeyes.training.openrlhf_backend import install_openrlhf_patches
+
+    os.environ[CONFIG_ENV] = config_path
+    env_vars = {key: os.environ.get(key, value) for key, value in RAY_DEFAULT_ENV.items()}
+    env_vars[CONFIG_ENV] = config_path
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK})
+    install_openrlhf_patches(config_path)
+    sys.argv = [OPENRLHF_MODULE, *rest]
+    runpy.run_module(OPENRLHF_MODULE, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
