@@ -26,7 +26,7 @@ def clamp_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     >>> clamp_box((-10, 5, 50, 500), (100, 100))
     (0.0, 5.0, 50.0, 100.0)
     """
-    width, height = image_size
+    width, height = float(image_size[0]), float(image_size[1])
     x1, y1, x2, y2 = (float(v) for v in box)
     return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
 
