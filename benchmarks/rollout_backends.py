@@ -183,12 +183,10 @@ def main() -> None:
         child(args)
         return
 
-    from vllm_helpers import vllm_preset
-
-    from medeyes.agents.vllm_server import find_vllm_python
+    from medeyes.agents.vllm_server import find_vllm_python, vllm_cpu_preset
     from medeyes.models import build_tiny_model
 
-    preset = args.preset or vllm_preset()
+    preset = args.preset or vllm_cpu_preset()
     tmp = tempfile.TemporaryDirectory(prefix="medeyes-bench-")
     model_dir = args.model_dir or str(build_tiny_model("idefics3", preset, out_dir=Path(tmp.name) / "model", seed=0))
     vllm_python = find_vllm_python()
@@ -212,7 +210,8 @@ def main() -> None:
             continue
         results.append(json.loads(lines[-1].removeprefix("RESULT ")))
 
-    print(f"\nRollout throughput, idefics3/{preset} random weights, phantom episodes of {args.max_steps + 1} turns x "
+    model = f"idefics3/{preset} random weights" if not args.model_dir else f"model {args.model_dir}"
+    print(f"\nRollout throughput, {model}, phantom episodes of {args.max_steps + 1} turns x "
           f"{args.max_new_tokens} new tokens (temperature 1), {args.episodes} episodes per batch size, "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     header = f"{'path':<13}{'batch':>6}{'episodes/s':>12}{'gen tok/s':>11}{'turns':>7}{'s':>8}"
