@@ -95,6 +95,9 @@ class ExpertConfig(BaseModel):
     side_convention: Literal["image", "patient"] = Field(
         default="image", description="Whether 'left' in a question means the image's left or the patient's left."
     )
+    trust_drills: bool = Field(
+        default=True, description="Answer from the best drilled region when any was drilled, not a scanned one (ours)."
+    )
     empty_scan_retries: int = Field(
         default=2, ge=0, le=10, description="Extra looks when a scan finds nothing, before concluding there is nothing."
     )
@@ -263,13 +266,31 @@ class Evidence:
     """What the expert saw, summarised for answering."""
 
     best: RegionBelief | None
+    """Where the finding most likely is: the most confident positive drilled region, else the most
+    confident region of all."""
+    present: bool
+    """A finding was seen (see :func:`summarise`)."""
     positives: list[RegionBelief]
+    """Distinct regions whose confidence reaches ``count_threshold``."""
     regions: list[RegionBelief]
 
 
 def summarise(regions: list[RegionBelief], config: ExpertConfig) -> Evidence:
-    """Best region and the distinct positive regions of ``R_t``."""
+    """Best region, presence and the distinct positive regions of ``R_t``.
+
+    Presence: with ``trust_drills`` and at least one drilled region, a drilled confidence must reach
+    ``presence_threshold`` (a close look outranks the overview); otherwise any region's confidence.
+    """
     ordered = sorted(regions, key=lambda r: -r.confidence)
+    drilled = [r for r in ordered if r.drilled is not None]
+    if drilled and config.trust_drills:
+        present = drilled[0].confidence >= config.presence_threshold
+    else:
+        present = bool(ordered) and ordered[0].confidence >= config.presence_threshold
+    if drilled and drilled[0].confidence >= config.presence_threshold:
+        best: RegionBelief | None = drilled[0]
+    else:
+        best = ordered[0] if ordered else None
     positives: list[RegionBelief] = []
     for region in ordered:
         if region.confidence < config.count_threshold:
@@ -277,7 +298,7 @@ def summarise(regions: list[RegionBelief], config: ExpertConfig) -> Evidence:
         if any(box_iou(region.box, other.box) >= config.merge_iou for other in positives):
             continue
         positives.append(region)
-    return Evidence(ordered[0] if ordered else None, positives, ordered)
+    return Evidence(best, present, positives, ordered)
 
 
 def question_family(case: Case) -> str:
@@ -394,7 +415,7 @@ def derive_answer(
     """
     family = question_family(case).lower()
     best = evidence.best
-    present = best is not None and best.confidence >= config.presence_threshold
+    present = evidence.present
     options = list(case.options)
     size = image.size
 

@@ -128,8 +128,12 @@ class AnnotationOracleConfig(BaseModel):
     box_noise: float = Field(
         default=0.15, ge=0.0, le=2.0, description="SD of a gold box's centre shift and log-size change, in box sides."
     )
-    miss_rate: float = Field(default=0.1, ge=0.0, le=1.0, description="Chance that a scan misses a gold region.")
-    distractors: float = Field(default=1.5, ge=0.0, le=10.0, description="Mean distractor regions per scan (Poisson).")
+    miss_rate: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Chance that a scan misses a region (gold or distractor)."
+    )
+    distractors: float = Field(
+        default=1.5, ge=0.0, le=10.0, description="Mean false-positive sites per image (Poisson; fixed per case)."
+    )
     scan_true: float = Field(default=0.62, ge=0.0, le=1.0, description="Mean scan confidence of a gold region.")
     scan_false: float = Field(default=0.42, ge=0.0, le=1.0, description="Mean scan confidence of a distractor.")
     scan_noise: float = Field(default=0.12, ge=0.0, le=1.0, description="SD of scan confidences.")
@@ -199,6 +203,7 @@ class AnnotationOracle:
 
     def __init__(self, config: AnnotationOracleConfig | None = None) -> None:
         self.config = config or AnnotationOracleConfig()
+        self._sites: dict[tuple[str, tuple[int, int]], list[Box]] = {}
 
     def describe(self) -> dict[str, Any]:
         """Name and noise model."""
@@ -225,18 +230,38 @@ class AnnotationOracle:
         for region in case.regions:
             if rng.random() < cfg.miss_rate:
                 continue
-            box = self._jitter(region.box, size, rng)
+            box, extent = self._jitter(region.box, size, rng)
             confidence = _clip01(rng.normal(cfg.scan_true, cfg.scan_noise))
-            found.append(ScoredRegion(box, confidence, region.label))
-        sides = [(r.box[2] - r.box[0], r.box[3] - r.box[1]) for r in case.regions]
-        for _ in range(int(rng.poisson(cfg.distractors))):
-            box = self._distractor(image, sides, rng)
-            if box is None or any(box_iou(box, r.box) > 0.1 for r in case.regions):
+            found.append(ScoredRegion(box, confidence, region.label, extent))
+        for site in self._distractor_sites(image, case):
+            if rng.random() < cfg.miss_rate:
                 continue
+            box, extent = self._jitter(site, size, rng)
             confidence = _clip01(rng.normal(cfg.scan_false, cfg.scan_noise))
-            found.append(ScoredRegion(box, confidence, None))
+            found.append(ScoredRegion(box, confidence, None, extent))
         found.sort(key=lambda r: -r.confidence)
         return found
+
+    def _distractor_sites(self, image: Image.Image, case: Case) -> list[Box]:
+        """The image's false-positive sites, ``Poisson(distractors)`` of them away from the gold regions.
+
+        Fixed per case: a normal structure that looks suspicious is there every time one looks.
+        """
+        key = (case.id, image.size)
+        if key in self._sites:
+            return self._sites[key]
+        digest = hashlib.sha256(f"{case.source}/{case.id}".encode()).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        sides = [(r.box[2] - r.box[0], r.box[3] - r.box[1]) for r in case.regions]
+        sites: list[Box] = []
+        for _ in range(int(rng.poisson(self.config.distractors))):
+            box = self._distractor(image, sides, rng)
+            if box is not None and not any(box_iou(box, r.box) > 0.1 for r in case.regions):
+                sites.append(box)
+        if len(self._sites) > 4096:
+            self._sites.clear()
+        self._sites[key] = sites
+        return sites
 
     def drill(
         self,
@@ -272,7 +297,8 @@ class AnnotationOracle:
             wrong = ["no" if normalize_answer(case.answer) == "yes" else "yes"]
         return str(wrong[int(rng.integers(len(wrong)))]) if wrong else None
 
-    def _jitter(self, box: Box, size: tuple[int, int], rng: np.random.Generator) -> Box:
+    def _jitter(self, box: Box, size: tuple[int, int], rng: np.random.Generator) -> tuple[Box, float]:
+        """A noisy copy of ``box`` (at least ``min_side``) and the noisy size of the finding (its shorter side)."""
         cfg = self.config
         x1, y1, x2, y2 = box
         w, h = x2 - x1, y2 - y1
@@ -284,8 +310,8 @@ class AnnotationOracle:
             h *= math.exp(rng.normal(0, cfg.box_noise))
         jittered = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
         if cfg.box_noise == 0:
-            return clamp_box(jittered, size)
-        return expand_to_min_side(jittered, min(cfg.min_side, *size), size)
+            return clamp_box(jittered, size), min(w, h)
+        return expand_to_min_side(jittered, min(cfg.min_side, *size), size), min(w, h)
 
     def _distractor(self, image: Image.Image, sides: list[tuple[float, float]], rng: np.random.Generator) -> Box | None:
         """A box the size of a finding, centred on a pixel inside the anatomy (brighter than the darkest fifth)."""
@@ -325,7 +351,10 @@ class ImageOracleConfig(BaseModel):
     gap: float = Field(default=1.3, gt=1.0, description="Surround starts at gap x radius (a margin for soft edges).")
     surround: float = Field(default=4.5, gt=1.5, description="Surround ends at surround x radius.")
     max_regions: int = Field(default=5, ge=1, le=20, description="Most candidate regions a scan returns.")
-    cnr_centre: float = Field(default=2.6, description="Contrast-to-noise ratio that maps to confidence 0.5.")
+    cnr_centre: float = Field(
+        default=3.5,
+        description="Scan CNR that maps to confidence 0.5 (~90th percentile of non-lesion spots on phantom train).",
+    )
     cnr_width: float = Field(default=0.4, gt=0.0, description="CNR change that moves confidence by one logit.")
     drill_cnr_centre: float = Field(
         default=1.6, description="CNR that maps to drill confidence 0.5 (a drill measures one spot, not the maximum)."
