@@ -40,7 +40,7 @@ def expand_to_min_side(box: Sequence[float], min_side: float, image_size: tuple[
     >>> expand_to_min_side((95, 10, 99, 14), 20, (100, 100))
     (80.0, 2.0, 100.0, 22.0)
     """
-    width, height = image_size
+    width, height = float(image_size[0]), float(image_size[1])
     x1, y1, x2, y2 = clamp_box(box, image_size)
     new = []
     for low, high, limit in ((x1, x2, width), (y1, y2, height)):
