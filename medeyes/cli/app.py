@@ -15,19 +15,16 @@ app = typer.Typer(
 
 def _mount() -> None:
     # Sub-command modules import their heavy dependencies (torch) inside the commands, so `--help` stays fast.
-    from medeyes.cli import cases
+    from medeyes.cli import cases, inspect, rollout, train
     from medeyes.cli.model import model_app
-
-    app.command("cases")(cases.cases)
-    from medeyes.cli import train
+    from medeyes.cli.openrlhf import openrlhf_app
 
     app.command("train")(train.train)
-    app.add_typer(model_app, name="model")
-
-    from medeyes.cli import inspect, rollout
-
     app.command("rollout")(rollout.rollout)
     app.command("inspect")(inspect.inspect)
+    app.command("cases")(cases.cases)
+    app.add_typer(model_app, name="model")
+    app.add_typer(openrlhf_app, name="openrlhf")
 
 
 _mount()
