@@ -53,6 +53,7 @@ from transformers import (
     PreTrainedModel,
     StoppingCriteria,
     StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -147,6 +148,10 @@ class TransformersBackend:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted({int(e) for e in eos_ids if e is not None})
+        # Never sample an image/video placeholder token: a placeholder without pixels makes every later forward
+        # pass over the episode fail ("image features and image tokens do not match").
+        placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+        self.suppressed_token_ids = sorted({int(i) for i in placeholders if isinstance(i, int)})
         self.calls = 0
         self.content_separator = self._content_separator()
 
@@ -232,6 +237,8 @@ class TransformersBackend:
 
         raw, processed = _RecordLogSoftmax(), _RecordLogSoftmax()
         processors: list[LogitsProcessor] = [raw]
+        if self.suppressed_token_ids:  # after the raw record, so "raw" stays the model's own distribution
+            processors.append(SuppressTokensLogitsProcessor(self.suppressed_token_ids, device=str(self.device)))
         if not sampling.greedy:
             if sampling.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(sampling.temperature))
