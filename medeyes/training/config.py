@@ -274,9 +274,9 @@ def _cpu_default() -> dict[str, Any]:
         "model": "tiny",
         "data": "phantom:easy",
         "data_options": {"families": ["presence", "modality"], "image_size": 512, "lesion_radius": [20.0, 36.0]},
-        "threads": 2,
+        "threads": 1,
         "env": {"max_steps": 2, "view_size": 128},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 64},
+        "sampling": {"temperature": 1.0, "max_new_tokens": 72},
         "rollout_batch": 64,
         "stages": ["sft", "grpo"],
         "sft": {
@@ -285,15 +285,16 @@ def _cpu_default() -> dict[str, Any]:
             "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
         },
         "grpo": {
-            "steps": 16,
+            "steps": 12,
             "mode": "dual",
-            "prompts_per_step": 4,
+            "prompts_per_step": 2,
             "group_on": 8,
             "group_off": 4,
+            "grad_accum": 2,
             "optim": {"lr": 5e-4},
         },
         "expert": {"cases": 128, "per_case": 4, "max_regions": 2, "reasoning": "brief"},
-        "eval": {"every": 40, "cases": 128, "batch_size": 64},
+        "eval": {"every": 50, "cases": 128, "batch_size": 128},
         "checkpoint_every": 5,
     }
 

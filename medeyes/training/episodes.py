@@ -148,6 +148,7 @@ def tokenize_episode(
     *,
     is_expert: bool = False,
     meta: dict[str, Any] | None = None,
+    cache: dict | None = None,
 ) -> EpisodeTensors:
     """Tokenise one episode (both streams) into ids, an exact loss mask, behaviour log-probs and image tensors.
 
@@ -160,6 +161,8 @@ def tokenize_episode(
         processor: the model's processor (chat template, tokenizer, image processor).
         is_expert: stream flag stored on the result.
         meta: attached to the result unchanged.
+        cache: optional dict reused across calls: environment segments with the same text and the same image
+            objects are encoded once (the G rollouts of a GRPO group share their first segment).
 
     Raises:
         RecordError: the messages and turns disagree, or the chat template breaks the prefix property.
@@ -199,7 +202,12 @@ def tokenize_episode(
         if drop_eos_text and segment.startswith(drop_eos_text):
             segment = segment[len(drop_eos_text) :]
         seg_images = _images_of(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
-        enc = _encode_segment(processor, segment, seg_images, first=(k == 0))
+        key = (segment, tuple(id(image) for image in seg_images), k == 0)
+        enc = cache.get(key) if cache is not None else None
+        if enc is None:
+            enc = _encode_segment(processor, segment, seg_images, first=(k == 0))
+            if cache is not None:
+                cache[key] = enc
         seg_ids = enc["input_ids"][0]
         image_parts.append(enc)
         for key, value in enc.items():
@@ -261,7 +269,13 @@ def _content_text(message: dict[str, Any]) -> str:
 
 
 def tokenize_record(
-    record: Any, store: Any, processor: Any, *, is_expert: bool | None = None, meta: dict[str, Any] | None = None
+    record: Any,
+    store: Any,
+    processor: Any,
+    *,
+    is_expert: bool | None = None,
+    meta: dict[str, Any] | None = None,
+    cache: dict | None = None,
 ) -> EpisodeTensors:
     """Tokenise a :class:`~medeyes.trajectories.TrajectoryRecord` (images from ``store``) with :func:`tokenize_episode`.
 
@@ -273,7 +287,9 @@ def tokenize_record(
     turns = [TurnTokens(s.text, s.token_ids, s.logprobs) for s in record.steps[:n_assistant]]
     expert = record.producer.kind != "policy" if is_expert is None else is_expert
     info = {"reward": record.reward, "case_id": record.case_id, "trajectory_id": record.trajectory_id}
-    return tokenize_episode(messages, turns, processor, is_expert=expert, meta=meta if meta is not None else info)
+    return tokenize_episode(
+        messages, turns, processor, is_expert=expert, meta=meta if meta is not None else info, cache=cache
+    )
 
 
 def prefix_mismatches(messages: list[dict[str, Any]], processor: Any) -> list[int]:

@@ -93,11 +93,32 @@ def learning_rate(optim: OptimConfig, step: int, total: int) -> float:
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def masked_token_logprobs(model: torch.nn.Module, batch: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, Any]:
-    """Log-probs of every next token ``[B, T-1]`` (position t predicts ids[t+1]) and the logits."""
-    logits = model(**batch.model_inputs(dtype, causal_only=True)).logits  # [B, T, V]; right padding, see collate
-    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])  # [B, T-1]
-    return logprobs, logits
+def masked_token_logprobs(
+    model: torch.nn.Module, batch: Any, dtype: torch.dtype | None, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[B, T-1]`` of each next token (position t predicts ids[t+1]) where the loss mask needs them.
+
+    The LM head and log-softmax run only at the positions that predict a loss token in some row (the union
+    over the batch, passed to the model as ``logits_to_keep``); every other entry is 0. For the tiny model
+    this cut the backward pass 4x (full-vocabulary logits of prompt and observation tokens dominated it).
+    With ``with_entropy`` also returns the per-token entropy ``[B, T-1]`` (no grad) at the same positions.
+    """
+    targets = batch.loss_mask[:, 1:]  # [B, T-1]
+    positions = targets.any(dim=0).nonzero().squeeze(1)  # [K] positions whose next token is trained somewhere
+    shape = targets.shape
+    if positions.numel() == 0:
+        positions = torch.tensor([shape[1] - 1], device=targets.device)
+    inputs = batch.model_inputs(dtype, causal_only=True)  # right padding: no mask needed, see collate
+    logits = model(**inputs, logits_to_keep=positions).logits  # [B, K, V]
+    next_ids = batch.input_ids[:, positions + 1]  # [B, K]
+    picked = sequence_logprobs_from_logits(logits, next_ids)  # [B, K]
+    logprobs = picked.new_zeros(shape).index_copy(1, positions, picked)  # [B, T-1]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            part = entropy_from_logits(logits.detach())  # [B, K]
+            entropy = part.new_zeros(shape).index_copy(1, positions, part)
+    return logprobs, entropy
 
 
 def blind_answers(cases: list[Any]) -> dict[str, str]:
@@ -253,6 +274,44 @@ class ExpertPool:
         return [records[i] for i in rng.choice(len(records), size=n, replace=False)]
 
 
+class MemoryStore:
+    """The part of :class:`TrajectoryStore` that ``run_rollout`` and ``TrajectoryRecord.chat_messages`` use, in RAM.
+
+    On-policy rollouts are consumed by the step that made them: no PNG encoding, no fsync. The same image
+    (by content hash) is always the same PIL object, which lets the tokeniser's segment cache hit.
+    """
+
+    def __init__(self) -> None:
+        """An empty store."""
+        self.images: dict[str, Any] = {}
+        self.ids: set[str] = set()
+
+    def put_image(self, image: Any) -> str:
+        """Keep ``image`` (PIL or array) under its content hash."""
+        from PIL import Image
+
+        from medeyes.trajectories import image_digest
+
+        digest = image_digest(image)
+        if digest not in self.images:
+            self.images[digest] = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return digest
+
+    def load_image(self, digest: str) -> Any:
+        """The image stored under ``digest``."""
+        return self.images[digest]
+
+    def append(self, record: TrajectoryRecord) -> bool:
+        """Remember the id only (records are returned by ``run_rollout`` anyway)."""
+        if record.trajectory_id in self.ids:
+            return False
+        self.ids.add(record.trajectory_id)
+        return True
+
+    def __contains__(self, trajectory_id: object) -> bool:
+        return trajectory_id in self.ids
+
+
 # ================================================================================================ checkpoints
 
 
@@ -362,7 +421,6 @@ class Trainer:
         self.pad_id = int(processor.tokenizer.pad_token_id)
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_stage: str | None = None
-        self.scratch = config.run_dir / "scratch"
         self.eval_history: list[dict[str, float]] = []
         self.blind: float | None = None
         self.live: dict[str, float] = {}
@@ -451,7 +509,7 @@ class Trainer:
             # token-mean over the whole step: weight each micro-batch by its share of the step's tokens
             loss = sft_loss(logprobs, mask) * (int(mask.sum()) / max(1, n_tokens))
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             tokens_seen += int(batch.attention_mask.sum())
         grad_norm = self._optimizer_step("sft")
         seconds = time.perf_counter() - t1
@@ -478,9 +536,7 @@ class Trainer:
 
         # collect: on-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)
         t0 = time.perf_counter()
-        store_dir = self.scratch / f"rollout-{step:07d}"
-        shutil.rmtree(store_dir, ignore_errors=True)
-        store = TrajectoryStore(store_dir)
+        store = MemoryStore()
         self.model.eval()
         self._seed_sampling(step_seed(cfg.seed, step, 3))
         with self._autocast():
@@ -496,7 +552,7 @@ class Trainer:
                     seed=step_seed(cfg.seed, step, 4),
                     env=cfg.env,
                 ),
-                store=store,
+                store=store,  # type: ignore[arg-type]
             )
         on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
         case_index = {self.source.case(cfg.train_split, i).id: i for i in range(start, start + g.prompts_per_step)}  # type: ignore[arg-type]
@@ -509,12 +565,12 @@ class Trainer:
         # tokenise: one function for both streams; mask = generated spans
         t1 = time.perf_counter()
         episodes: list[EpisodeTensors] = []
+        segments: dict = {}  # the G rollouts of a case share their first segment: encode it once
         for r in on_records:
-            episodes.append(tokenize_record(r, store, self.processor, is_expert=False))
+            episodes.append(tokenize_record(r, store, self.processor, is_expert=False, cache=segments))
         for r in off_records:
             assert self.experts is not None
             episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
-        shutil.rmtree(store_dir, ignore_errors=True)
         metrics["train/prep_seconds"] = time.perf_counter() - t1
 
         # score and advantages: rewards are the environment's; statistics per stream and group
@@ -544,7 +600,7 @@ class Trainer:
             batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
             adv = advantages[chunk].to(self.device)
             with self._autocast():
-                logprobs, logits = masked_token_logprobs(self.model, batch, self._param_dtype())
+                logprobs, entropy = masked_token_logprobs(self.model, batch, self._param_dtype(), with_entropy=True)
             mask = batch.loss_mask[:, 1:]  # [b, T-1]
             old = batch.old_logprobs[:, 1:]  # [b, T-1]
             loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective)
@@ -552,7 +608,6 @@ class Trainer:
             loss_metrics.append((len(chunk), lm))
             tokens_seen += int(batch.attention_mask.sum())
             with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1].detach())  # [b, T-1]
                 for name, rows_mask in (("on", ~batch.is_expert), ("off", batch.is_expert)):
                     m = mask & rows_mask[:, None]
                     if m.any():
