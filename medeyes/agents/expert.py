@@ -88,7 +88,12 @@ class ExpertConfig(BaseModel):
     count_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Final confidence at which a region is counted (ours)."
     )
-    merge_iou: float = Field(default=0.3, gt=0.0, le=1.0, description="IoU at which two candidates are one region.")
+    merge_iou: float = Field(
+        default=0.3,
+        gt=0.0,
+        le=1.0,
+        description="Two boxes are one region at this IoU, or when their centres are within half a box side.",
+    )
     sub_region_scale: float = Field(
         default=0.6, gt=0.1, lt=1.0, description="Side of a drilled sub-region relative to its parent region (ours)."
     )
@@ -153,6 +158,9 @@ class GRNState:
     """``psi_t = (R_t, C_t, F_t)`` and the bookkeeping one episode needs."""
 
     rng: np.random.Generator
+    """Draws the oracle's noise and CVS choices."""
+    words: np.random.Generator
+    """Draws the phrasing of the notes (its own stream, so wording never changes what the expert does)."""
     regions: list[RegionBelief] = field(default_factory=list)
     mode: Literal["scan", "drill"] = "scan"
     tool_steps: int = 0
@@ -192,6 +200,21 @@ def nucleus_choice(confidences: Sequence[float], rng: np.random.Generator | None
     keep = order[: int(np.searchsorted(cumulative, p0 - 1e-12)) + 1]
     kept = probs[keep] / probs[keep].sum()
     return int(keep[int(rng.choice(len(keep), p=kept))])
+
+
+def same_region(a: Box, b: Box, iou: float = 0.3) -> bool:
+    """Whether two boxes show the same region: IoU >= ``iou``, or centres closer than half their mean side.
+
+    The centre rule keeps two noisy looks at one small finding together when their IoU is low.
+
+    >>> same_region((0, 0, 20, 20), (5, 5, 25, 25)), same_region((0, 0, 20, 20), (40, 0, 60, 20))
+    (True, False)
+    """
+    if box_iou(a, b) >= iou:
+        return True
+    side = (a[2] - a[0] + a[3] - a[1] + b[2] - b[0] + b[3] - b[1]) / 4
+    distance = math.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+    return distance < 0.5 * side
 
 
 def information_gain(before: float, after: float, eps: float = 1e-6) -> float:
@@ -295,7 +318,7 @@ def summarise(regions: list[RegionBelief], config: ExpertConfig) -> Evidence:
     for region in ordered:
         if region.confidence < config.count_threshold:
             continue
-        if any(box_iou(region.box, other.box) >= config.merge_iou for other in positives):
+        if any(same_region(region.box, other.box, config.merge_iou) for other in positives):
             continue
         positives.append(region)
     return Evidence(best, present, positives, ordered)
@@ -530,6 +553,10 @@ class Narrator:
         "Drilling into the {where} region {box}, confidence {c:.2f}, to see its detail.",
         "The {where} candidate {box} deserves a close look (confidence {c:.2f}).",
     )
+    DRILL_SAMPLED = (
+        "Of the leading candidates, the {where} region {box} ({c:.2f}) gets the first close look.",
+        "Not the top score, but worth checking: zooming into the {where} region {box} ({c:.2f}).",
+    )
     REFINE = (
         "Narrowing to the {part} part of it, {box}, where the finding seems to sit ({c:.2f}).",
         "Zooming further into {box}, the {part} portion of the region ({c:.2f}).",
@@ -607,7 +634,8 @@ class ExpertAgent:
         if state is None:
             episode_seed = int(context.state.get("seed", context.episode_id))
             rng = np.random.default_rng([self.config.seed, episode_seed & 0xFFFFFFFF, 0x6E5])
-            state = GRNState(rng=rng)
+            words = np.random.default_rng([self.config.seed, episode_seed & 0xFFFFFFFF, 0x7E7])
+            state = GRNState(rng=rng, words=words)
             context.state["grn"] = state
             if self.config.mode == "random":
                 state.plan = self._shadow_plan(context, episode_seed)
@@ -615,7 +643,7 @@ class ExpertAgent:
 
     def _turn(self, context: EpisodeContext) -> str:
         state = self._state(context)
-        narrator = Narrator(state.rng)
+        narrator = Narrator(state.words)
         case, image = context.case, context.image
         budget = min(self.config.t_max, context.max_steps)
         prefix = ""
@@ -651,7 +679,7 @@ class ExpertAgent:
         for region in found:
             match = None
             for belief in state.regions:
-                if box_iou(belief.box, region.box) >= self.config.merge_iou:
+                if same_region(belief.box, region.box, self.config.merge_iou):
                     match = belief
                     break
             if match is None:
@@ -726,7 +754,9 @@ class ExpertAgent:
             box, before = region.box, region.scanned
             after = self.oracle.drill(image, box, case.question, case=case, rng=state.rng)
             region.drilled = after
-            text = narrator.pick(Narrator.DRILL, box=_fmt(box), where=_where(box, size), c=before)
+            top = max(state.regions[i].scanned for i in undrilled)
+            templates = Narrator.DRILL if before >= top else Narrator.DRILL_SAMPLED
+            text = narrator.pick(templates, box=_fmt(box), where=_where(box, size), c=before)
         gain = information_gain(before, after, cfg.eps)
         state.last_event = {"kind": "drill", "box": box, "a": before, "b": after, "dc": gain}
         state.focus = index

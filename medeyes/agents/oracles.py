@@ -710,9 +710,9 @@ def parse_regions(
     Boxes that are empty after clamping to the image are dropped; never raises on model text.
 
     >>> parse_regions('[{"box": [10, 10, 20, 20], "confidence": 0.8}]', (100, 100), (200, 200))
-    [ScoredRegion(box=(20.0, 20.0, 40.0, 40.0), confidence=0.8, label=None)]
+    [ScoredRegion(box=(20.0, 20.0, 40.0, 40.0), confidence=0.8, label=None, extent=None)]
     >>> parse_regions("I see one at [0, 0, 50, 50].", (100, 100), (100, 100))
-    [ScoredRegion(box=(0.0, 0.0, 50.0, 50.0), confidence=0.5, label=None)]
+    [ScoredRegion(box=(0.0, 0.0, 50.0, 50.0), confidence=0.5, label=None, extent=None)]
     """
     items: list[Any] = []
     cleaned = re.sub(r"```[a-zA-Z]*", "", text)
@@ -727,9 +727,18 @@ def parse_regions(
     if isinstance(data, dict):
         data = data.get("regions", data.get("boxes", [data]))
     if isinstance(data, list):
-        items = data
-    if not items:
-        items = [[float(v) for v in m.groups()] for m in _BOX_RE.finditer(cleaned)]
+        items = [data] if len(data) == 4 and all(isinstance(v, (int, float)) for v in data) else data
+    regions = _regions_from(items, sent_size, original_size, default_confidence)
+    if not regions:
+        fallback = [[float(v) for v in m.groups()] for m in _BOX_RE.finditer(cleaned)]
+        regions = _regions_from(fallback, sent_size, original_size, default_confidence)
+    regions.sort(key=lambda r: -r.confidence)
+    return regions[:max_regions]
+
+
+def _regions_from(
+    items: list[Any], sent_size: tuple[int, int], original_size: tuple[int, int], default_confidence: float
+) -> list[ScoredRegion]:
     sx = original_size[0] / sent_size[0]
     sy = original_size[1] / sent_size[1]
     regions: list[ScoredRegion] = []
@@ -755,8 +764,7 @@ def parse_regions(
         if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
             continue
         regions.append(ScoredRegion(box, confidence, label))
-    regions.sort(key=lambda r: -r.confidence)
-    return regions[:max_regions]
+    return regions
 
 
 class VLMOracle:
