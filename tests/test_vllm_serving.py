@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from vllm_helpers import build_vllm_model, conversations
 
-from medeyes.agents.openai_backend import OpenAIBackend, yes_probability
+from medeyes.agents.openai_backend import BackendError, OpenAIBackend, yes_probability
 from medeyes.agents.policy import SamplingConfig
 from medeyes.agents.vllm_server import INSTALL_HINT, VLLMServer, find_vllm_python
 
@@ -118,6 +118,16 @@ def test_yes_probability_against_the_server(openai_backend: OpenAIBackend) -> No
     question = conversations()[0]
     p = yes_probability(openai_backend, question, default=0.5)
     assert 0.0 <= p <= 1.0
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    with pytest.raises(
+        BackendError, match=r"vllm serve exited with code \d+ before it was ready; last lines of"
+    ) as info:
+        VLLMServer(tmp_path, startup_timeout_s=300, log_path=log).start()
+    assert "config.json" in str(info.value)  # vLLM's own complaint about the empty model directory
+    assert log.is_file()
 
 
 def test_server_memory_is_measured(server: VLLMServer) -> None:

@@ -142,7 +142,8 @@ class VLLMServer:
                 requests (module docstring); True is safe and faster on GPU builds.
             extra_args: more ``vllm serve`` flags, appended as given.
             startup_timeout_s: seconds to wait for ``/health`` before giving up.
-            log_path: where the server's output goes; default a temporary file (see :attr:`log_path`).
+            log_path: where the server's output goes; default a temporary file, removed by :meth:`stop` unless
+                the server failed to start.
 
         """
         self.model = str(model)
@@ -161,6 +162,7 @@ class VLLMServer:
         self.chunked_prefill = chunked_prefill
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
+        self._own_log = log_path is None  # a temporary log is removed after a clean run, kept after a failed start
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
@@ -283,6 +285,8 @@ class VLLMServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._own_log and self.startup_s is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> VLLMServer:
         return self.start()
