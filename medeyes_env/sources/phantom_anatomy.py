@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 Modality = Literal["xray", "mri", "ct"]
 FloatArray = np.ndarray
 
-LUMEN_SIGMA = 1.4
+LUMEN_SIGMA = 1.2
 """Width (px) of the lumen pattern that tells a mimic from a lesion; its detail is finer than 4 px."""
 LUMEN_DEPTH = 1.8
 """Depth of a mimic's lumen relative to the lesion's central contrast."""
@@ -137,9 +137,29 @@ def resize(array: FloatArray, n: int, resample: Image.Resampling = Image.Resampl
 
 
 def smooth_field(rng: np.random.Generator, n: int, cells: int) -> FloatArray:
-    """A smooth random field of unit-ish standard deviation with features about ``n / cells`` pixels wide."""
-    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
-    return resize(coarse, n)
+    """A smooth random field of unit-ish standard deviation with features about ``n / cells`` pixels wide.
+
+    Drawn from a small fixed bank per ``(n, cells)`` in a random one of eight
+    orientations and either sign, which costs nothing; a case combines several.
+    """
+    bank = _field_bank(n, cells)
+    field_ = bank[int(rng.integers(len(bank)))]
+    flip = int(rng.integers(16))
+    if flip & 1:
+        field_ = field_[::-1]
+    if flip & 2:
+        field_ = field_[:, ::-1]
+    if flip & 4:
+        field_ = field_.T
+    return -field_ if flip & 8 else field_
+
+
+@lru_cache(maxsize=64)
+def _field_bank(n: int, cells: int, size: int = 6) -> FloatArray:
+    rng = np.random.default_rng([n, cells])
+    bank = np.stack([resize(rng.standard_normal((cells, cells)).astype(np.float32), n) for _ in range(size)])
+    bank.setflags(write=False)
+    return bank
 
 
 def blur(array: FloatArray, factor: int) -> FloatArray:
@@ -504,7 +524,7 @@ def render_chest(
         att += 0.1 * inside(ellipse_sdf(u, v, hx, hy, 0.03, 0.055), 0.03)
     full = resize(att, size)
     for focal in focals:
-        stamp_focal(full, focal, "xray", scale=2.2)
+        stamp_focal(full, focal, "xray", scale=1.15)  # about 1 display unit per unit of contrast in the lungs
     for finding in extended:
         if finding.kind == "pneumothorax":
             _pleural_line(full, p, finding)
@@ -648,7 +668,10 @@ def render_brain(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: 
     for s in (-1.0, 1.0):  # caudate heads and thalami
         tissue -= 0.1 * inside(ellipse_sdf(x, y, s * 0.065 * p["vent"], -0.1, 0.026, 0.045, -s * 0.3), 0.015)
         tissue -= 0.07 * inside(ellipse_sdf(x, y, s * 0.045, 0.05, 0.035, 0.05), 0.02)
-    csf = np.maximum(csf, inside(brain_ventricles_sdf(p, u, v), 0.006))
+    window = (slice(int((p["cy"] - 0.26) * n), int((p["cy"] + 0.26) * n)),) * 1 + (
+        slice(int((p["cx"] - 0.2) * n), int((p["cx"] + 0.2) * n)),
+    )
+    csf[window] = np.maximum(csf[window], inside(brain_ventricles_sdf(p, u[window], v[window]), 0.006))
     value = tissue * (1.0 - csf) + 0.1 * csf
     for s in (-1.0, 1.0):  # choroid plexus in the atria enhances
         value += 0.28 * inside(ellipse_sdf(x, y, s * 0.072 * p["vent"], 0.11, 0.014, 0.02), 0.008)
