@@ -48,6 +48,7 @@ from __future__ import annotations
 import base64
 import io
 import string
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -140,6 +141,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._prompt = ""
         self._answer: str | None = None
         self._done = False
+        self._overviews: OrderedDict[tuple[str, str], Image.Image] = OrderedDict()
 
     # -- the Gymnasium API ---------------------------------------------------------------------------
 
@@ -162,7 +164,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self.case = case
         self.image = case.load_image()
         self.turns, self._answer, self._done = [], None, False
-        first_view = views.overview(self.image, self.config.view_size)
+        first_view = self._overview(case)
         self._views = [first_view]
         self._prompt = self._question_text(case)
         return self._observation(first_view, self._prompt), self._info(None)
@@ -278,6 +280,18 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         return [box for turn in self.turns if turn.shown_boxes for box in turn.parsed.action.boxes]
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _overview(self, case: Case) -> Image.Image:
+        # GRPO replays each case G times in a row; the area-averaged overview is the costliest view to make.
+        key = (case.source, case.id)
+        if key in self._overviews:
+            self._overviews.move_to_end(key)
+            return self._overviews[key]
+        view = views.overview(self.image, self.config.view_size)
+        self._overviews[key] = view
+        if len(self._overviews) > 16:
+            self._overviews.popitem(last=False)
+        return view
 
     def _look(self, action: Action) -> tuple[Image.Image, list[Box], str]:
         cfg = self.config
