@@ -126,6 +126,10 @@ def test_kill_9_mid_run_resumes_to_identical_metrics(cache, tmp_path):
     lost_from = max(r["step"] for r in read_metrics(killed))
     subprocess.run([sys.executable, "-c", script, str(killed), json.dumps(overrides)], env=env, check=True)
     assert _stable(read_metrics(killed)) == _stable(read_metrics(whole)), f"killed after step {lost_from}"
+    print(
+        f"SIGKILL once step {kill_at} was logged (last row before the kill: step {lost_from}); the resumed run's "
+        f"{len(read_metrics(killed))} metric rows equal the uninterrupted run's bit for bit (timings excluded)"
+    )
 
 
 def test_config_yaml_round_trip_and_overrides(tmp_path):

@@ -294,7 +294,7 @@ def _cpu_default() -> dict[str, Any]:
             "optim": {"lr": 5e-4},
         },
         "expert": {"cases": 128, "per_case": 4, "max_regions": 2, "reasoning": "brief"},
-        "eval": {"every": 50, "cases": 128, "batch_size": 128},
+        "eval": {"every": 80, "cases": 128, "batch_size": 128},
         "checkpoint_every": 5,
     }
 
