@@ -31,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -767,8 +768,10 @@ class Trainer:
             self.model.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
 
-        with contextlib.suppress(Exception):  # a processor that refuses saving (Qwen fallback) keeps the checkpoint
+        try:
             _atomic_dir_write(final, write)
+        except Exception as exc:
+            warnings.warn(f"could not save {final} ({exc}); the last checkpoint holds the weights", stacklevel=2)
 
     @contextlib.contextmanager
     def _progress(self, total: int, start: int) -> Iterator[Any]:
