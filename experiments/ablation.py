@@ -80,6 +80,9 @@ def run_one(name: str, config: Any) -> dict[str, Any]:
         "accuracy": last.get("eval/accuracy"),
         "iou": last.get("eval/iou"),
         "steps": last.get("eval/steps"),
+        "reward": last.get("eval/reward"),
+        "parse_rate": last.get("eval/parse_rate"),
+        "turns": last.get("eval/turns"),
         "start_accuracy": evals[0]["eval/accuracy"] if evals else None,
         "blind_accuracy": last.get("eval/blind_accuracy"),
         "by_family": {k.split("/")[-1]: v for k, v in last.items() if k.startswith("eval/accuracy/")},
@@ -100,8 +103,8 @@ def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
     lines = [
         header,
         "",
-        "| variant | seeds | held-out accuracy | IoU | tool steps | accuracy at start (after SFT) |",
-        "|---|---|---|---|---|---|",
+        "| variant | seeds | held-out accuracy | IoU | tool steps | reward | parse rate | accuracy after SFT (start) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         mine = [r for r in rows if r["variant"] == variant]
@@ -110,6 +113,7 @@ def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
         lines.append(
             f"| {variant} | {','.join(str(r['seed']) for r in mine)} | {_mean_std([r['accuracy'] for r in mine])} | "
             f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
+            f"{_mean_std([r.get('reward') for r in mine])} | {_mean_std([r.get('parse_rate') for r in mine])} | "
             f"{_mean_std([r['start_accuracy'] for r in mine])} |"
         )
     blind = [r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None]
@@ -194,6 +198,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument("--report-only", action="store_true", help="Rebuild table and plot from finished runs.")
     args = parser.parse_args()
 
     from medeyes.training.config import build_config
@@ -203,12 +208,20 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if rows_path.exists():
         rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
+    if args.report_only:  # re-read every finished run's metrics (adds fields older rows lack)
+        from types import SimpleNamespace
+
+        rebuilt = []
+        for row in rows:
+            fresh = run_one(row["run"], SimpleNamespace(run_dir=Path(row["run_dir"])))
+            rebuilt.append({**fresh, "variant": row["variant"], "seed": row["seed"], "seconds": row["seconds"]})
+        rows = rebuilt
     header = (
         f"# Ablation on the phantom benchmark (CPU scale)\n\nTiny Idefics3 (random init), SFT warm start of "
         f"{args.sft_steps} steps, then {args.grpo_steps} steps per variant; held-out accuracy on "
         f"{args.eval_cases} test cases (greedy), mean ± std over seeds. Produced by `python experiments/ablation.py`."
     )
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         base = base_config(args)
         warm = build_config(
             base,
