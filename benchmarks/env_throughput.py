@@ -93,11 +93,15 @@ def main() -> None:
         ("baseline: PIL crop+resize to 256 px", baseline_crop),
         ("drill step (1024 px, incl. reward)", None),
         ("scan step (3 regions, montage)", None),
+        ("drill step, zoom_filter=nearest", "nearest"),
         ("reset (cached case) + answer step", answer_episode),
         ("reset on a new case (renders phantom)", reset_new_case),
     ]:
         if fn is baseline_crop:
             per_call = base_s
+        elif fn == "nearest":
+            fast_env = MedEyesEnv("phantom", split="test", zoom_filter="nearest")
+            per_call, _ = timed_steps(fast_env, drill_texts, args.seconds)
         elif fn is None:
             per_call, _ = timed_steps(env, drill_texts if name.startswith("drill") else scan_texts, args.seconds)
         else:
