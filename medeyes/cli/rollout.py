@@ -38,6 +38,11 @@ class AgentSpec(BaseModel):
     oracle: str = Field(default="annotation", description="Expert oracle: annotation, perfect, image or vlm.")
     mode: str = Field(default="full", description="Expert mode: full, scan_only, drill_only, greedy, random.")
     options: dict[str, str] = Field(default_factory=dict, description="Every --agent-opt key=value pair.")
+    model: str = Field(default="tiny", description="Policy: model alias, local directory or remote id.")
+    backend: str = Field(default="transformers", description="Policy: transformers, openai or vllm.")
+    base_url: str | None = Field(default=None, description="Policy with the openai backend: the server's /v1 URL.")
+    temperature: float = Field(default=1.0, ge=0.0, description="Policy: sampling temperature (0 = greedy).")
+    max_new_tokens: int = Field(default=256, ge=1, description="Policy: token cap per turn.")
 
 
 AgentFactory = Callable[[AgentSpec], Agent]
@@ -88,8 +93,23 @@ def _random_factory(spec: AgentSpec) -> Agent:
     return RandomAgent(config)
 
 
+def _policy_factory(spec: AgentSpec) -> Agent:
+    from medeyes.agents.backends import make_backend
+    from medeyes.agents.policy import PolicyAgent, SamplingConfig
+
+    backend = make_backend(
+        spec.backend,
+        spec.model if (spec.backend != "openai" or spec.model != "tiny") else None,
+        base_url=spec.base_url,
+        **{k: _parse_value(v) for k, v in spec.options.items()},
+    )
+    sampling = SamplingConfig(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=spec.seed)
+    return PolicyAgent(backend, sampling)
+
+
 register_agent("expert", _expert_factory)
 register_agent("random", _random_factory)
+register_agent("policy", _policy_factory)
 
 
 def build_agent(spec: AgentSpec) -> Agent:
@@ -159,6 +179,13 @@ def rollout(
     agent_opt: Annotated[
         list[str] | None, typer.Option(help="Extra agent option KEY=VALUE (repeatable), e.g. xi=0.9.")
     ] = None,
+    model: Annotated[str, typer.Option(help="Policy: model alias (tiny, ...), local directory or remote id.")] = "tiny",
+    backend: Annotated[str, typer.Option(help="Policy: transformers, openai (vllm serve) or vllm.")] = "transformers",
+    base_url: Annotated[
+        str | None, typer.Option(help="Policy + openai: server URL, e.g. http://127.0.0.1:8000/v1")
+    ] = None,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Policy: sampling temperature (0 = greedy).")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Policy: generated tokens per turn at most.")] = 256,
     summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
@@ -171,7 +198,19 @@ def rollout(
         if not sep or not key:
             raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
         options[key.strip()] = value.strip()
-    built = build_agent(AgentSpec(name=agent, seed=seed, oracle=oracle, mode=mode, options=options))
+    spec = AgentSpec(
+        name=agent,
+        seed=seed,
+        oracle=oracle,
+        mode=mode,
+        options=options,
+        model=model,
+        backend=backend,
+        base_url=base_url,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+    )
+    built = build_agent(spec)
     if keep_only_correct is None:
         config = getattr(built, "config", None)
         keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
