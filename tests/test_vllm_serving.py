@@ -132,3 +132,21 @@ def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
 
 def test_server_memory_is_measured(server: VLLMServer) -> None:
     assert server.rss_bytes() > 100 * 2**20  # the API server, engine core and worker together
+
+
+def test_expert_with_the_vlm_oracle_plays_phantom_episodes_against_the_server(server: VLLMServer) -> None:
+    # The live half of the VLM oracle: scan asks the served model for boxes, drill reads P("yes") from its
+    # logprobs, and the GRN+CVS expert turns that into well-formed protocol turns through MedEyesEnv.
+    from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.agents.oracles import VLMOracle, VLMOracleConfig
+    from medeyes.rollout import RolloutConfig, run_rollout
+
+    oracle = VLMOracle(VLMOracleConfig(base_url=server.base_url, timeout_s=300, scan_max_tokens=48))
+    expert = ExpertAgent(oracle, ExpertConfig(n_expert=1))
+    result = run_rollout(expert, "phantom", RolloutConfig(n=2, samples_per_case=1, batch_size=2))
+    assert len(result.records) == 2
+    for record in result.records:
+        assert record.steps, "the expert produced no turns"
+        assert all(step.well_formed for step in record.steps), [
+            step.model_dump(include={"action", "error"}) for step in record.steps
+        ]
