@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import string
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -103,8 +104,11 @@ class Turn(BaseModel):
     feedback: str
 
 
+_NOT_PRINTABLE = re.compile(f"[^{re.escape(string.printable)}]")
+
+
 def _printable(text: str, limit: int) -> str:
-    clean = "".join(ch if ch in TEXT_CHARSET else "?" for ch in text)
+    clean = _NOT_PRINTABLE.sub("?", text)
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
@@ -147,7 +151,8 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._prompt = ""
         self._answer: str | None = None
         self._done = False
-        self._overviews: OrderedDict[tuple[str, str], Image.Image] = OrderedDict()
+        self._pixels: Image.Image | None = None  # what views are cut from: the image, or its one channel
+        self._view_cache: OrderedDict[tuple[str, str], tuple[Image.Image, Image.Image]] = OrderedDict()
 
     # -- the Gymnasium API ---------------------------------------------------------------------------
 
@@ -170,7 +175,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self.case = case
         self.image = case.load_image()
         self.turns, self._answer, self._done = [], None, False
-        first_view = self._overview(case)
+        first_view = self._prepare_views(case)
         self._views = [first_view]
         self._prompt = self._question_text(case)
         return self._observation(first_view, self._prompt), self._info(None)
@@ -287,27 +292,34 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _overview(self, case: Case) -> Image.Image:
-        # GRPO replays each case G times in a row; the area-averaged overview is the costliest view to make.
+    def _prepare_views(self, case: Case) -> Image.Image:
+        """Make the overview and pick the pixels views are cut from; both are cached per case.
+
+        GRPO replays each case G times in a row, and the area-averaged overview is the costliest view.
+        Most medical images are grayscale stored as RGB: cutting views from a one-channel copy makes
+        each resample about 3x cheaper (same pixels up to rounding: at most 2 grey levels apart).
+        """
         key = (case.source, case.id)
-        if key in self._overviews:
-            self._overviews.move_to_end(key)
-            return self._overviews[key]
-        view = views.overview(self.image, self.config.view_size)
-        self._overviews[key] = view
-        if len(self._overviews) > 16:
-            self._overviews.popitem(last=False)
-        return view
+        if key not in self._view_cache:
+            pixels = np.asarray(self.image)
+            gray = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+            source = self.image.getchannel(0) if gray else self.image
+            self._view_cache[key] = (views.overview(source, self.config.view_size).convert("RGB"), source)
+            if len(self._view_cache) > 16:
+                self._view_cache.popitem(last=False)
+        self._view_cache.move_to_end(key)
+        overview, self._pixels = self._view_cache[key]
+        return overview
 
     def _look(self, action: Action) -> tuple[Image.Image, list[Box], str]:
         cfg = self.config
         if action.name == "drill":
             view, shown_box = views.drill_view(
-                self.image, action.boxes[0], cfg.view_size, cfg.drill_min_side, _FILTERS[cfg.zoom_filter]
+                self._pixels, action.boxes[0], cfg.view_size, cfg.drill_min_side, _FILTERS[cfg.zoom_filter]
             )
             return view, [shown_box], f"Zoomed into region {_fmt_box(shown_box)} at full resolution."
         view, shown = views.scan_view(
-            self.image, action.boxes, cfg.view_size, cfg.drill_min_side, cfg.scan_mode, _FILTERS[cfg.zoom_filter]
+            self._pixels, action.boxes, cfg.view_size, cfg.drill_min_side, cfg.scan_mode, _FILTERS[cfg.zoom_filter]
         )
         listing = "; ".join(f"{i + 1}: {_fmt_box(b)}" for i, b in enumerate(shown))
         layout = "side by side, numbered" if cfg.scan_mode == "montage" else "outlined on the overview"
@@ -335,7 +347,10 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         return "\n".join(lines)
 
     def _observation(self, view: Image.Image, text: str) -> dict[str, Any]:
-        return {"image": np.asarray(view, dtype=np.uint8), "text": _printable(text, self.config.max_text_chars)}
+        pixels = np.asarray(view, dtype=np.uint8)
+        if pixels.ndim == 2:  # a view cut from a grayscale image (np.stack beats PIL's convert here)
+            pixels = np.stack((pixels, pixels, pixels), axis=-1)
+        return {"image": pixels, "text": _printable(text, self.config.max_text_chars)}
 
     def _info(self, breakdown: RewardBreakdown | None) -> dict[str, Any]:
         case = self.case
@@ -379,6 +394,7 @@ def _text(text: str) -> dict[str, str]:
 
 
 def _image_part(image: Image.Image, image_format: ImageFormat) -> dict[str, Any]:
+    image = image if image.mode == "RGB" else image.convert("RGB")
     if image_format == "pil":
         return {"type": "image", "image": image}
     if image_format == "data_url":

@@ -78,7 +78,7 @@ def zoom(
     resized = image.resize((out_w, out_h), resample, box=(x1, y1, x2, y2))
     if (out_w, out_h) == (size, size):
         return resized
-    canvas = Image.new("RGB", (size, size))
+    canvas = Image.new(resized.mode, (size, size))
     canvas.paste(resized, ((size - out_w) // 2, (size - out_h) // 2))
     return canvas
 
