@@ -231,15 +231,10 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         if self.render_mode != "rgb_array" or self.image is None or self.case is None:
             return None
         size = self.config.render_size
-        scale = size / max(self.image.size)
         canvas = views.overview(self.image, size)
-        offset = ((size - self.image.width * scale) / 2, (size - self.image.height * scale) / 2)
 
         def place(boxes: Sequence[Box]) -> list[Box]:
-            return [
-                (x1 * scale + offset[0], y1 * scale + offset[1], x2 * scale + offset[0], y2 * scale + offset[1])
-                for x1, y1, x2, y2 in boxes
-            ]
+            return views.to_letterbox(boxes, self.image.size, size)
 
         if self.config.render_gold and self.case.regions:
             canvas = views.draw_boxes(canvas, place([r.box for r in self.case.regions]), [views.GOLD_COLOUR])

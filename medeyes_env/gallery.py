@@ -14,13 +14,8 @@ from medeyes_env.cases import Case
 def case_tile(case: Case, size: int = 320, caption_lines: int = 4) -> Image.Image:
     """One case: the letterboxed image with gold boxes (green) above a caption with question and answer."""
     image = case.load_image()
-    scale = size / max(image.size)
-    offset_x, offset_y = (size - image.width * scale) / 2, (size - image.height * scale) / 2
     view = views.letterbox(image, size)
-    boxes = [
-        (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
-        for x1, y1, x2, y2 in (region.box for region in case.regions)
-    ]
+    boxes = views.to_letterbox([region.box for region in case.regions], image.size, size)
     view = views.draw_boxes(view, boxes, [views.GOLD_COLOUR], labels=[r.label for r in case.regions])
     line_height = 12
     tile = Image.new("RGB", (size, size + caption_lines * line_height + 6), (20, 20, 20))

@@ -52,6 +52,21 @@ def expand_to_min_side(box: Sequence[float], min_side: float, image_size: tuple[
     return (nx1, ny1, nx2, ny2)
 
 
+def to_letterbox(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], size: int) -> list[Box]:
+    """Map boxes in original pixels onto a ``size`` square letterboxed view of the whole image.
+
+    >>> to_letterbox([(0, 0, 100, 50)], (200, 100), 100)
+    [(0.0, 25.0, 50.0, 50.0)]
+    """
+    width, height = image_size
+    scale = size / max(width, height)
+    offset_x, offset_y = (size - width * scale) / 2, (size - height * scale) / 2
+    return [
+        (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
+        for x1, y1, x2, y2 in boxes
+    ]
+
+
 def letterbox(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
     """Resize ``image`` to fit a ``size`` x ``size`` square, padding with black, aspect ratio kept."""
     return zoom(image, (0, 0, image.width, image.height), size, resample)
@@ -122,13 +137,7 @@ def scan_view(
     shown = [expand_to_min_side(box, min_side, image.size) for box in boxes]
     if mode == "outline":
         view = overview(image, size)
-        scale = size / max(image.size)
-        offset_x = (size - image.width * scale) / 2
-        offset_y = (size - image.height * scale) / 2
-        scaled = [
-            (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
-            for x1, y1, x2, y2 in boxes
-        ]
+        scaled = to_letterbox(boxes, image.size, size)
         return draw_boxes(view, scaled, colours=SCAN_COLOURS, numbered=True), shown
     if mode != "montage":
         raise ValueError(f"scan mode must be 'montage' or 'outline', got {mode!r}")
