@@ -374,8 +374,6 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
     def _coerce_action(action: object) -> str:
         if isinstance(action, bytes):
             return action.decode("utf-8", errors="replace")
-        if isinstance(action, np.str_):
-            return str(action)
         # Not text at all: let the parser report it as a malformed turn.
         return f"<not text: {type(action).__name__}>"
 
