@@ -10,8 +10,9 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from medeyes.agents.base import EpisodeContext  # noqa: E402
 from medeyes.agents.expert import ExpertAgent, ExpertConfig  # noqa: E402
-from medeyes.agents.policy import SamplingConfig  # noqa: E402
+from medeyes.agents.policy import PolicyAgent, SamplingConfig  # noqa: E402
 from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
 from medeyes.rollout import RolloutConfig, run_rollout  # noqa: E402
@@ -176,3 +177,32 @@ def test_mismatched_turns_are_refused(models):
         tokenize_episode(env.chat_messages(), [], processor)
     with pytest.raises(RecordError, match="differs from the assistant message"):
         tokenize_episode(env.chat_messages(), [TurnTokens("something else")], processor)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_turn_is_generated_from_the_training_sequence(models, arch):
+    """With the sampled ids of earlier turns passed back, a forward pass over the training sequence
+    reproduces the log-probs of every turn, not only the first (no re-tokenisation between turns)."""
+    model, processor = models[arch]
+    agent = PolicyAgent(TransformersBackend(model, processor), SamplingConfig(max_new_tokens=12, seed=3))
+    env = MedEyesEnv(source="samples", config=ENV)
+    env.reset(options={"case": _case()})
+    context = EpisodeContext(0, env.case, env.image, env.chat_messages(), 0, ENV.max_steps)
+    turns = []
+    for step in range(3):
+        context.messages, context.step = env.chat_messages(), step
+        out = agent.act([context])[0]
+        turns.append(TurnTokens(out.text, out.token_ids, out.logprobs))
+        _, _, terminated, truncated, _ = env.step(out.text)
+        if terminated or truncated:
+            break
+    assert len(turns) >= 2, "the random policy ended the episode in one turn; pick another seed"
+    messages = env.chat_messages()
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    episode = tokenize_episode(messages[: last + 1], turns, processor)
+    batch = collate([episode], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])[0]
+    mask = batch.loss_mask[0, 1:]
+    assert torch.allclose(logprobs[mask], batch.old_logprobs[0, 1:][mask], atol=1e-4)

@@ -99,6 +99,9 @@ def truncate_at_stop(text: str, stops: list[str] | tuple[str, ...]) -> tuple[str
     return (text[:best], True) if best >= 0 else (text, False)
 
 
+_TURN_IDS = "policy_turn_token_ids"
+
+
 class PolicyAgent:
     """An :class:`~medeyes.agents.base.Agent` that asks a generation backend for each episode's next turn."""
 
@@ -114,12 +117,22 @@ class PolicyAgent:
         """Generate the next turn of every episode in ``batch``, in order."""
         if not batch:
             return []
-        outputs = self.backend.generate([context.messages for context in batch], self.sampling)
+        messages = [context.messages for context in batch]
+        if getattr(self.backend, "accepts_turn_token_ids", False):
+            earlier = [context.state.get(_TURN_IDS, []) for context in batch]
+            outputs = self.backend.generate(messages, self.sampling, turn_token_ids=earlier)  # type: ignore[call-arg]
+        else:
+            outputs = self.backend.generate(messages, self.sampling)
         if len(outputs) != len(batch):
             raise ConfigError(
                 f"backend {type(self.backend).__name__} returned {len(outputs)} turns for {len(batch)} episodes; "
                 "a backend must return exactly one turn per conversation"
             )
+        for context, output in zip(batch, outputs, strict=True):
+            # Remember the sampled ids so the next turn's prompt spells this one exactly (None: text from then on).
+            earlier = context.state.get(_TURN_IDS, [])
+            known = earlier is not None and output.token_ids is not None
+            context.state[_TURN_IDS] = [*earlier, list(output.token_ids)] if known else None  # type: ignore[misc]
         return outputs
 
     def describe(self) -> dict[str, Any]:

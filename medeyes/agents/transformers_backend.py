@@ -78,11 +78,22 @@ class _RecordLogSoftmax(LogitsProcessor):
 class _GatherAndStop(StoppingCriteria):
     """After each step: record the sampled token's log-prob, and stop rows whose text reached a stop string."""
 
-    def __init__(self, record: _RecordLogSoftmax, tokenizer: Any, stops: list[str], prompt_len: int, batch: int):
+    def __init__(
+        self,
+        record: _RecordLogSoftmax,
+        tokenizer: Any,
+        stops: list[str],
+        prompt_len: int,
+        batch: int,
+        may_finish: torch.Tensor | None = None,
+    ):
         self.record = record
         self.tokenizer = tokenizer
         self.stops = stops
         self.prompt_len = prompt_len
+        # may_finish[token] is False for tokens that cannot complete any stop string (their text lacks every
+        # stop's last character); rows that just sampled one are not decoded. None: decode every row.
+        self.may_finish = may_finish
         # A stop string of n characters spans at most n tokens (every token decodes to >= 1 character).
         self.window = max((len(s) for s in stops), default=0) + 1
         self.logprobs: list[torch.Tensor] = []  # one (batch,) tensor per step
@@ -98,8 +109,15 @@ class _GatherAndStop(StoppingCriteria):
             return done
         n_generated = input_ids.shape[1] - self.prompt_len
         start = max(self.prompt_len, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        for row, tail in enumerate(tails):
+        if self.may_finish is None:
+            rows = list(range(input_ids.shape[0]))
+        else:
+            candidates = self.may_finish[new_tokens.clamp(0, self.may_finish.numel() - 1).cpu()]
+            rows = [row for row in torch.nonzero(candidates).flatten().tolist() if self.stopped_at[row] is None]
+        if not rows:
+            return done
+        tails = self.tokenizer.batch_decode(input_ids[rows, start:], skip_special_tokens=True)
+        for row, tail in zip(rows, tails, strict=True):
             if self.stopped_at[row] is None and any(stop in tail for stop in self.stops):
                 self.stopped_at[row] = n_generated
                 done[row] = True
@@ -120,6 +138,13 @@ def _image_from_part(part: dict[str, Any]) -> Image.Image:
         f"image content part must hold a PIL image or a data: URL, got {type(value).__name__}; "
         "the local backend never fetches images from paths or the network"
     )
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
 
 
 def conversation_images(messages: list[dict[str, Any]]) -> list[Image.Image]:
@@ -153,7 +178,27 @@ class TransformersBackend:
         placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
         self.suppressed_token_ids = sorted({int(i) for i in placeholders if isinstance(i, int)})
         self.calls = 0
+        self.accepts_turn_token_ids = True  # PolicyAgent passes each episode's sampled ids (generate's docstring)
         self.content_separator = self._content_separator()
+        self._may_finish: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _stop_filter(self, stops: list[str]) -> torch.Tensor | None:
+        """Per vocabulary id: whether the token can complete one of ``stops`` (cached per stop set).
+
+        A stop string appears in the decoded tail only at the step whose token brings its last character.
+        Decoding every row at every step cost a tenth of rollout time; this mask skips most rows.
+        """
+        if not stops or any(not stop for stop in stops):
+            return None
+        key = tuple(stops)
+        if key not in self._may_finish:
+            last_chars = {stop[-1] for stop in stops}
+            size = max(len(self.tokenizer), int(self.model.config.get_text_config().vocab_size))
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            mask = torch.ones(size, dtype=torch.bool)  # ids the tokenizer does not know: always check
+            mask[: len(texts)] = torch.tensor([any(c in text for c in last_chars) for text in texts])
+            self._may_finish[key] = mask
+        return self._may_finish[key]
 
     def _content_separator(self) -> str:
         """What the chat template puts between the generation prompt and an assistant turn's content.
@@ -204,6 +249,42 @@ class TransformersBackend:
         inputs = self.processor(**kwargs)
         return {key: value.to(self.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
 
+    def encode_with_turns(
+        self, batch_messages: list[list[dict[str, Any]]], turn_token_ids: list[list[list[int]] | None]
+    ) -> dict[str, torch.Tensor]:
+        """Like :meth:`encode`, but each earlier assistant turn is spelled by the ids the policy sampled for it.
+
+        Re-rendering a conversation as text re-tokenises earlier turns, which can change their ids (FEASIBILITY
+        7); the trainer scores the sampled ids, so this keeps generation and training in the same context. The
+        prompt is built by the trainer's own :func:`~medeyes.training.episodes.tokenize_episode`, left-padded.
+        A conversation whose ids are unknown (``None``) has its earlier turns tokenised from their text.
+        """
+        from medeyes.training.episodes import TurnTokens, collate, tokenize_episode
+
+        episodes = []
+        for messages, turn_ids in zip(batch_messages, turn_token_ids, strict=True):
+            contents = [message for message in messages if message.get("role") == "assistant"]
+            if turn_ids is None or len(turn_ids) != len(contents):
+                turns = [TurnTokens(text=_text_of(message)) for message in contents]
+            else:
+                turns = [
+                    TurnTokens(text=_text_of(message), token_ids=list(ids))
+                    for message, ids in zip(contents, turn_ids, strict=True)
+                ]
+            episodes.append(tokenize_episode(messages, turns, self.processor, generation_prompt=True))
+        batch = collate(episodes, int(self.tokenizer.pad_token_id))
+        # collate pads on the right; generation continues every row from its last token, so move pads left.
+        length = batch.input_ids.shape[1]
+        shifts = [length - episode.length for episode in episodes]
+
+        def to_left(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.roll(row, shift) for row, shift in zip(tensor, shifts, strict=True)])
+
+        inputs = {"input_ids": to_left(batch.input_ids), "attention_mask": to_left(batch.attention_mask)}
+        inputs.update({key: to_left(value) for key, value in batch.token_inputs.items()})
+        inputs.update(batch.image_inputs)
+        return {key: value.to(self.device) for key, value in inputs.items()}
+
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
         return GenerationConfig(
             do_sample=not sampling.greedy,
@@ -227,11 +308,24 @@ class TransformersBackend:
         )
 
     @torch.inference_mode()
-    def generate(self, batch_messages: list[list[dict[str, Any]]], sampling: SamplingConfig) -> list[TurnOutput]:
-        """One :class:`TurnOutput` per conversation (contract in :mod:`medeyes.agents.policy`)."""
+    def generate(
+        self,
+        batch_messages: list[list[dict[str, Any]]],
+        sampling: SamplingConfig,
+        turn_token_ids: list[list[list[int]] | None] | None = None,
+    ) -> list[TurnOutput]:
+        """One :class:`TurnOutput` per conversation (contract in :mod:`medeyes.agents.policy`).
+
+        ``turn_token_ids[i]`` holds the sampled ids of conversation ``i``'s earlier assistant turns (``None``:
+        unknown): the prompt then spells them exactly (:meth:`encode_with_turns`).
+        """
         if not batch_messages:
             return []
-        inputs = self.encode(batch_messages)
+        first_turns = all(not any(m.get("role") == "assistant" for m in messages) for messages in batch_messages)
+        if turn_token_ids is not None and not first_turns:
+            inputs = self.encode_with_turns(batch_messages, turn_token_ids)
+        else:
+            inputs = self.encode(batch_messages)  # the same ids when no turn was taken yet, in one processor call
         prompt_len = inputs["input_ids"].shape[1]
         batch = inputs["input_ids"].shape[0]
 
@@ -248,7 +342,9 @@ class TransformersBackend:
                 processors.append(TopPLogitsWarper(sampling.top_p))
         processors.append(processed)
         record = raw if sampling.logprobs_mode == "raw" else processed
-        stopper = _GatherAndStop(record, self.tokenizer, sampling.stop, prompt_len, batch)
+        stopper = _GatherAndStop(
+            record, self.tokenizer, sampling.stop, prompt_len, batch, self._stop_filter(list(sampling.stop))
+        )
 
         self.calls += 1
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -149,6 +149,7 @@ def tokenize_episode(
     is_expert: bool = False,
     meta: dict[str, Any] | None = None,
     cache: dict | None = None,
+    generation_prompt: bool = False,
 ) -> EpisodeTensors:
     """Tokenise one episode (both streams) into ids, an exact loss mask, behaviour log-probs and image tensors.
 
@@ -163,6 +164,9 @@ def tokenize_episode(
         meta: attached to the result unchanged.
         cache: optional dict reused across calls: environment segments with the same text and the same image
             objects are encoded once (the G rollouts of a GRPO group share their first segment).
+        generation_prompt: also append the environment segment after the last turn, up to the generation prompt
+            of the next turn (mask 0): the exact prompt a policy continues from, with its earlier turns as
+            sampled. ``turns`` may then be empty.
 
     Raises:
         RecordError: the messages and turns disagree, or the chat template breaks the prefix property.
@@ -173,7 +177,7 @@ def tokenize_episode(
         raise RecordError(
             f"episode has {len(assistant_at)} assistant messages but {len(turns)} turns; pass one TurnTokens per turn"
         )
-    if not turns:
+    if not turns and not generation_prompt:
         raise RecordError("episode has no assistant turn; there is nothing to train on")
     tokenizer = processor.tokenizer
     eos_ids = _eos_ids(processor)
@@ -246,6 +250,25 @@ def tokenize_episode(
         position += turn_ids.shape[0]
         consumed = prompt + sep + content
         drop_eos_text = tokenizer.eos_token if ended_with_eos else None
+
+    if generation_prompt:
+        prompt = _render(processor, messages, generation_prompt=True)
+        if not prompt.startswith(consumed):
+            raise RecordError("chat template breaks the prefix property at the generation prompt")
+        segment = prompt[len(consumed) :]
+        if drop_eos_text and segment.startswith(drop_eos_text):
+            segment = segment[len(drop_eos_text) :]
+        enc = _encode_segment(
+            processor, segment, _images_of(messages[(assistant_at[-1] + 1 if turns else 0) :]), first=not turns
+        )
+        seg_ids = enc["input_ids"][0]
+        image_parts.append(enc)
+        for key, value in enc.items():
+            if _is_token_aligned(key, value, enc["input_ids"]):
+                extras.setdefault(key, []).append(value[0])
+        ids.append(seg_ids)
+        mask.append(torch.zeros_like(seg_ids, dtype=torch.bool))
+        logps.append(torch.zeros(seg_ids.shape[0], dtype=torch.float32))
 
     return EpisodeTensors(
         input_ids=torch.cat(ids),
