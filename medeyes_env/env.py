@@ -88,6 +88,11 @@ class EnvConfig(BaseModel):
         "pixel as a block; about 4x faster per step). Regions larger than the view are always area-averaged.",
     )
     malformed_penalty: float = Field(default=0.0, ge=0.0, description="Subtracted per unparseable turn.")
+    instructions: Literal["full", "brief"] = Field(
+        default="full",
+        description="System prompt: full (protocol with worked examples) or brief (the same rules in a third of "
+        "the tokens; for small models trained from scratch).",
+    )
     max_text_chars: int = Field(default=8192, ge=256, description="Longest text observation.")
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     limits: ProtocolLimits = Field(default_factory=ProtocolLimits)
@@ -275,7 +280,9 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         """The protocol as the model is told it, with this image's size filled in."""
         width, height = self.image.size if self.image is not None else (0, 0)
         # max_steps counts tool turns; the instructions count every turn, the answer included.
-        return protocol_instructions(width, height, self.config.max_steps + 1, self.config.limits)
+        return protocol_instructions(
+            width, height, self.config.max_steps + 1, self.config.limits, style=self.config.instructions
+        )
 
     @property
     def explored_boxes(self) -> list[Box]:
@@ -331,7 +338,8 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
 
     def _question_text(self, case: Case) -> str:
         width, height = self.image.size
-        lines = [f"Image: {case.modality}, {width}x{height} pixels (this view is downsampled).", case.question]
+        # The modality is not stated: a modality question must be answered from the pixels, not copied.
+        lines = [f"Image: {width}x{height} pixels (this view is downsampled).", case.question]
         if case.answer_type is AnswerType.CHOICE:
             lines += [f"({chr(ord('A') + i)}) {option}" for i, option in enumerate(case.options)]
             lines.append("Answer with the option's letter or text.")

@@ -201,3 +201,26 @@ def test_make_vec_steps_four_envs(mode):
         assert np.allclose(reward, info["reward_total"])
     finally:
         envs.close()
+
+
+def test_brief_instructions_state_the_same_protocol_in_fewer_words():
+    full = MedEyesEnv(config=EnvConfig(max_steps=2))
+    brief = MedEyesEnv(config=EnvConfig(max_steps=2, instructions="brief"))
+    full.reset(seed=3)
+    brief.reset(seed=3)
+    short, long = brief.unwrapped.system_prompt(), full.unwrapped.system_prompt()
+    assert len(short) < len(long) / 2
+    for form in ('"name": "scan"', '"name": "drill"', "<answer>", "<reasoning>", "At most 3 turns"):
+        assert form in short
+    # Only the system prompt differs: the episode itself (question, views, rewards) is the same.
+    assert brief.unwrapped.chat_messages()[1:] == full.unwrapped.chat_messages()[1:]
+    obs, reward, terminated, _, _ = brief.step(answer(gold_answer_text(brief.unwrapped.case)))
+    assert terminated and reward > 0.6
+
+
+def test_prompt_does_not_give_away_the_modality():
+    env = MedEyesEnv(source="phantom", config=EnvConfig(max_steps=1))
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        case = env.unwrapped.case
+        assert case.modality.lower() not in obs["text"].lower().split("\n")[0]
