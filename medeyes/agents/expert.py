@@ -110,6 +110,11 @@ class ExpertConfig(BaseModel):
         default=(0.02, 0.3),
         description="Random mode: box side range as a fraction of the image's shorter side (log-uniform).",
     )
+    global_questions: Literal["look", "answer"] = Field(
+        default="look",
+        description="Questions no region can inform (modality, ...): look (scan and drill like any other) or "
+        "answer from the overview at once (what an information-gain navigator does when regions add nothing).",
+    )
     seed: int = Field(default=0, description="Base seed; each episode's stream also mixes in its episode seed.")
 
 
@@ -410,8 +415,11 @@ def _match_option(value: str, options: Sequence[str]) -> str | None:
     return None
 
 
-def _prompt_modality(case: Case, options: Sequence[str]) -> str | None:
-    """The modality the environment's prompt states ("Image: ct, ..."), phrased as an option or a word."""
+def _recorded_modality(case: Case, options: Sequence[str]) -> str | None:
+    """The modality recorded with the case (privileged, like the annotations), phrased as an option or a word.
+
+    The environment's prompt does not state it: a policy must read the modality from the pixels.
+    """
     words = _MODALITY_WORDS.get(case.modality.lower())
     if not words:
         return None
@@ -433,7 +441,7 @@ def derive_answer(
 ) -> tuple[str, str]:
     """The expert's answer and a short justification, read from the evidence (see the module docstring).
 
-    ``case`` supplies the question, its answer type, options, modality (all in the prompt) and the
+    ``case`` supplies the question, its answer type, options (all in the prompt), the recorded modality and the
     question family; ``case.answer`` is never read here.
     """
     family = question_family(case).lower()
@@ -483,7 +491,7 @@ def derive_answer(
             return chosen, f"the finding measures about {diameter:.0f} px across"
 
     if family == "modality" or (family == "other" and "modality" in case.question.lower()):
-        stated = _prompt_modality(case, options) if "modality" in case.question.lower() else None
+        stated = _recorded_modality(case, options) if "modality" in case.question.lower() else None
         if stated:
             return stated, f"the study is labelled {case.modality}"
 
@@ -658,6 +666,8 @@ class ExpertAgent:
         else:
             prefix = self._narrate_event(narrator, state, image.size)
         state.last_event = None
+        if self.config.global_questions == "answer" and question_family(case).lower() not in REGION_FAMILIES:
+            state.stop = True
         if state.stop or state.tool_steps >= budget:
             return self._answer(context, state, narrator, prefix)
         if self.config.mode == "random":

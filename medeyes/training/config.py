@@ -51,6 +51,11 @@ class SFTConfig(BaseModel):
     steps: int = Field(default=0, ge=0, description="Optimizer steps of the sft stage (0 skips it).")
     batch_size: int = Field(default=16, ge=1, description="Expert trajectories per optimizer step.")
     grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step (batch_size split).")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        default="token_mean",
+        description="token_mean: every expert token weighs the same; seq_mean_token_mean: every trajectory "
+        "weighs the same (short trajectories, e.g. direct answers, are not drowned by long ones).",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
@@ -95,6 +100,10 @@ class ExpertDataConfig(BaseModel):
     oracle: str = Field(default="annotation", description="Region oracle of the expert (annotation, image, vlm).")
     keep_only_correct: bool = Field(default=True, description="Keep only trajectories whose answer is correct.")
     max_regions: int = Field(default=5, ge=1, le=5, description="Most regions the expert shows in one scan (paper 5).")
+    global_questions: Literal["look", "answer"] = Field(
+        default="look",
+        description="Questions no region can inform (modality): look like any other, or answer at once.",
+    )
     seed: int = Field(
         default=0, description="Expert sampling seed (independent of the training seed, so runs share demos)."
     )

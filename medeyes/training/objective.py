@@ -251,8 +251,16 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0, chunk_size: in
     return _stack_rows(rows, logits)  # [B, T]
 
 
-def sft_loss(logprobs_or_logits: Tensor, loss_mask: Tensor, target_ids: Tensor | None = None) -> Tensor:
-    """Token-mean negative log-likelihood over masked tokens (the warm-start SFT loss).
+def sft_loss(
+    logprobs_or_logits: Tensor,
+    loss_mask: Tensor,
+    target_ids: Tensor | None = None,
+    aggregation: Aggregation = "token_mean",
+) -> Tensor:
+    """Negative log-likelihood over masked tokens (the warm-start SFT loss), token-mean by default.
+
+    ``aggregation="seq_mean_token_mean"`` averages within each sequence first, so a one-turn trajectory
+    weighs as much as a four-turn one (its answer is not drowned by the long one's box coordinates).
 
     Args:
         logprobs_or_logits: Either ``[B, T]`` log-probabilities of the target tokens, or ``[B, T, V]``
@@ -266,6 +274,9 @@ def sft_loss(logprobs_or_logits: Tensor, loss_mask: Tensor, target_ids: Tensor |
 
     >>> round(sft_loss(torch.tensor([[-1.0, -3.0, -50.0]]), torch.tensor([[1, 1, 0]])).item(), 4)
     2.0
+    >>> lp, mask = torch.tensor([[-1.0, -3.0], [-6.0, 0.0]]), torch.tensor([[1, 1], [1, 0]])
+    >>> round(sft_loss(lp, mask).item(), 4), round(sft_loss(lp, mask, aggregation="seq_mean_token_mean").item(), 4)
+    (3.3333, 4.0)
 
     """
     if logprobs_or_logits.dim() == 3:
@@ -280,7 +291,10 @@ def sft_loss(logprobs_or_logits: Tensor, loss_mask: Tensor, target_ids: Tensor |
         raise ValueError(
             f"sft_loss expects [B, T] log-probs or [B, T, V] logits, got shape {tuple(logprobs_or_logits.shape)}."
         )
-    return masked_mean(-lp, loss_mask)
+    if aggregation == "token_mean":
+        return masked_mean(-lp, loss_mask)
+    mask = loss_mask.to(lp.dtype)
+    return _aggregate(torch.where(loss_mask.bool(), -lp, torch.zeros_like(lp)), mask, aggregation)
 
 
 # ----------------------------------------------------------------------------------------------------------------

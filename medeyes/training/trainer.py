@@ -191,6 +191,7 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
                 t_max=max(1, config.env.max_steps),
                 max_regions=config.expert.max_regions,
                 keep_only_correct=config.expert.keep_only_correct,
+                global_questions=config.expert.global_questions,
                 seed=config.expert.seed,
             ),
         )
@@ -286,6 +287,9 @@ class MemoryStore:
         """An empty store."""
         self.images: dict[str, Any] = {}
         self.ids: set[str] = set()
+        # The G rollouts of a case share one original PIL image: hash it once (the object is kept alive
+        # in `images`, so its id is not reused while this store lives).
+        self._digest_of_pil: dict[int, str] = {}
 
     def put_image(self, image: Any) -> str:
         """Keep ``image`` (PIL or array) under its content hash."""
@@ -293,7 +297,11 @@ class MemoryStore:
 
         from medeyes.trajectories import image_digest
 
+        if isinstance(image, Image.Image) and id(image) in self._digest_of_pil:
+            return self._digest_of_pil[id(image)]
         digest = image_digest(image)
+        if isinstance(image, Image.Image) and self.images.get(digest, image) is image:
+            self._digest_of_pil[id(image)] = digest
         if digest not in self.images:
             self.images[digest] = image if isinstance(image, Image.Image) else Image.fromarray(image)
         return digest
@@ -507,8 +515,12 @@ class Trainer:
             with self._autocast():
                 logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
             mask = batch.loss_mask[:, 1:]
-            # token-mean over the whole step: weight each micro-batch by its share of the step's tokens
-            loss = sft_loss(logprobs, mask) * (int(mask.sum()) / max(1, n_tokens))
+            # a mean over the whole step: weight each micro-batch by its share of the step's tokens (or rows)
+            if cfg.sft.aggregation == "token_mean":
+                share = int(mask.sum()) / max(1, n_tokens)
+            else:
+                share = int((mask.sum(dim=1) > 0).sum()) / max(1, sum(e.generated_tokens > 0 for e in episodes))
+            loss = sft_loss(logprobs, mask, aggregation=cfg.sft.aggregation) * share
             loss.backward()
             losses.append(float(loss.detach()))
             tokens_seen += int(batch.attention_mask.sum())
