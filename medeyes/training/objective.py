@@ -268,6 +268,7 @@ def sft_loss(
             :func:`sequence_logprobs_from_logits`).
         loss_mask: ``[B, T]``; nonzero on the tokens to imitate (the trajectory's model-generated text).
         target_ids: ``[B, T]`` token ids, only with logits.
+        aggregation: ``token_mean`` (every masked token weighs the same) or ``seq_mean_token_mean``.
 
     Returns:
         Scalar loss; 0 (with a graph) when the mask is empty.
