@@ -252,3 +252,19 @@ def test_invalid_expert_settings_are_refused():
         make_expert("annotation", "scan-only")
     with pytest.raises(ConfigError, match="invalid expert configuration"):
         make_expert("annotation", p0=0.0)
+
+
+def test_global_questions_answer_at_once_and_region_questions_still_look():
+    cases = phantom_cases_by_family(per_family=3)
+    runs = {}
+    for setting in ("look", "answer"):
+        expert = ExpertAgent("perfect", ExpertConfig(global_questions=setting, n_expert=1))
+        runs[setting] = run_rollout(expert, ListSource(cases), RolloutConfig(n=len(cases), samples_per_case=1)).records
+    looked = 0
+    for look, answer in zip(runs["look"], runs["answer"], strict=True):
+        if look.family == "modality":
+            assert [step.action.name for step in answer.steps] == ["answer"] and answer.correct
+            looked += len(look.steps) > 1
+        else:  # region questions are untouched by the setting
+            assert [s.text for s in look.steps] == [s.text for s in answer.steps]
+    assert looked, "with global_questions=look the expert uses tools on some modality question"
