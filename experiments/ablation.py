@@ -220,6 +220,9 @@ def main() -> None:
         f"# Ablation on the phantom benchmark (CPU scale)\n\nTiny Idefics3 (random init), SFT warm start of "
         f"{args.sft_steps} steps, then {args.grpo_steps} steps per variant; held-out accuracy on "
         f"{args.eval_cases} test cases (greedy), mean ± std over seeds. Produced by `python experiments/ablation.py`."
+        "\n\nExpert advantages: `dual_paper` uses the paper's per-stream statistics; every other dual-stream "
+        "variant inherits the CPU default's LUFFY-style baseline (`on_baseline`, shaping on), so the expert-data "
+        "ablations (no_cvs, no_grn, scan_only, drill_only) compare against `dual_luffy`."
     )
     for seed in [] if args.report_only else args.seeds:
         base = base_config(args)

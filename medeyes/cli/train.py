@@ -110,6 +110,10 @@ def train(
             f"end {last.get('eval/accuracy', 0):.3f} (step {int(last['step'])}); "
             f"blind majority-answer baseline {result.blind_accuracy:.3f}"
         )
+        families = {k.removeprefix("eval/accuracy/"): v for k, v in last.items() if k.startswith("eval/accuracy/")}
+        if families:
+            listing = ", ".join(f"{family} {value:.3f}" for family, value in sorted(families.items()))
+            console.print(f"held-out accuracy by question family: {listing}")
         console.print(
             f"held-out IoU {last.get('eval/iou', 0):.3f}, tool steps {last.get('eval/steps', 0):.2f}, "
             f"parse rate {last.get('eval/parse_rate', 0):.3f}"

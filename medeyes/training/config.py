@@ -275,36 +275,50 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
 def _cpu_default() -> dict[str, Any]:
     """The embedded default: tiny Idefics3 on an easy phantom task, finishing in <= 10 min on 2 cores.
 
-    Task: presence ("Is there a lung nodule?") and modality questions on 512 px phantoms whose lesions are
-    large enough to show as a blob in the 128 px overview, while lesion-like rings (mimics) look the same
-    there: telling them apart takes a closer look (scan montage or drill). Two tool turns at most.
+    Task: presence ("Is there a lung nodule?") and modality / body-part questions on 512 px phantoms. The
+    prompt does not state the modality, so those answers must come from the pixels; presence needs a closer
+    look (lesion-like mimics look the same in the 128 px overview). Two tool turns at most.
+
+    Choices measured in docs/training.md: the brief system prompt (141 instead of 344 tokens per sequence),
+    an expert that answers modality questions at once (no region informs them) and an SFT loss that weighs
+    every trajectory equally (token-mean drowned the one answer token under the box coordinates: modality
+    stayed at chance after 1,000 steps); LUFFY-style expert advantages in GRPO, because with two kept (all
+    correct) demonstrations per case the paper's per-stream statistics give the expert stream sigma = 0.
     """
     return {
         "model": "tiny",
         "data": "phantom:easy",
         "data_options": {"families": ["presence", "modality"], "image_size": 512, "lesion_radius": [20.0, 36.0]},
         "threads": 1,
-        "env": {"max_steps": 2, "view_size": 128},
+        "env": {"max_steps": 2, "view_size": 128, "instructions": "brief"},
         "sampling": {"temperature": 1.0, "max_new_tokens": 72},
         "rollout_batch": 64,
         "stages": ["sft", "grpo"],
         "sft": {
-            "steps": 160,
+            "steps": 800,
             "batch_size": 8,
+            "aggregation": "seq_mean_token_mean",
             "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
         },
         "grpo": {
-            "steps": 12,
+            "steps": 40,
             "mode": "dual",
-            "prompts_per_step": 2,
+            "prompts_per_step": 4,
             "group_on": 8,
             "group_off": 4,
             "grad_accum": 2,
-            "optim": {"lr": 5e-4},
+            "optim": {"lr": 2e-4},
         },
-        "expert": {"cases": 128, "per_case": 4, "max_regions": 2, "reasoning": "brief"},
-        "eval": {"every": 80, "cases": 128, "batch_size": 128},
-        "checkpoint_every": 5,
+        "objective": {"advantage_mode": "on_baseline", "off_policy_shaping": True},
+        "expert": {
+            "cases": 512,
+            "per_case": 2,
+            "max_regions": 2,
+            "reasoning": "brief",
+            "global_questions": "answer",
+        },
+        "eval": {"every": 200, "cases": 128, "batch_size": 128},
+        "checkpoint_every": 20,
     }
 
 
