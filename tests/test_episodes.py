@@ -206,3 +206,23 @@ def test_every_turn_is_generated_from_the_training_sequence(models, arch):
     logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])[0]
     mask = batch.loss_mask[0, 1:]
     assert torch.allclose(logprobs[mask], batch.old_logprobs[0, 1:][mask], atol=1e-4)
+
+
+def test_segment_cache_never_mixes_up_images(models):
+    """The GRPO step tokenises a group's rollouts with a shared cache: each episode must keep its own pixels
+    (a cache keyed on the ids of temporary image copies once handed one case's pixels to another)."""
+    from medeyes.agents.random_agent import RandomAgent
+    from medeyes.training.trainer import MemoryStore
+
+    _, processor = models["idefics3"]
+    store = MemoryStore()
+    single_turn = EnvConfig(max_steps=0, view_size=128)
+    config = RolloutConfig(split="train", n=6, samples_per_case=3, env=single_turn)
+    records = run_rollout(RandomAgent(), "phantom:easy", config, store=store).records
+    cache: dict = {}
+    cached = [tokenize_record(r, store, processor, cache=cache) for r in records]
+    assert len(cache) == len({r.image for r in records}) == 6  # one encoding per distinct overview
+    for record, episode in zip(records, cached, strict=True):
+        fresh = tokenize_record(record, store, processor)
+        assert torch.equal(episode.image_inputs["pixel_values"], fresh.image_inputs["pixel_values"])
+        assert torch.equal(episode.input_ids, fresh.input_ids)

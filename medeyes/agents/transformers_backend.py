@@ -130,7 +130,7 @@ def _image_from_part(part: dict[str, Any]) -> Image.Image:
     if isinstance(value, dict):
         value = value.get("url")
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return value if value.mode == "RGB" else value.convert("RGB")  # same object: caches can key on it
     if isinstance(value, str) and value.startswith("data:image/"):
         payload = value.split(",", 1)[1]
         return Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB")

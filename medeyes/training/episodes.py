@@ -207,11 +207,14 @@ def tokenize_episode(
             segment = segment[len(drop_eos_text) :]
         seg_images = _images_of(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
         key = (segment, tuple(id(image) for image in seg_images), k == 0)
-        enc = cache.get(key) if cache is not None else None
-        if enc is None:
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            enc = hit[0]
+        else:
             enc = _encode_segment(processor, segment, seg_images, first=(k == 0))
             if cache is not None:
-                cache[key] = enc
+                # The entry holds the images, so their ids (part of the key) cannot be reused by other objects.
+                cache[key] = (enc, seg_images)
         seg_ids = enc["input_ids"][0]
         image_parts.append(enc)
         for key, value in enc.items():
