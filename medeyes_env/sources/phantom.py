@@ -110,7 +110,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -329,6 +329,10 @@ class _Draft:
     variant: str = ""
 
 
+_DRAWN_CACHE = 4096
+"""Drawn scenes (geometry and question, no pixels) kept per source."""
+
+
 class PhantomSource:
     """Infinite, deterministic procedural cases: ``case(split, index)`` for any index >= 0."""
 
@@ -337,6 +341,8 @@ class PhantomSource:
     def __init__(self, config: PhantomConfig | None = None) -> None:
         self.config = config or PRESETS["medium"]
         self._cache: OrderedDict[tuple[str, int], Image.Image] = OrderedDict()
+        # Drawn scenes are small: keep many, so the G rollouts of a case (and its render) draw it once.
+        self._drawn: OrderedDict[tuple[str, int], tuple[Any, Any, dict]] = OrderedDict()
         self._lock = threading.Lock()
 
     def size(self, split: Split) -> int | None:
@@ -397,6 +403,22 @@ class PhantomSource:
     def _draw(self, split: Split, index: int) -> tuple[PhantomScene, _Draft, dict[str, str | int | float | bool]]:
         if not isinstance(index, int | np.integer) or index < 0:
             raise SourceError(f"phantom case index must be an integer >= 0, got {index!r}")
+        key = (split, int(index))
+        with self._lock:
+            drawn = self._drawn.get(key)
+            if drawn is not None:
+                self._drawn.move_to_end(key)
+                return drawn[0], drawn[1], dict(drawn[2])  # meta copied: a Case's meta may be edited
+        scene, draft, meta = self._draw_uncached(split, int(index))
+        with self._lock:
+            self._drawn[key] = (scene, draft, meta)
+            while len(self._drawn) > _DRAWN_CACHE:
+                self._drawn.popitem(last=False)
+        return scene, draft, dict(meta)
+
+    def _draw_uncached(
+        self, split: Split, index: int
+    ) -> tuple[PhantomScene, _Draft, dict[str, str | int | float | bool]]:
         rng = np.random.default_rng(np.random.SeedSequence([SALT, _split_code(split), int(index), 0]))
         cfg = self.config
         modalities = [m for m in cfg.modalities if any(f in _APPLICABLE[m] for f in cfg.families)]
