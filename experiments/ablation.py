@@ -72,6 +72,12 @@ def run_one(name: str, config: Any) -> dict[str, Any]:
     rows = read_metrics(config.run_dir)
     evals = [r for r in rows if "eval/accuracy" in r]
     last = evals[-1] if evals else {}
+    grpo = [r for r in rows if "stream/on/tool_share" in r]  # the GRPO steps
+
+    def mean_of(key: str) -> float | None:
+        values = [r[key] for r in grpo if key in r]
+        return statistics.fmean(values) if values else None
+
     return {
         "run": name,
         "run_dir": str(config.run_dir),
@@ -86,6 +92,9 @@ def run_one(name: str, config: Any) -> dict[str, Any]:
         "start_accuracy": evals[0]["eval/accuracy"] if evals else None,
         "blind_accuracy": last.get("eval/blind_accuracy"),
         "by_family": {k.split("/")[-1]: v for k, v in last.items() if k.startswith("eval/accuracy/")},
+        # training-time health of the variant's GRPO steps (None for sft_only)
+        "expert_adv_zero_frac": mean_of("stream/off/adv_zero_frac"),
+        "on_tool_share": mean_of("stream/on/tool_share"),
     }
 
 
@@ -103,8 +112,9 @@ def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
     lines = [
         header,
         "",
-        "| variant | seeds | held-out accuracy | IoU | tool steps | reward | parse rate | accuracy after SFT (start) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | held-out accuracy | IoU | tool steps | reward | parse rate | accuracy after SFT (start) "
+        "| expert rows with advantage 0 | on-policy episodes with a tool call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         mine = [r for r in rows if r["variant"] == variant]
@@ -114,7 +124,9 @@ def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
             f"| {variant} | {','.join(str(r['seed']) for r in mine)} | {_mean_std([r['accuracy'] for r in mine])} | "
             f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
             f"{_mean_std([r.get('reward') for r in mine])} | {_mean_std([r.get('parse_rate') for r in mine])} | "
-            f"{_mean_std([r['start_accuracy'] for r in mine])} |"
+            f"{_mean_std([r['start_accuracy'] for r in mine])} | "
+            f"{_mean_std([r.get('expert_adv_zero_frac') for r in mine])} | "
+            f"{_mean_std([r.get('on_tool_share') for r in mine])} |"
         )
     blind = [r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None]
     if blind:
