@@ -74,6 +74,16 @@ def _policy_episode(model, processor, turns=3, max_new_tokens=12):
     return messages[: last + 1], out_turns, prompts
 
 
+def assert_forward_pass_reproduces_recorded_logprobs(model, processor, episode) -> None:
+    """A training forward pass over the episode gives the log-probs recorded at generation (atol 1e-4)."""
+    batch = collate([episode], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits
+    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])[0]
+    mask = batch.loss_mask[0, 1:]
+    assert torch.allclose(logprobs[mask], batch.old_logprobs[0, 1:][mask], atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mask_is_one_exactly_on_generated_tokens(models, arch):
     model, processor = models[arch]
@@ -102,12 +112,7 @@ def test_forward_pass_reproduces_first_turn_logprobs(models, arch):
     model, processor = models[arch]
     messages, turns, _ = _policy_episode(model, processor, turns=1)
     episode = tokenize_episode(messages, turns, processor)
-    batch = collate([episode], processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits
-    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])[0]
-    mask = batch.loss_mask[0, 1:]
-    assert torch.allclose(logprobs[mask], batch.old_logprobs[0, 1:][mask], atol=1e-4)
+    assert_forward_pass_reproduces_recorded_logprobs(model, processor, episode)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -200,12 +205,7 @@ def test_every_turn_is_generated_from_the_training_sequence(models, arch):
     messages = env.chat_messages()
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     episode = tokenize_episode(messages[: last + 1], turns, processor)
-    batch = collate([episode], processor.tokenizer.pad_token_id)
-    with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits
-    logprobs = sequence_logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:])[0]
-    mask = batch.loss_mask[0, 1:]
-    assert torch.allclose(logprobs[mask], batch.old_logprobs[0, 1:][mask], atol=1e-4)
+    assert_forward_pass_reproduces_recorded_logprobs(model, processor, episode)
 
 
 def test_segment_cache_never_mixes_up_images(models):

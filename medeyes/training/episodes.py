@@ -192,6 +192,19 @@ def tokenize_episode(
     position = 0
     consumed = ""  # the rendered text already covered by ids
     drop_eos_text: str | None = None
+
+    def add_environment_segment(enc: dict[str, torch.Tensor]) -> int:
+        """Append one processor-encoded environment segment (mask 0); return its length in tokens."""
+        seg_ids = enc["input_ids"][0]
+        image_parts.append(enc)
+        for key, value in enc.items():
+            if _is_token_aligned(key, value, enc["input_ids"]):
+                extras.setdefault(key, []).append(value[0])
+        ids.append(seg_ids)
+        mask.append(torch.zeros_like(seg_ids, dtype=torch.bool))
+        logps.append(torch.zeros(seg_ids.shape[0], dtype=torch.float32))
+        return int(seg_ids.shape[0])
+
     for k, (at, turn) in enumerate(zip(assistant_at, turns, strict=True)):
         content = _content_text(messages[at])
         if content != turn.text:
@@ -215,15 +228,7 @@ def tokenize_episode(
             if cache is not None:
                 # The entry holds the images, so their ids (part of the key) cannot be reused by other objects.
                 cache[key] = (enc, seg_images)
-        seg_ids = enc["input_ids"][0]
-        image_parts.append(enc)
-        for key, value in enc.items():
-            if _is_token_aligned(key, value, enc["input_ids"]):
-                extras.setdefault(key, []).append(value[0])
-        ids.append(seg_ids)
-        mask.append(torch.zeros_like(seg_ids, dtype=torch.bool))
-        logps.append(torch.zeros(seg_ids.shape[0], dtype=torch.float32))
-        position += seg_ids.shape[0]
+        position += add_environment_segment(enc)
 
         full = _render(processor, messages[: at + 1], generation_prompt=False)
         tail = full[len(prompt) :] if full.startswith(prompt) else None
@@ -264,14 +269,7 @@ def tokenize_episode(
         enc = _encode_segment(
             processor, segment, _images_of(messages[(assistant_at[-1] + 1 if turns else 0) :]), first=not turns
         )
-        seg_ids = enc["input_ids"][0]
-        image_parts.append(enc)
-        for key, value in enc.items():
-            if _is_token_aligned(key, value, enc["input_ids"]):
-                extras.setdefault(key, []).append(value[0])
-        ids.append(seg_ids)
-        mask.append(torch.zeros_like(seg_ids, dtype=torch.bool))
-        logps.append(torch.zeros(seg_ids.shape[0], dtype=torch.float32))
+        add_environment_segment(enc)
 
     return EpisodeTensors(
         input_ids=torch.cat(ids),
