@@ -140,13 +140,6 @@ def _image_from_part(part: dict[str, Any]) -> Image.Image:
     )
 
 
-def _text_of(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
-
-
 def conversation_images(messages: list[dict[str, Any]]) -> list[Image.Image]:
     """All images of a conversation, in the order the chat template renders their placeholders."""
     images = []
@@ -259,16 +252,16 @@ class TransformersBackend:
         prompt is built by the trainer's own :func:`~medeyes.training.episodes.tokenize_episode`, left-padded.
         A conversation whose ids are unknown (``None``) has its earlier turns tokenised from their text.
         """
-        from medeyes.training.episodes import TurnTokens, collate, tokenize_episode
+        from medeyes.training.episodes import TurnTokens, collate, content_text, tokenize_episode
 
         episodes = []
         for messages, turn_ids in zip(batch_messages, turn_token_ids, strict=True):
             contents = [message for message in messages if message.get("role") == "assistant"]
             if turn_ids is None or len(turn_ids) != len(contents):
-                turns = [TurnTokens(text=_text_of(message)) for message in contents]
+                turns = [TurnTokens(text=content_text(message)) for message in contents]
             else:
                 turns = [
-                    TurnTokens(text=_text_of(message), token_ids=list(ids))
+                    TurnTokens(text=content_text(message), token_ids=list(ids))
                     for message, ids in zip(contents, turn_ids, strict=True)
                 ]
             episodes.append(tokenize_episode(messages, turns, self.processor, generation_prompt=True))

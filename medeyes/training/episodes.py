@@ -40,6 +40,7 @@ __all__ = [
     "EpisodeTensors",
     "TurnTokens",
     "collate",
+    "content_text",
     "prefix_mismatches",
     "tokenize_episode",
     "tokenize_record",
@@ -206,7 +207,7 @@ def tokenize_episode(
         return int(seg_ids.shape[0])
 
     for k, (at, turn) in enumerate(zip(assistant_at, turns, strict=True)):
-        content = _content_text(messages[at])
+        content = content_text(messages[at])
         if content != turn.text:
             raise RecordError(f"turn {k}: TurnTokens.text differs from the assistant message content")
         prompt = _render(processor, messages[:at], generation_prompt=True)
@@ -285,7 +286,8 @@ def tokenize_episode(
     )
 
 
-def _content_text(message: dict[str, Any]) -> str:
+def content_text(message: dict[str, Any]) -> str:
+    """The text of a chat message (a string, or the text parts of an OpenAI-style content list, joined)."""
     content = message.get("content")
     if isinstance(content, str):
         return content
@@ -324,7 +326,7 @@ def prefix_mismatches(messages: list[dict[str, Any]], processor: Any) -> list[in
     the turns' text. Returns the indices of turns where they differ (empty: the property holds).
     """
     assistant_at = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    turns = [TurnTokens(_content_text(messages[i])) for i in assistant_at]
+    turns = [TurnTokens(content_text(messages[i])) for i in assistant_at]
     episode = tokenize_episode(messages, turns, processor)
     bad = []
     for k, at in enumerate(assistant_at):
