@@ -148,6 +148,16 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
     return table
 
 
+def _training_setting(path: Path) -> tuple[Any, EnvConfig]:
+    """The case source (with its data options) and environment settings of a training run's config."""
+    from medeyes.training.config import TrainConfig
+    from medeyes.training.trainer import open_cases
+
+    config_file = path / "config.yaml" if path.is_dir() else path
+    config = TrainConfig.from_yaml(config_file)
+    return open_cases(config.data, config.data_options), config.env
+
+
 @friendly_errors
 def rollout(
     agent: Annotated[str, typer.Option(help="Agent: expert, random, or one registered by an extension.")] = "expert",
@@ -187,6 +197,13 @@ def rollout(
     temperature: Annotated[float, typer.Option(min=0.0, help="Policy: sampling temperature (0 = greedy).")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Policy: generated tokens per turn at most.")] = 256,
     summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
+    train_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="A training run's config.yaml (or its run directory): play the data, question families and "
+            "environment settings it trained on (replaces --data and --max-steps)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Run an agent on cases of a data source; store trajectories and print accuracy, IoU, steps and rewards."""
@@ -214,6 +231,11 @@ def rollout(
     if keep_only_correct is None:
         config = getattr(built, "config", None)
         keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
+    env = EnvConfig(max_steps=max_steps)
+    source: Any = data
+    if train_config is not None:
+        source, env = _training_setting(train_config)
+        data = getattr(source, "name", data)
     rollout_config = RolloutConfig(
         split=split,  # type: ignore[arg-type]
         n=n,
@@ -222,7 +244,7 @@ def rollout(
         batch_size=batch_size,
         seed=seed,
         keep_only_correct=keep_only_correct,
-        env=EnvConfig(max_steps=max_steps),
+        env=env,
     )
     store = TrajectoryStore(out, producer=producer_of(built)) if out is not None else None
     if store is not None and store.repaired:
@@ -242,7 +264,7 @@ def rollout(
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        result = run_rollout(built, data, rollout_config, store=store, progress=advance)
+        result = run_rollout(built, source, rollout_config, store=store, progress=advance)
     summary = summarize(result.records, result.seconds)
     label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
     console.print(summary_table(summary, f"{label} on {data}/{split}"))
