@@ -334,6 +334,12 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             [turn.parsed.well_formed for turn in self.turns],
             self.explored_boxes,
             self.config.rewards,
+            drill_boxes=[
+                box
+                for turn in self.turns
+                if turn.shown_boxes and turn.parsed.action.name == "drill"
+                for box in turn.parsed.action.boxes
+            ],
         )
 
     def _question_text(self, case: Case) -> str:

@@ -1,8 +1,9 @@
 """Verifiable reward components, each a small pure function, and their weighted sum.
 
 Paper (MedEyes, METHOD.md section 2): ``R = 0.7 r_acc + 0.2 r_grammar + 0.1 r_div``.
-Ours, weight 0 by default: ``r_ground`` (best IoU of the explored boxes against the
-gold boxes) and ``r_tool`` (DeepEyes-style: 1 only when correct and a tool was used).
+Ours, weight 0 by default: ``r_ground`` (best IoU of the explored boxes, or of the drilled
+boxes only, against the gold boxes) and ``r_tool`` (DeepEyes-style: 1 only when correct and a
+tool was used). :data:`REWARD_PRESETS` names the weightings to compare (``paper`` is the default).
 Metrics that are only logged (``token_recall``, ``best_iou``) are reported next to the
 rewards in :class:`RewardBreakdown` and never enter the total.
 
@@ -18,12 +19,13 @@ Answer matching (:func:`accuracy_reward`):
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -302,6 +304,26 @@ class RewardConfig(BaseModel):
     open_match: Literal["exact", "token_recall"] = Field(
         default="exact", description="How OPEN answers earn r_acc: normalised exact match, or token recall in [0, 1]."
     )
+    grounding_boxes: Literal["explored", "drill"] = Field(
+        default="explored",
+        description="Boxes r_ground scores against gold: every explored box (scan and drill), or drilled boxes only "
+        "(a scan that lists the right region earns nothing until the agent drills into it).",
+    )
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RewardConfig:
+        """A named weighting from :data:`REWARD_PRESETS`, with any field overridden.
+
+        >>> RewardConfig.preset("deepeyes").weights()
+        {'accuracy': 0.8, 'grammar': 0.2, 'diversity': 0.0, 'grounding': 0.0, 'tool': 1.2}
+        >>> RewardConfig.preset("paper") == RewardConfig()
+        True
+        """
+        if name not in REWARD_PRESETS:
+            close = difflib.get_close_matches(name, REWARD_PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown reward preset {name!r}; choose one of {', '.join(REWARD_PRESETS)}{hint}")
+        return cls(**{**REWARD_PRESETS[name], **overrides})
 
     @model_validator(mode="after")
     def _some_weight(self) -> RewardConfig:
@@ -315,6 +337,24 @@ class RewardConfig(BaseModel):
     def weights(self) -> dict[str, float]:
         """The weight of each reward component, by name."""
         return {name: float(getattr(self, name)) for name in REWARD_COMPONENTS}
+
+
+REWARD_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "deepeyes": {"accuracy": 0.8, "grammar": 0.2, "diversity": 0.0, "tool": 1.2},
+    "paper_tool": {"tool": 1.2},
+    "paper_drill_grounding": {"grounding": 0.5, "grounding_boxes": "drill"},
+}
+"""Named reward weightings (fields of :class:`RewardConfig` over its defaults), all measured against ``paper``.
+
+- ``paper``: MedEyes, ``0.7 r_acc + 0.2 r_grammar + 0.1 r_div`` (the defaults).
+- ``deepeyes``: DeepEyes' own reward, ``0.8 acc + 0.2 format + 1.2 * 1[tool and correct]``. Its format term
+  is -1 on a format error and 0 otherwise, ours 1 and 0: a constant shift per episode, so the same
+  group-relative advantages.
+- ``paper_tool``: the paper's reward plus DeepEyes' bonus ``1.2 * 1[tool and correct]``.
+- ``paper_drill_grounding``: the paper's reward plus ``0.5 *`` the best IoU of the drilled boxes against gold
+  (ours; the weight is not tuned).
+"""
 
 
 class RewardBreakdown(BaseModel):
@@ -337,11 +377,14 @@ def score_episode(
     turns_well_formed: Sequence[bool],
     explored_boxes: Sequence[Box],
     config: RewardConfig | None = None,
+    drill_boxes: Sequence[Box] | None = None,
 ) -> RewardBreakdown:
     """Score one finished (or truncated, ``answer=None``) episode.
 
     ``turns_well_formed`` has one entry per model turn (the answer turn included);
-    ``explored_boxes`` are every box executed by scan and drill, in order.
+    ``explored_boxes`` are every box executed by scan and drill, in order; ``drill_boxes`` those of the
+    drills alone (needed when ``config.grounding_boxes == "drill"``). ``best_iou`` always scores every
+    explored box.
 
     >>> from medeyes_env.cases import Case, Region
     >>> case = Case(id="d/2", question="Abnormal?", answer="yes", answer_type="closed", source="doc",
@@ -349,11 +392,21 @@ def score_episode(
     >>> result = score_episode(case, "Yes", [True, True], [(10, 10, 30, 30)])
     >>> round(result.total, 6), result.components["diversity"], result.components["best_iou"]
     (0.9125, 0.125, 1.0)
+    >>> drill_only = RewardConfig.preset("paper_drill_grounding")  # scanned the gold region, drilled elsewhere
+    >>> result = score_episode(case, "Yes", [True] * 3, [(10, 10, 30, 30), (50, 50, 70, 70)], drill_only,
+    ...                        drill_boxes=[(50, 50, 70, 70)])
+    >>> result.components["grounding"], result.components["best_iou"]
+    (0.0, 1.0)
     """
     config = config if config is not None else RewardConfig()
     gold = [region.box for region in case.regions]
     accuracy = accuracy_reward(answer, case, open_match=config.open_match)
     best_iou = grounding_reward(explored_boxes, gold)
+    grounding = best_iou
+    if config.grounding_boxes == "drill":
+        if drill_boxes is None:
+            raise ValueError("RewardConfig.grounding_boxes='drill' scores the drilled boxes; pass drill_boxes=[...]")
+        grounding = grounding_reward(drill_boxes, gold)
     recall_prediction = answer
     if answer is not None and case.answer_type is AnswerType.CHOICE:
         index = _choice_index(answer, case.options)
@@ -362,7 +415,7 @@ def score_episode(
         "accuracy": accuracy,
         "grammar": grammar_reward(turns_well_formed, answered=answer is not None),
         "diversity": diversity_reward(explored_boxes, config.iou_threshold, config.diversity_max_regions),
-        "grounding": best_iou,
+        "grounding": grounding,
         "tool": tool_reward(correct=accuracy >= 1.0, used_tool=len(explored_boxes) > 0),
         "token_recall": token_recall(recall_prediction, case.answer),
         "best_iou": best_iou,

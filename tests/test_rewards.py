@@ -7,6 +7,7 @@ from medeyes_env.protocol import Action, parse_turn, render_turn
 from medeyes_env.rewards import (
     METRIC_COMPONENTS,
     REWARD_COMPONENTS,
+    REWARD_PRESETS,
     RewardConfig,
     accuracy_reward,
     box_iou,
@@ -316,6 +317,34 @@ def test_config_accepts_a_single_positive_weight() -> None:
     assert RewardConfig(accuracy=0, grammar=0, diversity=0, grounding=1).weights()["grounding"] == 1.0
 
 
+def test_reward_presets() -> None:
+    assert set(REWARD_PRESETS) == {"paper", "deepeyes", "paper_tool", "paper_drill_grounding"}
+    assert RewardConfig.preset("paper") == RewardConfig()
+    paper = {"accuracy": 0.7, "grammar": 0.2, "diversity": 0.1}
+    assert RewardConfig.preset("deepeyes").weights() == {
+        "accuracy": 0.8, "grammar": 0.2, "diversity": 0.0, "grounding": 0.0, "tool": 1.2
+    }  # fmt: skip
+    assert RewardConfig.preset("paper_tool").weights() == {**paper, "grounding": 0.0, "tool": 1.2}
+    grounded = RewardConfig.preset("paper_drill_grounding")
+    assert grounded.weights() == {**paper, "grounding": 0.5, "tool": 0.0} and grounded.grounding_boxes == "drill"
+    assert RewardConfig.preset("deepeyes", tool=0.5).tool == 0.5
+    with pytest.raises(
+        ValueError, match=r"unknown reward preset 'deepeye'; choose one of paper, .*did you mean 'deepeyes'"
+    ):
+        RewardConfig.preset("deepeye")
+
+
+def test_deepeyes_preset_pays_the_tool_bonus_only_when_correct() -> None:
+    case = closed("yes", regions=(Region(box=GOLD_BOX),))
+    config = RewardConfig.preset("deepeyes")
+    looked = score_episode(case, "yes", [True, True], [(100, 100, 150, 150)], config)
+    guessed = score_episode(case, "yes", [True], [], config)
+    wrong = score_episode(case, "no", [True, True], [GOLD_BOX], config)
+    assert looked.total == pytest.approx(0.8 + 0.2 + 1.2)
+    assert guessed.total == pytest.approx(0.8 + 0.2)
+    assert wrong.total == pytest.approx(0.2)
+
+
 # ---- score_episode ---------------------------------------------------------------------------------------------
 
 GOLD_BOX = (10.0, 10.0, 30.0, 30.0)
@@ -338,6 +367,41 @@ def test_score_episode_hand_computed() -> None:
     assert result.gold_regions == 1
     weighted = score_episode(case, "Yes", [True], [GOLD_BOX], RewardConfig(grounding=0.5, tool=0.3))
     assert weighted.total == pytest.approx(0.7 + 0.2 + 0.1 * 0.125 + 0.5 + 0.3)
+
+
+def test_drill_grounding_scores_only_the_drilled_boxes() -> None:
+    case = closed("yes", regions=(Region(box=GOLD_BOX),))
+    half = (10.0, 10.0, 30.0, 50.0)  # IoU with the gold box: 400 / 800
+    explored = [GOLD_BOX, (100, 100, 150, 150), half]  # scan lists the gold box and a far one, then a drill
+    config = RewardConfig(grounding=1.0, grounding_boxes="drill")
+    result = score_episode(case, "yes", [True] * 3, explored, config, drill_boxes=[half])
+    assert result.components["grounding"] == pytest.approx(0.5)
+    assert result.components["best_iou"] == 1.0  # the metric still scores every explored box
+    assert score_episode(case, "yes", [True] * 3, explored, RewardConfig(grounding=1.0)).components["grounding"] == 1.0
+    assert score_episode(case, "yes", [True], [], config, drill_boxes=[]).components["grounding"] == 0.0
+    with pytest.raises(ValueError, match="grounding_boxes='drill' scores the drilled boxes; pass drill_boxes"):
+        score_episode(case, "yes", [True], explored, config)
+
+
+def test_env_pays_drill_grounding_for_drills_not_scans() -> None:
+    from medeyes_env.env import EnvConfig, MedEyesEnv
+
+    config = EnvConfig(rewards=RewardConfig.preset("paper_drill_grounding"))
+    env = MedEyesEnv(config=config, split="test")
+    index = 0
+    while not (env.reset(options={"case_index": index}) and env.case.regions):
+        index += 1
+    gold, far = env.case.regions[0].box, (0.0, 0.0, 16.0, 16.0)
+    assert box_iou(gold, far) == 0.0
+    env.step(render_turn(Action.scan(gold), "compare candidates"))
+    env.step(render_turn(Action.drill(far), "look closer"))
+    *_, info = env.step(render_turn(Action.final_answer(env.case.answer), "conclude"))
+    assert info["reward_components"]["best_iou"] == pytest.approx(1.0)
+    assert info["reward_components"]["grounding"] == 0.0
+    env.reset(options={"case_index": index})
+    env.step(render_turn(Action.drill(gold), "look closer"))
+    *_, info = env.step(render_turn(Action.final_answer(env.case.answer), "conclude"))
+    assert info["reward_components"]["grounding"] == pytest.approx(1.0)
 
 
 def test_score_episode_truncated_and_malformed() -> None:
