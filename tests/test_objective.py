@@ -13,8 +13,10 @@ from pydantic import ValidationError
 from medeyes.training.objective import (
     ObjectiveConfig,
     compute_advantages,
+    curiosity_bonus,
     dual_stream_loss,
     entropy_from_logits,
+    flat_groups,
     masked_mean,
     sequence_logprobs_from_logits,
     sft_loss,
@@ -221,6 +223,57 @@ def test_advantage_input_errors_name_the_problem():
         compute_advantages(t(1, 0), ids(0), flags(0, 0), cfg)
     with pytest.raises(ValueError, match=r"rewards must be finite; rows \[1\]"):
         compute_advantages(t(1, float("nan")), ids(0, 0), flags(0, 0), cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Curiosity bonus (Pixel Reasoner) and flat groups (DAPO), hand-computed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_curiosity_bonus_pays_tool_use_below_the_group_threshold():
+    # group 7: 1 of 5 used a tool (rate 0.2); group 3: 2 of 4 (rate 0.5); group 9: none (rate 0)
+    used = flags(1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0)
+    g = ids(7, 7, 7, 7, 7, 3, 3, 3, 3, 9, 9)
+    bonus = curiosity_bonus(used, g, coef=0.5, threshold=0.3)
+    assert bonus.dtype == torch.float32
+    assert bonus.tolist() == approx([0.5 * 0.1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # 0.5 * (0.3 - 0.2)
+    loud = curiosity_bonus(used, g, coef=2.0, threshold=0.6)
+    assert loud.tolist() == approx([2 * 0.4, 0, 0, 0, 0, 2 * 0.1, 2 * 0.1, 0, 0, 0, 0])
+    # batch scope: 3 of 11 used a tool
+    batch = curiosity_bonus(used, g, coef=1.0, threshold=0.5, scope="batch")
+    assert batch.tolist() == approx([0.5 - 3 / 11 if u else 0.0 for u in used.tolist()])
+    assert curiosity_bonus(used, g, coef=0.0, threshold=1.0).abs().sum() == 0.0
+    assert curiosity_bonus(flags(1, 1), ids(0, 0), 1.0, 1.0).tolist() == [0.0, 0.0]  # rate 1 reaches any threshold
+    assert curiosity_bonus(flags(), ids(), 1.0, 0.5).shape == (0,)
+
+
+def test_curiosity_bonus_input_errors():
+    with pytest.raises(ValueError, match=r"coef >= 0 and 0 <= threshold <= 1, got coef=0.5, threshold=1.5"):
+        curiosity_bonus(flags(1), ids(0), 0.5, 1.5)
+    with pytest.raises(TypeError, match="used_tool must be bool and group_ids long"):
+        curiosity_bonus(ids(1), ids(0), 0.5, 0.3)
+    with pytest.raises(ValueError, match=r"must both be \[N\], got \(2,\) and \(1,\)"):
+        curiosity_bonus(flags(1, 0), ids(0), 0.5, 0.3)
+    with pytest.raises(ValueError, match="scope must be 'group' or 'batch', got 'prompt'"):
+        curiosity_bonus(flags(1), ids(0), 0.5, 0.3, scope="prompt")  # type: ignore[arg-type]
+
+
+def test_flat_groups_judge_on_policy_rewards_only():
+    rewards = t(1.0, 1.0, 0.2, 0.0, 1.0, 0.5, 0.7, 0.3, 0.3, 0.9)
+    groups = ids(5, 5, 5, 2, 2, 2, 8, 4, 4, 4)
+    expert = flags(0, 0, 1, 0, 0, 1, 1, 0, 1, 1)
+    # group 5: on rewards 1, 1 (flat; its expert row too); group 2: 0, 1 (not flat);
+    # group 8: expert only (never flat); group 4: a single on-policy row (flat)
+    assert flat_groups(rewards, groups, expert).tolist() == [
+        True, True, True, False, False, False, False, True, True, True
+    ]  # fmt: skip
+    # the same groups get on-policy advantage exactly 0
+    adv, _ = compute_advantages(rewards, groups, expert, ObjectiveConfig())
+    on_flat = flat_groups(rewards, groups, expert) & ~expert
+    assert (adv[on_flat] == 0).all()
+    assert flat_groups(t(), ids(), flags()).shape == (0,)
+    with pytest.raises(TypeError, match="is_expert must be a bool tensor"):
+        flat_groups(t(1.0), ids(0), ids(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

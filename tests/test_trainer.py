@@ -168,3 +168,88 @@ def test_cli_help_and_print_config():
     assert result.exit_code == 2 and "--set expects KEY=VALUE" in result.output
     result = runner.invoke(app, ["train", "--set", "grpo.stepz=1"])
     assert result.exit_code == 2 and "invalid training config" in result.output
+
+
+# ---- keeping tools alive: curiosity bonus, flat-group skipping, tool-use accuracy, collapse alarm ----------------
+
+
+def test_tool_options_through_a_tiny_run(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+    options = {
+        "grpo.curiosity_coef": 1.0,
+        "grpo.curiosity_threshold": 1.0,
+        "grpo.skip_flat_groups": "on_rows",
+        "grpo.tool_floor": 0.5,
+    }
+    cfg = _config(tmp_path / "run", **options)
+    with pytest.warns(RuntimeWarning, match=r"on-policy tool share .* is below grpo.tool_floor=0.5") as caught:
+        train(cfg, resume=False)
+    rows = read_metrics(cfg.run_dir)
+    grpo = [r for r in rows if r.get("train/stage") == 1.0]
+    assert len(grpo) == cfg.grpo.steps
+    for row in grpo:
+        share = row["stream/on/tool_share"]
+        assert row["alarm/tool_collapse"] == float(share < 0.5)
+        # one prompt per step, so the group's tool rate is the step's: bonus = 1 * (1 - rate) * rate on average
+        assert row["stream/on/curiosity_bonus"] == pytest.approx((1.0 - share) * share)
+        # a flat group is exactly one whose on-policy sigma is 0; on_rows drops its G_on rows only
+        assert row["stream/on/skipped_groups"] == row["stream/on/sigma_zero_groups"]
+        kept = row["stream/on/episodes"] * (1 - row["stream/on/skipped_groups"]) + row.get("stream/off/episodes", 0)
+        assert row["train/loss_rows"] == kept
+        assert ("stream/on/accuracy_with_tool" in row) == (share > 0)
+        assert ("stream/on/accuracy_without_tool" in row) == (share < 1)
+    assert sum(r["alarm/tool_collapse"] for r in grpo) >= 1
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1  # printed once, not every step
+    for prefix, accuracy in (("stream/on/", "stream/on/reward/accuracy"), ("eval/", "eval/accuracy")):
+        for row in (r for r in rows if accuracy in r):
+            share = row[f"{prefix}tool_share"]
+            assert (f"{prefix}accuracy_with_tool" in row) == (share > 0)
+            # the two accuracies, weighted by the tool share, give back the overall accuracy
+            split = share * row.get(f"{prefix}accuracy_with_tool", 0.0)
+            split += (1 - share) * row.get(f"{prefix}accuracy_without_tool", 0.0)
+            assert split == pytest.approx(row[accuracy])
+
+
+def test_defaults_add_no_shaping_skipping_or_alarm(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+    cfg = _config(tmp_path / "run")
+    assert (cfg.grpo.curiosity_coef, cfg.grpo.skip_flat_groups, cfg.grpo.tool_floor) == (0.0, "off", None)
+    train(cfg, resume=False)
+    grpo = [r for r in read_metrics(cfg.run_dir) if r.get("train/stage") == 1.0]
+    assert not any(k in r for r in grpo for k in ("stream/on/curiosity_bonus", "stream/on/skipped_groups"))
+    assert not any("alarm/tool_collapse" in r for r in grpo)
+    assert all(r["train/loss_rows"] == r["stream/on/episodes"] + r.get("stream/off/episodes", 0) for r in grpo)
+
+
+def test_shaped_rewards_and_loss_rows_by_hand():
+    from medeyes.training.config import GRPOConfig
+    from medeyes.training.trainer import loss_rows, shaped_rewards
+
+    rewards = torch.tensor([0.0, 0.9, 0.0, 0.0, 0.7, 0.5, 0.5, 1.0])
+    used = torch.tensor([False, True, False, False, True, True, False, True])
+    groups = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    expert = torch.tensor([False, False, False, False, True, False, False, True])
+    metrics: dict[str, float] = {}
+    # group 0: 1 of 4 on-policy rollouts used a tool (rate 0.25), group 1: 1 of 2 (0.5); expert rows get nothing
+    shaped = shaped_rewards(
+        rewards, used, groups, expert, GRPOConfig(curiosity_coef=0.5, curiosity_threshold=0.3), metrics
+    )
+    assert shaped.tolist() == pytest.approx([0.0, 0.9 + 0.5 * 0.05, 0.0, 0.0, 0.7, 0.5, 0.5, 1.0])
+    assert metrics["stream/on/curiosity_bonus"] == pytest.approx(0.025 / 6)
+    assert shaped_rewards(rewards, used, groups, expert, GRPOConfig(), {}) is rewards
+    flat = torch.tensor([0.2, 0.2, 0.2, 0.2, 1.0, 0.0, 1.0, 1.0])  # group 0's on-policy rows are all 0.2
+    metrics = {}
+    assert loss_rows(flat, groups, expert, "on_rows", metrics) == [4, 5, 6, 7]
+    assert metrics == {"stream/on/skipped_groups": 1.0, "train/loss_rows": 4.0}
+    assert loss_rows(flat, groups, expert, "group", {}) == [5, 6, 7]
+    assert loss_rows(flat, groups, expert, "off", {}) == list(range(8))
+
+
+def test_progress_line_shows_tool_share_and_the_collapse_warning():
+    from medeyes.training.trainer import progress_stats
+
+    live = {"train/loss": 0.25, "stream/on/reward_mean": 0.5, "stream/on/tool_share": 0.75, "eval/accuracy": 0.6}
+    assert progress_stats(live, 0.4, None) == "loss 0.250  reward 0.50  tools 0.75  held-out acc 0.600  (blind 0.400)"
+    collapsed = {**live, "stream/on/tool_share": 0.05, "alarm/tool_collapse": 1.0}
+    assert "tools 0.05 [bold red]< floor 0.1: tool collapse[/]" in progress_stats(collapsed, None, 0.1)
+    assert "collapse" not in progress_stats({**collapsed, "alarm/tool_collapse": 0.0}, None, 0.1)

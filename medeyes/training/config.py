@@ -77,6 +77,37 @@ class GRPOConfig(BaseModel):
         description="pi_old of the on-policy ratio: the log-probs recorded at generation, or a fresh no-grad "
         "forward pass before the update (immune to generation/training numeric or tokenisation gaps).",
     )
+    curiosity_coef: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Pixel Reasoner's curiosity bonus, alpha: an on-policy episode that used a tool gets "
+        "alpha * max(curiosity_threshold - tool rate, 0) added to its reward before advantages (training only). "
+        "0: off (paper); Pixel Reasoner uses 0.5.",
+    )
+    curiosity_threshold: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="H of the curiosity bonus: tool use is paid while the tool rate is below it (Pixel Reasoner 0.3).",
+    )
+    curiosity_scope: Literal["group", "batch"] = Field(
+        default="group",
+        description="Tool rate of the curiosity bonus: over the case's own G_on rollouts (Pixel Reasoner) or over "
+        "every on-policy rollout of the step.",
+    )
+    skip_flat_groups: Literal["off", "on_rows", "group"] = Field(
+        default="off",
+        description="DAPO dynamic sampling, without resampling: leave out of the loss the groups whose on-policy "
+        "rewards are all equal (their on-policy advantages are 0 and only dilute the mean). on_rows: drop their "
+        "on-policy rows and keep their expert rows; group: drop both streams. off (paper): keep everything.",
+    )
+    tool_floor: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Tool-collapse alarm: when a step's on-policy tool share is below this, the progress line "
+        "warns, alarm/tool_collapse is 1 and a warning is printed once. None: no alarm.",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 

@@ -115,12 +115,40 @@ def _std(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
 
 
+def tool_use_accuracy(records: Iterable[Any], prefix: str) -> dict[str, float]:
+    """Share of episodes that used a tool, and the mean accuracy of those that did and of those that did not.
+
+    Keys ``{prefix}tool_share``, ``{prefix}accuracy_with_tool``, ``{prefix}accuracy_without_tool``; an accuracy
+    whose set of episodes is empty is left out (never NaN), and no records give no keys. Accuracy is the
+    ``accuracy`` reward component, as in the rollout summary.
+
+    >>> from types import SimpleNamespace as R
+    >>> looked, guessed = R(tool_steps=2, reward_components={"accuracy": 1.0}), R(tool_steps=0, reward_components={})
+    >>> tool_use_accuracy([looked, guessed, guessed], "eval/")
+    {'eval/tool_share': 0.3333333333333333, 'eval/accuracy_with_tool': 1.0, 'eval/accuracy_without_tool': 0.0}
+    >>> tool_use_accuracy([guessed], "stream/on/")
+    {'stream/on/tool_share': 0.0, 'stream/on/accuracy_without_tool': 0.0}
+    """
+    records = list(records)
+    if not records:
+        return {}
+    split: dict[bool, list[float]] = {True: [], False: []}
+    for r in records:
+        split[r.tool_steps > 0].append(float(r.reward_components.get("accuracy", 0.0)))
+    out = {f"{prefix}tool_share": len(split[True]) / len(records)}
+    for used, name in ((True, "with_tool"), (False, "without_tool")):
+        if split[used]:
+            out[f"{prefix}accuracy_{name}"] = sum(split[used]) / len(split[used])
+    return out
+
+
 def episode_health(records: Iterable[Any], prefix: str) -> dict[str, float]:
     """Health statistics of a set of trajectory records under ``prefix`` (``stream/on/``, ``eval/`` ...).
 
-    Reward and each component (mean), accuracy, share of episodes that used scan / drill / any tool, turns per
-    episode, share of turns that parsed and that were well formed, share of episodes that answered, response
-    length in tokens (when token ids are known) and characters.
+    Reward and each component (mean), accuracy, share of episodes that used scan / drill / any tool, accuracy
+    with and without tool use (:func:`tool_use_accuracy`), turns per episode, share of turns that parsed and
+    that were well formed, share of episodes that answered, response length in tokens (when token ids are
+    known) and characters.
     """
     records = list(records)
     if not records:
@@ -139,7 +167,7 @@ def episode_health(records: Iterable[Any], prefix: str) -> dict[str, float]:
     names = [[s.action.name for s in r.steps if s.action is not None and s.shown_boxes] for r in records]
     out[f"{prefix}scan_share"] = sum("scan" in n for n in names) / len(records)
     out[f"{prefix}drill_share"] = sum("drill" in n for n in names) / len(records)
-    out[f"{prefix}tool_share"] = sum(bool(n) for n in names) / len(records)
+    out.update(tool_use_accuracy(records, prefix))
     out[f"{prefix}tool_calls"] = sum(len(n) for n in names) / len(records)
     out[f"{prefix}turns"] = len(steps) / len(records)
     out[f"{prefix}answered"] = sum(bool(r.terminated) for r in records) / len(records)

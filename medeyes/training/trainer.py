@@ -43,13 +43,15 @@ import torch
 
 from medeyes.agents.policy import PolicyAgent
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
-from medeyes.training.config import OptimConfig, TrainConfig
+from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
 from medeyes.training.episodes import EpisodeTensors, collate, tokenize_record
-from medeyes.training.metrics import MetricsLogger, episode_health
+from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
 from medeyes.training.objective import (
     compute_advantages,
+    curiosity_bonus,
     dual_stream_loss,
     entropy_from_logits,
+    flat_groups,
     masked_mean,
     sequence_logprobs_from_logits,
     sft_loss,
@@ -60,7 +62,7 @@ from medeyes_env.protocol import render_turn
 from medeyes_env.rewards import accuracy_reward
 from medeyes_env.sources import CaseSource, open_source
 
-LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "eval/accuracy")
+LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 
@@ -433,6 +435,7 @@ class Trainer:
         self.eval_history: list[dict[str, float]] = []
         self.blind: float | None = None
         self.live: dict[str, float] = {}
+        self.tool_alarm_shown = False
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -586,15 +589,20 @@ class Trainer:
             episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
         metrics["train/prep_seconds"] = time.perf_counter() - t1
 
-        # score and advantages: rewards are the environment's; statistics per stream and group
+        # score and advantages: rewards are the environment's (plus the optional curiosity bonus); statistics per
+        # stream and group; the rows that enter the loss (all, or without flat groups: DAPO)
         records = on_records + off_records
         rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)  # [B]
         groups = torch.tensor([case_index.get(r.case_id, -1) for r in records], dtype=torch.long)  # [B]
         is_expert = torch.tensor([e.is_expert for e in episodes], dtype=torch.bool)  # [B]
+        used_tool = torch.tensor([r.tool_steps > 0 for r in records], dtype=torch.bool)  # [B]
+        rewards = shaped_rewards(rewards, used_tool, groups, is_expert, g, metrics)
         advantages, adv_stats = compute_advantages(rewards, groups, is_expert, cfg.objective)
         metrics.update(adv_stats)
         metrics.update(episode_health(on_records, "stream/on/"))
         metrics.update(episode_health(off_records, "stream/off/"))
+        rows = loss_rows(rewards, groups, is_expert, g.skip_flat_groups, metrics)
+        self._tool_alarm(step, metrics)
 
         # old log-probs: recorded at generation, or recomputed before the update
         if g.old_logprobs == "recompute":
@@ -604,7 +612,6 @@ class Trainer:
         self.model.train()
         lr = self._set_lr("grpo", step)
         t2 = time.perf_counter()
-        rows = list(range(len(episodes)))
         loss_metrics: list[tuple[int, dict[str, float]]] = []
         entropies: dict[str, list[float]] = {"on": [], "off": []}
         gaps: list[float] = []
@@ -698,12 +705,28 @@ class Trainer:
             "eval/scan_share": summary.scan_share,
             "eval/drill_share": summary.drill_share,
             "eval/seconds": result.seconds,
+            **tool_use_accuracy(result.records, "eval/"),
         }
         for family, accuracy in summary.accuracy_by_family.items():
             out[f"eval/accuracy/{family}"] = accuracy
         if self.blind is not None:
             out["eval/blind_accuracy"] = self.blind
         return out
+
+    def _tool_alarm(self, step: int, metrics: dict[str, float]) -> None:
+        """Set ``alarm/tool_collapse`` when the on-policy tool share is below ``grpo.tool_floor``; warn once."""
+        floor, share = self.config.grpo.tool_floor, metrics.get("stream/on/tool_share")
+        if floor is None or share is None:
+            return
+        metrics["alarm/tool_collapse"] = float(share < floor)
+        if share < floor and not self.tool_alarm_shown:
+            self.tool_alarm_shown = True
+            warnings.warn(
+                f"step {step + 1}: on-policy tool share {share:.2f} is below grpo.tool_floor={floor:g}; the policy is "
+                "dropping its tools (tool collapse). See 'Keeping tools alive' in docs/training.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _evaluate_and_remember(self, step: int) -> dict[str, float]:
         metrics = self.evaluate()
@@ -802,23 +825,73 @@ class Trainer:
             task = progress.add_task("train", total=total, completed=start, stage="train", stats="")
 
             def advance(stage: str) -> None:
-                live = self.live
-                parts = []
-                if "train/loss" in live:
-                    parts.append(f"loss {live['train/loss']:.3f}")
-                if "stream/on/reward_mean" in live:
-                    parts.append(f"reward {live['stream/on/reward_mean']:.2f}")
-                if "eval/accuracy" in live:
-                    parts.append(f"held-out acc {live['eval/accuracy']:.3f}")
-                if self.blind is not None:
-                    parts.append(f"(blind {self.blind:.3f})")
-                progress.update(task, advance=1, stage=stage, stats="  ".join(parts))
+                stats = progress_stats(self.live, self.blind, self.config.grpo.tool_floor)
+                progress.update(task, advance=1, stage=stage, stats=stats)
 
             yield advance
 
 
+def progress_stats(live: dict[str, float], blind: float | None, tool_floor: float | None) -> str:
+    """The live part of the progress line (rich markup): loss, reward, tool share, held-out and blind accuracy.
+
+    >>> progress_stats({"train/loss": 0.5, "stream/on/tool_share": 0.0, "alarm/tool_collapse": 1.0}, 0.4, 0.1)
+    'loss 0.500  tools 0.00 [bold red]< floor 0.1: tool collapse[/]  (blind 0.400)'
+    """
+    parts = []
+    if "train/loss" in live:
+        parts.append(f"loss {live['train/loss']:.3f}")
+    if "stream/on/reward_mean" in live:
+        parts.append(f"reward {live['stream/on/reward_mean']:.2f}")
+    if "stream/on/tool_share" in live:
+        alarm = live.get("alarm/tool_collapse") and tool_floor is not None
+        warning = f" [bold red]< floor {tool_floor:g}: tool collapse[/]" if alarm else ""
+        parts.append(f"tools {live['stream/on/tool_share']:.2f}{warning}")
+    if "eval/accuracy" in live:
+        parts.append(f"held-out acc {live['eval/accuracy']:.3f}")
+    if blind is not None:
+        parts.append(f"(blind {blind:.3f})")
+    return "  ".join(parts)
+
+
+def shaped_rewards(
+    rewards: torch.Tensor,
+    used_tool: torch.Tensor,
+    groups: torch.Tensor,
+    is_expert: torch.Tensor,
+    grpo: GRPOConfig,
+    metrics: dict[str, float],
+) -> torch.Tensor:
+    """The rewards advantages see: the environment's, plus the curiosity bonus on on-policy rows (all ``[B]``)."""
+    if grpo.curiosity_coef == 0.0:
+        return rewards
+    on = ~is_expert  # [B]
+    bonus = curiosity_bonus(
+        used_tool[on], groups[on], grpo.curiosity_coef, grpo.curiosity_threshold, grpo.curiosity_scope
+    )  # [B_on]
+    metrics["stream/on/curiosity_bonus"] = float(bonus.mean()) if bonus.numel() else 0.0
+    shaped = rewards.clone()
+    shaped[on] += bonus
+    return shaped
+
+
+def loss_rows(
+    rewards: torch.Tensor, groups: torch.Tensor, is_expert: torch.Tensor, skip: str, metrics: dict[str, float]
+) -> list[int]:
+    """Rows that enter the loss: all, or without the groups whose on-policy rewards are all equal (DAPO)."""
+    drop = torch.zeros_like(is_expert)  # [B]
+    if skip != "off":
+        flat = flat_groups(rewards, groups, is_expert)  # [B]
+        drop = flat & ~is_expert if skip == "on_rows" else flat
+        metrics["stream/on/skipped_groups"] = float(torch.unique(groups[flat]).numel())
+    rows = [i for i in range(len(rewards)) if not drop[i]]
+    metrics["train/loss_rows"] = float(len(rows))
+    return rows
+
+
 def _chunks(items: list, n: int) -> Iterator[list]:
-    """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items)."""
+    """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items; none for none)."""
+    if not items:
+        return
     n = max(1, min(n, len(items)))
     size = math.ceil(len(items) / n)
     for i in range(0, len(items), size):
