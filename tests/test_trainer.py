@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
@@ -76,7 +77,7 @@ def test_tiny_run_logs_loss_and_trains_every_parameter(cache, tmp_path, monkeypa
     assert [r["step"] for r in evals] == [0, 2, 4] and all("eval/blind_accuracy" in r for r in evals)
     assert result.first_eval["step"] == 0 and result.last_eval["step"] == 4
 
-    after = torch.load(cfg.run_dir / "checkpoints" / "step-0000004" / "model.pt", weights_only=True)
+    after = load_file(cfg.run_dir / "checkpoints" / "step-0000004" / "model.safetensors")
     unchanged = [n for n, p in before.named_parameters() if p.requires_grad and torch.equal(p.detach(), after[n])]
     assert unchanged == []
     assert (cfg.run_dir / "final" / "config.json").is_file()

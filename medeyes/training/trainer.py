@@ -26,10 +26,8 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -43,6 +41,14 @@ import torch
 
 from medeyes.agents.policy import PolicyAgent
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
+from medeyes.training.checkpoints import atomic_dir_write as _atomic_dir_write
 from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
 from medeyes.training.episodes import EpisodeTensors, collate, tokenize_record
 from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
@@ -63,8 +69,6 @@ from medeyes_env.rewards import accuracy_reward
 from medeyes_env.sources import CaseSource, open_source
 
 LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
 
 
 # ================================================================================================ small pure helpers
@@ -321,71 +325,6 @@ class MemoryStore:
 
     def __contains__(self, trajectory_id: object) -> bool:
         return trajectory_id in self.ids
-
-
-# ================================================================================================ checkpoints
-
-
-def _atomic_dir_write(final: Path, writer: Any) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        writer(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: Any, extra: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-XXXXXXX`` atomically (model, optimizer, RNG states, ``extra``), then ``latest``."""
-    root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-
-    def write(tmp: Path) -> None:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
-        torch.save(optimizer.state_dict() if optimizer is not None else None, tmp / "optimizer.pt")
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2, default=str))
-
-    _atomic_dir_write(final, write)
-    pointer = root / f".{LATEST_FILE}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / LATEST_FILE)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` points at, or None."""
-    pointer = run_dir / CHECKPOINTS_DIR / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = run_dir / CHECKPOINTS_DIR / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load model weights and RNG states from ``path``; return its state (with the optimizer state dict)."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    state = json.loads((path / "state.json").read_text())
-    state["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    return state
 
 
 # ================================================================================================ the trainer
@@ -937,6 +876,8 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     Raises:
         ConfigError: ``run_dir`` holds a checkpoint of a different configuration (pass ``resume=False`` or use
             another directory).
+        UnsafePathError: ``checkpoints/latest`` points outside ``run_dir``.
+        RecordError: a checkpoint file is malformed or in the old pickle format.
 
     """
     from medeyes.agents.transformers_backend import TransformersBackend
@@ -969,7 +910,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     start_step, optimizer_state = 0, None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model)
+        state = read_checkpoint_state(checkpoint)  # the config check comes before any tensor is read
         saved = dict(state.get("config", {}))
         now = cfg.model_dump(mode="json")
         for volatile in ("run_dir", "progress", "tensorboard", "threads"):
@@ -980,6 +921,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
                 f"{run_dir} holds a checkpoint of a different training config; resume with the same config, "
                 "pass --fresh to start over, or choose another --run-dir"
             )
+        state = load_checkpoint(checkpoint, model)
         start_step, optimizer_state = int(state["step"]), state["optimizer"]
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if checkpoint else None)
     backend = TransformersBackend(model, processor, device=cfg.device)
