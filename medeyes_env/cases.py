@@ -13,7 +13,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from medeyes_env.errors import CaseError, ImageLoadError
@@ -127,8 +128,70 @@ class Case(BaseModel):
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image_file(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image file fully, refusing missing, corrupt and oversized files with a clear message."""
+WINDOWS = ("minmax", "percentile")
+"""How :func:`load_image_file` maps a high-bit-depth image to 8 bits (see :func:`window_to_uint8`)."""
+PERCENTILE_WINDOW = (0.5, 99.5)
+"""The percentiles of the ``percentile`` window: a viewer's auto-window, robust to a few hot pixels."""
+EXIF_ORIENTATION = 0x0112
+
+
+def window_to_uint8(values: np.ndarray, window: str = "minmax", nominal_max: float = 255.0) -> np.ndarray:
+    """Map a 2-D array of any range to uint8: the window ``[low, high]`` spans 0..255 linearly.
+
+    ``minmax`` takes the lowest and highest finite value, ``percentile`` the 0.5th and 99.5th percentiles
+    (clipping outside). NaN becomes 0. A flat image (``low == high``) is scaled by ``nominal_max``, the top of
+    its type's range (65535 for 16-bit), so a uniformly bright image stays bright.
+
+    >>> window_to_uint8(np.array([[0, 1000, 4095]], dtype=np.uint16)).tolist()
+    [[0, 62, 255]]
+    >>> window_to_uint8(np.array([[7.0, 7.0]]), nominal_max=14.0).tolist()
+    [[128, 128]]
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"window {window!r} is not one of {', '.join(WINDOWS)}")
+    data = values.astype(np.float64)
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return np.zeros(data.shape, dtype=np.uint8)
+    if window == "percentile":
+        low, high = (float(v) for v in np.percentile(finite, PERCENTILE_WINDOW))
+    else:
+        low, high = float(finite.min()), float(finite.max())
+    if high <= low:  # flat: show its level within the type's nominal range
+        low, high = 0.0, max(nominal_max, high)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = (np.clip(data, low, high) - low) * (255.0 / (high - low))
+    return np.nan_to_num(np.rint(scaled), nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, window: str) -> Image.Image:
+    """RGB with honest pixels: 16-bit, 32-bit and float single-channel images are windowed, not clipped."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        nominal = 65535.0 if image.mode.startswith("I;16") else 255.0
+        gray = window_to_uint8(np.asarray(image), window, nominal)
+        return Image.fromarray(gray).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` as a viewer shows ``image``: swapped when its EXIF orientation rotates by 90 degrees."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_image_file(path: str | os.PathLike[str], window: str = "minmax") -> Image.Image:
+    """Open an image file fully as RGB, refusing missing, corrupt and oversized files with a clear message.
+
+    - EXIF orientation is applied (:func:`PIL.ImageOps.exif_transpose`): boxes are taken on the image as
+      every viewer and annotation tool displays it, not as its bytes are stored.
+    - Single-channel 16-bit, 32-bit and float images (PNG/TIFF exports of CT, MR, X-ray) are windowed to
+      8 bits with ``window`` (``minmax`` or ``percentile``, see :func:`window_to_uint8`) instead of being
+      clipped at 255. 8-bit and RGB images are unchanged.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
@@ -140,10 +203,10 @@ def load_image_file(path: str | os.PathLike[str]) -> Image.Image:
                     f"image {path} is {width}x{height}, above the {MAX_IMAGE_PIXELS:,}-pixel limit; downsample it first"
                 )
             image.load()
-            return image.convert("RGB")
+            return _to_rgb(ImageOps.exif_transpose(image), window)
     except ImageLoadError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 
 

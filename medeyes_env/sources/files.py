@@ -47,7 +47,17 @@ from typing import Any
 import pydantic
 from PIL import Image
 
-from medeyes_env.cases import SPLITS, AnswerType, Box, Case, Region, Split, safe_join, xywh_to_xyxy
+from medeyes_env.cases import (
+    SPLITS,
+    AnswerType,
+    Box,
+    Case,
+    Region,
+    Split,
+    displayed_size,
+    safe_join,
+    xywh_to_xyxy,
+)
 from medeyes_env.errors import ImageLoadError, MedEyesError, SourceError, UnsafePathError
 from medeyes_env.sources import CaseSource, register_source
 
@@ -248,10 +258,10 @@ def _refuse_pickles(directory: Path, source: str) -> None:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header, without decoding the pixels."""
+    """``(width, height)`` as displayed (EXIF orientation applied), from the header, without decoding the pixels."""
     try:
         with Image.open(path) as image:
-            return image.size
+            return displayed_size(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 
