@@ -60,8 +60,7 @@ GpusOpt = Annotated[int | None, typer.Option(help="GPUs per node.")]
 
 
 def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    import yaml
-
+    from medeyes.safe_yaml import parse_yaml
     from medeyes_env.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -69,7 +68,7 @@ def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = parse_yaml(value, f"{flag} {key.strip()}") if value.strip() else ""
     return out
 
 

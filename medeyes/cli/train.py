@@ -34,8 +34,7 @@ class Mode(str, Enum):
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
-
+    from medeyes.safe_yaml import parse_yaml
     from medeyes_env.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -43,7 +42,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (e.g. grpo.steps=100), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}") if value.strip() else ""
     return out
 
 

@@ -156,6 +156,10 @@ class EvalConfig(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of evaluation (0: greedy).")
 
 
+DataOption = str | int | float | bool | list[str | int | float | bool]
+"""A value of ``data_options``: a scalar or a flat list (what PhantomConfig's fields take), nothing nested."""
+
+
 class TrainConfig(BaseModel):
     """One training run: model, data, environment, stages, objective, logging and checkpoints."""
 
@@ -172,7 +176,7 @@ class TrainConfig(BaseModel):
         default="tiny", description="Model alias (tiny, small-idefics3, ...), local directory or remote id."
     )
     data: str = Field(default="phantom", description="Case source spec, e.g. phantom, phantom:easy, slake:/path.")
-    data_options: dict[str, Any] = Field(
+    data_options: dict[str, DataOption] = Field(
         default_factory=dict,
         description="Phantom only: PhantomConfig fields over the preset, e.g. {families: [presence, modality]}.",
     )
@@ -240,18 +244,30 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Load a YAML file (a mapping of fields, nested as the models are), then apply dotted ``overrides``."""
-        import yaml
+        """Load a YAML file (a mapping of fields, nested as the models are), then apply dotted ``overrides``.
+
+        The file is parsed by :func:`medeyes.safe_yaml.load_yaml`: aliases, duplicate keys, deep nesting,
+        non-UTF-8 bytes and syntax errors are :class:`ConfigError` naming ``FILE:LINE:COLUMN``.
+        """
+        from medeyes.safe_yaml import load_yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path)
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
         preset_name = data.pop("preset", None)
-        base = preset(preset_name).model_dump(mode="json") if preset_name else {}
-        return build_config(_deep_merge(base, data), overrides)
+        if preset_name is not None and not isinstance(preset_name, str):
+            raise ConfigError(
+                f"{path}: preset must be a name ({', '.join(PRESETS)}), got {type(preset_name).__name__} "
+                f"{str(preset_name)[:80]}"
+            )
+        try:
+            base = preset(preset_name).model_dump(mode="json") if preset_name else {}
+            return build_config(_deep_merge(base, data), overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_yaml(self) -> str:
         """The full config as YAML (every field, defaults included)."""
