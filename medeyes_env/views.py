@@ -162,12 +162,25 @@ def draw_boxes(
     numbered: bool = False,
     labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """Return a copy of ``image`` with ``boxes`` outlined (colours cycle); optional numbers or labels."""
+    """Return a copy of ``image`` with ``boxes`` outlined (colours cycle); optional numbers or labels.
+
+    Boxes are clamped to just outside the canvas first: PIL's time grows with the coordinates (about 14 s
+    for one rectangle at 2e9), and a recorded box may hold anything. A box with a non-finite coordinate is
+    not drawn; an inverted one is drawn with its corners sorted.
+
+    >>> draw_boxes(Image.new("RGB", (8, 8)), [(1e308, -1e308, 2, 3), (float("nan"), 0, 1, 1)]).size
+    (8, 8)
+    """
     image = image.convert("RGB") if image.mode != "RGB" else image.copy()
     draw = ImageDraw.Draw(image)
+    margin = width + 1
     for index, box in enumerate(boxes):
         colour = colours[index % len(colours)]
-        x1, y1, x2, y2 = box
+        if not all(math.isfinite(v) for v in box):
+            continue
+        xs = sorted(min(max(float(v), -margin), image.width + margin) for v in (box[0], box[2]))
+        ys = sorted(min(max(float(v), -margin), image.height + margin) for v in (box[1], box[3]))
+        x1, y1, x2, y2 = xs[0], ys[0], xs[1], ys[1]
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=width)
         text = labels[index] if labels is not None else (str(index + 1) if numbered else None)
         if text:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medeyes.cli.common import console, friendly_errors
+from medeyes.cli.common import console, friendly_errors, safe
 from medeyes_env.cases import SPLITS
 from medeyes_env.errors import ConfigError
 from medeyes_env.sources import iter_cases, open_source
@@ -30,15 +30,18 @@ def cases(
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     source = open_source(data)
     selected = list(iter_cases(source, split, n))  # type: ignore[arg-type]
-    table = Table(title=f"{data} / {split}: {len(selected)} case(s)")
+    table = Table(title=safe(f"{data} / {split}: {len(selected)} case(s)"))
     for column in ("id", "modality", "question", "answer", "type", "gold regions"):
         table.add_column(column, overflow="fold")
     for case in selected:
         regions = ", ".join(f"{r.label} [{', '.join(str(round(v)) for v in r.box)}]" for r in case.regions) or "-"
-        table.add_row(case.id, case.modality, case.question, case.answer, case.answer_type.value, regions)
+        table.add_row(
+            *(safe(v) for v in (case.id, case.modality, case.question, case.answer, case.answer_type.value)),
+            safe(regions),
+        )
     console.print(table)
     if gallery is not None:
         from medeyes_env.gallery import case_gallery
 
         case_gallery(selected).save(gallery)
-        console.print(f"saved {gallery}")
+        console.print(f"saved {safe(gallery)}")

@@ -11,7 +11,7 @@ import typer
 from rich.panel import Panel
 from rich.table import Table
 
-from medeyes.cli.common import console, friendly_errors
+from medeyes.cli.common import console, friendly_errors, safe
 from medeyes.trajectories import RECORDS_FILE, TrajectoryRecord, TrajectoryStore, read_records
 from medeyes_env.errors import RecordError
 
@@ -52,17 +52,17 @@ def _select(records: list[TrajectoryRecord], outcome: Outcome, trajectory: str |
 
 
 def _overview(records: list[TrajectoryRecord], title: str) -> Table:
-    table = Table(title=title)
+    table = Table(title=safe(title))
     for column in ("trajectory", "family", "question", "gold", "answer", "ok", "steps", "reward"):
         table.add_column(column, overflow="fold", justify="right" if column in ("steps", "reward") else "left")
     for record in records:
         actions = " ".join(s.action.name[0] for s in record.steps if s.action is not None)
         table.add_row(
-            record.trajectory_id,
-            record.family or "-",
-            record.question[:70] + ("..." if len(record.question) > 70 else ""),
-            record.gold_answer,
-            str(record.final_answer),
+            safe(record.trajectory_id),
+            safe(record.family or "-"),
+            safe(record.question[:70] + ("..." if len(record.question) > 70 else "")),
+            safe(record.gold_answer),
+            safe(record.final_answer),
             "[green]yes[/]" if record.correct else "[red]no[/]",
             f"{record.tool_steps} ({actions})",
             f"{record.reward:.3f}",
@@ -73,12 +73,12 @@ def _overview(records: list[TrajectoryRecord], title: str) -> Table:
 def _details(record: TrajectoryRecord) -> None:
     console.print(
         Panel(
-            f"{record.question}\n"
-            + (f"options: {' / '.join(record.options)}\n" if record.options else "")
-            + f"gold: [bold]{record.gold_answer}[/]   answer: [bold]{record.final_answer}[/]   "
-            f"reward: {record.reward:.3f}   producer: {record.producer.name}"
-            + (f" ({record.producer.oracle})" if record.producer.oracle else ""),
-            title=record.trajectory_id,
+            f"{safe(record.question)}\n"
+            + (f"options: {safe(' / '.join(record.options))}\n" if record.options else "")
+            + f"gold: [bold]{safe(record.gold_answer)}[/]   answer: [bold]{safe(record.final_answer)}[/]   "
+            f"reward: {record.reward:.3f}   producer: {safe(record.producer.name)}"
+            + (f" ({safe(record.producer.oracle)})" if record.producer.oracle else ""),
+            title=safe(record.trajectory_id),
         )
     )
     table = Table(show_lines=True)
@@ -89,10 +89,10 @@ def _details(record: TrajectoryRecord) -> None:
         rewards = " ".join(f"{k[:4]}={v:.2f}" for k, v in step.reward_components.items())
         table.add_row(
             str(step.index + 1),
-            step.reasoning or "",
-            json.dumps(action) if action else f"[red]{step.error_kind}[/]: {step.error}",
-            step.feedback,
-            rewards,
+            safe(step.reasoning or ""),
+            safe(json.dumps(action)) if action else f"[red]{safe(step.error_kind)}[/]: {safe(step.error)}",
+            safe(step.feedback),
+            safe(rewards),
         )
     console.print(table)
 
@@ -120,4 +120,6 @@ def inspect(
         from medeyes.report import write_report
 
         write_report(chosen, html, store, title=f"MedEyes trajectories: {path.name}")
-        console.print(f"report written to {html}" + ("" if store else " (no images: the run directory is missing)"))
+        console.print(
+            f"report written to {safe(html)}" + ("" if store else " (no images: the run directory is missing)")
+        )

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medeyes.cli.common import console, friendly_errors
+from medeyes.cli.common import console, friendly_errors, safe
 
 model_app = typer.Typer(
     name="model",
@@ -59,8 +59,8 @@ def init(
         path = ensure_tiny_model(arch.value, preset.value)  # type: ignore[arg-type]
     else:
         path = build_tiny_model(arch.value, preset.value, out_dir=out, seed=seed, overwrite=overwrite)  # type: ignore[arg-type]
-    console.print(f"built {preset.value} {arch.value} model in {path}")
-    console.print(f"use it with --model {path}")
+    console.print(f"built {preset.value} {arch.value} model in {safe(path)}")
+    console.print(f"use it with --model {safe(path)}")
 
 
 def model_info(name_or_path: str) -> dict[str, Any]:
@@ -114,9 +114,9 @@ def info(
 ) -> None:
     """Show a model's architecture, parameter count, vocabulary and image tokens per image."""
     facts = model_info(path)
-    table = Table(title=f"model {path}", show_header=False)
+    table = Table(title=safe(f"model {path}"), show_header=False)
     table.add_column("field")
     table.add_column("value", overflow="fold")
     for key, value in facts.items():
-        table.add_row(key, f"{value:,}" if key == "parameters" else str(value))
+        table.add_row(safe(key), f"{value:,}" if key == "parameters" else safe(value))
     console.print(table)

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medeyes.cli.common import console, error_console, friendly_errors
+from medeyes.cli.common import console, error_console, friendly_errors, safe
 
 openrlhf_app = typer.Typer(
     name="openrlhf",
@@ -122,7 +122,7 @@ def export(
 
     cfg = _build_config(config, preset, set_, launch_set, model, data, run_dir, export_dir, nodes, gpus_per_node)
     summary = export_openrlhf_data(cfg)
-    console.print(f"[bold]medeyes openrlhf export[/] -> {summary.directory}", highlight=False)
+    console.print(f"[bold]medeyes openrlhf export[/] -> {safe(summary.directory)}", highlight=False)
     console.print(
         f"prompts: {summary.prompt_rows} rows over {summary.train_cases} training cases "
         f"({cfg.train.grpo.steps} steps x {cfg.train.grpo.prompts_per_step} prompts); eval: {summary.eval_rows}",
@@ -134,7 +134,7 @@ def export(
             f"{summary.train_cases} cases (G_on {cfg.train.grpo.group_on} + G_off {cfg.train.grpo.group_off})",
             highlight=False,
         )
-    console.print("files: " + ", ".join(summary.files), highlight=False)
+    console.print("files: " + safe(", ".join(summary.files)), highlight=False)
     console.print("next: medeyes openrlhf command (same options) prints the launch command", highlight=False)
 
 
@@ -166,7 +166,7 @@ def command(
     if problems and run:
         raise ConfigError("the export does not match: " + "; ".join(problems) + " (run `medeyes openrlhf export`)")
     for problem in problems:
-        error_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+        error_console.print(f"[yellow]warning:[/] {safe(problem)}", highlight=False)
     if cfg.train.stage_steps("sft") > 0:
         error_console.print(
             "[yellow]note:[/] the sft stage does not run on OpenRLHF; run it first with `medeyes train` "

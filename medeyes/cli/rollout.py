@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medeyes.agents.base import Agent
-from medeyes.cli.common import console, friendly_errors
+from medeyes.cli.common import console, friendly_errors, safe
 from medeyes.rollout import RolloutConfig, RolloutSummary, producer_of, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore
 from medeyes_env.cases import SPLITS
@@ -123,16 +123,16 @@ def build_agent(spec: AgentSpec) -> Agent:
 
 def summary_table(summary: RolloutSummary, title: str) -> Table:
     """The rich table ``medeyes rollout`` prints."""
-    table = Table(title=title, show_header=True, header_style="bold")
+    table = Table(title=safe(title), show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("episodes", f"{summary.episodes}" + (f" ({summary.errors} failed)" if summary.errors else ""))
     table.add_row("accuracy", f"{summary.accuracy:.3f}")
     for kind, accuracy in summary.accuracy_by_type.items():
-        table.add_row(f"  accuracy / {kind}", f"{accuracy:.3f} (n={summary.episodes_by_type[kind]})")
+        table.add_row(f"  accuracy / {safe(kind)}", f"{accuracy:.3f} (n={summary.episodes_by_type[kind]})")
     for family, accuracy in summary.accuracy_by_family.items():
         if family != "-":
-            table.add_row(f"  accuracy / family {family}", f"{accuracy:.3f}")
+            table.add_row(f"  accuracy / family {safe(family)}", f"{accuracy:.3f}")
     table.add_row("mean best IoU vs gold", f"{summary.mean_best_iou:.3f} (n={summary.iou_episodes})")
     table.add_row("mean tool steps", f"{summary.mean_steps:.2f}")
     table.add_row("mean reward", f"{summary.mean_reward:.3f}")
@@ -259,7 +259,7 @@ def rollout(
         disable=quiet,
         transient=True,
     ) as progress:
-        task = progress.add_task(f"{agent} on {data}/{split}", total=None)
+        task = progress.add_task(safe(f"{agent} on {data}/{split}"), total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
@@ -270,7 +270,7 @@ def rollout(
     console.print(summary_table(summary, f"{label} on {data}/{split}"))
     if store is not None:
         console.print(
-            f"stored {result.stored} trajectories in {store.root}"
+            f"stored {result.stored} trajectories in {safe(store.root)}"
             + (f" (kept only correct ones: {summary.kept}/{summary.episodes})" if keep_only_correct else "")
             + (f"; skipped {result.skipped} already there" if result.skipped else "")
         )
@@ -279,4 +279,4 @@ def rollout(
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(summary.model_dump_json(indent=2))
-        console.print(f"summary written to {summary_json}")
+        console.print(f"summary written to {safe(summary_json)}")

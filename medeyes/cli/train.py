@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medeyes.cli.common import console, friendly_errors
+from medeyes.cli.common import console, friendly_errors, safe
 
 
 class Preset(str, Enum):
@@ -94,8 +94,9 @@ def train(
     from medeyes.training.trainer import train as run_training
 
     console.print(
-        f"[bold]medeyes train[/]: {cfg.model} on {cfg.data} ({', '.join(cfg.stages)}: "
-        f"{cfg.stage_steps('sft')} sft + {cfg.stage_steps('grpo')} grpo steps, mode {cfg.grpo.mode}) -> {cfg.run_dir}"
+        f"[bold]medeyes train[/]: {safe(cfg.model)} on {safe(cfg.data)} ({', '.join(cfg.stages)}: "
+        f"{cfg.stage_steps('sft')} sft + {cfg.stage_steps('grpo')} grpo steps, mode {cfg.grpo.mode}) -> "
+        f"{safe(cfg.run_dir)}"
     )
     result = run_training(cfg, resume=not fresh)
     first, last = result.first_eval, result.last_eval
@@ -112,10 +113,10 @@ def train(
         families = {k.removeprefix("eval/accuracy/"): v for k, v in last.items() if k.startswith("eval/accuracy/")}
         if families:
             listing = ", ".join(f"{family} {value:.3f}" for family, value in sorted(families.items()))
-            console.print(f"held-out accuracy by question family: {listing}")
+            console.print(f"held-out accuracy by question family: {safe(listing)}")
         console.print(
             f"held-out IoU {last.get('eval/iou', 0):.3f}, tool steps {last.get('eval/steps', 0):.2f}, "
             f"parse rate {last.get('eval/parse_rate', 0):.3f}"
         )
     run = cfg.run_dir
-    console.print(f"metrics: {run / 'metrics.jsonl'}  tensorboard: {run / 'tb'}  model: {run / 'final'}")
+    console.print(safe(f"metrics: {run / 'metrics.jsonl'}  tensorboard: {run / 'tb'}  model: {run / 'final'}"))

@@ -98,9 +98,22 @@ def _data_url(image: Image.Image, quality: int = 82) -> str:
 
 
 def _placed(boxes: Sequence[Box], size: tuple[int, int], side: int) -> list[Box]:
-    scale = side / max(size)
+    """Boxes in pixels of the letterboxed panel; coordinates clamped to one image extent around the image first.
+
+    A recorded box may hold 1e308: scaled, that overflows to inf, and near 2e9 PIL takes ~14 s per rectangle
+    (``views.draw_boxes`` clamps again at the canvas).
+    """
+    extent = float(max(size))
+    scale = side / extent
     dx, dy = (side - size[0] * scale) / 2, (side - size[1] * scale) / 2
-    return [(x1 * scale + dx, y1 * scale + dy, x2 * scale + dx, y2 * scale + dy) for x1, y1, x2, y2 in boxes]
+
+    def clamp(value: float) -> float:
+        return min(max(value, -extent), 2 * extent)
+
+    return [
+        (clamp(x1) * scale + dx, clamp(y1) * scale + dy, clamp(x2) * scale + dx, clamp(y2) * scale + dy)
+        for x1, y1, x2, y2 in boxes
+    ]
 
 
 def annotated_original(
