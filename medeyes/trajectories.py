@@ -12,10 +12,16 @@ A run directory holds::
 Crash safety: each record is one ``write`` of a complete line on an ``O_APPEND``
 descriptor, followed by ``fsync``; images are written to a temporary file and
 renamed into place *before* the record that names them. So after a crash the
-file ends either with a complete record or with a torn last line, which
-:class:`TrajectoryStore` cuts off (and reports) when it opens the run again.
+file ends either with a complete record or with a torn last line. When
+:class:`TrajectoryStore` opens the run for writing, a last line that still parses
+as a record (only its newline was lost) is kept and completed; one that does not
+is moved to ``trajectories.jsonl.torn`` (appended, never deleted) and reported.
 A resumed run skips every ``trajectory_id`` already present, so nothing is
 written twice.
+
+Everything read here is data: JSON (duplicate keys, deep nesting, bytes that are not
+UTF-8 and 5000-digit numbers are :class:`RecordError` naming ``FILE:LINE``) and PNG
+images opened with a pixel limit.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medeyes_env.cases import Box
+from medeyes_env.cases import MAX_IMAGE_PIXELS, Box
 from medeyes_env.errors import RecordError
 from medeyes_env.protocol import Action
+from medeyes_env.strict_json import BadInput, decode, load_file, loads
 
 SCHEMA_VERSION = 1
 """Version of :class:`TrajectoryRecord`; readers refuse any other."""
@@ -43,6 +50,9 @@ SCHEMA_VERSION = 1
 RECORDS_FILE = "trajectories.jsonl"
 RUN_FILE = "run.json"
 IMAGES_DIR = "images"
+TORN_SUFFIX = ".torn"
+MAX_RUN_INFO_BYTES = 16 * 1024 * 1024
+"""Largest ``run.json`` read (a producer with its config is a few kB)."""
 
 
 class Producer(BaseModel):
@@ -199,9 +209,9 @@ def image_digest(image: Image.Image | np.ndarray) -> str:
 def parse_record(line: str, where: str = "record") -> TrajectoryRecord:
     """Parse one JSONL line into a record, refusing unknown schema versions with a clear message."""
     try:
-        data = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+        data = loads(line)
+    except BadInput as exc:
+        raise RecordError(f"{where}: {exc}") from None
     if not isinstance(data, dict):
         raise RecordError(f"{where} is a JSON {type(data).__name__}, not a trajectory record object")
     version = data.get("schema_version")
@@ -222,8 +232,9 @@ def parse_record(line: str, where: str = "record") -> TrajectoryRecord:
 class TrajectoryStore:
     """A run directory of trajectory records (JSONL) and content-addressed PNG images.
 
-    Opening an existing run repairs a torn last line (an interrupted append) by cutting it
-    off; ``repaired`` says how many bytes were dropped.
+    Opening an existing run for writing repairs its last line when an append was interrupted: a line
+    that parses as a record is kept (its newline added, ``completed_tail`` set); one that does not is
+    moved to ``trajectories.jsonl.torn`` (``repaired``: its size in bytes, ``torn_path``: where).
     """
 
     def __init__(
@@ -240,6 +251,10 @@ class TrajectoryStore:
         """
         self.root = Path(root)
         self.read_only = read_only
+        self.completed_tail = False
+        """True when opening added the newline a complete last record had lost."""
+        self.torn_path: Path | None = None
+        """Where an unparseable last line was moved, when opening moved one."""
         if self.root.exists() and not self.root.is_dir():
             raise RecordError(f"trajectory store {self.root} exists and is not a directory; pass a directory path")
         if read_only:
@@ -338,9 +353,13 @@ class TrajectoryStore:
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"{path} is not valid JSON ({exc.msg}); delete it or use a new run directory") from None
+            info = load_file(path, MAX_RUN_INFO_BYTES)
+        except (BadInput, OSError) as exc:
+            where = exc.at(path) if isinstance(exc, BadInput) else f"{path}: {exc}"
+            raise RecordError(f"{where}; delete it or use a new run directory") from None
+        if not isinstance(info, dict):
+            raise RecordError(f"{path}: expected a JSON object, got {type(info).__name__}")
+        return info
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -349,23 +368,29 @@ class TrajectoryStore:
 
     def records(self) -> Iterator[TrajectoryRecord]:
         """Every stored record, in file order (a torn last line of a run still being written is skipped)."""
-        if not self.records_path.exists():
-            return
-        with self.records_path.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                if not line.endswith("\n"):
-                    return  # an append in progress, or a torn line a writable open will repair
-                yield parse_record(line, f"line {number} of {self.records_path}")
+        if self.records_path.exists():
+            yield from _iter_records(self.records_path)
 
     def load_image(self, digest: str) -> Image.Image:
-        """Load a stored image as RGB."""
+        """Load a stored image as RGB; a missing, corrupt, oversized or non-file image is a :class:`RecordError`."""
         path = self.image_path(digest)
         if not path.exists():
             raise RecordError(f"image {digest} is missing from {self.images_dir}; the run directory is incomplete")
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        if not path.is_file():
+            raise RecordError(f"{path}: not an image file (a directory or special file)")
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise RecordError(
+                        f"{path}: {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,}-pixel limit of a stored image"
+                    )
+                image.load()
+                return image.convert("RGB")
+        except RecordError:
+            raise
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise RecordError(f"{path}: cannot read the stored image ({exc})") from None
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -384,6 +409,7 @@ class TrajectoryStore:
             )
 
     def _repair_torn_tail(self) -> int:
+        """Complete a last record that lost only its newline; move an unparseable last line to ``.torn``."""
         path = self.records_path
         if not path.exists() or path.stat().st_size == 0:
             return 0
@@ -392,40 +418,94 @@ class TrajectoryStore:
             handle.seek(size - 1)
             if handle.read(1) == b"\n":
                 return 0
-            # Find the end of the last complete line.
-            position = size
-            chunk = 65536
-            keep = 0
-            while position > 0:
-                start = max(0, position - chunk)
-                handle.seek(start)
-                block = handle.read(position - start)
-                newline = block.rfind(b"\n")
-                if newline >= 0:
-                    keep = start + newline + 1
-                    break
-                position = start
+            keep = _last_line_start(handle, size)
+            handle.seek(keep)
+            tail = handle.read(size - keep)
+            if _parses(tail, f"{path}:tail"):
+                handle.seek(size)
+                handle.write(b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+                self.completed_tail = True
+                return 0
+            torn = path.with_name(path.name + TORN_SUFFIX)
+            with torn.open("ab") as aside:  # kept, not destroyed: appended before the cut
+                aside.write(tail + b"\n")
+                aside.flush()
+                os.fsync(aside.fileno())
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
+            self.torn_path = torn
             return size - keep
 
     def _scan_ids(self) -> Iterator[str]:
         if not self.records_path.exists():
             return
-        with self.records_path.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip() or not line.endswith("\n"):
+        with self.records_path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                where = f"{self.records_path}:{number}"
+                if not raw.endswith(b"\n"):
+                    record = _tail_record(raw, where)
+                    if record is not None:
+                        yield record.trajectory_id
                     continue
                 try:
-                    data = json.loads(line)
-                except json.JSONDecodeError:
+                    data = loads(decode(raw))
+                except BadInput as exc:
                     raise RecordError(
-                        f"line {number} of {self.records_path} is not valid JSON; the file was edited or corrupted "
+                        f"{where}: {exc}; the file was edited or corrupted "
                         "(a torn last line is repaired automatically, a broken middle line is not)"
                     ) from None
                 if isinstance(data, dict) and "trajectory_id" in data:
                     yield str(data["trajectory_id"])
+
+
+def _last_line_start(handle: Any, size: int) -> int:
+    """Offset just after the last newline before ``size`` (0 when there is none)."""
+    position, chunk = size, 65536
+    while position > 0:
+        start = max(0, position - chunk)
+        handle.seek(start)
+        block = handle.read(position - start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
+
+
+def _tail_record(raw: bytes, where: str) -> TrajectoryRecord | None:
+    """The record on a last line without its newline, or None when it does not parse (torn, or being written)."""
+    try:
+        return parse_record(decode(raw), where)
+    except (RecordError, BadInput):
+        return None
+
+
+def _parses(raw: bytes, where: str) -> bool:
+    return _tail_record(raw, where) is not None
+
+
+def _iter_records(path: Path) -> Iterator[TrajectoryRecord]:
+    """Records of a JSONL file; a last line that does not parse (torn or being written) is skipped."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{number}"
+            if not raw.endswith(b"\n"):
+                record = _tail_record(raw, where)
+                if record is not None:
+                    yield record
+                return
+            try:
+                text = decode(raw)
+            except BadInput as exc:
+                raise RecordError(f"{where}: {exc}") from None
+            yield parse_record(text, where)
 
 
 def _short(producer: Any) -> str:
@@ -461,13 +541,4 @@ def read_records(path: str | os.PathLike[str]) -> list[TrajectoryRecord]:
         path = path / RECORDS_FILE
     if not path.is_file():
         raise RecordError(f"no trajectories at {path}; pass a run directory (with {RECORDS_FILE}) or a .jsonl file")
-    records = []
-    with path.open("r", encoding="utf-8") as handle:
-        lines = handle.readlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if number == len(lines) and not line.endswith("\n"):
-            break  # a torn last line of an interrupted run: not a record yet
-        records.append(parse_record(line, f"line {number} of {path}"))
-    return records
+    return list(_iter_records(path))

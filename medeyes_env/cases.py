@@ -219,6 +219,8 @@ def safe_join(root: str | os.PathLike[str], relative: str) -> Path:
     from medeyes_env.errors import UnsafePathError
 
     root_path = Path(root).resolve()
+    if "\x00" in relative:
+        raise UnsafePathError(f"path {relative!r} contains a NUL byte")
     if Path(relative).is_absolute():
         raise UnsafePathError(f"path {relative!r} is absolute; dataset files must be relative to {root_path}")
     joined = (root_path / relative).resolve()

@@ -104,7 +104,7 @@ def test_unknown_schema_version_is_refused_with_a_clear_message(tmp_path):
 
 
 def test_malformed_records_are_refused(tmp_path):
-    with pytest.raises(RecordError, match="not valid JSON"):
+    with pytest.raises(RecordError, match=r"line 3: invalid JSON \(Expecting property name enclosed in double quotes"):
         parse_record("{nope", "line 3")
     with pytest.raises(RecordError, match="line 3 is not a valid trajectory record: case_id"):
         parse_record(json.dumps({"schema_version": SCHEMA_VERSION, "trajectory_id": "x"}), "line 3")

@@ -247,8 +247,11 @@ def rollout(
         env=env,
     )
     store = TrajectoryStore(out, producer=producer_of(built)) if out is not None else None
-    if store is not None and store.repaired:
-        console.print(f"[yellow]repaired[/] a torn last line in {store.records_path} ({store.repaired} bytes dropped)")
+    if store is not None and store.torn_path is not None:
+        console.print(
+            f"[yellow]moved[/] a torn last line ({store.repaired} bytes) of {safe(store.records_path)} "
+            f"to {safe(store.torn_path)}"
+        )
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

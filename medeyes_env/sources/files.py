@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import difflib
 import functools
-import json
 import logging
 import os
 import posixpath
@@ -60,11 +59,17 @@ from medeyes_env.cases import (
 )
 from medeyes_env.errors import ImageLoadError, MedEyesError, SourceError, UnsafePathError
 from medeyes_env.sources import CaseSource, register_source
+from medeyes_env.strict_json import BadInput, load_file, loads, to_float
+from medeyes_env.strict_json import lines as text_lines
 
 logger = logging.getLogger(__name__)
 
 MAX_SKIPPED_KEPT = 1000
 """How many skip messages a source keeps in ``skipped`` (the count is always exact)."""
+MAX_JSON_FILE_BYTES = 1024**3
+"""Largest ``.json`` annotation file parsed whole (a 1 GB array takes several GB of memory; use JSONL beyond)."""
+MAX_DETECTION_BYTES = 16 * 1024**2
+"""Largest SLAKE ``detection.json`` read (the real ones are under 2 kB)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ class _Collector:
         self.rows: dict[Split, list[_Row]] = {split: [] for split in SPLITS}
         self.skipped: list[str] = []
         self.n_skipped = 0
-        self._dirs: dict[tuple[Path, str], tuple[Path, frozenset[str]]] = {}
+        self._dirs: dict[tuple[Path, str], tuple[Path, dict[str, bool]]] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
 
     def image(self, root: Path, relative: str, folders: tuple[str, ...] = ("",)) -> Path:
@@ -157,13 +162,15 @@ class _Collector:
         """
         if not relative:
             raise SourceError("the image name is empty")
+        if "\x00" in relative:
+            raise SourceError(f"the image name {relative!r} contains a NUL byte")
         tried: list[Path] = []
         for folder in folders:
             joined = f"{folder}/{relative}" if folder else relative
             directory, name = posixpath.split(joined)
             if posixpath.isabs(joined) or name in ("", ".", ".."):
                 path = safe_join(root, joined)  # raises for absolute paths and escapes
-                directory, name = str(path.parent), path.name
+                raise ImageLoadError(f"image {relative!r} names the directory {path}, not an image file")
             key = (root, directory)
             if key not in self._dirs:
                 try:
@@ -171,15 +178,15 @@ class _Collector:
                 except UnsafePathError:
                     safe_join(root, joined)  # the same refusal, naming the whole path
                     raise
-                try:
-                    listing = frozenset(os.listdir(resolved))
-                except OSError:
-                    listing = frozenset()
-                self._dirs[key] = (resolved, listing)
+                self._dirs[key] = (resolved, _listing(resolved))
             resolved, listing = self._dirs[key]
             path = resolved / name
             if name in listing:
-                return safe_join(root, joined) if os.path.islink(path) else path
+                linked = os.path.islink(path)
+                found = safe_join(root, joined) if linked else path
+                if not (found.is_file() if linked else listing[name]):
+                    raise ImageLoadError(f"image path {found} is a directory or special file, not an image file")
+                return found
             tried.append(path)
         also = f" (also tried {', '.join(str(p) for p in tried[1:])})" if len(tried) > 1 else ""
         raise ImageLoadError(f"image file not found: {tried[0]}{also}")
@@ -236,6 +243,15 @@ def parse_spec_argument(argument: str | None, source: str, options: Mapping[str,
             raise SourceError(f"unknown option {key!r} for source {source!r}.{hint} Known: {', '.join(options)}")
         values[key] = value or "1"
     return Path(path_text).expanduser(), values
+
+
+def _listing(directory: Path) -> dict[str, bool]:
+    """Names in ``directory`` -> whether each is a regular file (symlinks are checked where used)."""
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name: e.is_symlink() or e.is_file(follow_symlinks=False) for e in entries}
+    except (OSError, ValueError):
+        return {}
 
 
 def _flag(value: str, key: str) -> bool:
@@ -305,42 +321,53 @@ def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
     ``skip_bad`` can skip a broken line like any other malformed row.
     """
     suffix = path.suffix.lower()
+    reader = None
     try:
         if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8-sig") as handle:
+            # surrogateescape: a row with bytes that are not UTF-8 is refused alone (skip_bad can skip it)
+            with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
                 reader = csv.DictReader(handle)
                 for row in reader:
-                    yield f"{path}:{reader.line_num}", row
+                    yield f"{path}:{reader.line_num}", _utf8_row(row)
         elif suffix == ".jsonl":
-            with path.open(encoding="utf-8-sig") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
+            with path.open("rb") as handle:
+                for number, line in text_lines(handle):
+                    if isinstance(line, BadInput) or line.strip():
                         yield f"{path}:{number}", line
         elif suffix == ".json":
-            with path.open(encoding="utf-8-sig") as handle:
-                try:
-                    data = json.load(handle)
-                except json.JSONDecodeError as exc:
-                    raise SourceError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno})") from exc
+            try:
+                data = load_file(path, MAX_JSON_FILE_BYTES)
+            except BadInput as exc:
+                raise SourceError(exc.at(path)) from None
             if not isinstance(data, list):
                 raise SourceError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
             for number, item in enumerate(data):
                 yield f"{path} item {number}", item
         else:
             raise SourceError(f"{path}: unsupported annotation file type {suffix!r}; use .json, .jsonl or .csv")
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text ({exc})") from exc
     except csv.Error as exc:
-        raise SourceError(f"{path}: malformed CSV ({exc})") from exc
+        line = f":{reader.line_num + 1}" if reader is not None else ""  # the record after the last one read
+        raise SourceError(f"{path}{line}: malformed CSV ({exc}); the rows after it were not read") from None
+
+
+def _utf8_row(row: dict[Any, Any]) -> dict[Any, Any] | BadInput:
+    """``row``, or :class:`BadInput` when a value held bytes that are not UTF-8 (decoded as surrogates)."""
+    try:
+        "".join(v for v in row.values() if isinstance(v, str)).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return BadInput(f"not UTF-8 text (byte 0x{ord(exc.object[exc.start]) - 0xDC00:02x})")
+    return row
 
 
 def _record(item: Any) -> dict[str, Any]:
     """A record from :func:`_read_records`: a JSONL line is parsed, anything but an object refused."""
+    if isinstance(item, BadInput):
+        raise SourceError(str(item))
     if isinstance(item, str):
         try:
-            item = json.loads(item)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"invalid JSON ({exc.msg}, column {exc.colno})") from exc
+            item = loads(item)
+        except BadInput as exc:
+            raise SourceError(str(exc)) from None
     if not isinstance(item, dict):
         raise SourceError(f"expected a JSON object, got {type(item).__name__}")
     return item
@@ -358,7 +385,10 @@ def _boxes_of(value: Any, where: str) -> list[tuple[float, float, float, float]]
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
     )
     if numbers and len(value) == 4:
-        return [tuple(float(v) for v in value)]  # type: ignore[list-item]
+        try:
+            return [tuple(to_float(v, where) for v in value)]  # type: ignore[list-item]
+        except BadInput as exc:
+            raise SourceError(str(exc)) from None
     if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
         return [box for item in value for box in _boxes_of(item, where)]
     raise SourceError(f"{where}: expected a box of 4 numbers, got {value!r}")
@@ -403,9 +433,9 @@ def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSour
     root = path.parent
     collector = _Collector(skip_bad)
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:
+        for number, line in text_lines(handle):
+            if not isinstance(line, BadInput) and not line.strip():
                 continue
             where = f"{path}:{number}"
             with collector.row(where):
@@ -457,8 +487,10 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
         boxes = _boxes_of(region["box"], "region box")
         if len(boxes) != 1:
             raise SourceError(f"a region has one box [x1, y1, x2, y2], got {region['box']!r}")
-        box = boxes[0]
-        regions.append(Region(box=box, label=str(region.get("label", "abnormality"))))
+        label = region.get("label")
+        if label is not None and not isinstance(label, str):
+            raise SourceError(f"a region label must be text, got {type(label).__name__} {label!r}")
+        regions.append(Region(box=boxes[0], label=label if label is not None else "abnormality"))
     size = collector.size(image_path) if regions else None
     row = _Row(
         question=_text(record, "question"),
@@ -529,7 +561,7 @@ def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: st
             f"no SLAKE split files in {root}: expected {', '.join(SLAKE_SPLIT_FILES.values())} beside imgs/"
         )
     collector = _Collector(skip_bad)
-    detections = functools.cache(_slake_detections)
+    detections = functools.cache(functools.partial(_slake_detections, root=root))
     for split, split_file in present.items():
         for where, item in _read_records(split_file):
             with collector.row(where):
@@ -583,14 +615,20 @@ def _normalise_modality(name: str) -> str:
     return {"xray": "xray", "mri": "mri", "mr": "mri", "ct": "ct"}.get(key, key or "unknown")
 
 
-def _slake_detections(path: Path) -> tuple[tuple[str, Box], ...]:
-    """Labelled ``xyxy`` boxes from a SLAKE ``detection.json`` (``xywh`` on disk); empty when absent."""
+def _slake_detections(path: Path, root: Path) -> tuple[tuple[str, Box], ...]:
+    """Labelled ``xyxy`` boxes from a SLAKE ``detection.json`` (``xywh`` on disk); empty when absent.
+
+    A ``detection.json`` that resolves outside ``root`` (a symlink out of the dataset) is refused.
+    """
     if not path.is_file():
         return ()
+    resolved, inside = path.resolve(), root.resolve()
+    if inside not in resolved.parents:
+        raise UnsafePathError(f"{path} resolves to {resolved}, outside the dataset directory {inside}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: invalid JSON ({exc})") from exc
+        data = load_file(path, MAX_DETECTION_BYTES)
+    except BadInput as exc:
+        raise SourceError(exc.at(path)) from None
     pairs: list[tuple[str, Any]] = []
     items = data if isinstance(data, list) else [data]
     for item in items:

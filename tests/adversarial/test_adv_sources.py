@@ -1,0 +1,222 @@
+"""Hostile dataset files for every layout (jsonl, SLAKE, VQA-RAD json, PMC-VQA csv): each is a named error with
+FILE:LINE, or skipped and counted under ``skip_bad=1``, or loaded correctly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from medeyes_env.cases import safe_join
+from medeyes_env.errors import ImageLoadError, SourceError, UnsafePathError
+from medeyes_env.sources import open_source
+
+GOOD = {"id": "ok", "image": "img/a.png", "question": "Is there a nodule?", "answer": "yes", "answer_type": "closed"}
+
+
+def _dataset(tmp_path: Path, bad_line: bytes) -> Path:
+    """A JSONL dataset: a good line, the hostile line, another good line."""
+    (tmp_path / "img").mkdir(exist_ok=True)
+    Image.new("L", (64, 48), 128).save(tmp_path / "img" / "a.png")
+    good2 = json.dumps({**GOOD, "id": "ok2"}).encode()
+    (tmp_path / "cases.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + bad_line + b"\n" + good2 + b"\n")
+    return tmp_path / "cases.jsonl"
+
+
+def _line(**fields) -> bytes:
+    return json.dumps({**GOOD, "id": "bad", **fields}).encode()
+
+
+BOX = '"regions": [{"box": [1, 2, 3, 4], "label": "x"}]'
+JSONL_CASES = {
+    "non-utf8": (
+        b'{"id": "bad", "question": "\xff\xfe"}',
+        SourceError,
+        r"cases.jsonl:2: not UTF-8 text \(byte 0xff at column 28\)",
+    ),
+    "deep-nesting": (b"[" * 50_000 + b"]" * 50_000, SourceError, r"cases.jsonl:2: JSON nested too deeply"),
+    "duplicate-key": (
+        _line()[:-1] + b', "answer": "no"}',
+        SourceError,
+        r"cases.jsonl:2: duplicate key 'answer' in one object",
+    ),
+    "int-overflow-box": (
+        _line()[:-1] + b', "regions": [{"box": [1, 2, 1' + b"0" * 400 + b", 4]}]}",
+        SourceError,
+        r"cases.jsonl:2: region box: 1000000000\.\.\. \(401 digits\) is too large for a number",
+    ),
+    "5000-digit-int": (
+        b'{"id": ' + b"9" * 5000 + b"}",
+        SourceError,
+        r"cases.jsonl:2: invalid JSON \(Exceeds the limit \(4300 digits\)",
+    ),
+    "nan-box": (
+        _line()[:-1] + b', "regions": [{"box": [NaN, 2, 3, 4]}]}',
+        SourceError,
+        r"cases.jsonl:2: region box: nan is not a finite number",
+    ),
+    "nul-in-folder": (
+        _line(image="im\x00g/a.png"),
+        SourceError,
+        r"cases.jsonl:2: the image name 'im\\x00g/a.png' contains a NUL byte",
+    ),
+    "image-dot": (
+        _line(image="."),
+        ImageLoadError,
+        r"cases.jsonl:2: image '\.' names the directory .*, not an image file",
+    ),
+    "image-is-a-directory": (
+        _line(image="img"),
+        ImageLoadError,
+        r"cases.jsonl:2: image path .*/img is a directory or special file",
+    ),
+    "label-not-text": (
+        _line()[:-1] + b", " + BOX.replace('"x"', "5").encode() + b"}",
+        SourceError,
+        r"cases.jsonl:2: a region label must be text, got int 5",
+    ),
+    "not-an-object": (b"[1, 2]", SourceError, r"cases.jsonl:2: expected a JSON object, got list"),
+    "escape": (
+        _line(image="../../etc/passwd"),
+        UnsafePathError,
+        r"cases.jsonl:2: path '../../etc/passwd' escapes the dataset directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JSONL_CASES))
+def test_hostile_jsonl_line_is_a_named_error_with_its_line_or_skipped(tmp_path, case):
+    line, error, message = JSONL_CASES[case]
+    path = _dataset(tmp_path, line)
+    with pytest.raises(error, match=message):
+        open_source(f"jsonl:{path}")
+    source = open_source(f"jsonl:{path}?skip_bad=1")
+    assert source.size("test") == 2 and source.n_skipped == 1
+    assert re.search(message, source.skipped[0]) and [source.case("test", i).id for i in (0, 1)] == ["ok", "ok2"]
+
+
+def test_null_label_is_the_default_label_not_the_string_none(tmp_path):
+    path = _dataset(tmp_path, _line()[:-1] + b', "regions": [{"box": [1, 2, 3, 4], "label": null}]}')
+    case = open_source(f"jsonl:{path}").case("test", 1)
+    assert [r.label for r in case.regions] == ["abnormality"]  # before: "None"
+
+
+def test_nul_byte_in_a_path_is_refused_by_safe_join(tmp_path):
+    with pytest.raises(UnsafePathError, match=r"path 'a\\x00/b.png' contains a NUL byte"):
+        safe_join(tmp_path, "a\x00/b.png")
+
+
+# ------------------------------------------------------------------------------------------- SLAKE (JSON arrays)
+
+
+def _slake(tmp_path: Path, train: bytes, detection: bytes | None = b'[{"liver": [1, 2, 10, 10]}]') -> Path:
+    root = tmp_path / "Slake1.0"
+    (root / "imgs" / "xmlab1").mkdir(parents=True)
+    Image.new("L", (64, 64), 100).save(root / "imgs" / "xmlab1" / "source.jpg")
+    if detection is not None:
+        (root / "imgs" / "xmlab1" / "detection.json").write_bytes(detection)
+    (root / "train.json").write_bytes(train)
+    return root
+
+
+SLAKE_ROW = {
+    "img_name": "xmlab1/source.jpg",
+    "question": "Is the liver normal?",
+    "answer": "Yes",
+    "answer_type": "CLOSED",
+    "q_lang": "en",
+}
+
+
+@pytest.mark.parametrize(
+    ("train", "detection", "message"),
+    [
+        (
+            b"[\n" + json.dumps(SLAKE_ROW).encode() + b",\n\xff]",
+            None,
+            r"train.json:3: not UTF-8 text \(byte 0xff at offset \d+\)",
+        ),
+        (b"[" * 50_000, None, r"train.json: JSON nested too deeply"),
+        (b'[{"question": "a",\n "question": "b"}]', None, r"train.json: duplicate key 'question' in one object"),
+        (b'[\n{"a": 1},\n{"b": }]', None, r"train.json:3: invalid JSON \(Expecting value, column 7\)"),
+        (
+            json.dumps([SLAKE_ROW]).encode(),
+            b'[{"liver": [1, 2, 1' + b"0" * 400 + b", 4]}]",
+            r"detection.json box 'liver': 1000000000\.\.\. \(401 digits\)",
+        ),
+        (json.dumps([SLAKE_ROW]).encode(), b"[" * 50_000, r"detection.json: JSON nested too deeply"),
+        (
+            json.dumps([SLAKE_ROW]).encode(),
+            b'{"liver": [1, 2, 3, 4], "liver": [5, 6, 7, 8]}',
+            r"detection.json: duplicate key 'liver'",
+        ),
+    ],
+    ids=[
+        "non-utf8",
+        "deep",
+        "duplicate-key",
+        "syntax",
+        "detection-int-overflow",
+        "detection-deep",
+        "detection-duplicate",
+    ],
+)
+def test_hostile_slake_files_are_named_errors(tmp_path, train, detection, message):
+    root = _slake(tmp_path, train, detection if detection is not None else b"[]")
+    with pytest.raises(SourceError, match=message):
+        open_source(f"slake:{root}")
+
+
+def test_slake_detection_json_symlinked_outside_is_refused(tmp_path):
+    root = _slake(tmp_path, json.dumps([SLAKE_ROW]).encode(), detection=None)
+    outside = tmp_path / "secret.json"
+    outside.write_text('[{"liver": [1, 2, 10, 10]}]')
+    (root / "imgs" / "xmlab1" / "detection.json").symlink_to(outside)
+    with pytest.raises(
+        UnsafePathError, match=r"detection.json resolves to .*secret.json, outside the dataset directory"
+    ):
+        open_source(f"slake:{root}")
+    good = _slake(tmp_path / "good", json.dumps([SLAKE_ROW]).encode())
+    assert [r.label for r in open_source(f"slake:{good}").case("train", 0).regions] == ["liver"]
+
+
+def test_vqa_rad_json_not_utf8_names_the_line(tmp_path):
+    (tmp_path / "VQA_RAD Dataset Public.json").write_bytes(b'[\n{"image_name": "\xe9"}]')
+    with pytest.raises(SourceError, match=r"VQA_RAD Dataset Public.json:2: not UTF-8 text \(byte 0xe9 at offset 18\)"):
+        open_source(f"vqa_rad:{tmp_path}")
+
+
+# ------------------------------------------------------------------------------------------- PMC-VQA (CSV)
+
+
+def _pmc(tmp_path: Path, rows: list[list[str]], raw_tail: bytes = b"") -> Path:
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "f.jpg")
+    with (tmp_path / "train.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Answer_label"])
+        writer.writerows(rows)
+    with (tmp_path / "train.csv").open("ab") as handle:
+        handle.write(raw_tail)
+    return tmp_path
+
+
+ROW = ["f.jpg", "Which?", "a", "A: a", "B: b", "A"]
+
+
+def test_csv_row_that_is_not_utf8_is_named_and_skippable(tmp_path):
+    root = _pmc(tmp_path, [ROW], raw_tail=b"f.jpg,Wh\xffich?,a,A: a,B: b,A\r\n" + ",".join(ROW).encode() + b"\r\n")
+    with pytest.raises(SourceError, match=r"train.csv:3: not UTF-8 text \(byte 0xff\)"):
+        open_source(f"pmc_vqa:{root}")
+    source = open_source(f"pmc_vqa:{root}?skip_bad=1")
+    assert source.size("train") == 2 and source.n_skipped == 1
+
+
+def test_huge_csv_field_is_a_named_error_with_its_line(tmp_path):
+    root = _pmc(tmp_path, [ROW, ["f.jpg", "x" * 200_000, "a", "A: a", "B: b", "A"]])
+    with pytest.raises(SourceError, match=r"train.csv:3: malformed CSV \(field larger than field limit \(131072\)\)"):
+        open_source(f"pmc_vqa:{root}")

@@ -1,0 +1,121 @@
+"""Hostile trajectory stores: torn tails are kept when they parse and moved aside when not; every corruption is a
+RecordError naming FILE:LINE; stored images are opened with a pixel limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from medeyes.trajectories import Producer, TrajectoryRecord, TrajectoryStore, read_records
+from medeyes_env.errors import RecordError
+
+PRODUCER = Producer(kind="other", name="test")
+
+
+def _record(tid: str, **fields) -> TrajectoryRecord:
+    values = dict(
+        trajectory_id=tid,
+        case_id="c/1",
+        source="test",
+        split="test",
+        question="q",
+        answer_type="closed",
+        gold_answer="yes",
+        image_size=(8, 8),
+        producer=PRODUCER,
+    )
+    return TrajectoryRecord(**{**values, **fields})
+
+
+def _store(tmp_path, *ids):
+    store = TrajectoryStore(tmp_path / "run")
+    for tid in ids:
+        store.append(_record(tid))
+    return store, store.records_path
+
+
+def test_complete_last_record_without_its_newline_is_kept(tmp_path):
+    _, path = _store(tmp_path, "a", "b")
+    path.write_bytes(path.read_bytes()[:-1])  # only the trailing newline was lost
+    assert [r.trajectory_id for r in read_records(path)] == ["a", "b"]
+    reopened = TrajectoryStore(tmp_path / "run")
+    assert reopened.repaired == 0 and reopened.completed_tail and reopened.torn_path is None
+    assert [r.trajectory_id for r in reopened.records()] == ["a", "b"]  # before: ["a"], "repaired a torn line"
+    assert path.read_bytes().endswith(b"}\n") and not path.with_name("trajectories.jsonl.torn").exists()
+    assert reopened.append(_record("c")) and len(read_records(path)) == 3
+
+
+def test_unparseable_tail_is_moved_aside_not_destroyed(tmp_path):
+    _, path = _store(tmp_path, "a", "b")
+    whole = path.read_bytes()
+    tail = _record("c").model_dump_json().encode()[:57]
+    path.write_bytes(whole + tail)
+    reopened = TrajectoryStore(tmp_path / "run")
+    assert reopened.repaired == 57 and reopened.torn_path == path.with_name("trajectories.jsonl.torn")
+    assert path.read_bytes() == whole and reopened.torn_path.read_bytes() == tail + b"\n"
+    path.write_bytes(whole + b"\xff\xfe")  # a second crash: appended to the same .torn file
+    TrajectoryStore(tmp_path / "run")
+    assert reopened.torn_path.read_bytes() == tail + b"\n\xff\xfe\n"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"trajectory_id": "\xff"}', r"trajectories.jsonl:2: not UTF-8 text \(byte 0xff at offset 19\)"),
+        (b"[" * 50_000 + b"]" * 50_000, r"trajectories.jsonl:2: JSON nested too deeply"),
+        (b'{"trajectory_id": "x", "trajectory_id": "y"}', r"trajectories.jsonl:2: duplicate key 'trajectory_id'"),
+        (b'{"seed": ' + b"9" * 5000 + b"}", r"trajectories.jsonl:2: invalid JSON \(Exceeds the limit \(4300 digits\)"),
+        (b"{broken", r"trajectories.jsonl:2: invalid JSON \(Expecting property name"),
+    ],
+    ids=["non-utf8", "deep", "duplicate-key", "5000-digits", "syntax"],
+)
+def test_corrupt_middle_line_is_a_named_error_for_writers_and_readers(tmp_path, line, message):
+    _, path = _store(tmp_path, "a")
+    path.write_bytes(path.read_bytes() + line + b"\n" + _record("b").model_dump_json().encode() + b"\n")
+    with pytest.raises(RecordError, match=message + ".*the file was edited or corrupted"):
+        TrajectoryStore(tmp_path / "run")
+    with pytest.raises(RecordError, match=message):
+        read_records(path)
+
+
+def test_out_of_range_box_number_is_a_named_error(tmp_path):
+    _, path = _store(tmp_path, "a")
+    data = json.loads(_record("b").model_dump_json())
+    text = json.dumps(data).replace('"gold_boxes": []', '"gold_boxes": [[0, 0, 1' + "0" * 400 + ", 1]]")
+    path.write_text(path.read_text() + text + "\n")
+    with pytest.raises(RecordError, match=r"trajectories.jsonl:2 is not a valid trajectory record: gold_boxes.0.2: "):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnot really"), r"\.png: cannot read the stored image"),
+        (lambda p: p.mkdir(), r"\.png: not an image file \(a directory or special file\)"),
+        (lambda p: Image.new("1", (9000, 9000)).save(p, format="PNG"), r"9000x9000 pixels, above the 64,000,000-pixel"),
+    ],
+    ids=["corrupt", "directory", "bomb"],
+)
+def test_bad_image_under_a_valid_hash_is_a_named_error(tmp_path, make, message):
+    store, _ = _store(tmp_path)
+    digest = "ab" * 32
+    make(store.image_path(digest))
+    with pytest.raises(RecordError, match=message):
+        store.load_image(digest)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"producer": "\xff"}', r"run.json:1: not UTF-8 text \(byte 0xff at offset 14\); delete it"),
+        (b"[" * 50_000, r"run.json: JSON nested too deeply; delete it"),
+        (b"[1]", r"run.json: expected a JSON object, got list"),
+    ],
+)
+def test_bad_run_json_is_a_named_error(tmp_path, content, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_bytes(content)
+    with pytest.raises(RecordError, match=message):
+        TrajectoryStore(tmp_path / "run", producer=PRODUCER)
