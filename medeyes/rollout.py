@@ -183,6 +183,7 @@ def run_rollout(
             step=0,
             max_steps=config.env.max_steps,
             state={"seed": seed, "sample_index": sample_index},
+            box_format=config.env.box_format,
         )
         next_episode += 1
         record = TrajectoryRecord(

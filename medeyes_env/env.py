@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medeyes_env import views
 from medeyes_env.cases import AnswerType, Box, Case, Split
 from medeyes_env.errors import ConfigError
-from medeyes_env.protocol import Action, ParsedTurn, ProtocolLimits, parse_turn, protocol_instructions
+from medeyes_env.protocol import Action, BoxFormat, ParsedTurn, ProtocolLimits, parse_turn, protocol_instructions
 from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
 from medeyes_env.sources import CaseSource, open_source
 
@@ -92,6 +92,11 @@ class EnvConfig(BaseModel):
         default="full",
         description="System prompt: full (protocol with worked examples) or brief (the same rules in a third of "
         "the tokens; for small models trained from scratch).",
+    )
+    box_format: BoxFormat = Field(
+        default_factory=BoxFormat,
+        description="How the model writes and reads boxes: pixels (the paper, Qwen2.5-VL), norm1000 (Qwen2-VL), or "
+        "loc tokens (the tiny models). Inside the environment every box is xyxy pixels of the original image.",
     )
     max_text_chars: int = Field(default=8192, ge=256, description="Longest text observation.")
     rewards: RewardConfig = Field(default_factory=RewardConfig)
@@ -192,7 +197,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         if self._done:
             raise gym.error.ResetNeeded("the episode has ended; call reset() before step()")
         text = action if isinstance(action, str) else self._coerce_action(action)
-        parsed = parse_turn(text, self.image.size, self.config.limits)
+        parsed = parse_turn(text, self.image.size, self.config.limits, self.config.box_format)
         tool_turns_left = self.config.max_steps - len(self.turns)
         shown: list[Box] = []
         terminated = truncated = False
@@ -281,7 +286,12 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         width, height = self.image.size if self.image is not None else (0, 0)
         # max_steps counts tool turns; the instructions count every turn, the answer included.
         return protocol_instructions(
-            width, height, self.config.max_steps + 1, self.config.limits, style=self.config.instructions
+            width,
+            height,
+            self.config.max_steps + 1,
+            self.config.limits,
+            style=self.config.instructions,
+            box_format=self.config.box_format,
         )
 
     @property
@@ -319,11 +329,11 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             view, shown_box = views.drill_view(
                 self._pixels, action.boxes[0], cfg.view_size, cfg.drill_min_side, _FILTERS[cfg.zoom_filter]
             )
-            return view, [shown_box], f"Zoomed into region {_fmt_box(shown_box)} at full resolution."
+            return view, [shown_box], f"Zoomed into region {self._fmt_box(shown_box)} at full resolution."
         view, shown = views.scan_view(
             self._pixels, action.boxes, cfg.view_size, cfg.drill_min_side, cfg.scan_mode, _FILTERS[cfg.zoom_filter]
         )
-        listing = "; ".join(f"{i + 1}: {_fmt_box(b)}" for i, b in enumerate(shown))
+        listing = "; ".join(f"{i + 1}: {self._fmt_box(b)}" for i, b in enumerate(shown))
         layout = "side by side, numbered" if cfg.scan_mode == "montage" else "outlined on the overview"
         return view, shown, f"Scanned {len(shown)} region(s), shown {layout}: {listing}."
 
@@ -384,16 +394,17 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             info["reward_total"] = breakdown.total
         return info
 
+    def _fmt_box(self, box: Box) -> str:
+        """A box as the model writes it (pixels rounded to whole numbers)."""
+        rounded = tuple(float(round(v)) for v in box)
+        return self.config.box_format.encode(rounded, self.image.size if self.image is not None else (1, 1))
+
     @staticmethod
     def _coerce_action(action: object) -> str:
         if isinstance(action, bytes):
             return action.decode("utf-8", errors="replace")
         # Not text at all: let the parser report it as a malformed turn.
         return f"<not text: {type(action).__name__}>"
-
-
-def _fmt_box(box: Box) -> str:
-    return "[" + ", ".join(str(round(v)) for v in box) + "]"
 
 
 def _text(text: str) -> dict[str, str]:

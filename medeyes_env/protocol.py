@@ -119,6 +119,94 @@ def _check_box_values(box: Sequence[float]) -> Box:
     return (x1, y1, x2, y2)
 
 
+LOC_TOKENS: int = 64
+"""Location tokens ``<loc00>`` .. ``<loc63>`` a ``loc`` box format may use (``bins`` <= 63)."""
+_LOC_RE = re.compile(r"<loc(\d{2})>")
+BoxKind = Literal["pixels", "norm1000", "loc"]
+
+
+def loc_token(index: int) -> str:
+    """The text of location token ``index``: ``<loc07>``.
+
+    >>> loc_token(7)
+    '<loc07>'
+    """
+    if not 0 <= index < LOC_TOKENS:
+        raise ValueError(f"location token index must be in 0..{LOC_TOKENS - 1}, got {index}")
+    return f"<loc{index:02d}>"
+
+
+class BoxFormat(BaseModel):
+    """How a model writes a box; inside the code every box is xyxy pixels of the original image.
+
+    - ``pixels``: ``[x1, y1, x2, y2]`` in pixels of the original image (the paper; Qwen2.5-VL's convention).
+    - ``norm1000``: ``[x1, y1, x2, y2]`` on a 0-1000 scale of each side (Qwen2-VL, Qwen3-VL).
+    - ``loc``: four location tokens ``"<loc03><loc05><loc06><loc08>"``, each the nearest of ``bins + 1``
+      evenly spaced edges of its side (Pix2Seq and PaliGemma quantised coordinates): one token per
+      coordinate, from a vocabulary of ``bins + 1`` classes, for small models that cannot regress digits.
+
+    Conversion happens here and only here (:meth:`encode` for what a model reads, parsing for what it writes).
+
+    >>> BoxFormat(kind="loc", bins=16).encode((96, 130, 160, 200), (512, 512))
+    '"<loc03><loc04><loc05><loc06>"'
+    >>> BoxFormat(kind="norm1000").encode((96, 128, 160, 256), (512, 512))
+    '[188, 250, 312, 500]'
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: BoxKind = Field(default="pixels", description="pixels, norm1000 or loc (see the class docstring).")
+    bins: int = Field(
+        default=16, ge=2, le=LOC_TOKENS - 1, description="loc only: intervals per side (bins + 1 edge tokens)."
+    )
+
+    def _scale(self, image_size: tuple[int, int]) -> tuple[float, float]:
+        width, height = image_size
+        if self.kind == "pixels":
+            return 1.0, 1.0
+        steps = 1000.0 if self.kind == "norm1000" else float(self.bins)
+        return width / steps, height / steps
+
+    def encode(self, box: Sequence[float], image_size: tuple[int, int]) -> str:
+        """The JSON text of ``box`` (xyxy pixels) as a model writes it."""
+        if self.kind == "pixels":
+            return _fmt_box(box)
+        sx, sy = self._scale(image_size)
+        x1, y1, x2, y2 = (round(v / s) for v, s in zip(box, (sx, sy, sx, sy), strict=True))
+        # Whole units on the grid, never empty: a box thinner than one unit becomes one unit wide.
+        top = 1000 if self.kind == "norm1000" else self.bins
+        x1, y1 = min(max(x1, 0), top - 1), min(max(y1, 0), top - 1)
+        x2, y2 = min(max(x2, x1 + 1), top), min(max(y2, y1 + 1), top)
+        if self.kind == "norm1000":
+            return f"[{x1}, {y1}, {x2}, {y2}]"
+        return '"' + "".join(loc_token(v) for v in (x1, y1, x2, y2)) + '"'
+
+    def to_pixels(self, values: Sequence[float], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """Numbers in this format's units to xyxy pixels (not clamped, not checked)."""
+        sx, sy = self._scale(image_size)
+        x1, y1, x2, y2 = values
+        return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+
+    def form(self, image_size: tuple[int, int]) -> str:
+        """One sentence that says how to write a box in this format."""
+        width, height = image_size
+        if self.kind == "pixels":
+            return (
+                f"A box is [x1, y1, x2, y2] in pixels of the {width}x{height} image with "
+                f"0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}."
+            )
+        if self.kind == "norm1000":
+            return "A box is [x1, y1, x2, y2] on a 0-1000 scale of the image's width and height, x1 < x2, y1 < y2."
+        return (
+            f'A box is a string of four location tokens "<locX1><locY1><locX2><locY2>", each 00 to {self.bins:02d} '
+            f"(the image's width and height in {self.bins} steps), X1 < X2, Y1 < Y2."
+        )
+
+    def placeholder(self) -> str:
+        """How a box is shown in the instructions' templates."""
+        return "[x1, y1, x2, y2]" if self.kind != "loc" else '"<locX1><locY1><locX2><locY2>"'
+
+
 class Action(BaseModel):
     """One executable action: ``scan`` several boxes, ``drill`` into one box, or ``answer``.
 
@@ -221,18 +309,17 @@ Every response is one turn: first your thinking in <reasoning>...</reasoning>, t
 
 1. Scan several candidate regions at once (1 to {max_boxes} boxes):
 <reasoning>The left lower lobe and the right hilum need a closer look.</reasoning>
-<action>{{{{"name": "scan", "boxes": [[x1, y1, x2, y2], [x1, y1, x2, y2]]}}}}</action>
+<action>{{{{"name": "scan", "boxes": [{{box}}, {{box}}]}}}}</action>
 
 2. Drill into one region to see it zoomed in at full resolution:
 <reasoning>The opacity in the left lower lobe is the most suspicious.</reasoning>
-<action>{{{{"name": "drill", "box": [x1, y1, x2, y2]}}}}</action>
+<action>{{{{"name": "drill", "box": {{box}}}}}}</action>
 
 3. Give the final answer, which ends the examination:
 <reasoning>The zoomed view shows a well-defined nodule.</reasoning>
 <answer>yes</answer>
 
-Boxes are [x1, y1, x2, y2]: pixel coordinates in the original {{width}} x {{height}} image, origin at the top-left
-corner, 0 <= x1 < x2 <= {{width}} and 0 <= y1 < y2 <= {{height}}. The action is JSON with double quotes. Write nothing
+{{box_rule}} The action is JSON with double quotes. Write nothing
 outside the tags. After each scan or drill you receive the view and a <feedback> message. You have at most
 {{max_steps}} turns; the last one must be an answer. For yes/no questions answer "yes" or "no"; for multiple choice
 answer with the option's letter or its exact text; otherwise answer with a few words."""
@@ -240,9 +327,9 @@ answer with the option's letter or its exact text; otherwise answer with a few w
 
 _BRIEF_INSTRUCTIONS_TEMPLATE = """\
 Examine the {{width}} x {{height}} image, then answer. Each turn: <reasoning>...</reasoning> then one of
-<action>{{{{"name": "scan", "boxes": [[x1, y1, x2, y2], ...]}}}}</action> (1 to {max_boxes} regions),
-<action>{{{{"name": "drill", "box": [x1, y1, x2, y2]}}}}</action> (one region zoomed in),
-<answer>...</answer> (ends it). Boxes: pixels of the original image, x1 < x2, y1 < y2.
+<action>{{{{"name": "scan", "boxes": [{{box}}, ...]}}}}</action> (1 to {max_boxes} regions),
+<action>{{{{"name": "drill", "box": {{box}}}}}}</action> (one region zoomed in),
+<answer>...</answer> (ends it). {{brief_box_rule}}
 At most {{max_steps}} turns; the last one must be an answer."""
 
 
@@ -252,8 +339,9 @@ def protocol_instructions(
     max_steps: int,
     limits: ProtocolLimits | None = None,
     style: Literal["full", "brief"] = "full",
+    box_format: BoxFormat | None = None,
 ) -> str:
-    """Return the protocol instructions for one image, with the limits' box count filled in.
+    """Return the protocol instructions for one image, with the limits' box count and box format filled in.
 
     ``style="brief"`` states the same protocol in about a third of the tokens, without worked examples: for
     small models trained from scratch, whose every training sequence carries the system prompt.
@@ -264,12 +352,31 @@ def protocol_instructions(
     True
     """
     limits = limits or ProtocolLimits()
+    box_format = box_format or BoxFormat()
     template = _BRIEF_INSTRUCTIONS_TEMPLATE if style == "brief" else _INSTRUCTIONS_TEMPLATE
-    return template.format(max_boxes=limits.max_boxes).format(width=width, height=height, max_steps=max_steps)
+    return template.format(max_boxes=limits.max_boxes).format(
+        width=width, height=height, max_steps=max_steps, **_box_wording(box_format, width, height)
+    )
+
+
+def _box_wording(box_format: BoxFormat, width: int, height: int) -> dict[str, str]:
+    if box_format.kind == "pixels":
+        rule = (
+            f"Boxes are [x1, y1, x2, y2]: pixel coordinates in the original {width} x {height} image, origin at the "
+            f"top-left\ncorner, 0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}."
+        )
+        brief = "Boxes: pixels of the original image, x1 < x2, y1 < y2."
+    elif box_format.kind == "norm1000":
+        rule = brief = "Boxes: [x1, y1, x2, y2] on a 0-1000 scale of the image's width and height, x1 < x2, y1 < y2."
+    else:
+        rule = brief = (
+            f"Boxes: four location tokens, x1 y1 x2 y2, each <loc00> to <loc{box_format.bins:02d}> across the image."
+        )
+    return {"box": box_format.placeholder(), "box_rule": rule, "brief_box_rule": brief}
 
 
 PROTOCOL_INSTRUCTIONS: str = _INSTRUCTIONS_TEMPLATE.format(max_boxes=ProtocolLimits().max_boxes)
-"""The protocol as told to a model; fill it with ``.format(width=, height=, max_steps=)``."""
+"""The protocol as told to a model; fill it with ``.format(width=, height=, max_steps=, box=, box_rule=)``."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,14 +424,6 @@ def _expected_turn(limits: ProtocolLimits) -> str:
     return (
         f"Expected <reasoning>...</reasoning> followed by exactly one of {_SCAN_FORM} (1 to {limits.max_boxes} boxes), "
         f"{_DRILL_FORM} or {_ANSWER_FORM}."
-    )
-
-
-def _box_form(image_size: tuple[int, int]) -> str:
-    width, height = image_size
-    return (
-        f"A box is [x1, y1, x2, y2] in pixels of the {width}x{height} image with "
-        f"0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}."
     )
 
 
@@ -484,12 +583,12 @@ def _resolve_name(data: dict[str, Any], deviations: list[str]) -> str:
     )
 
 
-def _to_coordinate(value: Any, box: Any, image_size: tuple[int, int]) -> float:
+def _to_coordinate(value: Any, box: Any, form: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Malformed(
             "bad_box",
             f"box {_fmt_box_raw(box)} has a coordinate that is not a number ({_excerpt(json.dumps(value), 20)}); "
-            f"coordinates must be numbers. {_box_form(image_size)}",
+            f"coordinates must be numbers. {form}",
         )
     try:
         number = float(value)
@@ -498,8 +597,7 @@ def _to_coordinate(value: Any, box: Any, image_size: tuple[int, int]) -> float:
     if not math.isfinite(number):
         raise _Malformed(
             "non_finite",
-            f"box {_fmt_box_raw(box)} has a coordinate that is not finite; coordinates must be finite numbers. "
-            f"{_box_form(image_size)}",
+            f"box {_fmt_box_raw(box)} has a coordinate that is not finite; coordinates must be finite numbers. {form}",
         )
     return number
 
@@ -512,31 +610,46 @@ def _fmt_box_raw(box: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_box(raw: Any, image_size: tuple[int, int], notes: list[str]) -> Box:
-    """Validate one raw JSON box and clamp it to the image."""
-    width, height = image_size
-    if not isinstance(raw, list) or len(raw) != 4:
-        got = f"{len(raw)} values" if isinstance(raw, list) else type(raw).__name__
+def _loc_values(raw: Any, box_format: BoxFormat, form: str) -> list[float]:
+    """The four edge indices of a ``loc`` box string such as ``"<loc03><loc04><loc05><loc06>"``."""
+    if not isinstance(raw, str):
+        raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be a string of 4 location tokens. {form}")
+    compact = "".join(raw.split())
+    tokens = _LOC_RE.findall(compact)
+    if len(tokens) != 4 or "".join(loc_token(int(t)) for t in tokens) != compact:
+        raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be exactly 4 location tokens. {form}")
+    values = [float(t) for t in tokens]
+    if max(values) > box_format.bins:
         raise _Malformed(
-            "bad_box", f"box {_fmt_box_raw(raw)} must be a list of 4 numbers, got {got}. {_box_form(image_size)}"
+            "outside_image", f"box {_fmt_box_raw(raw)} uses a location above <loc{box_format.bins:02d}>. {form}"
         )
-    x1, y1, x2, y2 = (_to_coordinate(v, raw, image_size) for v in raw)
+    return values
+
+
+def _check_box(raw: Any, image_size: tuple[int, int], notes: list[str], box_format: BoxFormat) -> Box:
+    """Validate one raw JSON box, convert it to pixels and clamp it to the image."""
+    width, height = image_size
+    form = box_format.form(image_size)
+    if box_format.kind == "loc":
+        values = _loc_values(raw, box_format, form)
+    else:
+        if not isinstance(raw, list) or len(raw) != 4:
+            got = f"{len(raw)} values" if isinstance(raw, list) else type(raw).__name__
+            raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be a list of 4 numbers, got {got}. {form}")
+        values = [_to_coordinate(v, raw, form) for v in raw]
+    shown = _fmt_box_raw(raw) if box_format.kind == "loc" else _fmt_box(raw)
+    x1, y1, x2, y2 = box_format.to_pixels(values, image_size)
     if x2 < x1 or y2 < y1:
         raise _Malformed(
-            "inverted_box",
-            f"box {_fmt_box(raw)} is inverted (x2 < x1 or y2 < y1); write the top-left corner first. "
-            f"{_box_form(image_size)}",
+            "inverted_box", f"box {shown} is inverted (x2 < x1 or y2 < y1); write the top-left corner first. {form}"
         )
     if x2 == x1 or y2 == y1:
-        raise _Malformed("zero_area", f"box {_fmt_box(raw)} has zero area. {_box_form(image_size)}")
+        raise _Malformed("zero_area", f"box {shown} has zero area. {form}")
     if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
-        raise _Malformed(
-            "outside_image",
-            f"box {_fmt_box(raw)} lies outside the {width}x{height} image. {_box_form(image_size)}",
-        )
+        raise _Malformed("outside_image", f"box {shown} lies outside the {width}x{height} image. {form}")
     clamped = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
     if clamped != (x1, y1, x2, y2):
-        notes.append(f"box {_fmt_box(raw)} was clamped to the {width}x{height} image: {_fmt_box(clamped)}")
+        notes.append(f"box {shown} was clamped to the {width}x{height} image: {box_format.encode(clamped, image_size)}")
     return clamped
 
 
@@ -585,7 +698,7 @@ def _boxes_of(name: str, data: dict[str, Any], limits: ProtocolLimits, deviation
     return boxes
 
 
-def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits) -> ParsedTurn:
+def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_format: BoxFormat) -> ParsedTurn:
     if not isinstance(text, str):
         raise _Malformed("not_text", f"the turn must be text, got {type(text).__name__}. {_expected_turn(limits)}")
     if len(text) > limits.max_chars:
@@ -665,9 +778,10 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits) -> Pa
         data = _load_action_json(act.content, limits, deviations)
         name = _resolve_name(data, deviations)
         raw_boxes = _boxes_of(name, data, limits, deviations)
-        boxes = tuple(_check_box(raw, image_size, notes) for raw in raw_boxes)
+        boxes = tuple(_check_box(raw, image_size, notes, box_format) for raw in raw_boxes)
         width, height = image_size
-        if min(width, height) > 4 and all(0.0 <= v <= 1.0 for box in boxes for v in box):
+        fractions = all(0.0 <= v <= 1.0 for box in boxes for v in box)
+        if box_format.kind == "pixels" and min(width, height) > 4 and fractions:
             notes.append(
                 f"every coordinate is between 0 and 1: boxes are in pixels of the {width}x{height} image, "
                 "not fractions of it"
@@ -693,12 +807,18 @@ def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:
     return width, height
 
 
-def parse_turn(text: str, image_size: tuple[int, int], limits: ProtocolLimits | None = None) -> ParsedTurn:
+def parse_turn(
+    text: str,
+    image_size: tuple[int, int],
+    limits: ProtocolLimits | None = None,
+    box_format: BoxFormat | None = None,
+) -> ParsedTurn:
     """Parse one model turn into an executable :class:`Action`, or a feedback message; never raises on ``text``.
 
-    ``image_size`` is ``(width, height)`` of the original image; boxes are checked
-    against it and clamped into it. A bad ``image_size`` or ``limits`` is a
-    programming error and raises :class:`~medeyes_env.errors.ConfigError`.
+    ``image_size`` is ``(width, height)`` of the original image; boxes are written in
+    ``box_format`` (default: pixels), converted to pixels, checked against the image and
+    clamped into it. A bad ``image_size`` or ``limits`` is a programming error and raises
+    :class:`~medeyes_env.errors.ConfigError`.
 
     >>> turn = parse_turn('<reasoning>Look left.</reasoning><action>{"name": "drill", "box": [0, 0, 50, 60]}</action>',
     ...                   image_size=(100, 100))
@@ -709,9 +829,10 @@ def parse_turn(text: str, image_size: tuple[int, int], limits: ProtocolLimits | 
     (False, 'unknown_action')
     """
     limits = limits if limits is not None else ProtocolLimits()
+    box_format = box_format if box_format is not None else BoxFormat()
     image_size = _check_image_size(image_size)
     try:
-        return _parse(text, image_size, limits)
+        return _parse(text, image_size, limits, box_format)
     except _Malformed as exc:
         return ParsedTurn(reasoning=None, action=None, error=exc.message, error_kind=exc.kind)
     except Exception as exc:  # a parser bug must not crash a rollout; it becomes data with its type
@@ -735,10 +856,16 @@ def _check_renderable(part: str, what: str) -> None:
         raise ProtocolError(f"{what} {_excerpt(part)} contains control characters; it would not parse back.")
 
 
-def render_turn(action: Action, reasoning: str | None = None) -> str:
+def render_turn(
+    action: Action,
+    reasoning: str | None = None,
+    box_format: BoxFormat | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> str:
     """Render an action (and optional reasoning) as protocol text; the inverse of :func:`parse_turn`.
 
-    Coordinates that are whole numbers are written as integers.
+    Coordinates that are whole numbers are written as integers. Another ``box_format`` than pixels
+    needs the ``image_size`` its units refer to.
 
     >>> print(render_turn(Action.scan((0, 0, 10, 10), (5, 5, 20.5, 20)), "Two spots."))
     <reasoning>Two spots.</reasoning>
@@ -755,7 +882,11 @@ def render_turn(action: Action, reasoning: str | None = None) -> str:
         _check_renderable(answer, "answer")
         parts.append(f"<answer>{answer}</answer>")
     else:
-        boxes = "[" + ", ".join(_fmt_box(box) for box in action.boxes) + "]"
+        box_format = box_format or BoxFormat()
+        if box_format.kind != "pixels" and image_size is None:
+            raise ProtocolError(f"rendering {box_format.kind} boxes needs the image_size they refer to")
+        size = image_size or (1, 1)
+        boxes = "[" + ", ".join(box_format.encode(box, size) for box in action.boxes) + "]"
         if action.name == "drill":
             parts.append(f'<action>{{"name": "drill", "box": {boxes[1:-1]}}}</action>')
         else:

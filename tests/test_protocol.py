@@ -6,6 +6,7 @@ from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import (
     PROTOCOL_INSTRUCTIONS,
     Action,
+    BoxFormat,
     ParsedTurn,
     ProtocolError,
     ProtocolLimits,
@@ -13,6 +14,7 @@ from medeyes_env.protocol import (
     protocol_instructions,
     render_turn,
 )
+from medeyes_env.protocol import _box_wording as _box_wording
 
 SIZE = (512, 384)
 R = "<reasoning>The left lung looks dense.</reasoning>\n"
@@ -313,21 +315,58 @@ def test_parsed_turn_dump_includes_ok_and_well_formed() -> None:
 # ---- instructions ---------------------------------------------------------------------------------------------
 
 
-def test_instructions_format_and_their_examples_parse() -> None:
-    text = PROTOCOL_INSTRUCTIONS.format(width=512, height=384, max_steps=4)
+@pytest.mark.parametrize(
+    ("box_format", "concrete"),
+    [
+        (BoxFormat(), "[10, 20, 110, 120]"),
+        (BoxFormat(kind="norm1000"), "[10, 20, 110, 120]"),
+        (BoxFormat(kind="loc", bins=16), '"<loc01><loc02><loc05><loc06>"'),
+    ],
+)
+def test_instructions_format_and_their_examples_parse(box_format: BoxFormat, concrete: str) -> None:
+    text = protocol_instructions(512, 384, max_steps=4, box_format=box_format)
+    assert text == PROTOCOL_INSTRUCTIONS.format(
+        width=512, height=384, max_steps=4, **_box_wording(box_format, 512, 384)
+    )
     flat = " ".join(text.split())
     assert "512 x 384 pixels" in flat and "at most 4 turns" in flat
     assert "{" in text and "{{" not in text
     examples = re.findall(r"<reasoning>.*?</reasoning>\n<(?:action|answer)>.*?</(?:action|answer)>", text)
     assert len(examples) == 3
-    concrete = [re.sub(r"x1, y1, x2, y2", "10, 20, 110, 120", example) for example in examples]
+    placeholder = box_format.placeholder()
+    concrete_examples = [example.replace(placeholder, concrete) for example in examples]
     names = []
-    for example in concrete:
-        turn = parse_turn(example, (512, 384))
+    for example in concrete_examples:
+        turn = parse_turn(example, (512, 384), box_format=box_format)
         assert turn.well_formed, (example, turn.error)
         assert turn.action is not None
         names.append(turn.action.name)
     assert names == ["scan", "drill", "answer"]
+    if box_format.kind == "loc":
+        assert "<loc16>" in text  # the largest location token is named
+
+
+def test_box_formats_convert_at_the_boundary() -> None:
+    """A model's box in each format becomes the same xyxy pixels; feedback speaks the model's format."""
+    size = (512, 256)
+    loc = BoxFormat(kind="loc", bins=16)
+    turn = parse_turn(act('{"name": "drill", "box": "<loc02><loc04><loc05><loc08>"}'), size, box_format=loc)
+    assert turn.action is not None and turn.action.boxes == ((64.0, 64.0, 160.0, 128.0),)
+    norm = parse_turn(
+        act('{"name": "drill", "box": [125, 250, 312.5, 500]}'), size, box_format=BoxFormat(kind="norm1000")
+    )
+    assert norm.action is not None and norm.action.boxes == ((64.0, 64.0, 160.0, 128.0),)
+    assert loc.encode((64.0, 64.0, 160.0, 128.0), size) == '"<loc02><loc04><loc05><loc08>"'
+    # Pixel boxes and digits are refused in the loc format, with the expected form in the message.
+    wrong = parse_turn(act('{"name": "drill", "box": [64, 64, 160, 128]}'), size, box_format=loc)
+    assert wrong.error_kind == "bad_box" and "four location tokens" in (wrong.error or "")
+    above = parse_turn(act('{"name": "drill", "box": "<loc02><loc04><loc17><loc08>"}'), size, box_format=loc)
+    assert above.error_kind == "outside_image" and "<loc16>" in (above.error or "")
+    inverted = parse_turn(act('{"name": "drill", "box": "<loc05><loc04><loc02><loc08>"}'), size, box_format=loc)
+    assert inverted.error_kind == "inverted_box"
+    # Rendering in another format than pixels needs the image size its units refer to.
+    with pytest.raises(ProtocolError, match="image_size"):
+        render_turn(Action.drill((1, 2, 3, 4)), "r", loc)
 
 
 def test_instructions_follow_the_limits() -> None:

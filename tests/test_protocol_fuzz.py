@@ -7,7 +7,7 @@ import random
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from medeyes_env.protocol import Action, ParsedTurn, ProtocolLimits, parse_turn, render_turn
+from medeyes_env.protocol import Action, BoxFormat, ParsedTurn, ProtocolLimits, parse_turn, render_turn
 
 LIMITS = ProtocolLimits()
 
@@ -32,7 +32,10 @@ FRAGMENTS = [
     '"', "'", '"name"', '"scan"', '"drill"', '"answer"', '"box"', '"boxes"', "NaN", "Infinity", "-Infinity", "1e999",
     "-1", "0", "0.5", "10", "255", "512", "1e308", "99999999999999999999999", "true", "null", "yes", "no", "B",
     " ", "\n", "\t", "```", "```json\n", "\x00", "\ud800", "é", "🫁", "\u202e", "\ufeff", "\r\n",
+    "<loc03>", "<loc16>", "<loc99>", "<loc7>", '"<loc01><loc02><loc03><loc04>"',
 ]  # fmt: skip
+BOX_FORMATS = [BoxFormat(), BoxFormat(kind="norm1000"), BoxFormat(kind="loc", bins=16), BoxFormat(kind="loc", bins=63)]
+box_formats = st.sampled_from(BOX_FORMATS)
 # One byte per fragment: far cheaper for hypothesis to generate than a list of sampled_from draws.
 soup = st.binary(max_size=60).map(lambda picks: "".join(FRAGMENTS[b % len(FRAGMENTS)] for b in picks))
 
@@ -141,7 +144,9 @@ def mutate(text: str, rng: random.Random) -> str:
     return text
 
 
-def check_invariants(turn: ParsedTurn, size: tuple[int, int], limits: ProtocolLimits = LIMITS) -> None:
+def check_invariants(
+    turn: ParsedTurn, size: tuple[int, int], limits: ProtocolLimits = LIMITS, box_format: BoxFormat | None = None
+) -> None:
     assert isinstance(turn, ParsedTurn)
     event(
         turn.error_kind or ("well_formed" if turn.well_formed else "ok, not well formed")
@@ -170,15 +175,41 @@ def check_invariants(turn: ParsedTurn, size: tuple[int, int], limits: ProtocolLi
     if turn.reasoning is not None:
         assert turn.reasoning == turn.reasoning.strip() and turn.reasoning
         assert len(turn.reasoning) <= limits.max_reasoning_chars
-    # An executed turn renders back to protocol text that parses to the same action.
-    again = parse_turn(render_turn(action, turn.reasoning), size, ProtocolLimits(max_chars=100_000))
-    assert again.action == action and again.reasoning == turn.reasoning
+    # An executed turn renders back to protocol text that parses to the same action (norm1000 rounds to a
+    # whole unit, a thousandth of a side; loc boxes are already on their grid, so they come back exactly).
+    box_format = box_format or BoxFormat()
+    text = render_turn(action, turn.reasoning, box_format, size)
+    again = parse_turn(text, size, ProtocolLimits(max_chars=100_000), box_format)
+    assert again.reasoning == turn.reasoning
+    assert again.action is not None and again.action.name == action.name and again.action.answer == action.answer
+    tolerance = max(size) / 1000 if box_format.kind == "norm1000" else 1e-9 * max(size)
+    for box, back in zip(action.boxes, again.action.boxes, strict=True):
+        assert all(abs(a - b) <= tolerance for a, b in zip(box, back, strict=True)), (box, back)
 
 
 @fuzz(3500)
 @given(text=st.text(any_char, max_size=300), size=image_sizes)
 def test_random_text_never_raises(text: str, size: tuple[int, int]) -> None:
     check_invariants(parse_turn(text, size), size)
+
+
+@fuzz(1500)
+@given(text=soup, size=image_sizes, box_format=box_formats)
+def test_soup_never_raises_in_every_box_format(text: str, size: tuple[int, int], box_format: BoxFormat) -> None:
+    check_invariants(parse_turn(text, size, None, box_format), size, box_format=box_format)
+
+
+@fuzz(1500)
+@given(size=image_sizes, box_format=box_formats, rng=st.randoms(), data=st.data())
+def test_mutated_valid_turns_in_every_box_format(
+    size: tuple[int, int], box_format: BoxFormat, rng: random.Random, data: st.DataObject
+) -> None:
+    action = data.draw(valid_actions(size))
+    text = render_turn(action, "Look closer.", box_format, size)
+    parsed = parse_turn(text, size, None, box_format)
+    assert parsed.ok, parsed.error  # what the renderer writes always parses
+    check_invariants(parsed, size, box_format=box_format)
+    check_invariants(parse_turn(mutate(text, rng), size, None, box_format), size, box_format=box_format)
 
 
 @fuzz(2500)

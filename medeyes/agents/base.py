@@ -16,6 +16,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from medeyes_env.cases import Box, Case
+from medeyes_env.protocol import BoxFormat
 
 
 @dataclass
@@ -35,6 +36,8 @@ class EpisodeContext:
     """Boxes looked at so far (scan and drill), in original-image pixels."""
     state: dict[str, Any] = field(default_factory=dict)
     """Scratch space the agent may keep per episode (the expert stores its GRN state here)."""
+    box_format: BoxFormat = field(default_factory=BoxFormat)
+    """How the environment expects boxes to be written (agents that render text must use it)."""
 
 
 class TurnOutput(BaseModel):

@@ -61,8 +61,15 @@ class RandomAgent:
             return render_turn(Action.final_answer(self._guess(context, rng)), "Answering without further looks.")
         if rng.random() < cfg.scan_probability:
             boxes = [self._box(context, rng) for _ in range(int(rng.integers(1, cfg.max_scan_boxes + 1)))]
-            return render_turn(Action.scan(*boxes), "Scanning a few places chosen at random.")
-        return render_turn(Action.drill(self._box(context, rng)), "Zooming into a place chosen at random.")
+            return render_turn(
+                Action.scan(*boxes), "Scanning a few places chosen at random.", context.box_format, context.image.size
+            )
+        return render_turn(
+            Action.drill(self._box(context, rng)),
+            "Zooming into a place chosen at random.",
+            context.box_format,
+            context.image.size,
+        )
 
     def _box(self, context: EpisodeContext, rng: np.random.Generator) -> Box:
         width, height = context.image.size

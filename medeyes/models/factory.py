@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, ProcessorMixin
 
-FACTORY_VERSION = 3
+FACTORY_VERSION = 4
 """Bumped whenever a build changes, so cached models from an older factory are rebuilt, not reused."""
 
 MARKER_FILE = "medeyes_model.json"

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from medeyes_env.protocol import protocol_instructions
+from medeyes_env.protocol import LOC_TOKENS, loc_token, protocol_instructions
 
 QWEN2_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -48,6 +48,10 @@ PROTOCOL_TAGS: list[str] = [
 ]
 """The protocol's tags, added as single NON-special tokens: decoding keeps them, and a closing tag always
 ends exactly at a token boundary, so stopping at ``</action>`` never leaves half a token behind."""
+
+LOCATION_TOKENS: list[str] = [loc_token(i) for i in range(LOC_TOKENS)]
+"""``<loc00>`` .. ``<loc63>``: one token per box coordinate in the ``loc`` box format (PaliGemma-style), added
+like the tags, so a tiny model picks a coordinate as one class instead of spelling digits."""
 
 IDEFICS3_SPECIAL_TOKENS: list[str] = [
     "<|im_start|>",  # bos, as in SmolVLM
@@ -224,4 +228,5 @@ def train_bpe_tokenizer(special_tokens: list[str], vocab_size: int, seed: int = 
     pieces = (piece for text in protocol_corpus(seed=seed) for piece in tag_pattern.split(text) if piece)
     tokenizer.train_from_iterator(pieces, trainer=trainer)
     tokenizer.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in PROTOCOL_TAGS])
+    tokenizer.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in LOCATION_TOKENS])
     return tokenizer

@@ -265,7 +265,7 @@ def _expert_cases(config: OpenRLHFConfig, pool: int) -> list[ExpertCase]:
         if not (record.kept and record.steps and record.case_id in index_of):
             continue
         if train.expert.reasoning == "brief":
-            record = brief_record(record)
+            record = brief_record(record, train.env.box_format)
         by_case.setdefault(index_of[record.case_id], []).append(
             ExpertTrajectory(
                 trajectory_id=record.trajectory_id, turns=[s.text for s in record.steps], reward=record.reward
