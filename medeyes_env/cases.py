@@ -83,6 +83,11 @@ class Case(BaseModel):
     answer_type: AnswerType
     options: tuple[str, ...] = Field(default=(), description="Choices for CHOICE questions, in display order.")
     regions: tuple[Region, ...] = Field(default=(), description="Gold regions; may be empty.")
+    lookalikes: tuple[Region, ...] = Field(
+        default=(),
+        description="Normal structures that look like a finding at overview resolution (the phantom's mimics). "
+        "Never gold: rewards ignore them; an annotation oracle proposes them as a detector would.",
+    )
     modality: str = Field(default="unknown", description="e.g. 'xray', 'mri', 'ct', 'pathology'.")
     organ: str = Field(default="unknown", description="e.g. 'chest', 'brain', 'abdomen'.")
     source: str = Field(description="Name of the source that produced the case, e.g. 'phantom'.")

@@ -680,7 +680,7 @@ class ExpertAgent:
             return self._answer(context, state, narrator, prefix)
         state.tool_steps += 1
         state.events.append({"action": action.name, "boxes": [list(b) for b in action.boxes]})
-        return render_turn(action, _join(prefix, plan_text))
+        return render_turn(action, _join(prefix, plan_text), context.box_format, context.image.size)
 
     def _oracle_scan(self, context: EpisodeContext, state: GRNState) -> list[ScoredRegion]:
         return self.oracle.scan(context.image, context.case.question, case=context.case, rng=state.rng)
@@ -818,6 +818,7 @@ class ExpertAgent:
             step=0,
             max_steps=context.max_steps,
             state={"seed": episode_seed},
+            box_format=context.box_format,
         )
         plan: list[tuple[str, int]] = []
         for _ in range(context.max_steps + 1):

@@ -134,6 +134,12 @@ class AnnotationOracleConfig(BaseModel):
     distractors: float = Field(
         default=1.5, ge=0.0, le=10.0, description="Mean false-positive sites per image (Poisson; fixed per case)."
     )
+    lookalikes: Literal["ignore", "like_gold"] = Field(
+        default="ignore",
+        description="The case's lookalikes (normal structures that resemble a finding, e.g. phantom mimics): "
+        "ignore them, or propose each in every scan with a gold region's confidence, as a detector that "
+        "cannot tell them apart at scan resolution would (the drill then tells them apart).",
+    )
     scan_true: float = Field(default=0.62, ge=0.0, le=1.0, description="Mean scan confidence of a gold region.")
     scan_false: float = Field(default=0.42, ge=0.0, le=1.0, description="Mean scan confidence of a distractor.")
     scan_noise: float = Field(default=0.12, ge=0.0, le=1.0, description="SD of scan confidences.")
@@ -233,6 +239,11 @@ class AnnotationOracle:
             box, extent = self._jitter(region.box, size, rng)
             confidence = _clip01(rng.normal(cfg.scan_true, cfg.scan_noise))
             found.append(ScoredRegion(box, confidence, region.label, extent))
+        for lookalike in case.lookalikes if cfg.lookalikes == "like_gold" else ():
+            if rng.random() < cfg.miss_rate:
+                continue
+            box, extent = self._jitter(lookalike.box, size, rng)
+            found.append(ScoredRegion(box, _clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
         for site in self._distractor_sites(image, case):
             if rng.random() < cfg.miss_rate:
                 continue

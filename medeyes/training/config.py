@@ -129,6 +129,10 @@ class ExpertDataConfig(BaseModel):
         "scan_only / drill_only: one tool only (paper ablations).",
     )
     oracle: str = Field(default="annotation", description="Region oracle of the expert (annotation, image, vlm).")
+    oracle_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Fields of the oracle's config, e.g. {lookalikes: like_gold, distractors: 0} for annotation.",
+    )
     keep_only_correct: bool = Field(default=True, description="Keep only trajectories whose answer is correct.")
     max_regions: int = Field(default=5, ge=1, le=5, description="Most regions the expert shows in one scan (paper 5).")
     global_questions: Literal["look", "answer"] = Field(
@@ -320,25 +324,31 @@ def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) 
 
 
 def _cpu_default() -> dict[str, Any]:
-    """The embedded default: tiny Idefics3 on an easy phantom task, finishing in <= 10 min on 2 cores.
+    """The embedded default: tiny Idefics3 learns to look on the phantom ``look`` benchmark in <= 10 min on 2 cores.
 
-    Task: presence ("Is there a lung nodule?") and modality / body-part questions on 512 px phantoms. The
-    prompt does not state the modality, so those answers must come from the pixels; presence needs a closer
-    look (lesion-like mimics look the same in the 128 px overview). Two tool turns at most.
+    Task (``phantom:look``, 512 px images, 128 px views): every image holds one round object, a lesion or a
+    lesion-like mimic with equal odds; only the mimic's lumen, visible at drill magnification and erased in
+    the overview, tells them apart. Presence questions need a look; modality questions are read from the
+    overview. Boxes are four location tokens (``env.box_format``: 16 bins per side), one class per
+    coordinate, which the tiny model can learn where digit strings collapse (docs/learn_to_look.md).
 
-    Choices measured in docs/training.md: the brief system prompt (141 instead of 344 tokens per sequence),
-    an expert that answers modality questions at once (no region informs them) and an SFT loss that weighs
-    every trajectory equally (token-mean drowned the one answer token under the box coordinates: modality
-    stayed at chance after 1,000 steps); LUFFY-style expert advantages in GRPO, because with two kept (all
-    correct) demonstrations per case the paper's per-stream statistics give the expert stream sigma = 0.
+    The expert (GRN + CVS over gold annotations) scans the object (a lookalike scores like a lesion at scan
+    resolution), drills it, and answers from what the drill showed; it answers modality questions at once.
+    SFT on those demonstrations, then dual-stream GRPO with LUFFY-style expert advantages.
     """
     return {
         "model": "tiny",
-        "data": "phantom:easy",
-        "data_options": {"families": ["presence", "modality"], "image_size": 512, "lesion_radius": [20.0, 36.0]},
+        "data": "phantom:look",
+        "data_options": {},
         "threads": 1,
-        "env": {"max_steps": 2, "view_size": 128, "instructions": "brief"},
-        "sampling": {"temperature": 1.0, "max_new_tokens": 72},
+        "env": {
+            "max_steps": 2,
+            "view_size": 128,
+            "drill_min_side": 64,
+            "instructions": "brief",
+            "box_format": {"kind": "loc", "bins": 16},
+        },
+        "sampling": {"temperature": 1.0, "max_new_tokens": 48},
         "rollout_batch": 64,
         "stages": ["sft", "grpo"],
         "sft": {
@@ -354,15 +364,17 @@ def _cpu_default() -> dict[str, Any]:
             "group_on": 8,
             "group_off": 4,
             "grad_accum": 2,
+            "tool_floor": 0.2,
             "optim": {"lr": 2e-4},
         },
         "objective": {"advantage_mode": "on_baseline", "off_policy_shaping": True},
         "expert": {
             "cases": 512,
             "per_case": 2,
-            "max_regions": 2,
+            "max_regions": 1,
             "reasoning": "brief",
             "global_questions": "answer",
+            "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
         },
         "eval": {"every": 200, "cases": 128, "batch_size": 128},
         "checkpoint_every": 20,
@@ -375,9 +387,15 @@ def _tiny() -> dict[str, Any]:
     data.update(
         sft={"steps": 2, "batch_size": 2, "optim": {"lr": 1e-3}},
         grpo={"steps": 2, "mode": "dual", "prompts_per_step": 1, "group_on": 2, "group_off": 2, "optim": {"lr": 1e-3}},
-        data_options={"families": ["presence", "modality"], "image_size": 256, "lesion_radius": [20.0, 36.0]},
+        data_options={"image_size": 256},
         threads=1,
-        expert={"cases": 4, "per_case": 2, "max_regions": 2, "reasoning": "brief"},
+        expert={
+            "cases": 4,
+            "per_case": 2,
+            "max_regions": 1,
+            "reasoning": "brief",
+            "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
+        },
         eval={"every": 2, "cases": 4, "batch_size": 4},
         sampling={"temperature": 1.0, "max_new_tokens": 16},
         rollout_batch=8,

@@ -64,7 +64,7 @@ from medeyes.training.objective import (
 )
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes_env.errors import ConfigError
-from medeyes_env.protocol import render_turn
+from medeyes_env.protocol import BoxFormat, render_turn
 from medeyes_env.rewards import accuracy_reward
 from medeyes_env.sources import CaseSource, open_source
 
@@ -177,6 +177,7 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
     from filelock import FileLock
 
     from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.agents.oracles import make_oracle
 
     root = expert_store_dir(config)
     root.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
                 f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
             )
         agent = ExpertAgent(
-            config.expert.oracle,
+            make_oracle(config.expert.oracle, **config.expert.oracle_options),
             ExpertConfig(
                 mode=config.expert.mode,
                 n_expert=config.expert.per_case,
@@ -220,7 +221,7 @@ BRIEF_REASONING = {"scan": "compare candidates", "drill": "look closer", "answer
 """The two-word reasoning of ``expert.reasoning="brief"``, by action."""
 
 
-def brief_record(record: TrajectoryRecord) -> TrajectoryRecord:
+def brief_record(record: TrajectoryRecord, box_format: BoxFormat | None = None) -> TrajectoryRecord:
     """The same trajectory with every turn re-rendered with :data:`BRIEF_REASONING` (actions and boxes unchanged).
 
     Only well-formed turns are rewritten (the expert's always are); the rewards stay those of the original run,
@@ -229,7 +230,7 @@ def brief_record(record: TrajectoryRecord) -> TrajectoryRecord:
     steps = []
     for step in record.steps:
         if step.action is not None and step.well_formed:
-            text = render_turn(step.action, BRIEF_REASONING[step.action.name])
+            text = render_turn(step.action, BRIEF_REASONING[step.action.name], box_format, record.image_size)
             step = step.model_copy(update={"text": text, "reasoning": BRIEF_REASONING[step.action.name]})
         steps.append(step)
     return record.model_copy(update={"steps": steps})
@@ -256,7 +257,15 @@ def open_cases(spec: str, options: dict[str, Any]) -> CaseSource:
 class ExpertPool:
     """Expert trajectories of the training cases, indexed by case index, with their store for images."""
 
-    def __init__(self, store: TrajectoryStore, source: CaseSource, split: str, n_cases: int, reasoning: str = "full"):
+    def __init__(
+        self,
+        store: TrajectoryStore,
+        source: CaseSource,
+        split: str,
+        n_cases: int,
+        reasoning: str = "full",
+        box_format: BoxFormat | None = None,
+    ):
         """Index ``store``'s kept records by the position of their case among the first ``n_cases`` cases."""
         self.store = store
         index_of = {source.case(split, i).id: i for i in range(n_cases)}  # type: ignore[arg-type]
@@ -264,7 +273,7 @@ class ExpertPool:
         for record in store.records():
             if record.kept and record.case_id in index_of and record.steps:
                 if reasoning == "brief":
-                    record = brief_record(record)
+                    record = brief_record(record, box_format)
                 self.by_case.setdefault(index_of[record.case_id], []).append(record)
         self.records = [r for i in sorted(self.by_case) for r in self.by_case[i]]
         if not self.records:
@@ -906,7 +915,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     experts = None
     if "sft" in cfg.stages or cfg.grpo.mode == "dual":
         store = ensure_expert_trajectories(cfg, source)
-        experts = ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning)
+        experts = ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning, cfg.env.box_format)
 
     start_step, optimizer_state = 0, None
     if checkpoint is not None:

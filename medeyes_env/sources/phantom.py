@@ -182,6 +182,32 @@ class PhantomConfig(BaseModel):
         description="Range of lesion-like round objects per image (mimics); a lesion takes the place of one.",
     )
     noise: float = Field(default=0.03, ge=0.0, le=0.3, description="Noise standard deviation in display intensity.")
+    lesion_replaces_mimic: Literal["small", "always"] = Field(
+        default="small",
+        description="Which lesions take the place of a mimic: small ones only (large lesions are extra round "
+        "objects), or always (the number of round objects never depends on whether a lesion is present).",
+    )
+    lumen_sigma: float = Field(
+        default=1.2,
+        ge=0.5,
+        le=4.0,
+        description="Width (px of the rendered image) of a mimic's lumen, the one detail that tells it from a lesion. "
+        "A box downsample by more than about 3x this erases it; a drill that magnifies it makes it plain.",
+    )
+    mimic_stripes: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Depth of fine stripes (alternate pixel columns) across each mimic, relative to its contrast: "
+        "a second full-resolution-only detail, spread over the whole object instead of its centre. Any box "
+        "downsample by an even factor (the overview) averages them away.",
+    )
+    focal_only: bool = Field(
+        default=False,
+        description="Chest presence and location questions ask about nodules only (no effusion or pneumothorax) and "
+        "CT mimics sit in the liver, where CT presence questions look: every finding is a round object in the "
+        "organ the question names, as are its mimics.",
+    )
     families: tuple[Family, ...] = Field(default=FAMILIES, description="Question families to draw from.")
     modalities: tuple[Modality, ...] = Field(default=MODALITIES, description="Modalities to draw from.")
     cache_size: int = Field(default=8, ge=0, le=256, description="Rendered images kept in the LRU cache.")
@@ -192,8 +218,8 @@ class PhantomConfig(BaseModel):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
                 raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
-        if self.lesion_radius[0] < 2.0 or self.lesion_radius[1] > 40.0:
-            raise ValueError(f"lesion_radius must lie within [2, 40] px, got {self.lesion_radius}")
+        if self.lesion_radius[0] < 2.0 or self.lesion_radius[1] > 64.0:
+            raise ValueError(f"lesion_radius must lie within [2, 64] px, got {self.lesion_radius}")
         if not self.families or not self.modalities:
             raise ValueError("families and modalities must each name at least one entry")
         if not any(f in _APPLICABLE[m] for m in self.modalities for f in self.families):
@@ -206,6 +232,24 @@ PRESETS: dict[str, PhantomConfig] = {
         preset="easy", lesion_radius=(7.0, 14.0), lesion_contrast=(0.18, 0.28), distractor_count=(0, 2), noise=0.025
     ),
     "medium": PhantomConfig(preset="medium"),
+    # Looking is necessary by construction: every image holds exactly one round object, plainly visible in a
+    # 4x-downsampled overview, and it is a lesion or a mimic with equal odds; only the mimic's lumen (finer
+    # than 4 px) tells them apart, so the overview alone answers presence at chance and a drill on the
+    # object answers it. MRI is left out: its large lesions carry oedema that shows in the overview.
+    "look": PhantomConfig(
+        preset="look",
+        image_size=512,
+        lesion_radius=(44.0, 56.0),
+        lesion_contrast=(0.3, 0.4),
+        distractor_count=(1, 1),
+        noise=0.025,
+        lesion_replaces_mimic="always",
+        lumen_sigma=2.0,
+        mimic_stripes=0.5,
+        focal_only=True,
+        modalities=("xray", "ct"),
+        families=("presence", "modality"),
+    ),
     "hard": PhantomConfig(
         preset="hard", lesion_radius=(5.0, 8.0), lesion_contrast=(0.1, 0.15), distractor_count=(4, 8), noise=0.035
     ),
@@ -365,6 +409,7 @@ class PhantomSource:
             answer_type=draft.answer_type,
             options=draft.options,
             regions=regions,
+            lookalikes=tuple(Region(box=mimic.box(scene.size), label="mimic") for mimic in scene.mimics),
             modality=scene.modality,
             organ=_ORGAN[scene.modality],
             source=self.name,
@@ -560,6 +605,9 @@ class _SceneBuilder:
     def pick_finding_kind(self) -> str:
         if self.p.modality != "xray":
             return _LESION[self.p.modality]
+        if self.cfg.focal_only:
+            self.rng.random()  # consume what the weighted choice would, so other draws of the case keep their values
+            return _CHEST_FINDINGS[0]
         return str(self.rng.choice(_CHEST_FINDINGS, p=[0.5, 0.25, 0.25]))
 
     def _contrast(self) -> float:
@@ -609,19 +657,29 @@ class _SceneBuilder:
         because it holds a lesion.
         """
         low, high = self.cfg.distractor_count
-        pool = {"xray": ["lung"], "mri": ["brain"], "ct": ["liver", "liver", "liver", "spleen", "kidney"]}[
-            self.p.modality
-        ]
+        ct_pool = ["liver"] if self.cfg.focal_only else ["liver", "liver", "liver", "spleen", "kidney"]
+        pool = {"xray": ["lung"], "mri": ["brain"], "ct": ct_pool}[self.p.modality]
         slots = [pool[int(self.rng.integers(len(pool)))] for _ in range(int(self.rng.integers(low, high + 1)))]
         for lesion in self.lesions:
-            if lesion.radius <= SMALL_RADIUS_PX * self.scale and slots:
+            replaces = self.cfg.lesion_replaces_mimic == "always" or lesion.radius <= SMALL_RADIUS_PX * self.scale
+            if replaces and slots:
                 slots.remove(lesion.organ) if lesion.organ in slots else slots.pop()
         for organ in slots:
             radius = float(self.rng.uniform(*self.cfg.lesion_radius)) * self.scale
             contrast = self._contrast()
             site = _place(self.rng, self.p, organ, radius, self.cfg.image_size, self.lesions + self.mimics)
             if site is not None:  # a crowded organ may have no room left; then the image has one mimic less
-                self.mimics.append(Focal(site[0], site[1], radius, contrast, "mimic", organ))
+                mimic = Focal(
+                    site[0],
+                    site[1],
+                    radius,
+                    contrast,
+                    "mimic",
+                    organ,
+                    lumen_sigma=self.cfg.lumen_sigma,
+                    stripes=self.cfg.mimic_stripes,
+                )
+                self.mimics.append(mimic)
 
     def scene(self) -> PhantomScene:
         return PhantomScene(self.p, tuple(self.lesions), tuple(self.mimics), tuple(self.extended), self.cfg.image_size)

@@ -68,6 +68,11 @@ class Focal:
     """Brain only: relative radius of a surrounding oedema halo (0 for none)."""
     necrotic: bool = False
     """Brain only: a ring-enhancing mass with a dark core (large masses)."""
+    lumen_sigma: float = LUMEN_SIGMA
+    """Mimic only: width (px) of the lumen pattern; a box downsample by more than about 3x this erases it."""
+    stripes: float = 0.0
+    """Mimic only: depth of fine stripes (alternate pixel columns) across the object, relative to its contrast.
+    Any box downsample by an even factor averages them away; a magnified view shows them plainly."""
 
     def box(self, image_size: int) -> tuple[float, float, float, float]:
         """The gold box ``xyxy`` around the visible object, clamped to the image."""
@@ -227,7 +232,7 @@ def lesion_profile(d: FloatArray, radius: float, modality: Modality) -> FloatArr
     return _edge(d, radius, 1.4) * (1.0 - 0.15 * (d / (radius + 1.0)) ** 2)
 
 
-def lumen(d: FloatArray) -> FloatArray:
+def lumen(d: FloatArray, sigma: float = LUMEN_SIGMA) -> FloatArray:
     """The lumen pattern of a mimic: 1 at the centre, a negative ring, a faint positive halo.
 
     It is the radial profile of the biharmonic of a Gaussian (``nabla^4 G``, width
@@ -235,15 +240,21 @@ def lumen(d: FloatArray) -> FloatArray:
     downsample by 4 leaves almost nothing of it, while a full-resolution view
     shows a dark (or, for dark lesions, bright) centre with a rim.
     """
-    t = (d / LUMEN_SIGMA) ** 2
+    t = (d / sigma) ** 2
     return (t * t - 8.0 * t + 8.0) / 8.0 * np.exp(-t / 2.0)
 
 
-def mimic_profile(d: FloatArray, radius: float, modality: Modality, envelope_d: FloatArray | None = None) -> FloatArray:
+def mimic_profile(
+    d: FloatArray,
+    radius: float,
+    modality: Modality,
+    envelope_d: FloatArray | None = None,
+    lumen_sigma: float = LUMEN_SIGMA,
+) -> FloatArray:
     """Relative intensity of a mimic: the lesion's profile with a lumen cut into its centre."""
     body = lesion_profile(d if envelope_d is None else envelope_d, radius, modality)
     centre = float(lesion_profile(np.zeros(1), radius, modality)[0])
-    return body - LUMEN_DEPTH * centre * lumen(d)
+    return body - LUMEN_DEPTH * centre * lumen(d, lumen_sigma)
 
 
 def stamp_focal(image: FloatArray, focal: Focal, modality: Modality, scale: float = 1.0) -> None:
@@ -264,7 +275,10 @@ def stamp_focal(image: FloatArray, focal: Focal, modality: Modality, scale: floa
         # lobulated margin for the larger objects: the radius varies with a few low harmonics of the angle
         envelope = d / (1.0 + 0.07 * np.sin(3 * theta + focal.x) + 0.05 * np.sin(5 * theta + focal.y))
     if focal.kind == "mimic":
-        patch = mimic_profile(d, focal.radius, modality, envelope)
+        patch = mimic_profile(d, focal.radius, modality, envelope, focal.lumen_sigma)
+        if focal.stripes > 0:
+            columns = np.where(np.arange(x0, x1) % 2 == 0, 1.0, -1.0).astype(np.float32)[None, :]
+            patch = patch + focal.stripes * lesion_profile(envelope, focal.radius, modality) * columns
     else:
         d = envelope
         if focal.necrotic:
