@@ -48,6 +48,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+"""One decoder for every call (``json.loads`` with a hook would build a new one each time)."""
+
+
 def loads(text: str | bytes) -> Any:
     """``json.loads`` that refuses duplicate keys and turns every failure into :class:`BadInput`.
 
@@ -61,7 +65,7 @@ def loads(text: str | bytes) -> Any:
     try:
         if isinstance(text, bytes):
             text = decode(text)
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise BadInput(f"invalid JSON ({exc.msg}, column {exc.colno})", exc.lineno) from None
     except RecursionError:

@@ -99,3 +99,13 @@ def test_directory_and_bomb_images_are_named_errors(tmp_path):
     Image.new("1", (9000, 9000)).save(tmp_path / "bomb.png")  # 2 kB on disk, 81 Mpx decoded
     with pytest.raises(ImageLoadError, match=r"bomb.png is 9000x9000, above the 64,000,000-pixel limit"):
         load_image_file(tmp_path / "bomb.png")
+
+
+def test_scan_with_more_boxes_than_the_montage_has_pixels_for(tmp_path):
+    from medeyes_env.views import scan_view
+
+    image = Image.new("RGB", (256, 256), (90, 90, 90))
+    view, shown = scan_view(image, [(0, 0, 10, 10)] * 65, 8, 8)  # 9 x 9 tiles of 0 px: before, ValueError
+    assert view.size == (8, 8) and len(shown) == 65
+    view, shown = scan_view(image, [(0, 0, 10, 10)] * 500, 16, 8)
+    assert view.size == (16, 16) and len(shown) == 500

@@ -1,0 +1,172 @@
+"""Time and memory bounds of opening inputs from others: big files, and hostile cases of tests/adversarial.
+
+Each case runs in its own subprocess after its imports, so its time and its growth of peak resident memory
+(``ru_maxrss``) are its own. Prints a table with the bound each case must stay under (docs/security.md says
+why) and exits 1 when one is exceeded.
+Run: python benchmarks/hostile_inputs.py [--lines 1000000] [--records 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+# name -> (input folder, imports, timed body); N = --lines, R = --records
+CASES: dict[str, tuple[str, str, str]] = {
+    "jsonl dataset, N lines": (
+        "dataset",
+        "from medeyes_env.sources import open_source",
+        """
+        source = open_source(f"jsonl:{root / 'cases.jsonl'}")
+        assert source.size("test") == N, source.size("test")
+        """,
+    ),
+    "jsonl dataset, N lines, 1% hostile, skip_bad=1": (
+        "hostile_dataset",
+        "from medeyes_env.sources import open_source",
+        """
+        source = open_source(f"jsonl:{root / 'cases.jsonl'}?skip_bad=1")
+        assert source.n_skipped == N // 100, source.n_skipped
+        """,
+    ),
+    "trajectory store, R records (open + read all)": (
+        "store",
+        "from medeyes.trajectories import TrajectoryStore",
+        """
+        store = TrajectoryStore(root / "run")
+        assert sum(1 for _ in store.records()) == R
+        """,
+    ),
+    "YAML alias bomb (515 bytes) refused": (
+        "bomb",
+        "from medeyes.training.config import TrainConfig\nfrom medeyes_env.errors import ConfigError",
+        """
+        try:
+            TrainConfig.from_yaml(root / "bomb.yaml")
+            raise SystemExit("accepted")
+        except ConfigError:
+            pass
+        """,
+    ),
+    "HTML report, 20 records with 1e308 boxes": (
+        "report",
+        "from medeyes.report.html import render_report\nfrom medeyes.trajectories import TrajectoryStore, read_records",
+        """
+        render_report(read_records(root / "huge"), TrajectoryStore(root / "huge", read_only=True))
+        """,
+    ),
+}
+BOUNDS = {  # (seconds, MB of peak-memory growth) at the default sizes: 10^6 lines, 20,000 records
+    # linear: at most 60 us and 500 bytes a line on the project's shared 2-core machine
+    "jsonl dataset, N lines": (60.0, 500.0),
+    "jsonl dataset, N lines, 1% hostile, skip_bad=1": (60.0, 500.0),
+    "trajectory store, R records (open + read all)": (30.0, 100.0),
+    "YAML alias bomb (515 bytes) refused": (1.0, 50.0),
+    "HTML report, 20 records with 1e308 boxes": (10.0, 200.0),
+}
+
+RUNNER = """
+import json, resource, sys, time
+from pathlib import Path
+root, N, R = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+{setup}
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+{body}
+seconds = time.perf_counter() - start
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(json.dumps({{"seconds": seconds, "growth_mb": grown / 1024}}))
+"""
+HOSTILE_LINES = (b"[" * 5000, b'{"id": "\xff"}', b'{"id": 1, "id": 2}', b'{"id": ' + b"9" * 5000 + b"}")
+
+
+def _write_datasets(root: Path, lines: int) -> None:
+    from PIL import Image
+
+    row = {"image": "img/a.png", "question": "Is there a nodule?", "answer": "yes", "answer_type": "closed"}
+    for name in ("dataset", "hostile_dataset"):
+        (root / name / "img").mkdir(parents=True)
+        Image.new("L", (64, 48), 128).save(root / name / "img" / "a.png")
+        with (root / name / "cases.jsonl").open("wb") as handle:
+            for i in range(lines):
+                if name == "hostile_dataset" and i % 100 == 99:
+                    handle.write(HOSTILE_LINES[i // 100 % 4] + b"\n")
+                else:
+                    handle.write((json.dumps({"id": f"c{i}", **row}) + "\n").encode())
+
+
+def _write_stores(root: Path, records: int) -> None:
+    from PIL import Image
+
+    from medeyes.trajectories import Producer, StepRecord, TrajectoryRecord, TrajectoryStore
+    from medeyes_env.protocol import Action
+
+    producer = Producer(kind="other", name="bench")
+    answer = StepRecord(index=0, text="<answer>yes</answer>", action=Action.final_answer("yes"), well_formed=True)
+    common = dict(case_id="c", source="s", split="test", question="q?", answer_type="closed", gold_answer="yes")
+    template = TrajectoryRecord(trajectory_id="@", image_size=(64, 64), producer=producer, steps=[answer], **common)
+    text = template.model_dump_json()
+    (root / "store" / "run").mkdir(parents=True)
+    with (root / "store" / "run" / "trajectories.jsonl").open("w") as handle:  # what append() writes, minus fsyncs
+        handle.writelines(text.replace('"@"', f'"t{i}"') + "\n" for i in range(records))
+
+    huge = TrajectoryStore(root / "report" / "huge")
+    digest = huge.put_image(Image.new("RGB", (256, 256)))
+    scan = StepRecord(index=0, text="t", action=Action.scan(*[(0, 0, 1e308, 1e308)] * 5), well_formed=True)
+    for i in range(20):
+        huge.append(
+            TrajectoryRecord(
+                trajectory_id=f"h{i}",
+                image_size=(256, 256),
+                producer=producer,
+                original_image=digest,
+                gold_boxes=[(1.0, 1.0, 1e308, 1e308)],
+                steps=[scan, answer.model_copy(update={"index": 1})],
+                **common,
+            )
+        )
+
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+    (root / "bomb").mkdir()
+    (root / "bomb" / "bomb.yaml").write_text("data_options:\n" + "\n".join("  " + level for level in levels))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lines", type=int, default=1_000_000, help="Lines of the JSONL datasets.")
+    parser.add_argument("--records", type=int, default=20_000, help="Records of the trajectory store.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        _write_datasets(root, args.lines)
+        _write_stores(root, args.records)
+        print(f"{'case':52s} {'seconds':>8s} {'+MB':>6s} {'bound s':>8s} {'bound +MB':>10s}  ok")
+        failed = False
+        for name, (where, setup, body) in CASES.items():
+            code = RUNNER.format(setup=setup, body=textwrap.dedent(body))
+            command = [sys.executable, "-c", code, str(root / where), str(args.lines), str(args.records)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            label = name.replace("N lines", f"{args.lines:,} lines").replace("R records", f"{args.records:,} records")
+            if result.returncode != 0:
+                print(f"{label:52s} failed: {result.stderr.strip().splitlines()[-1]}")
+                failed = True
+                continue
+            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            bound_s, bound_mb = BOUNDS[name]
+            ok = measured["seconds"] <= bound_s and measured["growth_mb"] <= bound_mb
+            failed |= not ok
+            print(
+                f"{label:52s} {measured['seconds']:8.2f} {measured['growth_mb']:6.0f} {bound_s:8.1f} {bound_mb:10.0f}"
+                f"  {'yes' if ok else 'NO'}"
+            )
+        sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
