@@ -42,7 +42,7 @@ CASES: dict[str, tuple[str, str, str]] = {
         assert sum(1 for _ in store.records()) == R
         """,
     ),
-    "YAML alias bomb (515 bytes) refused": (
+    "YAML alias bomb (9^9 strings) refused": (
         "bomb",
         "from medeyes.training.config import TrainConfig\nfrom medeyes_env.errors import ConfigError",
         """
@@ -66,7 +66,7 @@ BOUNDS = {  # (seconds, MB of peak-memory growth) at the default sizes: 10^6 lin
     "jsonl dataset, N lines": (60.0, 500.0),
     "jsonl dataset, N lines, 1% hostile, skip_bad=1": (60.0, 500.0),
     "trajectory store, R records (open + read all)": (30.0, 100.0),
-    "YAML alias bomb (515 bytes) refused": (1.0, 50.0),
+    "YAML alias bomb (9^9 strings) refused": (1.0, 50.0),
     "HTML report, 20 records with 1e308 boxes": (10.0, 200.0),
 }
 
