@@ -94,7 +94,8 @@ def _gold_turns(driver: EpisodeDriver) -> list[str]:
     """A drill on the gold region, then the gold answer."""
     case = driver.env.case
     box = case.regions[0].box if case.regions else (0, 0, 32, 32)
-    return [render_turn(Action.drill(box), "look closer"), render_turn(Action.final_answer(case.answer), "done")]
+    drill = render_turn(Action.drill(box), "look closer", driver.env.config.box_format, driver.env.image.size)
+    return [drill, render_turn(Action.final_answer(case.answer), "done")]
 
 
 # ------------------------------------------------------------------------------------------------ labels, config

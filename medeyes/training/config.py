@@ -22,7 +22,7 @@ from medeyes.training.objective import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 
-Stage = Literal["sft", "grpo"]
+Stage = Literal["ground", "sft", "grpo"]
 ExpertMode = Literal["full", "greedy", "random", "scan_only", "drill_only"]
 
 
@@ -56,6 +56,26 @@ class SFTConfig(BaseModel):
         description="token_mean: every expert token weighs the same; seq_mean_token_mean: every trajectory "
         "weighs the same (short trajectories, e.g. direct answers, are not drowned by long ones).",
     )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+
+
+class GroundConfig(BaseModel):
+    """Visual grounding warm-up on the training split's annotations (:mod:`medeyes.training.grounding`).
+
+    For random-init models only: what a pretrained VLM already knows (where an object is, what a crop
+    shows), taught on short single-image examples before SFT teaches when and where to look.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=0, ge=0, description="Optimizer steps of the ground stage (0 skips it).")
+    batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step.")
+    cases: int = Field(default=1024, ge=1, description="Training cases rendered once into the example pool.")
+    tasks: list[Literal["where", "what"]] = Field(
+        default_factory=lambda: ["where", "what"],
+        description="where: overview -> every candidate's box; what: drill view of one candidate -> its label.",
+    )
+    jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
@@ -197,6 +217,7 @@ class TrainConfig(BaseModel):
     )
     rollout_batch: int = Field(default=64, ge=1, description="Episodes generated together during rollouts.")
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig, description="Dual-stream GRPO loss.")
+    ground: GroundConfig = Field(default_factory=GroundConfig, description="The ground stage (random-init models).")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="The sft stage.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="The grpo stage.")
     expert: ExpertDataConfig = Field(default_factory=ExpertDataConfig, description="Expert trajectories.")
@@ -232,7 +253,11 @@ class TrainConfig(BaseModel):
         """Steps of ``stage`` (0 when it is not in ``stages``)."""
         if stage not in self.stages:
             return 0
-        return self.sft.steps if stage == "sft" else self.grpo.steps
+        return {"ground": self.ground.steps, "sft": self.sft.steps, "grpo": self.grpo.steps}[stage]
+
+    def optim(self, stage: Stage) -> OptimConfig:
+        """The optimizer settings of ``stage``."""
+        return {"ground": self.ground.optim, "sft": self.sft.optim, "grpo": self.grpo.optim}[stage]
 
     def stage_at(self, step: int) -> tuple[Stage, int]:
         """``(stage, step within the stage)`` of global step ``step`` (0-based)."""
@@ -350,9 +375,15 @@ def _cpu_default() -> dict[str, Any]:
         },
         "sampling": {"temperature": 1.0, "max_new_tokens": 48},
         "rollout_batch": 64,
-        "stages": ["sft", "grpo"],
+        "stages": ["ground", "sft", "grpo"],
+        "ground": {
+            "steps": 1200,
+            "batch_size": 32,
+            "cases": 1024,
+            "optim": {"lr": 3e-3, "warmup_steps": 10},
+        },
         "sft": {
-            "steps": 800,
+            "steps": 400,
             "batch_size": 8,
             "aggregation": "seq_mean_token_mean",
             "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
@@ -385,6 +416,8 @@ def _tiny() -> dict[str, Any]:
     """A few seconds: tests and smoke runs."""
     data = _cpu_default()
     data.update(
+        stages=["sft", "grpo"],  # tests/test_trainer.py adds "ground" where it tests that stage
+        ground={"steps": 2, "batch_size": 4, "cases": 4, "optim": {"lr": 1e-3}},
         sft={"steps": 2, "batch_size": 2, "optim": {"lr": 1e-3}},
         grpo={"steps": 2, "mode": "dual", "prompts_per_step": 1, "group_on": 2, "group_off": 2, "optim": {"lr": 1e-3}},
         data_options={"image_size": 256},

@@ -50,7 +50,7 @@ from medeyes.training.checkpoints import (
 )
 from medeyes.training.checkpoints import atomic_dir_write as _atomic_dir_write
 from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
-from medeyes.training.episodes import EpisodeTensors, collate, tokenize_record
+from medeyes.training.episodes import EpisodeTensors, TurnTokens, collate, tokenize_episode, tokenize_record
 from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
 from medeyes.training.objective import (
     compute_advantages,
@@ -254,6 +254,21 @@ def open_cases(spec: str, options: dict[str, Any]) -> CaseSource:
         raise ConfigError(f"invalid data_options for the phantom source: {exc}") from None
 
 
+def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
+    """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
+    from medeyes.training.grounding import grounding_examples
+
+    rng = np.random.default_rng(step_seed(config.seed, 0, 4))
+    size = source.size(config.train_split)
+    n = min(config.ground.cases, size) if size is not None else config.ground.cases
+    tasks = tuple(config.ground.tasks)
+    pool = []
+    for index in range(n):
+        case = source.case(config.train_split, index)
+        pool += grounding_examples(case, config.env, tasks, rng, config.ground.jitter)  # type: ignore[arg-type]
+    return pool
+
+
 class ExpertPool:
     """Expert trajectories of the training cases, indexed by case index, with their store for images."""
 
@@ -352,6 +367,10 @@ class TrainResult:
     blind_accuracy: float | None = None
 
 
+STAGE_CODES = {"ground": -1.0, "sft": 0.0, "grpo": 1.0}
+"""``train/stage`` in metrics.jsonl."""
+
+
 class Trainer:
     """Runs the stages of a :class:`TrainConfig` on pieces built elsewhere (see :func:`train`)."""
 
@@ -365,6 +384,7 @@ class Trainer:
         experts: ExpertPool | None,
         logger: MetricsLogger,
         pool_cases: int,
+        ground_pool: list[tuple[list[dict[str, Any]], str]] | None = None,
     ):
         """Keep the pieces; nothing heavy happens here."""
         self.config = config
@@ -375,6 +395,7 @@ class Trainer:
         self.experts = experts
         self.logger = logger
         self.pool_cases = pool_cases
+        self.ground_pool = ground_pool or []
         self.device = torch.device(config.device)
         self.autocast_dtype = _autocast_dtype(config)
         self.pad_id = int(processor.tokenizer.pad_token_id)
@@ -415,9 +436,10 @@ class Trainer:
                 stage, _ = cfg.stage_at(step)
                 self._ensure_optimizer(stage, None)
                 t0 = time.perf_counter()
-                metrics = self.sft_step(step) if stage == "sft" else self.grpo_step(step)
+                run_step = {"ground": self.ground_step, "sft": self.sft_step, "grpo": self.grpo_step}[stage]
+                metrics = run_step(step)
                 metrics["train/step_seconds"] = time.perf_counter() - t0
-                metrics["train/stage"] = 0.0 if stage == "sft" else 1.0
+                metrics["train/stage"] = STAGE_CODES[stage]
                 done = step + 1
                 evaluate = cfg.eval.every and (done % cfg.eval.every == 0 or done == total)
                 if evaluate:
@@ -442,6 +464,43 @@ class Trainer:
             last_eval=evals[-1] if evals else {},
             blind_accuracy=self.blind,
         )
+
+    # ------------------------------------------------------------------------------------------ ground
+
+    def ground_step(self, step: int) -> dict[str, float]:
+        """One grounding step: NLL of the answers of ``ground.batch_size`` single-image examples."""
+        cfg = self.config
+        if not self.ground_pool:
+            raise ConfigError("the ground stage has no examples: the first ground.cases training cases hold no region")
+        rng = np.random.default_rng(step_seed(cfg.seed, step, 3))
+        picks = rng.integers(0, len(self.ground_pool), size=cfg.ground.batch_size)
+        t0 = time.perf_counter()
+        episodes = [
+            tokenize_episode(
+                self.ground_pool[i][0], [TurnTokens(self.ground_pool[i][1])], self.processor, is_expert=True
+            )
+            for i in picks
+        ]
+        prep = time.perf_counter() - t0
+        self.model.train()
+        lr = self._set_lr("ground", step)
+        t1 = time.perf_counter()
+        batch = collate(episodes, self.pad_id).to(self.device)
+        with self._autocast():
+            logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
+        loss = sft_loss(logprobs, batch.loss_mask[:, 1:])
+        loss.backward()
+        grad_norm = self._optimizer_step("ground")
+        tokens = int(batch.attention_mask.sum())
+        return {
+            "train/loss": float(loss.detach()),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens": float(tokens),
+            "train/loss_tokens": float(sum(e.generated_tokens for e in episodes)),
+            "train/tokens_per_second": tokens / max(time.perf_counter() - t1, 1e-9),
+            "train/prep_seconds": prep,
+        }
 
     # ------------------------------------------------------------------------------------------ sft
 
@@ -693,7 +752,7 @@ class Trainer:
     def _ensure_optimizer(self, stage: str, state: dict | None) -> None:
         if self.optimizer is not None and self.optimizer_stage == stage:
             return
-        optim = self.config.sft.optim if stage == "sft" else self.config.grpo.optim
+        optim = self.config.optim(stage)  # type: ignore[arg-type]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
@@ -704,7 +763,7 @@ class Trainer:
 
     def _set_lr(self, stage: str, step: int) -> float:
         cfg = self.config
-        optim = cfg.sft.optim if stage == "sft" else cfg.grpo.optim
+        optim = cfg.optim(stage)  # type: ignore[arg-type]
         _, k = cfg.stage_at(step)
         lr = learning_rate(optim, k, cfg.stage_steps(stage))  # type: ignore[arg-type]
         assert self.optimizer is not None
@@ -713,7 +772,7 @@ class Trainer:
         return lr
 
     def _optimizer_step(self, stage: str) -> float:
-        optim = self.config.sft.optim if stage == "sft" else self.config.grpo.optim
+        optim = self.config.optim(stage)  # type: ignore[arg-type]
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip else float("inf"))
         assert self.optimizer is not None
@@ -935,7 +994,8 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if checkpoint else None)
     backend = TransformersBackend(model, processor, device=cfg.device)
     policy = PolicyAgent(backend, cfg.sampling, name="policy")
-    trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases)
+    ground_pool = build_ground_pool(cfg, source) if cfg.stage_steps("ground") else None
+    trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool)
     optimizer_stage = None
     if checkpoint is not None:
         trainer.eval_history = list(state.get("eval_history", []))

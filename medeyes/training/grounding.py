@@ -1,0 +1,65 @@
+"""The ``ground`` stage: teach a random-init VLM to see before it learns to act.
+
+Real policies (Qwen2.5-VL, SmolVLM) come pretrained on grounding data: they can say where an object is and
+what a crop shows. The tiny models built here start from random weights, and expert demonstrations teach
+seeing too slowly: one box and one yes/no per trajectory of ~400 tokens (docs/learn_to_look.md measures
+it). This stage is the cheap stand-in for that pretraining, on the training split's own annotations:
+
+- ``where``: the overview and "Where are the round objects?" -> the boxes of every visible candidate
+  (gold regions and lookalikes), written in the environment's box format, left to right;
+- ``what``: a drill view of one candidate (the box jittered like a policy's drill) and "What is in this
+  region?" -> its label (``lesion`` or ``mimic`` on the phantom).
+
+Sequences are short (no system prompt, one image), so a step sees many images. Examples are drawn from a
+pool of training cases rendered once; the held-out split is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from medeyes_env import views
+from medeyes_env.cases import Box, Case
+from medeyes_env.env import EnvConfig
+
+GroundTask = Literal["where", "what"]
+WHERE_QUESTION = "Where are the round objects? Give their boxes."
+WHAT_QUESTION = "What is in this region?"
+
+
+def candidates(case: Case) -> list[tuple[Box, str]]:
+    """What a grounding example may point at: gold regions and lookalikes, with their labels, left to right."""
+    found = [(r.box, r.label or "finding") for r in case.regions] + [
+        (r.box, r.label or "other") for r in case.lookalikes
+    ]
+    return sorted(found, key=lambda item: (item[0][0], item[0][1]))
+
+
+def grounding_examples(
+    case: Case, env: EnvConfig, tasks: tuple[GroundTask, ...], rng: np.random.Generator, jitter: float
+) -> list[tuple[list[dict[str, Any]], str]]:
+    """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them."""
+    image = case.load_image()
+    objects = candidates(case)
+    examples: list[tuple[list[dict[str, Any]], str]] = []
+    if "where" in tasks:
+        answer = ", ".join(env.box_format.encode(box, image.size) for box, _ in objects) or "none"
+        examples.append((_messages(views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
+    if "what" in tasks and objects:
+        box, label = objects[int(rng.integers(len(objects)))]
+        side = max(box[2] - box[0], box[3] - box[1])
+        shifted = np.asarray(box, dtype=float) + rng.normal(0.0, jitter * side, size=2).repeat(2)[[0, 2, 1, 3]]
+        clamped = views.clamp_box(tuple(float(v) for v in shifted), image.size)
+        if clamped[2] > clamped[0] and clamped[3] > clamped[1]:
+            view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
+            examples.append((_messages(view, WHAT_QUESTION, label), label))
+    return examples
+
+
+def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]

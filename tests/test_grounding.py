@@ -1,0 +1,60 @@
+"""The ground stage: grounding examples from a case's annotations, and a tiny run that trains on them."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from medeyes.models.factory import ensure_tiny_model
+from medeyes.training.config import build_config, preset
+from medeyes.training.grounding import WHAT_QUESTION, WHERE_QUESTION, candidates, grounding_examples
+from medeyes.training.metrics import read_metrics
+from medeyes.training.trainer import open_cases, train
+from medeyes_env.env import EnvConfig
+from medeyes_env.protocol import BoxFormat, parse_turn
+from medeyes_env.rewards import box_iou
+
+LOC = EnvConfig(view_size=128, drill_min_side=64, box_format=BoxFormat(kind="loc", bins=16))
+
+
+def _look_case(answer: str):
+    source = open_cases("phantom:look", {"families": ["presence"]})
+    for index in range(50):
+        case = source.case("train", index)
+        if case.answer == answer:
+            return case
+    raise AssertionError("no such case")
+
+
+@pytest.mark.parametrize("answer", ["yes", "no"])
+def test_where_points_at_the_one_candidate_and_what_names_it(answer):
+    case = _look_case(answer)
+    (box, label), *rest = candidates(case)
+    assert not rest and label == ("lesion" if answer == "yes" else "mimic")
+    where, what = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
+    messages, text = where
+    assert messages[0]["content"][1]["text"] == WHERE_QUESTION and messages[1]["content"][0]["text"] == text
+    assert messages[0]["content"][0]["image"].size == (128, 128)  # the overview, as the environment shows it
+    # The answer is the candidate's box in the environment's box format: it parses back to nearly that box.
+    turn = parse_turn(f'<reasoning>r</reasoning><action>{{"name": "drill", "box": {text}}}</action>', (512, 512),
+                      box_format=LOC.box_format)  # fmt: skip
+    assert turn.action is not None and box_iou(turn.action.boxes[0], box) > 0.4
+    messages, text = what
+    assert messages[0]["content"][1]["text"] == WHAT_QUESTION and text == label
+
+
+def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ensure_tiny_model("idefics3", "tiny")
+    data = preset("tiny").model_dump(mode="json")
+    data.update(run_dir=str(tmp_path / "run"), stages=["ground", "sft"])
+    cfg = build_config(data)
+    train(cfg, resume=False)
+    rows = [r for r in read_metrics(cfg.run_dir) if "train/loss" in r]
+    assert [r["train/stage"] for r in rows] == [-1.0, -1.0, 0.0, 0.0]
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss_tokens"] > 0 for r in rows)
+    # a ground step is short single-image sequences: far fewer tokens per example than an expert trajectory
+    ground, sft = rows[0], rows[2]
+    assert ground["train/tokens"] / cfg.ground.batch_size < sft["train/tokens"] / cfg.sft.batch_size
