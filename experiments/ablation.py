@@ -13,13 +13,19 @@ scan_only           dual_paper with a scan-only expert
 drill_only          dual_paper with a drill-only expert
 ==================  ===============================================================================
 
-Per seed, the SFT warm start is trained once (``<runs>/seed<s>/sft``) and every variant starts from its
-final model, so differences come from the second stage alone. Every run resumes if interrupted, finished
+Per seed and warm start, the warm start (ground + SFT) is trained once (``<runs>/<warm>/seed<s>/sft``) and
+every variant starts from its final model, so differences come from the second stage alone. Two warm starts:
+
+- ``expert``: SFT on the GRN + CVS demonstrations (the default's): the policy already looks in the right place;
+- ``format``: SFT on format-valid trajectories whose boxes are random (the expert's ``random`` mode): it
+  teaches the protocol and the habit of looking, not where to look, so RL must find the place by itself.
+
+Every run resumes if interrupted, finished
 runs are skipped, and after each run the table (``docs/ablation.md``), the per-run rows
 (``docs/ablation_runs.jsonl``) and the plot (``docs/ablation_curves.png``) are rewritten, so partial results
 survive. Usage::
 
-    python experiments/ablation.py                      # 3 seeds x 8 variants, about 1 h on 2 CPU cores
+    python experiments/ablation.py                      # 3 seeds x 8 variants x 2 warm starts
     python experiments/ablation.py --seeds 0 --variants on_policy dual_paper --grpo-steps 4
 """
 
@@ -47,6 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "drill_only": {"grpo.mode": "dual", "expert.mode": "drill_only"},
 }
 ROOT = Path(__file__).resolve().parent.parent
+WARM_STARTS: dict[str, dict[str, Any]] = {"expert": {}, "format": {"expert.mode": "random"}}
+"""What the shared warm start's SFT imitates: the GRN + CVS expert, or format-valid random-box trajectories."""
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,6 +66,15 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     data["eval"] = {**data["eval"], "cases": args.eval_cases, "every": args.eval_every}
     data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step}
     return data
+
+
+CURVE_KEYS = {
+    "accuracy": "eval/accuracy",
+    "presence": "eval/accuracy/presence",
+    "iou": "eval/iou",
+    "tool_steps": "eval/steps",
+}
+"""The learning curves recorded per run (and plotted per warm start)."""
 
 
 def run_one(name: str, config: Any) -> dict[str, Any]:
@@ -83,6 +100,7 @@ def run_one(name: str, config: Any) -> dict[str, Any]:
         "run_dir": str(config.run_dir),
         "seconds": time.time() - started,
         "curve": [(r["step"], r["eval/accuracy"]) for r in evals],
+        "curves": {name: [(r["step"], r[key]) for r in evals if key in r] for name, key in CURVE_KEYS.items()},
         "accuracy": last.get("eval/accuracy"),
         "iou": last.get("eval/iou"),
         "steps": last.get("eval/steps"),
@@ -95,6 +113,9 @@ def run_one(name: str, config: Any) -> dict[str, Any]:
         # training-time health of the variant's GRPO steps (None for sft_only)
         "expert_adv_zero_frac": mean_of("stream/off/adv_zero_frac"),
         "on_tool_share": mean_of("stream/on/tool_share"),
+        "on_accuracy_with_tool": mean_of("stream/on/accuracy_with_tool"),
+        "on_best_iou": mean_of("stream/on/reward/best_iou"),
+        "presence": last.get("eval/accuracy/presence"),
     }
 
 
@@ -108,40 +129,58 @@ def _mean_std(values: list[float]) -> str:
 
 
 def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
-    """Markdown table: mean ± std over seeds of held-out accuracy, IoU and steps, per variant."""
-    lines = [
-        header,
-        "",
-        "| variant | seeds | held-out accuracy | IoU | tool steps | reward | parse rate | accuracy after SFT (start) "
-        "| expert rows with advantage 0 | on-policy episodes with a tool call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for variant in VARIANTS:
-        mine = [r for r in rows if r["variant"] == variant]
-        if not mine:
-            continue
-        lines.append(
-            f"| {variant} | {','.join(str(r['seed']) for r in mine)} | {_mean_std([r['accuracy'] for r in mine])} | "
-            f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
-            f"{_mean_std([r.get('reward') for r in mine])} | {_mean_std([r.get('parse_rate') for r in mine])} | "
-            f"{_mean_std([r['start_accuracy'] for r in mine])} | "
-            f"{_mean_std([r.get('expert_adv_zero_frac') for r in mine])} | "
-            f"{_mean_std([r.get('on_tool_share') for r in mine])} |"
-        )
+    """Markdown tables, one per warm start: mean ± std over seeds of held-out numbers and GRPO health."""
+    lines = [header]
+    for warm in WARM_STARTS:
+        lines += [
+            "",
+            f"## Warm start: {warm}",
+            "",
+            "| variant | seeds | held-out accuracy | presence | IoU | tool steps | parse rate | accuracy at start "
+            "| expert rows with advantage 0 | on-policy tool share | on-policy best IoU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant in VARIANTS:
+            mine = [r for r in rows if r["variant"] == variant and r.get("warm", "expert") == warm]
+            if not mine:
+                continue
+            lines.append(
+                f"| {variant} | {','.join(str(r['seed']) for r in mine)} | "
+                f"{_mean_std([r['accuracy'] for r in mine])} | "
+                f"{_mean_std([r.get('presence') for r in mine])} | "
+                f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
+                f"{_mean_std([r.get('parse_rate') for r in mine])} | "
+                f"{_mean_std([r['start_accuracy'] for r in mine])} | "
+                f"{_mean_std([r.get('expert_adv_zero_frac') for r in mine])} | "
+                f"{_mean_std([r.get('on_tool_share') for r in mine])} | "
+                f"{_mean_std([r.get('on_best_iou') for r in mine])} |"
+            )
     blind = [r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None]
     if blind:
         lines += ["", f"Blind majority-answer baseline (format-perfect, ignores the image): {blind[0]:.3f}."]
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Held-out accuracy against GRPO/SFT step, mean over seeds per variant, drawn with Pillow (no matplotlib)."""
+def plot_all(rows: list[dict[str, Any]], out: Path) -> None:
+    """docs/ablation_curves.png (accuracy, expert warm start) and one PNG per warm start and curve."""
+    plot_curves([r for r in rows if r.get("warm", "expert") == "expert"], out / "ablation_curves.png")
+    for warm in WARM_STARTS:
+        mine = [r for r in rows if r.get("warm", "expert") == warm]
+        for name in CURVE_KEYS:
+            plot_curves(mine, out / f"ablation_{warm}_{name}.png", name, f"{name} ({warm} warm start)")
+
+
+def plot_curves(
+    rows: list[dict[str, Any]], path: Path, metric: str = "accuracy", title: str = "held-out accuracy"
+) -> None:
+    """A held-out curve against GRPO step, mean over seeds per variant, drawn with Pillow (no matplotlib)."""
     from PIL import Image, ImageDraw
 
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
     curves: dict[str, list[tuple[float, float]]] = {}
     for variant in VARIANTS:
-        mine = [r["curve"] for r in rows if r["variant"] == variant and r["curve"]]
+        mine = [r.get("curves", {}).get(metric, r["curve"] if metric == "accuracy" else []) for r in rows]
+        mine = [c for c, r in zip(mine, rows, strict=True) if r["variant"] == variant and c]
         if not mine:
             continue
         steps = sorted({s for curve in mine for s, _ in curve})
@@ -155,6 +194,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     xs = [s for c in curves.values() for s, _ in c]
     ys = [v for c in curves.values() for _, v in c]
     blind = next((r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None), None)
+    if metric != "accuracy":
+        blind = None
     if blind is not None:
         ys.append(blind)
     x0, x1 = min(xs), max(xs) or 1
@@ -177,7 +218,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
         x, _ = px(step, y0)
         draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
         draw.text((x - 6, height - bottom + 8), f"{int(step)}", fill="black")
-    draw.text((left, 12), "Held-out accuracy vs. steps after the SFT warm start (mean over seeds)", fill="black")
+    draw.text((left, 12), f"Held-out {title} vs. steps after the warm start (mean over seeds)", fill="black")
     draw.text((width // 2 - 60, height - 22), "optimizer steps", fill="black")
     if blind is not None:
         a, b = px(x0, blind), px(x1, blind)
@@ -202,7 +243,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--sft-steps", type=int, default=100, help="Steps of the shared SFT warm start.")
+    parser.add_argument(
+        "--sft-steps", type=int, default=None, help="SFT steps of the warm start (default: cpu-default's)."
+    )
+    parser.add_argument("--warm-starts", nargs="+", default=list(WARM_STARTS), choices=list(WARM_STARTS))
     parser.add_argument("--grpo-steps", type=int, default=8, help="Steps of every variant after the warm start.")
     parser.add_argument("--eval-every", type=int, default=4)
     parser.add_argument("--prompts-per-step", type=int, default=2, help="GRPO cases per step (G_on=8, G_off=4 each).")
@@ -236,42 +280,50 @@ def main() -> None:
         "variant inherits the CPU default's LUFFY-style baseline (`on_baseline`, shaping on), so the expert-data "
         "ablations (no_cvs, no_grn, scan_only, drill_only) compare against `dual_luffy`."
     )
-    for seed in [] if args.report_only else args.seeds:
+    todo = [] if args.report_only else [(seed, warm) for seed in args.seeds for warm in args.warm_starts]
+    for seed, warm_name in todo:
         base = base_config(args)
-        warm = build_config(
-            base,
-            {
-                "seed": seed,
-                "stages": ["sft"],
-                "sft.steps": args.sft_steps,
-                "run_dir": str(args.runs / f"seed{seed}" / "sft"),
-            },
-        )
-        run_one(f"seed{seed}/sft", warm)
+        warm_overrides: dict[str, Any] = {
+            "seed": seed,
+            "stages": ["ground", "sft"],
+            "run_dir": str(args.runs / warm_name / f"seed{seed}" / "sft"),
+            **WARM_STARTS[warm_name],
+        }
+        if args.sft_steps is not None:
+            warm_overrides["sft.steps"] = args.sft_steps
+        warm = build_config(base, warm_overrides)
+        run_one(f"{warm_name}/seed{seed}/sft", warm)
         warm_model = str(warm.run_dir / "final")
         for variant in args.variants:
-            if any(r["variant"] == variant and r["seed"] == seed for r in rows):
+            if any(
+                r["variant"] == variant and r["seed"] == seed and r.get("warm", "expert") == warm_name for r in rows
+            ):
                 continue
             overrides: dict[str, Any] = {
                 "seed": seed,
                 "model": warm_model,
-                "stages": ["grpo"],
+                "stages": ["grpo"] if variant != "sft_only" else ["sft"],
                 "grpo.steps": args.grpo_steps,
                 "sft.steps": args.grpo_steps,
-                "run_dir": str(args.runs / f"seed{seed}" / variant),
+                "run_dir": str(args.runs / warm_name / f"seed{seed}" / variant),
             }
-            overrides.update(VARIANTS[variant])
+            if variant == "sft_only":  # continues the warm start's own SFT data; the GRPO arms use their expert
+                overrides.update(WARM_STARTS[warm_name])
+            overrides.update({k: v for k, v in VARIANTS[variant].items() if k != "stages"})
             config = build_config(base, overrides)
-            result = run_one(f"seed{seed}/{variant}", config)
-            result.update(variant=variant, seed=seed)
+            result = run_one(f"{warm_name}/seed{seed}/{variant}", config)
+            result.update(variant=variant, seed=seed, warm=warm_name)
             rows.append(result)
             with rows_path.open("a") as handle:
                 handle.write(json.dumps(result) + "\n")
             write_table(rows, args.out / "ablation.md", header)
-            plot_curves(rows, args.out / "ablation_curves.png")
-            print(f"seed {seed} {variant}: accuracy {result['accuracy']} ({result['seconds']:.0f} s)", flush=True)
+            plot_all(rows, args.out)
+            print(
+                f"{warm_name} seed {seed} {variant}: accuracy {result['accuracy']} ({result['seconds']:.0f} s)",
+                flush=True,
+            )
     write_table(rows, args.out / "ablation.md", header)
-    plot_curves(rows, args.out / "ablation_curves.png")
+    plot_all(rows, args.out)
 
 
 if __name__ == "__main__":

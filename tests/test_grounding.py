@@ -58,3 +58,6 @@ def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_facto
     # a ground step is short single-image sequences: far fewer tokens per example than an expert trajectory
     ground, sft = rows[0], rows[2]
     assert ground["train/tokens"] / cfg.ground.batch_size < sft["train/tokens"] / cfg.sft.batch_size
+    # held-out grounding is measured at every evaluation
+    evals = [r for r in read_metrics(cfg.run_dir) if "eval/accuracy" in r]
+    assert evals and all(0.0 <= r["eval/ground/hit"] <= 1.0 and "eval/ground/iou" in r for r in evals)

@@ -377,7 +377,7 @@ def _cpu_default() -> dict[str, Any]:
         "rollout_batch": 64,
         "stages": ["ground", "sft", "grpo"],
         "ground": {
-            "steps": 1200,
+            "steps": 1500,
             "batch_size": 32,
             "cases": 1024,
             "optim": {"lr": 3e-3, "warmup_steps": 10},
@@ -386,7 +386,7 @@ def _cpu_default() -> dict[str, Any]:
             "steps": 400,
             "batch_size": 8,
             "aggregation": "seq_mean_token_mean",
-            "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
+            "optim": {"lr": 2e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
         },
         "grpo": {
             "steps": 40,
@@ -407,7 +407,7 @@ def _cpu_default() -> dict[str, Any]:
             "global_questions": "answer",
             "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
         },
-        "eval": {"every": 200, "cases": 128, "batch_size": 128},
+        "eval": {"every": 500, "cases": 128, "batch_size": 128},
         "checkpoint_every": 20,
     }
 

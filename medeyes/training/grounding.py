@@ -63,3 +63,51 @@ def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]
+
+
+def parse_where_answer(text: str, env: EnvConfig, image_size: tuple[int, int]) -> list[Box]:
+    """The boxes of a where-answer (as many as parse, in the environment's box format), in pixels."""
+    from medeyes_env.protocol import parse_turn
+
+    turn = parse_turn(
+        f'<reasoning>r</reasoning><action>{{"name": "scan", "boxes": [{text.strip()}]}}</action>',
+        image_size,
+        env.limits,
+        env.box_format,
+    )
+    return list(turn.action.boxes) if turn.action is not None else []
+
+
+def grounding_scores(
+    cases: list[Case], where_texts: list[str], what_texts: list[str], what_labels: list[str], env: EnvConfig
+) -> dict[str, float]:
+    """Held-out grounding: hit rate (the first box holds a candidate's centre), best IoU, what-accuracy.
+
+    >>> from medeyes_env.cases import AnswerType, Region
+    >>> case = Case(id="c", question="q", answer="yes", answer_type=AnswerType.CLOSED, source="s",
+    ...             regions=(Region(box=(0.0, 0.0, 32.0, 32.0), label="lesion"),), image_size=(512, 512))
+    >>> env = EnvConfig(box_format={"kind": "loc", "bins": 16})
+    >>> grounding_scores([case], ['"<loc00><loc00><loc01><loc01>"'], ["lesion"], ["lesion"], env)
+    {'ground/hit': 1.0, 'ground/iou': 1.0, 'ground/what': 1.0}
+    """
+    from medeyes_env.rewards import box_iou
+
+    hits, ious = [], []
+    for case, text in zip(cases, where_texts, strict=True):
+        gold = [box for box, _ in candidates(case)]
+        if not gold:
+            continue
+        boxes = parse_where_answer(text, env, case.image_size or (1, 1))
+        first = boxes[0] if boxes else None
+        hits.append(
+            first is not None
+            and any(
+                first[0] <= (g[0] + g[2]) / 2 <= first[2] and first[1] <= (g[1] + g[3]) / 2 <= first[3] for g in gold
+            )
+        )
+        ious.append(max((box_iou(b, g) for b in boxes for g in gold), default=0.0))
+    right = [text.strip().lower() == label.lower() for text, label in zip(what_texts, what_labels, strict=True)]
+    out = {"ground/hit": float(np.mean(hits)) if hits else 0.0, "ground/iou": float(np.mean(ious)) if ious else 0.0}
+    if right:
+        out["ground/what"] = float(np.mean(right))
+    return out

@@ -396,6 +396,7 @@ class Trainer:
         self.logger = logger
         self.pool_cases = pool_cases
         self.ground_pool = ground_pool or []
+        self._ground_eval: list[tuple[Any, list]] | None = None
         self.device = torch.device(config.device)
         self.autocast_dtype = _autocast_dtype(config)
         self.pad_id = int(processor.tokenizer.pad_token_id)
@@ -716,9 +717,35 @@ class Trainer:
         }
         for family, accuracy in summary.accuracy_by_family.items():
             out[f"eval/accuracy/{family}"] = accuracy
+        if "ground" in cfg.stages:
+            out.update({f"eval/{k}": v for k, v in self._evaluate_grounding().items()})
         if self.blind is not None:
             out["eval/blind_accuracy"] = self.blind
         return out
+
+    def _evaluate_grounding(self) -> dict[str, float]:
+        """Greedy where- and what-answers on the eval split's first ``eval.cases`` cases (held out, as above)."""
+        from medeyes.agents.policy import SamplingConfig
+        from medeyes.training.grounding import grounding_examples, grounding_scores
+
+        cfg = self.config
+        if self._ground_eval is None:
+            rng = np.random.default_rng(step_seed(cfg.seed, 0, 5))
+            examples = []
+            for index in range(cfg.eval.cases):
+                case = self.source.case(cfg.eval_split, index)
+                made = grounding_examples(case, cfg.env, ("where", "what"), rng, cfg.ground.jitter)
+                examples.append((case, made))
+            self._ground_eval = examples
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=32, stop=[])
+        cases = [case for case, made in self._ground_eval if made]
+        where = [made[0][0][:1] for _, made in self._ground_eval if made]
+        what = [made[1] for _, made in self._ground_eval if len(made) > 1]
+        backend = self.policy.backend
+        with self._autocast():
+            where_texts = [t.text for t in backend.generate(where, greedy)]  # type: ignore[attr-defined]
+            what_texts = [t.text for t in backend.generate([m[:1] for m, _ in what], greedy)]  # type: ignore[attr-defined]
+        return grounding_scores(cases, where_texts, what_texts, [label for _, label in what], cfg.env)
 
     def _tool_alarm(self, step: int, metrics: dict[str, float]) -> None:
         """Set ``alarm/tool_collapse`` when the on-policy tool share is below ``grpo.tool_floor``; warn once."""

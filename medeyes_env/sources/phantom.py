@@ -239,7 +239,7 @@ PRESETS: dict[str, PhantomConfig] = {
     "look": PhantomConfig(
         preset="look",
         image_size=512,
-        lesion_radius=(44.0, 56.0),
+        lesion_radius=(56.0, 64.0),
         lesion_contrast=(0.3, 0.4),
         distractor_count=(1, 1),
         noise=0.025,
