@@ -76,6 +76,9 @@ class GroundConfig(BaseModel):
         description="where: overview -> every candidate's box; what: drill view of one candidate -> its label.",
     )
     jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
+    what_share: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
@@ -380,6 +383,7 @@ def _cpu_default() -> dict[str, Any]:
             "steps": 1500,
             "batch_size": 32,
             "cases": 1024,
+            "what_share": 0.3,
             "optim": {"lr": 3e-3, "warmup_steps": 10},
         },
         "sft": {

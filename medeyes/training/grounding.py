@@ -16,6 +16,7 @@ pool of training cases rendered once; the held-out split is never touched.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import numpy as np
@@ -38,16 +39,25 @@ def candidates(case: Case) -> list[tuple[Box, str]]:
 
 
 def grounding_examples(
-    case: Case, env: EnvConfig, tasks: tuple[GroundTask, ...], rng: np.random.Generator, jitter: float
+    case: Case,
+    env: EnvConfig,
+    tasks: tuple[GroundTask, ...],
+    rng: np.random.Generator,
+    jitter: float,
+    what_share: float = 1.0,
 ) -> list[tuple[list[dict[str, Any]], str]]:
-    """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them."""
+    """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
+
+    A where-example always; a what-example with probability ``what_share`` (reading a crop is learned from
+    fewer examples than placing a box).
+    """
     image = case.load_image()
     objects = candidates(case)
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
         answer = ", ".join(env.box_format.encode(box, image.size) for box, _ in objects) or "none"
         examples.append((_messages(views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
-    if "what" in tasks and objects:
+    if "what" in tasks and objects and rng.random() < what_share:
         box, label = objects[int(rng.integers(len(objects)))]
         side = max(box[2] - box[0], box[3] - box[1])
         shifted = np.asarray(box, dtype=float) + rng.normal(0.0, jitter * side, size=2).repeat(2)[[0, 2, 1, 3]]
@@ -58,6 +68,11 @@ def grounding_examples(
     return examples
 
 
+def _first_word(text: str) -> str:
+    match = re.match(r"\s*([A-Za-z]+)", text)
+    return match.group(1).lower() if match else ""
+
+
 def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
     return [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
@@ -65,12 +80,21 @@ def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
     ]
 
 
+_FIRST_BOX = re.compile(r'"(?:\s*<loc\d{2}>){4}\s*"|\[[^\[\]]{0,80}\]')
+
+
 def parse_where_answer(text: str, env: EnvConfig, image_size: tuple[int, int]) -> list[Box]:
-    """The boxes of a where-answer (as many as parse, in the environment's box format), in pixels."""
+    """The first box of a where-answer (in the environment's box format), in pixels; [] when none parses.
+
+    The answer has no closing tag to stop at, so a model may run on after it: only the first box counts.
+    """
     from medeyes_env.protocol import parse_turn
 
+    match = _FIRST_BOX.search(text)
+    if match is None:
+        return []
     turn = parse_turn(
-        f'<reasoning>r</reasoning><action>{{"name": "scan", "boxes": [{text.strip()}]}}</action>',
+        f'<reasoning>r</reasoning><action>{{"name": "scan", "boxes": [{match.group(0)}]}}</action>',
         image_size,
         env.limits,
         env.box_format,
@@ -106,7 +130,7 @@ def grounding_scores(
             )
         )
         ious.append(max((box_iou(b, g) for b in boxes for g in gold), default=0.0))
-    right = [text.strip().lower() == label.lower() for text, label in zip(what_texts, what_labels, strict=True)]
+    right = [_first_word(text) == label.lower() for text, label in zip(what_texts, what_labels, strict=True)]
     out = {"ground/hit": float(np.mean(hits)) if hits else 0.0, "ground/iou": float(np.mean(ious)) if ious else 0.0}
     if right:
         out["ground/what"] = float(np.mean(right))

@@ -265,7 +265,14 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
     pool = []
     for index in range(n):
         case = source.case(config.train_split, index)
-        pool += grounding_examples(case, config.env, tasks, rng, config.ground.jitter)  # type: ignore[arg-type]
+        pool += grounding_examples(
+            case,
+            config.env,
+            tasks,  # type: ignore[arg-type]
+            rng,
+            config.ground.jitter,
+            config.ground.what_share,
+        )
     return pool
 
 
