@@ -73,7 +73,7 @@ class GroundConfig(BaseModel):
     cases: int = Field(default=1024, ge=1, description="Training cases rendered once into the example pool.")
     tasks: list[Literal["where", "what"]] = Field(
         default_factory=lambda: ["where", "what"],
-        description="where: overview -> every candidate's box; what: drill view of one candidate -> its label.",
+        description="where: overview -> every candidate's box; what: drill view of one candidate -> abnormal?",
     )
     jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
     what_share: float = Field(
@@ -383,7 +383,7 @@ def _cpu_default() -> dict[str, Any]:
             "steps": 1500,
             "batch_size": 32,
             "cases": 1024,
-            "what_share": 0.3,
+            "what_share": 0.5,
             "optim": {"lr": 3e-3, "warmup_steps": 10},
         },
         "sft": {

@@ -7,8 +7,9 @@ it). This stage is the cheap stand-in for that pretraining, on the training spli
 
 - ``where``: the overview and "Where are the round objects?" -> the boxes of every visible candidate
   (gold regions and lookalikes), written in the environment's box format, left to right;
-- ``what``: a drill view of one candidate (the box jittered like a policy's drill) and "What is in this
-  region?" -> its label (``lesion`` or ``mimic`` on the phantom).
+- ``what``: a drill view of one candidate (the box jittered like a policy's drill) and "Is there an
+  abnormality in this region?" -> ``yes`` for a gold region, ``no`` for a lookalike: the words a closed
+  question is answered with, so reading a crop transfers to the policy's final answer.
 
 Sequences are short (no system prompt, one image), so a step sees many images. Examples are drawn from a
 pool of training cases rendered once; the held-out split is never touched.
@@ -27,14 +28,12 @@ from medeyes_env.env import EnvConfig
 
 GroundTask = Literal["where", "what"]
 WHERE_QUESTION = "Where are the round objects? Give their boxes."
-WHAT_QUESTION = "What is in this region?"
+WHAT_QUESTION = "Is there an abnormality in this region?"
 
 
 def candidates(case: Case) -> list[tuple[Box, str]]:
-    """What a grounding example may point at: gold regions and lookalikes, with their labels, left to right."""
-    found = [(r.box, r.label or "finding") for r in case.regions] + [
-        (r.box, r.label or "other") for r in case.lookalikes
-    ]
+    """What a grounding example may point at, left to right: gold regions ("yes") and lookalikes ("no")."""
+    found = [(r.box, "yes") for r in case.regions] + [(r.box, "no") for r in case.lookalikes]
     return sorted(found, key=lambda item: (item[0][0], item[0][1]))
 
 
@@ -66,11 +65,6 @@ def grounding_examples(
             view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
             examples.append((_messages(view, WHAT_QUESTION, label), label))
     return examples
-
-
-def _first_word(text: str) -> str:
-    match = re.match(r"\s*([A-Za-z]+)", text)
-    return match.group(1).lower() if match else ""
 
 
 def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
@@ -111,7 +105,7 @@ def grounding_scores(
     >>> case = Case(id="c", question="q", answer="yes", answer_type=AnswerType.CLOSED, source="s",
     ...             regions=(Region(box=(0.0, 0.0, 32.0, 32.0), label="lesion"),), image_size=(512, 512))
     >>> env = EnvConfig(box_format={"kind": "loc", "bins": 16})
-    >>> grounding_scores([case], ['"<loc00><loc00><loc01><loc01>"'], ["lesion"], ["lesion"], env)
+    >>> grounding_scores([case], ['"<loc00><loc00><loc01><loc01>"'], ["yes"], ["yes"], env)
     {'ground/hit': 1.0, 'ground/iou': 1.0, 'ground/what': 1.0}
     """
     from medeyes_env.rewards import box_iou
@@ -130,7 +124,10 @@ def grounding_scores(
             )
         )
         ious.append(max((box_iou(b, g) for b in boxes for g in gold), default=0.0))
-    right = [_first_word(text) == label.lower() for text, label in zip(what_texts, what_labels, strict=True)]
+    # no stop token: "mimicimic..." still says mimic first
+    right = [
+        text.lstrip().lower().startswith(label.lower()) for text, label in zip(what_texts, what_labels, strict=True)
+    ]
     out = {"ground/hit": float(np.mean(hits)) if hits else 0.0, "ground/iou": float(np.mean(ious)) if ious else 0.0}
     if right:
         out["ground/what"] = float(np.mean(right))
