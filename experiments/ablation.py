@@ -13,8 +13,9 @@ scan_only           dual_paper with a scan-only expert
 drill_only          dual_paper with a drill-only expert
 ==================  ===============================================================================
 
-Per seed and warm start, the warm start (ground + SFT) is trained once (``<runs>/<warm>/seed<s>/sft``) and
-every variant starts from its final model, so differences come from the second stage alone. Two warm starts:
+Per seed, the ground stage is trained once (``<runs>/seed<s>/ground``); per seed and warm start, SFT from it
+once (``<runs>/<warm>/seed<s>/sft``), and every variant starts from that model, so differences come from the
+last stage alone. Two warm starts:
 
 - ``expert``: SFT on the GRN + CVS demonstrations (the default's): the policy already looks in the right place;
 - ``format``: SFT on format-valid trajectories whose boxes are random (the expert's ``random`` mode): it
@@ -65,6 +66,8 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     data.update(progress=False, tensorboard=False, threads=args.threads, checkpoint_every=5)
     data["eval"] = {**data["eval"], "cases": args.eval_cases, "every": args.eval_every}
     data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step}
+    if getattr(args, "ground_steps", None) is not None:
+        data["ground"] = {**data["ground"], "steps": args.ground_steps}
     return data
 
 
@@ -246,6 +249,7 @@ def main() -> None:
     parser.add_argument(
         "--sft-steps", type=int, default=None, help="SFT steps of the warm start (default: cpu-default's)."
     )
+    parser.add_argument("--ground-steps", type=int, default=None, help="Ground steps (default: cpu-default's).")
     parser.add_argument("--warm-starts", nargs="+", default=list(WARM_STARTS), choices=list(WARM_STARTS))
     parser.add_argument("--grpo-steps", type=int, default=8, help="Steps of every variant after the warm start.")
     parser.add_argument("--eval-every", type=int, default=4)
@@ -272,9 +276,11 @@ def main() -> None:
             fresh = run_one(row["run"], SimpleNamespace(run_dir=Path(row["run_dir"])))
             rebuilt.append({**fresh, "variant": row["variant"], "seed": row["seed"], "seconds": row["seconds"]})
         rows = rebuilt
+    shared = base_config(args)
     header = (
-        f"# Ablation on the phantom benchmark (CPU scale)\n\nTiny Idefics3 (random init), SFT warm start of "
-        f"{args.sft_steps} steps, then {args.grpo_steps} steps per variant; held-out accuracy on "
+        f"# Ablation on the phantom look benchmark (CPU scale)\n\nTiny Idefics3 (random init); warm start: "
+        f"{shared['ground']['steps']} ground steps, then {args.sft_steps or shared['sft']['steps']} SFT steps on the "
+        f"expert's or on random-box demonstrations; then {args.grpo_steps} steps per variant; held-out accuracy on "
         f"{args.eval_cases} test cases (greedy), mean ± std over seeds. Produced by `python experiments/ablation.py`."
         "\n\nExpert advantages: `dual_paper` uses the paper's per-stream statistics; every other dual-stream "
         "variant inherits the CPU default's LUFFY-style baseline (`on_baseline`, shaping on), so the expert-data "
@@ -283,9 +289,25 @@ def main() -> None:
     todo = [] if args.report_only else [(seed, warm) for seed in args.seeds for warm in args.warm_starts]
     for seed, warm_name in todo:
         base = base_config(args)
+        # the ground stage does not depend on the warm start: train it once per seed, then SFT from it
+        ground_steps = base["ground"]["steps"]
+        seeing = build_config(
+            base,
+            {
+                "seed": seed,
+                "stages": ["ground"],
+                "eval.every": ground_steps,  # one evaluation at the end (with held-out grounding)
+                "checkpoint_every": 100,
+                "run_dir": str(args.runs / f"seed{seed}" / "ground"),
+            },
+        )
+        run_one(f"seed{seed}/ground", seeing)
         warm_overrides: dict[str, Any] = {
             "seed": seed,
-            "stages": ["ground", "sft"],
+            "model": str(seeing.run_dir / "final"),
+            "stages": ["sft"],
+            "eval.every": args.sft_steps or base["sft"]["steps"],
+            "checkpoint_every": 100,
             "run_dir": str(args.runs / warm_name / f"seed{seed}" / "sft"),
             **WARM_STARTS[warm_name],
         }

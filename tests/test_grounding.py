@@ -35,14 +35,15 @@ def test_where_points_at_the_one_candidate_and_what_names_it(answer):
     assert not rest and label == answer  # a drill view of a lesion says yes, of a mimic no
     where, what = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
     messages, text = where
-    assert messages[0]["content"][1]["text"] == WHERE_QUESTION and messages[1]["content"][0]["text"] == text
-    assert messages[0]["content"][0]["image"].size == (128, 128)  # the overview, as the environment shows it
+    assert messages[0]["role"] == "system" and "location tokens" in messages[0]["content"][0]["text"]
+    assert messages[1]["content"][1]["text"] == WHERE_QUESTION and messages[2]["content"][0]["text"] == text
+    assert messages[1]["content"][0]["image"].size == (128, 128)  # the overview, as the environment shows it
     # The answer is the candidate's box in the environment's box format: it parses back to nearly that box.
     turn = parse_turn(f'<reasoning>r</reasoning><action>{{"name": "drill", "box": {text}}}</action>', (512, 512),
                       box_format=LOC.box_format)  # fmt: skip
     assert turn.action is not None and box_iou(turn.action.boxes[0], box) > 0.4
     messages, text = what
-    assert messages[0]["content"][1]["text"] == WHAT_QUESTION and text == label
+    assert messages[1]["content"][1]["text"] == WHAT_QUESTION and text == label
 
 
 def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_factory, monkeypatch):
@@ -61,3 +62,19 @@ def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_facto
     # held-out grounding is measured at every evaluation
     evals = [r for r in read_metrics(cfg.run_dir) if "eval/accuracy" in r]
     assert evals and all(0.0 <= r["eval/ground/hit"] <= 1.0 and "eval/ground/iou" in r for r in evals)
+
+
+def test_sft_co_trains_on_ground_examples(tmp_path, tmp_path_factory, monkeypatch):
+    """sft.ground_examples adds grounding examples to every SFT step on top of the same expert trajectories."""
+    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ensure_tiny_model("idefics3", "tiny")
+    tokens = {}
+    for extra in (0, 3):
+        data = preset("tiny").model_dump(mode="json")
+        data.update(run_dir=str(tmp_path / f"run{extra}"), stages=["sft"])
+        data["sft"]["ground_examples"] = extra
+        cfg = build_config(data)
+        train(cfg, resume=False)
+        tokens[extra] = [r["train/tokens"] for r in read_metrics(cfg.run_dir) if "train/tokens" in r]
+    assert len(tokens[0]) == len(tokens[3]) == 2
+    assert all(b > a for a, b in zip(tokens[0], tokens[3], strict=True))

@@ -93,9 +93,9 @@ def train(
 
     from medeyes.training.trainer import train as run_training
 
+    steps = " + ".join(f"{cfg.stage_steps(stage)} {stage}" for stage in cfg.stages)
     console.print(
-        f"[bold]medeyes train[/]: {safe(cfg.model)} on {safe(cfg.data)} ({', '.join(cfg.stages)}: "
-        f"{cfg.stage_steps('sft')} sft + {cfg.stage_steps('grpo')} grpo steps, mode {cfg.grpo.mode}) -> "
+        f"[bold]medeyes train[/]: {safe(cfg.model)} on {safe(cfg.data)} ({steps} steps, mode {cfg.grpo.mode}) -> "
         f"{safe(cfg.run_dir)}"
     )
     result = run_training(cfg, resume=not fresh)
@@ -118,5 +118,10 @@ def train(
             f"held-out IoU {last.get('eval/iou', 0):.3f}, tool steps {last.get('eval/steps', 0):.2f}, "
             f"parse rate {last.get('eval/parse_rate', 0):.3f}"
         )
+        if "eval/ground/hit" in last:
+            console.print(
+                f"held-out grounding (ground stage's tasks): hit {last['eval/ground/hit']:.3f}, "
+                f"IoU {last['eval/ground/iou']:.3f}, reads a crop {last.get('eval/ground/what', 0):.3f}"
+            )
     run = cfg.run_dir
     console.print(safe(f"metrics: {run / 'metrics.jsonl'}  tensorboard: {run / 'tb'}  model: {run / 'final'}"))

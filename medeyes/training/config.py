@@ -56,6 +56,12 @@ class SFTConfig(BaseModel):
         description="token_mean: every expert token weighs the same; seq_mean_token_mean: every trajectory "
         "weighs the same (short trajectories, e.g. direct answers, are not drowned by long ones).",
     )
+    ground_examples: int = Field(
+        default=0,
+        ge=0,
+        description="Ground-stage examples added to every SFT step (co-training), so learning the protocol does "
+        "not wash out what the ground stage taught the model to see; needs a ground stage or ground.cases.",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
@@ -383,12 +389,13 @@ def _cpu_default() -> dict[str, Any]:
             "steps": 1500,
             "batch_size": 32,
             "cases": 1024,
-            "what_share": 0.5,
+            "what_share": 1.0,
             "optim": {"lr": 3e-3, "warmup_steps": 10},
         },
         "sft": {
             "steps": 400,
             "batch_size": 8,
+            "ground_examples": 8,
             "aggregation": "seq_mean_token_mean",
             "optim": {"lr": 2e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
         },

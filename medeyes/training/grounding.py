@@ -11,8 +11,11 @@ it). This stage is the cheap stand-in for that pretraining, on the training spli
   abnormality in this region?" -> ``yes`` for a gold region, ``no`` for a lookalike: the words a closed
   question is answered with, so reading a crop transfers to the policy's final answer.
 
-Sequences are short (no system prompt, one image), so a step sees many images. Examples are drawn from a
-pool of training cases rendered once; the held-out split is never touched.
+Each example opens like an episode (the environment's system prompt, then one image and the question), so
+the image sits where the policy will later look at it; it holds one image and a short answer, so a step
+sees many images. Examples are drawn from a pool of training cases rendered once; the held-out split is
+never touched. ``sft.ground_examples`` keeps some of them in every SFT step (co-training), so learning the
+protocol does not wash out what the model learned to see.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 from medeyes_env import views
 from medeyes_env.cases import Box, Case
 from medeyes_env.env import EnvConfig
+from medeyes_env.protocol import protocol_instructions
 
 GroundTask = Literal["where", "what"]
 WHERE_QUESTION = "Where are the round objects? Give their boxes."
@@ -52,10 +56,13 @@ def grounding_examples(
     """
     image = case.load_image()
     objects = candidates(case)
+    system = protocol_instructions(
+        image.size[0], image.size[1], env.max_steps + 1, env.limits, style=env.instructions, box_format=env.box_format
+    )
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
         answer = ", ".join(env.box_format.encode(box, image.size) for box, _ in objects) or "none"
-        examples.append((_messages(views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
+        examples.append((_messages(system, views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
     if "what" in tasks and objects and rng.random() < what_share:
         box, label = objects[int(rng.integers(len(objects)))]
         side = max(box[2] - box[0], box[3] - box[1])
@@ -63,12 +70,13 @@ def grounding_examples(
         clamped = views.clamp_box(tuple(float(v) for v in shifted), image.size)
         if clamped[2] > clamped[0] and clamped[3] > clamped[1]:
             view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
-            examples.append((_messages(view, WHAT_QUESTION, label), label))
+            examples.append((_messages(system, view, WHAT_QUESTION, label), label))
     return examples
 
 
-def _messages(image: Any, question: str, answer: str) -> list[dict[str, Any]]:
+def _messages(system: str, image: Any, question: str, answer: str) -> list[dict[str, Any]]:
     return [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]

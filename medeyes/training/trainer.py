@@ -483,12 +483,7 @@ class Trainer:
         rng = np.random.default_rng(step_seed(cfg.seed, step, 3))
         picks = rng.integers(0, len(self.ground_pool), size=cfg.ground.batch_size)
         t0 = time.perf_counter()
-        episodes = [
-            tokenize_episode(
-                self.ground_pool[i][0], [TurnTokens(self.ground_pool[i][1])], self.processor, is_expert=True
-            )
-            for i in picks
-        ]
+        episodes = [self._ground_episode(int(i)) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
         lr = self._set_lr("ground", step)
@@ -496,7 +491,8 @@ class Trainer:
         batch = collate(episodes, self.pad_id).to(self.device)
         with self._autocast():
             logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
-        loss = sft_loss(logprobs, batch.loss_mask[:, 1:])
+        # every example weighs the same: a one-word what-answer is not drowned by a where-answer's four boxes
+        loss = sft_loss(logprobs, batch.loss_mask[:, 1:], aggregation="seq_mean_token_mean")
         loss.backward()
         grad_norm = self._optimizer_step("ground")
         tokens = int(batch.attention_mask.sum())
@@ -510,6 +506,10 @@ class Trainer:
             "train/prep_seconds": prep,
         }
 
+    def _ground_episode(self, index: int) -> EpisodeTensors:
+        messages, answer = self.ground_pool[index]
+        return tokenize_episode(messages, [TurnTokens(answer)], self.processor, is_expert=True)
+
     # ------------------------------------------------------------------------------------------ sft
 
     def sft_step(self, step: int) -> dict[str, float]:
@@ -521,6 +521,9 @@ class Trainer:
         records = self.experts.sample(cfg.sft.batch_size, rng)
         t0 = time.perf_counter()
         episodes = [tokenize_record(r, self.experts.store, self.processor, is_expert=True) for r in records]
+        if cfg.sft.ground_examples and self.ground_pool:
+            picks = rng.integers(0, len(self.ground_pool), size=cfg.sft.ground_examples)
+            episodes += [self._ground_episode(int(i)) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
         lr = self._set_lr("sft", step)
@@ -746,12 +749,12 @@ class Trainer:
             self._ground_eval = examples
         greedy = SamplingConfig(temperature=0.0, max_new_tokens=32, stop=[])
         cases = [case for case, made in self._ground_eval if made]
-        where = [made[0][0][:1] for _, made in self._ground_eval if made]
+        where = [made[0][0][:-1] for _, made in self._ground_eval if made]  # the prompt: all but the answer
         what = [made[1] for _, made in self._ground_eval if len(made) > 1]
         backend = self.policy.backend
         with self._autocast():
             where_texts = [t.text for t in backend.generate(where, greedy)]  # type: ignore[attr-defined]
-            what_texts = [t.text for t in backend.generate([m[:1] for m, _ in what], greedy)]  # type: ignore[attr-defined]
+            what_texts = [t.text for t in backend.generate([m[:-1] for m, _ in what], greedy)]  # type: ignore[attr-defined]
         return grounding_scores(cases, where_texts, what_texts, [label for _, label in what], cfg.env)
 
     def _tool_alarm(self, step: int, metrics: dict[str, float]) -> None:
@@ -1028,7 +1031,8 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if checkpoint else None)
     backend = TransformersBackend(model, processor, device=cfg.device)
     policy = PolicyAgent(backend, cfg.sampling, name="policy")
-    ground_pool = build_ground_pool(cfg, source) if cfg.stage_steps("ground") else None
+    wants_ground = cfg.stage_steps("ground") or (cfg.stage_steps("sft") and cfg.sft.ground_examples)
+    ground_pool = build_ground_pool(cfg, source) if wants_ground else None
     trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool)
     optimizer_stage = None
     if checkpoint is not None:
