@@ -82,6 +82,11 @@ class GroundConfig(BaseModel):
         description="where: overview -> every candidate's box; what: drill view of one candidate -> abnormal?",
     )
     jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
+    system_prompt: bool = Field(
+        default=True,
+        description="Open each example with the environment's system prompt, as an episode opens (the image then "
+        "sits where the policy sees it), at about 4x the tokens per example; False: image and question only.",
+    )
     what_share: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
     )

@@ -48,6 +48,7 @@ def grounding_examples(
     rng: np.random.Generator,
     jitter: float,
     what_share: float = 1.0,
+    system_prompt: bool = True,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
 
@@ -56,8 +57,17 @@ def grounding_examples(
     """
     image = case.load_image()
     objects = candidates(case)
-    system = protocol_instructions(
-        image.size[0], image.size[1], env.max_steps + 1, env.limits, style=env.instructions, box_format=env.box_format
+    system = (
+        protocol_instructions(
+            image.size[0],
+            image.size[1],
+            env.max_steps + 1,
+            env.limits,
+            style=env.instructions,
+            box_format=env.box_format,
+        )
+        if system_prompt
+        else None
     )
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
@@ -74,9 +84,10 @@ def grounding_examples(
     return examples
 
 
-def _messages(system: str, image: Any, question: str, answer: str) -> list[dict[str, Any]]:
+def _messages(system: str | None, image: Any, question: str, answer: str) -> list[dict[str, Any]]:
+    opening = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     return [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
+        *opening,
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]

@@ -272,6 +272,7 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
             rng,
             config.ground.jitter,
             config.ground.what_share,
+            config.ground.system_prompt,
         )
     return pool
 
