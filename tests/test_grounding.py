@@ -33,7 +33,11 @@ def test_where_points_at_the_one_candidate_and_what_names_it(answer):
     case = _look_case(answer)
     (box, label), *rest = candidates(case)
     assert not rest and label == answer  # a drill view of a lesion says yes, of a mimic no
-    where, what = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
+    where, what = grounding_examples(
+        case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1, system_prompt=True
+    )
+    bare, _ = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
+    assert [m["role"] for m in bare[0]] == ["user", "assistant"] and bare[1] == where[1]
     messages, text = where
     assert messages[0]["role"] == "system" and "location tokens" in messages[0]["content"][0]["text"]
     assert messages[1]["content"][1]["text"] == WHERE_QUESTION and messages[2]["content"][0]["text"] == text

@@ -83,7 +83,7 @@ class GroundConfig(BaseModel):
     )
     jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
     system_prompt: bool = Field(
-        default=True,
+        default=False,
         description="Open each example with the environment's system prompt, as an episode opens (the image then "
         "sits where the policy sees it), at about 4x the tokens per example; False: image and question only.",
     )
