@@ -48,7 +48,7 @@ def grounding_examples(
     rng: np.random.Generator,
     jitter: float,
     what_share: float = 1.0,
-    system_prompt: bool = True,
+    system_prompt: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
 
