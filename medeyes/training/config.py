@@ -400,7 +400,7 @@ def _cpu_default() -> dict[str, Any]:
         "sft": {
             "steps": 400,
             "batch_size": 8,
-            "ground_examples": 8,
+            "ground_examples": 0,
             "aggregation": "seq_mean_token_mean",
             "optim": {"lr": 2e-3, "warmup_steps": 10, "schedule": "cosine", "min_lr_ratio": 0.1},
         },
