@@ -163,10 +163,11 @@ class TrajectoryRecord(BaseModel):
 
     def chat_messages(self, store: TrajectoryStore) -> list[dict[str, Any]]:
         """The conversation as OpenAI-format messages with PIL images loaded from ``store``."""
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]},
-            {"role": "user", "content": [_image_part(store, self.image), {"type": "text", "text": self.prompt}]},
-        ]
+        system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
+        messages: list[dict[str, Any]] = system if self.system_prompt else []
+        messages.append(
+            {"role": "user", "content": [_image_part(store, self.image), {"type": "text", "text": self.prompt}]}
+        )
         for step in self.steps:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": step.text}]})
             if step.action is not None and step.action.name == "answer":

@@ -224,3 +224,13 @@ def test_prompt_does_not_give_away_the_modality():
         obs, _ = env.reset(seed=seed)
         case = env.unwrapped.case
         assert case.modality.lower() not in obs["text"].lower().split("\n")[0]
+
+
+def test_no_instructions_leaves_out_the_system_message():
+    """instructions="none" (tiny models trained from scratch): the episode opens with the image and question."""
+    env = MedEyesEnv("phantom:look", instructions="none", box_format={"kind": "loc", "bins": 16})
+    env.reset(seed=0)
+    messages = env.chat_messages("pil")
+    assert [m["role"] for m in messages] == ["user"] and env.system_prompt() == ""
+    env.step('<reasoning>r</reasoning><action>{"name": "drill", "box": "<loc04><loc04><loc08><loc08>"}</action>')
+    assert [m["role"] for m in env.chat_messages("pil")] == ["user", "assistant", "user"]

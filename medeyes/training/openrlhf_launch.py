@@ -218,9 +218,9 @@ def _case_rows(
         env.reset(options={"case_index": index})
         case = env.case
         messages = env.chat_messages("pil")
-        system = messages[0]["content"][0]["text"]
-        overview = messages[1]["content"][0]["image"]
-        question = messages[1]["content"][1]["text"]
+        system = env.system_prompt()
+        user = next(m for m in messages if m["role"] == "user")
+        overview, question = user["content"][0]["image"], user["content"][1]["text"]
         for text in (system, question):
             if "<image>" in text:
                 raise ConfigError(
