@@ -271,7 +271,8 @@ def run_rollout(
 
 
 def _first_user_text(env: MedEyesEnv) -> str:
-    for part in env.chat_messages()[1]["content"]:
+    user = next(m for m in env.chat_messages() if m["role"] == "user")
+    for part in user["content"]:
         if part.get("type") == "text":
             return str(part["text"])
     return ""

@@ -491,7 +491,7 @@ class EpisodeDriver:
                 f"label names case {case_label.case_id!r} at {case_label.split}[{case_label.index}] of "
                 f"{case_label.source!r}, but the source gives {found!r} there; the export is stale, export again"
             )
-        question = env.chat_messages()[1]["content"][1]["text"]
+        question = next(m for m in env.chat_messages() if m["role"] == "user")["content"][1]["text"]
         if question not in prompt:
             raise RecordError(
                 f"the prompt of case {case_label.case_id!r} does not contain the environment's question text; "
