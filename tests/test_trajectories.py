@@ -205,3 +205,17 @@ def test_policy_token_ids_and_logprobs_are_recorded():
     assert rec.steps[0].token_ids == [1, 2] and rec.steps[0].logprobs == [-0.1, -0.2]
     assert rec.producer.kind == "policy" and rec.producer.checkpoint == "ckpt-7"
     assert rec.terminated and rec.final_answer == "yes"
+
+
+def test_episodes_without_a_system_message_are_recorded_and_rebuilt(tmp_path):
+    """instructions="none": the record keeps an empty system prompt and rebuilds the messages without one."""
+    from medeyes_env.env import EnvConfig
+    from medeyes_env.sources import open_source
+
+    env = EnvConfig(max_steps=1, instructions="none", box_format={"kind": "loc", "bins": 16})
+    store = TrajectoryStore(tmp_path / "store")
+    result = run_rollout(RandomAgent(), open_source("phantom:look"), RolloutConfig(n=2, env=env), store=store)
+    record = result.records[0]
+    assert record.system_prompt == "" and record.prompt
+    messages = record.chat_messages(store)
+    assert messages[0]["role"] == "user" and messages[0]["content"][1]["text"] == record.prompt
