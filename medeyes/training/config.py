@@ -384,7 +384,7 @@ def _cpu_default() -> dict[str, Any]:
             "max_steps": 2,
             "view_size": 128,
             "drill_min_side": 64,
-            "instructions": "none",
+            "instructions": "brief",
             "box_format": {"kind": "loc", "bins": 16},
         },
         "sampling": {"temperature": 1.0, "max_new_tokens": 48},
