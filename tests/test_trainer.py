@@ -254,3 +254,13 @@ def test_progress_line_shows_tool_share_and_the_collapse_warning():
     collapsed = {**live, "stream/on/tool_share": 0.05, "alarm/tool_collapse": 1.0}
     assert "tools 0.05 [bold red]< floor 0.1: tool collapse[/]" in progress_stats(collapsed, None, 0.1)
     assert "collapse" not in progress_stats({**collapsed, "alarm/tool_collapse": 0.0}, None, 0.1)
+
+
+def test_overrides_do_not_write_into_the_callers_config():
+    """apply_overrides returns a new nested dict: a base config reused for several runs stays as it was."""
+    from medeyes.training.config import apply_overrides
+
+    base = preset("tiny").model_dump(mode="json")
+    every = base["eval"]["every"]
+    changed = apply_overrides(base, {"eval.every": every + 7})
+    assert changed["eval"]["every"] == every + 7 and base["eval"]["every"] == every

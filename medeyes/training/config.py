@@ -12,6 +12,7 @@ stage it is in.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -335,7 +336,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     >>> apply_overrides({"grpo": {"steps": 1}}, {"grpo.steps": 5, "seed": 2})
     {'grpo': {'steps': 5}, 'seed': 2}
     """
-    out = _deep_merge({}, data)
+    out = copy.deepcopy(data)  # never write into the caller's nested dicts
     for dotted, value in overrides.items():
         node = out
         *parents, leaf = dotted.split(".")
