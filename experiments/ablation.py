@@ -274,7 +274,8 @@ def main() -> None:
         rebuilt = []
         for row in rows:
             fresh = run_one(row["run"], SimpleNamespace(run_dir=Path(row["run_dir"])))
-            rebuilt.append({**fresh, "variant": row["variant"], "seed": row["seed"], "seconds": row["seconds"]})
+            keep = {"variant": row["variant"], "seed": row["seed"], "seconds": row["seconds"]}
+            rebuilt.append({**fresh, **keep, "warm": row.get("warm", "expert")})
         rows = rebuilt
     shared = base_config(args)
     header = (
