@@ -443,25 +443,21 @@ class TrajectoryStore:
     def _scan_ids(self) -> Iterator[str]:
         if not self.records_path.exists():
             return
-        with self.records_path.open("rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                where = f"{self.records_path}:{number}"
-                if not raw.endswith(b"\n"):
-                    record = _tail_record(raw, where)
-                    if record is not None:
-                        yield record.trajectory_id
-                    continue
-                try:
-                    data = loads(decode(raw))
-                except BadInput as exc:
-                    raise RecordError(
-                        f"{where}: {exc}; the file was edited or corrupted "
-                        "(a torn last line is repaired automatically, a broken middle line is not)"
-                    ) from None
-                if isinstance(data, dict) and "trajectory_id" in data:
-                    yield str(data["trajectory_id"])
+        for where, raw, tail in _lines(self.records_path):
+            if tail:
+                record = _tail_record(raw, where)
+                if record is not None:
+                    yield record.trajectory_id
+                continue
+            try:
+                data = loads(decode(raw))
+            except BadInput as exc:
+                raise RecordError(
+                    f"{where}: {exc}; the file was edited or corrupted "
+                    "(a torn last line is repaired automatically, a broken middle line is not)"
+                ) from None
+            if isinstance(data, dict) and "trajectory_id" in data:
+                yield str(data["trajectory_id"])
 
 
 def _last_line_start(handle: Any, size: int) -> int:
@@ -490,23 +486,27 @@ def _parses(raw: bytes, where: str) -> bool:
     return _tail_record(raw, where) is not None
 
 
-def _iter_records(path: Path) -> Iterator[TrajectoryRecord]:
-    """Records of a JSONL file; a last line that does not parse (torn or being written) is skipped."""
+def _lines(path: Path) -> Iterator[tuple[str, bytes, bool]]:
+    """``(FILE:LINE, raw bytes, is a last line without its newline)`` for every non-blank line of ``path``."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{number}"
-            if not raw.endswith(b"\n"):
-                record = _tail_record(raw, where)
-                if record is not None:
-                    yield record
-                return
-            try:
-                text = decode(raw)
-            except BadInput as exc:
-                raise RecordError(f"{where}: {exc}") from None
-            yield parse_record(text, where)
+            if raw.strip():
+                yield f"{path}:{number}", raw, not raw.endswith(b"\n")
+
+
+def _iter_records(path: Path) -> Iterator[TrajectoryRecord]:
+    """Records of a JSONL file; a last line that does not parse (torn or being written) is skipped."""
+    for where, raw, tail in _lines(path):
+        if tail:
+            record = _tail_record(raw, where)
+            if record is not None:
+                yield record
+            return
+        try:
+            text = decode(raw)
+        except BadInput as exc:
+            raise RecordError(f"{where}: {exc}") from None
+        yield parse_record(text, where)
 
 
 def _short(producer: Any) -> str:

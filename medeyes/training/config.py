@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes.agents.policy import SamplingConfig
+from medeyes.training.grounding import GroundTask
 from medeyes.training.objective import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
@@ -78,7 +79,7 @@ class GroundConfig(BaseModel):
     steps: int = Field(default=0, ge=0, description="Optimizer steps of the ground stage (0 skips it).")
     batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step.")
     cases: int = Field(default=1024, ge=1, description="Training cases rendered once into the example pool.")
-    tasks: list[Literal["where", "what"]] = Field(
+    tasks: list[GroundTask] = Field(
         default_factory=lambda: ["where", "what"],
         description="where: overview -> every candidate's box; what: drill view of one candidate -> abnormal?",
     )

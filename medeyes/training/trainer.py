@@ -268,7 +268,7 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
         pool += grounding_examples(
             case,
             config.env,
-            tasks,  # type: ignore[arg-type]
+            tasks,
             rng,
             config.ground.jitter,
             config.ground.what_share,
