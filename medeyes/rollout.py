@@ -134,8 +134,12 @@ def run_rollout(
     config: RolloutConfig | None = None,
     store: TrajectoryStore | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_record: Callable[[TrajectoryRecord], None] | None = None,
 ) -> RolloutResult:
-    """Run ``config.n`` cases x ``samples_per_case`` episodes of ``agent``; append finished ones to ``store``."""
+    """Run ``config.n`` cases x ``samples_per_case`` episodes of ``agent``; append finished ones to ``store``.
+
+    ``on_record`` sees each finished episode (stored or not) as it completes, e.g. for a running accuracy.
+    """
     config = config or RolloutConfig()
     source = open_source(source) if isinstance(source, str) else source
     samples = config.samples_per_case or int(getattr(agent, "samples_per_case", 1) or 1)
@@ -228,6 +232,8 @@ def run_rollout(
         if store is not None and record.kept and store.append(record):
             stored += 1
         finished.append(record)
+        if on_record is not None:
+            on_record(record)
         if progress is not None:
             progress(len(finished), total)
 

@@ -16,6 +16,7 @@ app = typer.Typer(
 def _mount() -> None:
     # Sub-command modules import their heavy dependencies (torch) inside the commands, so `--help` stays fast.
     from medeyes.cli import cases, inspect, rollout, train
+    from medeyes.cli.eval import eval_command
     from medeyes.cli.model import model_app
     from medeyes.cli.openrlhf import openrlhf_app
 
@@ -23,6 +24,7 @@ def _mount() -> None:
     app.command("rollout")(rollout.rollout)
     app.command("inspect")(inspect.inspect)
     app.command("cases")(cases.cases)
+    app.command("eval")(eval_command)
     app.add_typer(model_app, name="model")
     app.add_typer(openrlhf_app, name="openrlhf")
 

@@ -1,0 +1,129 @@
+"""`medeyes eval`: real agents on real sources, the table, --json, answer-only mode, resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medeyes.cli.app import app
+from medeyes.evaluation import bootstrap_ci, score_records
+from medeyes.trajectories import read_records
+from medeyes_env.cases import Case
+from medeyes_env.rewards import accuracy_reward, token_recall
+from medeyes_env.sources import open_source
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["eval", *args])
+    return result.exit_code, result.output
+
+
+def test_expert_with_and_without_tools_in_one_command(tmp_path: Path) -> None:
+    code, output = run("--limit", "12", "--tools", "both", "--quiet", "--json", str(tmp_path / "eval.json"))
+    assert code == 0, output
+    assert "phantom tools" in output and "phantom no tools" in output and "% (95% CI)" in output
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    looking, blind = figures["datasets"]
+    assert (looking["tools"], blind["tools"]) == (True, False)
+    for entry in (looking, blind):
+        assert entry["n"] == 12
+        assert set(entry) >= {"n", "accuracy", "accuracy_by_type", "ci95", "mean_best_iou"}
+        low, high = entry["ci95"]
+        assert 0.0 <= low <= entry["accuracy"] <= high <= 1.0
+        assert sum(t["n"] for t in entry["by_type"]) == 12
+    assert looking["mean_tool_steps"] > 1.0 and looking["mean_best_iou"] > 0.2 and looking["hit_rate"] > 0.0
+    assert blind["mean_tool_steps"] == 0.0 and blind["mean_best_iou"] is None
+    assert looking["accuracy"] > blind["accuracy"]  # the expert answers from what it looked at
+
+
+def test_figures_are_the_reward_functions_on_the_stored_answers(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, output = run("--agent", "random", "--limit", "16", "--out", str(out), "--quiet", "--json", str(tmp_path / "j"))
+    assert code == 0, output
+    records = read_records(out / "tools_on")
+    assert len(records) == 16
+    source = open_source("phantom")
+    index = {source.case("test", i).id: source.case("test", i) for i in range(16)}
+    expected = [accuracy_reward(r.final_answer, index[r.case_id]) for r in records]
+    figures = json.loads((tmp_path / "j").read_text())["datasets"][0]
+    assert figures["accuracy"] == pytest.approx(sum(expected) / 16)
+    opened = [r for r in records if r.answer_type == "open"]
+    recall = [t for t in figures["by_type"] if t["answer_type"] == "open"]
+    if opened:
+        mean = sum(token_recall(r.final_answer, r.gold_answer) for r in opened) / len(opened)
+        assert recall[0]["recall"]["value"] == pytest.approx(mean)
+
+
+def test_a_rerun_resumes_from_the_store_and_scores_each_case_once(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, _ = run("--limit", "6", "--out", str(out), "--quiet")
+    assert code == 0
+    code, output = run("--limit", "10", "--out", str(out), "--quiet", "--json", str(tmp_path / "j"))
+    assert code == 0, output
+    assert "4 episodes played" in output and "6 read back from the store" in output
+    ids = [r.trajectory_id for r in read_records(out / "tools_on")]
+    assert len(ids) == len(set(ids)) == 10
+    assert json.loads((tmp_path / "j").read_text())["datasets"][0]["n"] == 10
+
+
+def test_tiny_policy_with_the_transformers_backend(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    code, output = run(
+        "--agent", "policy", "--limit", "3", "--max-new-tokens", "8", "--parallel", "3", "--quiet",
+        "--json", str(tmp_path / "j"),
+    )  # fmt: skip
+    assert code == 0, output
+    figures = json.loads((tmp_path / "j").read_text())
+    assert figures["agent"] == "policy (tiny)"
+    assert figures["datasets"][0]["n"] == 3
+
+
+def test_policy_from_a_training_run_uses_its_environment(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from medeyes.training.config import preset
+
+    run_dir = tmp_path / "train-run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(preset("tiny").to_yaml())
+    out = tmp_path / "eval"
+    code, output = run(
+        "--agent", "policy", "--train-config", str(run_dir), "--limit", "2", "--max-new-tokens", "8",
+        "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert code == 0, output
+    records = read_records(out / "tools_on")
+    assert all(r.system_prompt.startswith("Examine the 256 x 256 image") for r in records)  # the run's env
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "slake:/nonexistent/slake"], "/nonexistent/slake"),
+        (["--data", "phantm"], "Did you mean 'phantom'?"),
+        (["--tools", "maybe"], "--tools must be on, off or both, got 'maybe'"),
+        (["--agent", "expret"], "Did you mean 'expert'?"),
+        (["--agent", "policy", "--train-config", "/nonexistent/run"], "no training config at /nonexistent/run"),
+    ],
+)
+def test_bad_input_names_the_culprit(args: list[str], message: str) -> None:
+    code, output = run(*args, "--limit", "2", "--quiet")
+    assert code == 2
+    assert message in " ".join(output.split())
+
+
+def test_scores_of_no_grounding_and_an_interval_that_covers_the_mean() -> None:
+    case = Case(id="x/1", question="Abnormal?", answer="yes", answer_type="closed", source="x")
+    assert accuracy_reward("yes", case) == 1.0
+    low, high = bootstrap_ci([1.0, 0.0, 1.0, 1.0])
+    assert 0.0 <= low <= 0.75 <= high <= 1.0
+    assert score_records([], "x").n == 0
+
+
+def test_help_lists_the_options() -> None:
+    code, output = run("--help")
+    assert code == 0
+    for option in ("--agent", "--data", "--tools", "--limit", "--parallel", "--json", "--train-config", "--out"):
+        assert option in output
