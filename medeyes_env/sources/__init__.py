@@ -5,6 +5,7 @@ A source is opened from a spec string, ``NAME`` or ``NAME:ARGUMENT``:
 - ``phantom`` (the embedded default; ``phantom:easy``/``phantom:hard`` pick a difficulty)
 - ``samples`` (real images that ship inside PyPI packages)
 - ``jsonl:/path/cases.jsonl``, ``slake:/path``, ``vqa_rad:/path``, ... (local files)
+- ``vqa_rad_hf:/path``, ``slake_hf:/path``, ``path_vqa_hf:/path``, ``mmmu:/path`` (parquet), ``omnimedvqa:/path``
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _ensure_builtin_sources() -> None:
     # Imported lazily so that importing medeyes_env stays cheap and optional deps stay optional.
     import importlib
 
-    for module in ("phantom", "samples", "files"):
+    for module in ("phantom", "samples", "files", "parquet", "omnimed"):
         try:
             importlib.import_module(f"medeyes_env.sources.{module}")
         except ModuleNotFoundError as exc:
