@@ -123,3 +123,43 @@ def omnimedvqa(root: Path, n: int = 4) -> Path:
     qa.mkdir(parents=True, exist_ok=True)
     (qa / "Demo.json").write_text(json.dumps(records))
     return root
+
+
+def _gray_png(path: Path, size: tuple[int, int] = (128, 128)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, 40).save(path)
+
+
+def nih_cxr(root: Path) -> Path:
+    """NIH ChestX-ray14: ``BBox_List_2017.csv`` (header with the box spilling into 4 columns and 3 trailing
+    unnamed ones, as released), images under ``images_001/images/`` and ``images_002/images/``.
+    """
+    rows = [
+        ("00000001_000.png", "Nodule", 20.5, 30.25, 16.0, 16.0),  # left side of the image
+        ("00000001_000.png", "Effusion", 90.0, 80.0, 30.0, 40.0),  # right side
+        ("00000002_000.png", "Cardiomegaly", 40.0, 50.0, 50.0, 40.0),  # straddles: no location question
+    ]
+    lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"] + [",".join(map(str, r)) + ",,," for r in rows]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
+    _gray_png(root / "images_001" / "images" / "00000001_000.png")
+    _gray_png(root / "images_002" / "images" / "00000002_000.png")
+    return root
+
+
+def vindr_cxr(root: Path) -> Path:
+    """VinDr-CXR: ``annotations_train.csv`` with three readers per image (one says No finding), PNG exports."""
+    header = "image_id,rad_id,class_name,x_min,y_min,x_max,y_max,class_id"
+    rows = [
+        "img1,R8,Aortic enlargement,60,20,80,50,0",
+        "img1,R9,Aortic enlargement,62,22,82,52,0",
+        "img1,R10,No finding,,,,,14",
+        "img2,R8,Pleural effusion,5,70,40,120,10",
+        "img2,R9,No finding,,,,,14",
+        "img3,R8,No finding,,,,,14",
+    ]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "annotations_train.csv").write_text("\n".join([header, *rows]) + "\n")
+    for name in ("img1", "img2", "img3"):
+        _gray_png(root / "train" / f"{name}.png")
+    return root

@@ -6,6 +6,7 @@ A source is opened from a spec string, ``NAME`` or ``NAME:ARGUMENT``:
 - ``samples`` (real images that ship inside PyPI packages)
 - ``jsonl:/path/cases.jsonl``, ``slake:/path``, ``vqa_rad:/path``, ... (local files)
 - ``vqa_rad_hf:/path``, ``slake_hf:/path``, ``path_vqa_hf:/path``, ``mmmu:/path`` (parquet), ``omnimedvqa:/path``
+- ``nih_cxr:/path``, ``vindr_cxr:/path`` (chest X-rays with gold boxes from annotation files)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _ensure_builtin_sources() -> None:
     # Imported lazily so that importing medeyes_env stays cheap and optional deps stay optional.
     import importlib
 
-    for module in ("phantom", "samples", "files", "parquet", "omnimed"):
+    for module in ("phantom", "samples", "files", "parquet", "omnimed", "cxr"):
         try:
             importlib.import_module(f"medeyes_env.sources.{module}")
         except ModuleNotFoundError as exc:
