@@ -140,3 +140,19 @@ def test_eval_runs_on_each_layout_with_the_papers_number(tmp_path: Path, layout:
     figures = json.loads((tmp_path / "j").read_text())["datasets"][0]
     assert figures["dataset"] == layout and figures["n"] == (14 if layout == "mmmu" else 3)
     assert figures["paper"]["MedEyes (Qwen2.5-VL-3B)"] == float(paper)
+
+
+def test_cases_check_reports_counts_bad_images_balance_and_the_blind_floor(tmp_path: Path) -> None:
+    rows = {"train": [("Is there a fracture?", "yes")] * 3 + [("Is there a fracture?", "no")],
+            "test": [("Is there a fracture?", "yes"), ("Is there a fracture?", "no"), ("Which organ?", "liver")]}  # fmt: skip
+    root = hf_vqa(tmp_path, rows)
+    bad = hf_vqa(tmp_path / "bad", {"test": rows["test"]}, image_bytes=b"broken")
+    result = CliRunner().invoke(app, ["cases", "--data", f"vqa_rad_hf:{root}", "--check"])
+    assert result.exit_code == 0, result.output
+    test_row = next(line for line in result.output.splitlines() if line.startswith("│ test"))
+    cells = [cell.strip() for cell in test_row.strip("│").split("│")]
+    # closed 2, open 1; no bad image; half of yes/no answers are yes; the train majority "yes" gets 1 of 3
+    assert cells[:6] == ["test", "3", "closed 2, open 1", "0", "0/3", "0.50"] and cells[-1] == "0.333"
+    result = CliRunner().invoke(app, ["cases", "--data", f"vqa_rad_hf:{bad}", "--check"])
+    assert "0/3" not in result.output and "3/3" in result.output
+    assert "bad image vqa_rad/test/0:" in result.output and "cannot decode image" in result.output

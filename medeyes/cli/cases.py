@@ -24,11 +24,24 @@ def cases(
     gallery: Annotated[
         Path | None, typer.Option(help="Also save a PNG grid of the cases with gold boxes here.")
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Check the whole dataset instead: counts per split and answer type, unreadable images, answer "
+            "balance and the blind majority-answer accuracy per split."
+        ),
+    ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="--check: the first N cases of each split only.")] = None,
 ) -> None:
-    """List cases of a data source: question, answer, gold regions."""
+    """List cases of a data source: question, answer, gold regions (or --check the whole dataset)."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     source = open_source(data)
+    if check:
+        from medeyes.cli.audit import print_audit
+
+        print_audit(data, source, limit)
+        return
     selected = list(iter_cases(source, split, n))  # type: ignore[arg-type]
     table = Table(title=safe(f"{data} / {split}: {len(selected)} case(s)"))
     for column in ("id", "modality", "question", "answer", "type", "gold regions"):
