@@ -41,7 +41,9 @@ def test_expert_with_and_without_tools_in_one_command(tmp_path: Path) -> None:
 
 def test_figures_are_the_reward_functions_on_the_stored_answers(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code, output = run("--agent", "random", "--limit", "16", "--out", str(out), "--quiet", "--json", str(tmp_path / "j"))
+    code, output = run(
+        "--agent", "random", "--limit", "16", "--out", str(out), "--quiet", "--json", str(tmp_path / "j")
+    )
     assert code == 0, output
     records = read_records(out / "tools_on")
     assert len(records) == 16
@@ -127,3 +129,34 @@ def test_help_lists_the_options() -> None:
     assert code == 0
     for option in ("--agent", "--data", "--tools", "--limit", "--parallel", "--json", "--train-config", "--out"):
         assert option in output
+
+
+@pytest.mark.slow
+def test_kill_9_halfway_then_resume_scores_every_case_once(tmp_path: Path) -> None:
+    """A run killed with SIGKILL mid-way resumes: no case lost or scored twice, same figures as one run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out: Path, json_path: Path) -> list[str]:
+        return [sys.executable, "-m", "medeyes.cli.app", "eval", "--limit", "300", "--parallel", "1",
+                "--out", str(out), "--json", str(json_path), "--quiet"]  # fmt: skip
+
+    out, records = tmp_path / "killed", tmp_path / "killed" / "tools_on" / "trajectories.jsonl"
+    process = subprocess.Popen(command(out, tmp_path / "unused.json"), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not records.exists() or records.read_bytes().count(b"\n") < 100):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    stored_before = records.read_bytes().count(b"\n")
+    assert 100 <= stored_before < 300, "the run was not killed half-way"
+    subprocess.run(command(out, tmp_path / "resumed.json"), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command(tmp_path / "whole", tmp_path / "whole.json"), check=True, stdout=subprocess.DEVNULL)
+    ids = [r.trajectory_id for r in read_records(out / "tools_on")]
+    assert len(ids) == len(set(ids)) == 300
+    resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
+    assert resumed["episodes_resumed"] >= stored_before
+    assert resumed["datasets"] == whole["datasets"]
