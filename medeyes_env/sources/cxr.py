@@ -19,10 +19,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from PIL import Image
+
 from medeyes_env.cases import AnswerType, Box, Region, Split, xywh_to_xyxy
-from medeyes_env.errors import SourceError
+from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.files import FileSource, _clip_box, _Collector, _flag, _Row, parse_spec_argument
+from medeyes_env.sources.files import FileSource, _clip_box, _Collector, _flag, _Row, image_size, parse_spec_argument
 
 NIH_BBOX_CSV = "BBox_List_2017.csv"
 NIH_IMAGE_FOLDERS = (*(f"images_{k:03d}/images" for k in range(1, 13)), "images", "")
@@ -153,7 +155,7 @@ def _questions(
 ) -> list[_Row]:
     """Presence (yes per finding, one no) and location questions about one image."""
     path = collector.image(root, image, folders)
-    size = collector.size(path)
+    size = _header_size(path)
 
     def row(question: str, answer: str, kind: AnswerType, finding: str, **fields: object) -> _Row:
         meta = {"image": image, "family": "location" if kind is AnswerType.CHOICE else "presence", "finding": finding}
@@ -177,6 +179,22 @@ def _questions(
     if absent is not None:
         rows.append(row(f"Is there {_article(absent.lower())} in this chest X-ray?", "no", AnswerType.CLOSED, absent))
     return rows
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the file header without decoding pixels.
+
+    PNG is read as stored: Pillow finds a PNG's EXIF orientation only by decoding the image, and opening
+    100k questions must decode none (X-ray PNG exports carry no orientation); other formats go through
+    :func:`image_size`, which applies EXIF orientation from the header.
+    """
+    try:
+        with Image.open(path) as opened:
+            if opened.format == "PNG":
+                return opened.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"cannot read image {path}: {exc}") from None
+    return image_size(path)
 
 
 def _article(finding: str) -> str:
