@@ -19,12 +19,14 @@ def _mount() -> None:
     from medeyes.cli.eval import eval_command
     from medeyes.cli.model import model_app
     from medeyes.cli.openrlhf import openrlhf_app
+    from medeyes.cli.serve import serve
 
     app.command("train")(train.train)
     app.command("rollout")(rollout.rollout)
     app.command("inspect")(inspect.inspect)
     app.command("cases")(cases.cases)
     app.command("eval")(eval_command)
+    app.command("serve")(serve)
     app.add_typer(model_app, name="model")
     app.add_typer(openrlhf_app, name="openrlhf")
 

@@ -17,9 +17,13 @@ What this module adds around ``create_app``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -91,6 +95,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         self.env = make_env(self.config)
         self._state = MedEyesState()
         self._question = ""
+        self._closed = False
 
     def reset(
         self,
@@ -100,6 +105,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         **kwargs: Any,
     ) -> MedEyesObservation:
         """Start an episode: the case drawn with ``seed``, or the one at ``case_index``."""
+        self._check_open()
         if kwargs:
             raise ValueError(f"unknown reset arguments {sorted(kwargs)}; use seed, episode_id or case_index")
         if case_index is not None and (not isinstance(case_index, int) or case_index < 0):
@@ -112,6 +118,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
 
     def step(self, action: MedEyesAction, timeout_s: float | None = None, **kwargs: Any) -> MedEyesObservation:
         """Play one turn; a malformed turn is feedback, as in-process; a step after the end is an error."""
+        self._check_open()
         if self._state.case_id is None:
             raise RuntimeError("no episode in this session: send reset before step")
         if self._state.done:
@@ -139,8 +146,17 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         )
 
     def close(self) -> None:
-        """Release the Gymnasium environment."""
+        """Release the Gymnasium environment (OpenEnv calls this when a session ends or idles out)."""
+        self._closed = True
         self.env.close()
+
+    def _check_open(self) -> None:
+        # The idle reaper frees the session's slot but leaves its socket open; say so instead of playing on.
+        if self._closed:
+            raise RuntimeError(
+                f"this session was closed after {self.config.idle_timeout_s} s without a message; "
+                "open a new connection"
+            )
 
     def _observation(
         self, obs: dict[str, Any], info: dict[str, Any], *, reward: float | None, terminated: bool, truncated: bool
@@ -273,3 +289,36 @@ async def _json_error(send: Any, status: int, message: str) -> None:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def background_server(config: ServeConfig | None = None) -> Iterator[str]:
+    """Run the server on a thread of this process and yield its base URL (``http://host:port``).
+
+    For notebooks, tests and single-machine trainers; ``port=0`` picks a free port.
+    """
+    import uvicorn
+
+    config = config or ServeConfig(port=0)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_app(config),
+            host=config.host,
+            port=config.port,
+            ws_max_size=config.max_request_bytes,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, name="medeyes-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"medeyes serve did not start on {config.host}:{config.port}")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]  # the real port when config.port is 0
+    try:
+        yield f"http://{config.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
