@@ -160,3 +160,22 @@ def test_kill_9_halfway_then_resume_scores_every_case_once(tmp_path: Path) -> No
     resumed, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("resumed", "whole"))
     assert resumed["episodes_resumed"] >= stored_before
     assert resumed["datasets"] == whole["datasets"]
+
+
+def test_parallel_requests_against_an_openai_compatible_server(tmp_path: Path) -> None:
+    """--parallel N keeps N requests in flight against a server (a local stand-in answering yes after 50 ms)."""
+    from tests.test_openai_backend import FakeServer, completion
+
+    server = FakeServer(lambda method, path, payload: (200, completion("<answer>yes</answer>")), delay_s=0.05)
+    try:
+        code, output = run(
+            "--agent", "policy", "--backend", "openai", "--base-url", server.base_url, "--model", "served",
+            "--limit", "12", "--parallel", "4", "--quiet", "--json", str(tmp_path / "j"),
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert code == 0, output
+    assert len(server.chat_payloads()) == 12 and server.max_in_flight == 4
+    figures = json.loads((tmp_path / "j").read_text())["datasets"][0]
+    closed = next(t for t in figures["by_type"] if t["answer_type"] == "closed")
+    assert figures["errors"] == 0 and 0.0 < closed["accuracy"]["value"] < 1.0  # "yes" is right on some only
