@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 
 import gymnasium as gym
@@ -248,3 +249,14 @@ def test_idle_sessions_are_closed_and_say_so():
         idle.send(json.dumps({"type": "step", "data": {"text": DRILL}}))
         answer = json.loads(idle.recv())["data"]
     assert answer["message"] == "this session was closed after 0.5 s without a message; open a new connection"
+
+
+def test_the_client_example_in_the_docs_runs(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
+    exec(compile(block, "docs/integrations.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "phantom/train/1826701614 (1024, 1024) (256, 256, 3)" in printed
+    assert "0.21250000000000002 True {'accuracy': 0.0, 'grammar': 1.0" in printed

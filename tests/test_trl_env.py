@@ -75,7 +75,10 @@ def test_the_adapter_plays_a_served_env_the_same_way():
 
 
 def steering_bias(tokenizer) -> list:
-    """``sequence_bias`` that makes a random tiny model call drill, then answer, then stop.
+    """``sequence_bias`` that makes a random tiny model call drill then answer, or answer at once; then stop.
+
+    The first call is a coin flip between the two (equal bias where their tokens part), so rollouts of one
+    prompt differ in reward (a drill earns diversity) and GRPO has an advantage to push through.
 
     A random model never writes a parseable tool call by chance; transformers' own ``sequence_bias``
     (passed through ``GRPOConfig.generation_kwargs``) pins the tokens that follow each context, so the
@@ -92,9 +95,11 @@ def steering_bias(tokenizer) -> list:
     after_tool = ids("</tool_response><|im_end|>\n<|im_start|>assistant\n")[-6:]
     after_answer = ids("Answer received.</feedback>\n</tool_response><|im_end|>\n<|im_start|>assistant\n")[-22:]
     bias = []
+    answer = call("answer", {"text": "no"})
     for context, target in (
         (after_question, call("drill", {"box": DRILL_BOX})),
-        (after_tool, call("answer", {"text": "no"})),
+        (after_question, answer),
+        (after_tool, answer),
     ):
         bias += [[context + target[:k] + [target[k]], 100.0] for k in range(len(target))]
     bias.append([[*after_answer, tokenizer.convert_tokens_to_ids("<|im_end|>")], 300.0])
@@ -126,8 +131,8 @@ def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_t
     rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Look closely."}], "seed": i} for i in range(4)])
     config = trl.GRPOConfig(
         output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        num_generations=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
         max_completion_length=384,
         max_tool_calling_iterations=2,
         max_steps=2,
@@ -144,6 +149,7 @@ def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_t
     trainer = Recording(
         model=model, args=config, train_dataset=rows, processing_class=processor, environment_factory=MedEyesToolEnv
     )
+    vision_before = {n: p.detach().clone() for n, p in model.named_parameters() if "visual" in n}
     trainer.train()
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -153,12 +159,15 @@ def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_t
         )
     print("images per rollout in each loss batch:", [batch["num_images"] for batch in batches])
     assert len(logs) == 2
-    assert all(h["tools/call_frequency"] == 2.0 and h["tools/failure_frequency"] == 0.0 for h in logs)
-    assert all("rewards/MedEyesToolEnv/mean" in h for h in logs)
-    # Every rollout's images reach the loss: the overview, the drill's view and the answer's view.
-    assert [batch["num_images"] for batch in batches] == [[3, 3], [3, 3]]
-    patches_per_image = batches[0]["pixel_values"].shape[0] // 6
-    assert all(batch["pixel_values"].shape[0] == patches_per_image * sum(batch["num_images"]) for batch in batches)
+    assert all(h["tools/failure_frequency"] == 0.0 and "rewards/MedEyesToolEnv/mean" in h for h in logs)
+    assert any(h["reward_std"] > 0 and h["grad_norm"] > 0 for h in logs)  # rollouts differed: a real update
+    played = [[t.parsed.action.name for t in env._backend.env.turns] for env in trainer._environment_pool[None]]
+    assert all(turns in (["drill", "answer"], ["answer"]) for turns in played)
+    # Every turn's image reaches the loss: the overview, the drill's view (if any) and the answer's view.
+    images = [n for batch in batches for n in batch["num_images"]]
+    assert set(images) <= {2, 3} and 3 in images
+    patches = batches[0]["pixel_values"].shape[0] // sum(batches[0]["num_images"])
+    assert all(batch["pixel_values"].shape[0] == patches * sum(batch["num_images"]) for batch in batches)
     assert all((batch["tool_mask"] == 0).any() for batch in batches)  # tool responses are masked out of the loss
-    played = [env._backend.env.turns for env in trainer._environment_pool[None]]
-    assert all([t.parsed.action.name for t in turns] == ["drill", "answer"] for turns in played)
+    changed = [n for n, p in model.named_parameters() if "visual" in n and not torch.equal(p, vision_before[n])]
+    assert len(changed) == len(vision_before)  # the images' gradient reached every vision-tower weight
