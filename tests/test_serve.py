@@ -260,3 +260,16 @@ def test_the_client_example_in_the_docs_runs(capsys):
     printed = capsys.readouterr().out
     assert "phantom/train/1826701614 (1024, 1024) (256, 256, 3)" in printed
     assert "0.21250000000000002 True {'accuracy': 0.0, 'grammar': 1.0" in printed
+
+
+def test_the_server_client_and_trl_adapter_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import medeyes_env.serving.server, medeyes_env.serving.client, medeyes_env.integrations.trl_env; "
+        "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
