@@ -25,7 +25,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind. 0.0.0.0 exposes the server to the network.")] = (
         "127.0.0.1"
     ),
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (vllm serve takes 8000).")] = 8765,
     max_sessions: Annotated[
         int, typer.Option(min=1, help="Concurrent WebSocket sessions; at least your generation batch.")
     ] = 64,

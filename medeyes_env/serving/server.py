@@ -54,7 +54,7 @@ class ServeConfig(BaseModel):
         default_factory=dict, description="EnvConfig fields passed to the environment, e.g. {'max_steps': 3}."
     )
     host: str = Field(default="127.0.0.1", description="Interface to bind; 0.0.0.0 exposes it to the network.")
-    port: int = Field(default=8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    port: int = Field(default=8765, ge=0, le=65535, description="TCP port (0 picks a free one).")
     max_sessions: int = Field(
         default=64, ge=1, le=4096, description="Concurrent WebSocket sessions (at least a generation batch)."
     )
