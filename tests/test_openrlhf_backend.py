@@ -1,7 +1,8 @@
 """The OpenRLHF backend without OpenRLHF: agent reset/step, expert replay, stream slots, loss, advantages, export, command.
 
-OpenRLHF itself (its loader, ``MultiTurnAgentExecutor``, ``PolicyLoss``, ``Experience``) is exercised by
-``scripts/check_openrlhf.sh`` in the separate ``.venv-openrlhf``; see docs/openrlhf.md.
+OpenRLHF's own classes (its loader, ``MultiTurnAgentExecutor``, ``generate_responses``, ``SamplesGenerator``,
+``PolicyLoss``, ``ActorPPOTrainer``) are exercised by ``tests/test_openrlhf_real.py`` (marker ``openrlhf``) in the
+separate ``.venv-openrlhf`` (CI stage 5); see docs/openrlhf.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -25,7 +27,7 @@ from typer.testing import CliRunner  # noqa: E402
 from medeyes.models import ensure_tiny_model, load_processor  # noqa: E402
 from medeyes.training.config import preset  # noqa: E402
 from medeyes.training.objective import ObjectiveConfig, compute_advantages, dual_stream_loss  # noqa: E402
-from medeyes.training.openrlhf_backend import (  # noqa: E402
+from medeyes.training.openrlhf import (  # noqa: E402
     ADVANTAGE_LOG_KEYS,
     EPISODE_LOG_KEYS,
     LOSS_LOG_KEYS,
@@ -34,30 +36,33 @@ from medeyes.training.openrlhf_backend import (  # noqa: E402
     ChatFormatter,
     DualStreamPolicyLoss,
     EpisodeDriver,
+    FormatterCache,
     MedEyesAgentInstance,
     MedEyesExecutorMixin,
     assign_dual_stream_advantages,
     encode_segment,
     install_openrlhf_patches,
     load_expert_file,
+    patches,
+    processor_identity,
+    reduce_like_medeyes,
     render_prompt_row,
     replay_expert,
+    require_patch_hook,
     row_advantages,
     stream_advantages,
 )
-from medeyes.training.openrlhf_launch import (  # noqa: E402
+from medeyes.training.openrlhf.export import (  # noqa: E402
     AGENT_FILE,
     BACKEND_FILE,
     EVAL_FILE,
     EXPERT_FILE,
     PROMPTS_FILE,
     OpenRLHFConfig,
-    build_command,
     check_export,
     export_openrlhf_data,
-    openrlhf_args,
-    preflight,
 )
+from medeyes.training.openrlhf.launch import build_command, openrlhf_args, preflight  # noqa: E402
 from medeyes_env.errors import ConfigError, RecordError  # noqa: E402
 from medeyes_env.protocol import Action, render_turn  # noqa: E402
 
@@ -175,7 +180,7 @@ def test_command_maps_the_paper_defaults(export):
     command = build_command(paper)
     assert command[1:5] == [
         "-m",
-        "medeyes.training.openrlhf_launch",
+        "medeyes.training.openrlhf.launch",
         "--medeyes-config",
         str(config.data_dir / BACKEND_FILE),
     ]
@@ -190,7 +195,7 @@ def test_command_kl_and_ray_job_variants(export):
     job = build_command(config, launcher="ray-job", ray_address="http://head:8265")
     assert job[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
     runtime = json.loads(job[job.index("--runtime-env-json") + 1])
-    assert runtime["worker_process_setup_hook"] == "medeyes.training.openrlhf_backend.install_openrlhf_patches"
+    assert runtime["worker_process_setup_hook"] == "medeyes.training.openrlhf.patches.install_openrlhf_patches"
     assert runtime["env_vars"]["MEDEYES_OPENRLHF_CONFIG"] == str(config.data_dir / BACKEND_FILE)
     assert job[job.index("--") + 1 :][:3] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
 
@@ -514,18 +519,92 @@ def test_cli_help_export_and_command(export, tmp_path):
 
 def test_importing_medeyes_does_not_import_the_cluster_stack():
     code = (
-        "import sys, medeyes.training.openrlhf_backend, medeyes.training.openrlhf_launch, medeyes.cli.openrlhf;"
+        "import sys, medeyes.training.openrlhf, medeyes.training.openrlhf.export, medeyes.training.openrlhf.launch,"
+        "medeyes.training.openrlhf_backend, medeyes.training.openrlhf_launch, medeyes.cli.openrlhf;"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'openrlhf', 'ray', 'deepspeed', 'vllm'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_patch_hook_is_a_no_op_without_config_and_clear_without_openrlhf(tmp_path, monkeypatch):
+LAUNCH_HINT = (
+    "start the run with `medeyes openrlhf command ... --run` (or the command it prints: python -m "
+    "medeyes.training.openrlhf.launch --medeyes-config <export>/medeyes_openrlhf.json ...), or `--launcher "
+    "ray-job`, whose runtime env sets MEDEYES_OPENRLHF_CONFIG and worker_process_setup_hook="
+    "medeyes.training.openrlhf.patches.install_openrlhf_patches; do not run openrlhf.cli.train_ppo_ray directly"
+)
+
+
+def test_patch_hook_fails_closed_without_config_and_is_clear_without_openrlhf(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDEYES_OPENRLHF_CONFIG", raising=False)
-    assert install_openrlhf_patches() is False
+    with pytest.raises(ConfigError) as error:
+        install_openrlhf_patches()
+    assert str(error.value) == (
+        "MedEyes OpenRLHF patch hook: no config ($MEDEYES_OPENRLHF_CONFIG is not set in this worker), so the "
+        "MedEyes objective cannot be installed. Refusing to start: " + LAUNCH_HINT
+    )
+    # an explicit opt-out (on-policy runs on OpenRLHF's own loss) patches nothing, on purpose
+    assert install_openrlhf_patches(BackendConfig(medeyes_loss=False).save(tmp_path / "off.json")) is False
     path = BackendConfig().save(tmp_path / "c.json")
     if "openrlhf" in sys.modules or __import__("importlib").util.find_spec("openrlhf"):
         pytest.skip("openrlhf is installed here")
     with pytest.raises(ConfigError, match=r"openrlhf is not installed; pip install openrlhf==0\.11\.2"):
         install_openrlhf_patches(path)
+
+
+def test_agent_side_refuses_a_process_the_hook_did_not_reach(tmp_path, monkeypatch):
+    monkeypatch.setattr(patches, "_HOOKED_CONFIG", [])
+    path = BackendConfig().save(tmp_path / "medeyes_openrlhf.json")
+    with pytest.raises(ConfigError) as error:
+        require_patch_hook(path)
+    assert str(error.value) == (
+        "MedEyes OpenRLHF: medeyes_openrlhf.json trains with the MedEyes dual-stream loss, but this process was "
+        "started without the MedEyes patch hook, so OpenRLHF would train with its stock PolicyLoss and group_norm "
+        "advantages over mixed expert+policy groups. Refusing to start: " + LAUNCH_HINT
+    )
+    monkeypatch.setattr(patches, "_HOOKED_CONFIG", [(tmp_path / "other.json").resolve()])
+    with pytest.raises(ConfigError, match="must come from the same export"):
+        require_patch_hook(path)
+    monkeypatch.setattr(patches, "_HOOKED_CONFIG", [path.resolve()])
+    require_patch_hook(path)  # the hook ran with this config: no error
+
+
+def test_backend_config_refuses_an_expert_stream_on_the_stock_loss(tmp_path):
+    with pytest.raises(ValueError, match="medeyes_loss=false trains with OpenRLHF's own PolicyLoss"):
+        BackendConfig(medeyes_loss=False, expert_file=tmp_path / "expert.jsonl")
+
+
+def test_formatter_cache_keeps_one_formatter_for_copies_of_one_processor(export, qwen, idefics):
+    # OpenRLHF ships hf_tokenizer with every generate_responses call: each call sees a new deserialised copy
+    # (Ray serialises with cloudpickle, a gymnasium dependency, so it is here in every venv)
+    executor = _RecordingExecutor(_backend(export[0]))
+    copies = [cloudpickle.loads(cloudpickle.dumps(qwen)) for _ in range(5)]
+    formatters = {id(executor.formatter_for(copy)) for copy in copies}
+    assert len(formatters) == 1 and len(executor.formatters) == 1
+    executor.formatter_for(idefics)  # another model is another entry
+    assert len(executor.formatters) == 2
+    small = FormatterCache(size=1)
+    small.get(qwen), small.get(idefics)
+    assert len(small) == 1 and small.get(idefics) is small.get(cloudpickle.loads(cloudpickle.dumps(idefics)))
+
+
+def test_formatter_identity_changes_with_the_chat_template(qwen):
+    changed = cloudpickle.loads(cloudpickle.dumps(qwen))
+    changed.chat_template = qwen.chat_template + "{# edited #}"
+    assert processor_identity(changed) != processor_identity(qwen)
+    assert processor_identity(cloudpickle.loads(cloudpickle.dumps(qwen))) == processor_identity(qwen)
+
+
+def test_kl_and_entropy_reduction_follows_the_medeyes_aggregation():
+    calls = []
+
+    def aggregate_loss(
+        loss, loss_mask, token_level_loss=True, dp_size=1, batch_num_tokens=None, global_batch_size=None
+    ):
+        calls.append(token_level_loss)
+        return loss.sum()
+
+    x, mask = torch.ones(2, 3), torch.ones(2, 3)
+    reduce_like_medeyes(aggregate_loss, "seq_mean_token_mean")(x, mask, dp_size=1, batch_num_tokens=6.0)
+    reduce_like_medeyes(aggregate_loss, "token_mean")(x, mask, dp_size=1, batch_num_tokens=6.0)
+    assert calls == [False, True]

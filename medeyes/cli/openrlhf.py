@@ -2,7 +2,7 @@
 
 The training config is the same :class:`~medeyes.training.config.TrainConfig` as ``medeyes train`` (YAML with
 ``--config``, or ``--preset``; default ``paper``), with ``--set FIELD=VALUE`` overrides; cluster settings are
-:class:`~medeyes.training.openrlhf_launch.OpenRLHFConfig` fields (``--nodes``, ``--gpus-per-node``, or
+:class:`~medeyes.training.openrlhf.export.OpenRLHFConfig` fields (``--nodes``, ``--gpus-per-node``, or
 ``--launch-set FIELD=VALUE``). ``export`` writes the data directory; ``command`` prints the exact command line,
 and with ``--run`` executes it (this needs CUDA, Ray, vLLM, DeepSpeed and OpenRLHF on the machine).
 """
@@ -85,7 +85,7 @@ def _build_config(
     gpus_per_node: int | None,
 ) -> Any:
     from medeyes.training.config import PRESETS, TrainConfig, build_config
-    from medeyes.training.openrlhf_launch import OpenRLHFConfig
+    from medeyes.training.openrlhf.export import OpenRLHFConfig
     from medeyes_env.errors import ConfigError
 
     overrides = {k: v for k, v in {"model": model, "data": data, "run_dir": run_dir}.items() if v is not None}
@@ -118,7 +118,7 @@ def export(
     gpus_per_node: GpusOpt = None,
 ) -> None:
     """Write prompts (one label per case), eval prompts, expert trajectories, the agent file and its config."""
-    from medeyes.training.openrlhf_launch import export_openrlhf_data
+    from medeyes.training.openrlhf.export import export_openrlhf_data
 
     cfg = _build_config(config, preset, set_, launch_set, model, data, run_dir, export_dir, nodes, gpus_per_node)
     summary = export_openrlhf_data(cfg)
@@ -158,7 +158,8 @@ def command(
     run: Annotated[bool, typer.Option("--run", help="Execute the command (needs CUDA, Ray, vLLM, OpenRLHF).")] = False,
 ) -> None:
     """Print the exact OpenRLHF launch command for the exported data; --run executes it."""
-    from medeyes.training.openrlhf_launch import build_command, check_export, format_command, run_command
+    from medeyes.training.openrlhf.export import check_export
+    from medeyes.training.openrlhf.launch import build_command, format_command, run_command
     from medeyes_env.errors import ConfigError
 
     cfg = _build_config(config, preset, set_, launch_set, model, data, run_dir, export_dir, nodes, gpus_per_node)
