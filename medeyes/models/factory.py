@@ -12,7 +12,9 @@ Gotchas met here (transformers 5.24, torch 2.13 CPU, no torchvision):
 1. Image processors: the default ``Idefics3ImageProcessor``/``Qwen2VLImageProcessor`` are the torchvision
    backends; without torchvision use ``Idefics3ImageProcessorPil``/``Qwen2VLImageProcessorPil``. They save
    under the same ``image_processor_type`` and ``AutoImageProcessor`` picks the PIL backend when torchvision is
-   missing, so the saved directory works on machines with and without it.
+   missing, so the saved directory works on machines with and without it. transformers 5.15 (OpenRLHF 0.11.2's
+   pin) does neither without torchvision: its top-level PIL names and the Auto classes demand it. ``_pil_class``
+   imports the PIL classes from their own modules and ``load_processor`` assembles the processor from them.
 2. ``Qwen2_5_VLProcessor`` requires a ``video_processor`` argument (``None`` is a TypeError) and
    ``Qwen2VLVideoProcessor`` needs torchvision. We save the directory in the layout of the released
    Qwen2.5-VL checkpoints: ``processor_config.json`` naming ``Qwen2_5_VLProcessor``, the image processor's
@@ -115,15 +117,10 @@ def _fast_tokenizer(arch: Arch, preset: ModelPreset) -> Any:
 
 
 def _build_idefics3(preset: ModelPreset) -> tuple[Any, Any]:
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
     tokenizer = _fast_tokenizer("idefics3", preset)
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = _pil_class("Idefics3ImageProcessorPil")(
         do_image_splitting=False,
         size={"longest_edge": preset.image_size},
         max_image_size={"longest_edge": preset.image_size},
@@ -199,10 +196,10 @@ def _image_only_qwen_processor_class() -> type:
 
 
 def _build_qwen2_5_vl(preset: ModelPreset) -> tuple[Any, Any]:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = _fast_tokenizer("qwen2_5_vl", preset)
-    image_processor = Qwen2VLImageProcessorPil(
+    image_processor = _pil_class("Qwen2VLImageProcessorPil")(
         patch_size=preset.patch_size,
         merge_size=preset.merge_size,
         temporal_patch_size=2,
@@ -408,7 +405,7 @@ def load_processor(path: str, *, local_files_only: bool = True, trust_remote_cod
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        image_processor = _pil_image_processor(path, kwargs) or AutoImageProcessor.from_pretrained(path, **kwargs)
         template = getattr(tokenizer, "chat_template", None)
         template_file = Path(path) / "chat_template.jinja"
         if template_file.is_file():
@@ -416,7 +413,67 @@ def load_processor(path: str, *, local_files_only: bool = True, trust_remote_cod
         elif not local_files_only:
             template = _remote_chat_template(path, kwargs)
         return _image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=template)
-    return AutoProcessor.from_pretrained(path, **kwargs)
+    try:
+        return AutoProcessor.from_pretrained(path, **kwargs)
+    except (ImportError, ValueError):
+        fallback = None if is_torchvision_available() else _processor_on_pil(path, kwargs)
+        if fallback is None:
+            raise
+        return fallback
+
+
+def _local_processor_config(path: str) -> dict[str, Any]:
+    """``processor_config.json`` of a local model directory, with the image processor's own config merged in."""
+    local = Path(path)
+    config: dict[str, Any] = {}
+    if (local / "processor_config.json").is_file():
+        config = json.loads((local / "processor_config.json").read_text())
+    if "image_processor" not in config and (local / "preprocessor_config.json").is_file():
+        config["image_processor"] = json.loads((local / "preprocessor_config.json").read_text())
+    return config
+
+
+def _pil_image_processor(path: str, kwargs: dict[str, Any]) -> Any:
+    """The image processor on the PIL backend, by class name; None when the directory names none.
+
+    transformers 5.15 (OpenRLHF 0.11.2's pin) resolves no image processor through the Auto classes without
+    torchvision, even where a PIL class exists; from 5.16 they fall back to it themselves.
+    """
+    name = str(_local_processor_config(path).get("image_processor", {}).get("image_processor_type", ""))
+    cls = _pil_class(name.removesuffix("Fast") + "Pil") if name else None
+    return cls.from_pretrained(path, **kwargs) if cls is not None else None
+
+
+@functools.cache
+def _pil_class(name: str) -> type | None:
+    """A PIL image-processor class from its own module (5.15's lazy top-level names demand torchvision)."""
+    import importlib
+
+    import transformers
+
+    needle = f"class {name}("
+    for file in sorted((Path(transformers.__file__).parent / "models").glob("*/image_processing_pil_*.py")):
+        if needle in file.read_text():
+            module = importlib.import_module(f"transformers.models.{file.parent.name}.{file.stem}")
+            return getattr(module, name)
+    return None
+
+
+def _processor_on_pil(path: str, kwargs: dict[str, Any]) -> ProcessorMixin | None:
+    """A local VLM's processor built from its parts with the PIL image processor (no torchvision)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    config = _local_processor_config(path)
+    cls = getattr(transformers, str(config.get("processor_class", "")), None)
+    image_processor = _pil_image_processor(path, kwargs)
+    if cls is None or image_processor is None:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    template_file = Path(path) / "chat_template.jinja"
+    template = template_file.read_text() if template_file.is_file() else getattr(tokenizer, "chat_template", None)
+    extra = {k: v for k, v in config.items() if k not in {"image_processor", "processor_class", "chat_template"}}
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, **extra)
 
 
 def _processor_class(path: str, kwargs: dict[str, Any]) -> str | None:
