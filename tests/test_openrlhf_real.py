@@ -235,6 +235,17 @@ def test_agent_file_refuses_to_load_where_the_hook_did_not_run(run, monkeypatch)
     )
 
 
+def test_agent_file_of_an_explicit_opt_out_loads_without_the_hook(run, tmp_path, monkeypatch):
+    from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
+
+    monkeypatch.setattr(patches, "_HOOKED_CONFIG", [])
+    config = BackendConfig(data=run.backend.data, medeyes_loss=False).save(tmp_path / "medeyes_openrlhf.json")
+    agent = (run.config.data_dir / AGENT_FILE).read_text().replace(str(run.config.data_dir / BACKEND_FILE), str(config))
+    (tmp_path / AGENT_FILE).write_text(agent)
+    executor = _load_agent_executor(str(tmp_path / AGENT_FILE))  # on-policy on OpenRLHF's own loss, on purpose
+    assert executor.backend.medeyes_loss is False
+
+
 def test_patched_trainer_refuses_advantages_the_patch_did_not_compute(hooked):
     pa = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
     trainer = pa.ActorPPOTrainer.__new__(pa.ActorPPOTrainer)

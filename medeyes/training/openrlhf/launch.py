@@ -77,7 +77,9 @@ def openrlhf_args(config: OpenRLHFConfig) -> list[str]:
         "--train.micro_batch_size", str(config.micro_train_batch_size),
         "--train.num_episodes", "1", "--train.max_epochs", "1",
         "--train.seed", str(train.seed),
-        "--algo.advantage.estimator", "group_norm",
+        # dr_grpo: OpenRLHF's own advantages without the std division (only when its own loss trains)
+        "--algo.advantage.estimator",
+        "dr_grpo" if not objective.scale_by_std and not config.medeyes_loss else "group_norm",
         "--algo.kl.init_coef", _num(objective.kl_coef),
         "--actor.eps_clip_low_high", _num(objective.clip_eps), _num(objective.clip_high),
         "--actor.loss_agg_mode", objective.aggregation.replace("_", "-"),
@@ -94,15 +96,21 @@ def openrlhf_args(config: OpenRLHFConfig) -> list[str]:
         "--ckpt.save_steps", str(config.save_steps if config.save_steps is not None else train.checkpoint_every or -1),
         "--logger.logging_steps", str(train.log_every),
     ]  # fmt: skip
+    return args + _optional_args(config) + list(config.extra_args)
+
+
+def _optional_args(config: OpenRLHFConfig) -> list[str]:
+    """The flags that depend on settings being on: TensorBoard, KL, entropy, colocation, eval, ..."""
+    train, objective, data = config.train, config.train.objective, config.data_dir
+    world = str(config.nodes), str(config.gpus_per_node)
+    args: list[str] = []
     if train.tensorboard:
-        args += ["--logger.tensorboard_dir", str(out / "tb")]
+        args += ["--logger.tensorboard_dir", str(config.output_dir / "tb")]
     if objective.kl_coef > 0:
         args += ["--algo.kl.use_loss", "--algo.kl.estimator", "k3"]
         args += ["--ref.num_nodes", world[0], "--ref.num_gpus_per_node", world[1]]
     if objective.entropy_coef > 0:
         args += ["--actor.entropy_coef", _num(objective.entropy_coef)]
-    if not objective.scale_by_std and not config.medeyes_loss:
-        args[args.index("group_norm")] = "dr_grpo"
     if config.colocate:
         args += ["--train.colocate_all", "--vllm.enable_sleep", "--ds.enable_sleep"]
     if config.gradient_checkpointing:
@@ -114,7 +122,7 @@ def openrlhf_args(config: OpenRLHFConfig) -> list[str]:
             "--eval.dataset", str(data / EVAL_FILE), "--eval.steps", str(train.eval.every),
             "--eval.temperature", _num(train.eval.temperature), "--eval.n_samples_per_prompt", "1",
         ]  # fmt: skip
-    return args + list(config.extra_args)
+    return args
 
 
 def build_command(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,44 +94,60 @@ async def replay_expert(
             f"the prompt of {CaseLabel.parse(label).case_id!r} takes {len(tokens)} tokens, not below "
             f"--data.max_len {max_length}; raise --data.max_len"
         )
-    action_ranges: list[tuple[int, int]] = []
-    reward = 0.0
-    truncated = False
-    result: AgentStep | None = None
+    stream = _TokenStream(tokens, mm_inputs)
     for text in trajectory.turns:
-        action = processor(text=formatter.sep + text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        action_ids = action.tolist()
-        budget = max_length - len(tokens)
-        if len(action_ids) > budget:
-            action_ids, truncated = action_ids[:budget], True
-        action_ranges.append((len(tokens), len(tokens) + len(action_ids)))
-        tokens = tokens + action_ids
-        if truncated:
+        if not await _replay_turn(driver, formatter, processor, text, stream, max_length):
             break
-        result = await asyncio.to_thread(driver.step, text)
-        reward += result.reward
-        if result.done:
-            break
-        feedback_ids, new_mm = encode_segment(processor, result.feedback, result.images)
-        if len(tokens) + len(feedback_ids) >= max_length:
-            truncated = True  # no room for another turn; the sequence ends after the action
-            break
-        mm_inputs = accumulate_mm(mm_inputs, new_mm)
-        tokens = tokens + feedback_ids
-    logs = driver.episode_logs()
     return {
         "prompt": prompt,
         "label": label,
         "images": images,
-        "mm_train_inputs": mm_inputs,
-        "reward": reward,
+        "mm_train_inputs": stream.mm_inputs,
+        "reward": stream.reward,
         "scores": driver.score(),
-        "observation_tokens": tokens,
-        "action_ranges": action_ranges,
-        "rollout_log_probs": [0.0] * len(tokens) if want_logprobs else None,
-        "truncated": truncated,
-        "extra_logs": logs,
+        "observation_tokens": stream.tokens,
+        "action_ranges": stream.action_ranges,
+        "rollout_log_probs": [0.0] * len(stream.tokens) if want_logprobs else None,
+        "truncated": stream.truncated,
+        "extra_logs": driver.episode_logs(),
     }
+
+
+@dataclass
+class _TokenStream:
+    """A replayed sample as it grows: token ids, multimodal tensors, loss spans, reward, truncation."""
+
+    tokens: list[int]
+    mm_inputs: dict | None
+    action_ranges: list[tuple[int, int]] = field(default_factory=list)
+    reward: float = 0.0
+    truncated: bool = False
+
+
+async def _replay_turn(
+    driver: EpisodeDriver, formatter: ChatFormatter, processor: Any, text: str, stream: _TokenStream, max_length: int
+) -> bool:
+    """Append one expert turn (action tokens, then the env's feedback); False when the sample ends here."""
+    action_ids = processor(text=formatter.sep + text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    action_ids = action_ids.tolist()
+    budget = max_length - len(stream.tokens)
+    if len(action_ids) > budget:
+        action_ids, stream.truncated = action_ids[:budget], True
+    stream.action_ranges.append((len(stream.tokens), len(stream.tokens) + len(action_ids)))
+    stream.tokens = stream.tokens + action_ids
+    if stream.truncated:
+        return False
+    result: AgentStep = await asyncio.to_thread(driver.step, text)
+    stream.reward += result.reward
+    if result.done:
+        return False
+    feedback_ids, new_mm = encode_segment(processor, result.feedback, result.images)
+    if len(stream.tokens) + len(feedback_ids) >= max_length:
+        stream.truncated = True  # no room for another turn; the sequence ends after the action
+        return False
+    stream.mm_inputs = accumulate_mm(stream.mm_inputs, new_mm)
+    stream.tokens = stream.tokens + feedback_ids
+    return True
 
 
 def _as_pil_list(images: Any) -> list[Image.Image]:
