@@ -9,10 +9,16 @@ pytest.importorskip("torch")
 
 from medeyes.models.factory import ensure_tiny_model
 from medeyes.training.config import build_config, preset
-from medeyes.training.grounding import WHAT_QUESTION, WHERE_QUESTION, candidates, grounding_examples
+from medeyes.training.grounding import (
+    WHAT_QUESTION,
+    WHERE_QUESTION,
+    candidates,
+    episode_grounding_examples,
+    grounding_examples,
+)
 from medeyes.training.metrics import read_metrics
 from medeyes.training.trainer import open_cases, train
-from medeyes_env.env import EnvConfig
+from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import BoxFormat, parse_turn
 from medeyes_env.rewards import box_iou
 
@@ -48,6 +54,63 @@ def test_where_points_at_the_one_candidate_and_what_names_it(answer):
     assert turn.action is not None and box_iou(turn.action.boxes[0], box) > 0.4
     messages, text = what
     assert messages[1]["content"][1]["text"] == WHAT_QUESTION and text == label
+
+
+@pytest.mark.parametrize("answer", ["yes", "no"])
+def test_episode_shaped_examples_are_the_episodes_own_turns(answer):
+    """ground.shape=episode: the context is what the environment shows, the target is the turn the expert writes."""
+    case = _look_case(answer)
+    (box, _), *_ = candidates(case)
+    where, what = episode_grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
+    game = MedEyesEnv(source="phantom:look", config=LOC)
+    game.reset(options={"case": case})
+    opening = game.chat_messages()
+    messages, text = where
+    assert messages[:-1] == opening and messages[-1]["content"][0]["text"] == text
+    scan = parse_turn(text, case.image_size, box_format=LOC.box_format)
+    assert scan.action.name == "scan" and box_iou(scan.action.boxes[0], box) > 0.4
+    messages, text = what
+    assert [m["role"] for m in messages] == [*(m["role"] for m in opening), "assistant", "user", "assistant", "user",
+                                             "assistant"]  # fmt: skip
+    drill = parse_turn(messages[-3]["content"][0]["text"], case.image_size, box_format=LOC.box_format)
+    assert drill.action.name == "drill" and box_iou(drill.action.boxes[0], box) > 0.3  # jittered, still on it
+    assert "Zoomed into region" in messages[-2]["content"][1]["text"]  # the environment's own feedback
+    final = parse_turn(text, case.image_size, box_format=LOC.box_format)
+    assert final.action.name == "answer" and final.action.answer == answer
+
+
+def test_turn_answers_are_what_the_episode_parses(tmp_path):
+    """ground.shape=turns: the short probe contexts, answered with the turns an episode's parser reads."""
+    case = _look_case("no")
+    (box, label), *_ = candidates(case)
+    where, what = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1, as_turns=True)
+    bare_where, bare_what = grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1)
+    assert where[0][:-1] == bare_where[0][:-1] and what[0][0]["content"][1]["text"] == WHAT_QUESTION  # same context
+    scan = parse_turn(where[1], case.image_size, box_format=LOC.box_format)
+    assert scan.action.name == "scan" and box_iou(scan.action.boxes[0], box) > 0.4
+    final = parse_turn(what[1], case.image_size, box_format=LOC.box_format)
+    assert final.action.name == "answer" and final.action.answer == label == "no"
+
+
+def test_episode_shape_skips_global_questions():
+    source = open_cases("phantom:look", {"families": ["modality"]})
+    case = source.case("train", 0)
+    assert candidates(case)  # the image holds an object, but the question is not about it
+    assert episode_grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1) == []
+
+
+def test_episode_shaped_ground_step_trains_only_the_last_turn(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ensure_tiny_model("idefics3", "tiny")
+    data = preset("tiny").model_dump(mode="json")
+    data.update(run_dir=str(tmp_path / "run"), stages=["ground"], data="phantom:look")
+    data["ground"].update(shape="episode", what_share=1.0, cases=8)
+    cfg = build_config(data)
+    train(cfg, resume=False)
+    rows = [r for r in read_metrics(cfg.run_dir) if "train/loss" in r]
+    assert rows and all(math.isfinite(r["train/loss"]) for r in rows)
+    # loss tokens: one scan turn or one answer turn per example, never the scan and drill turns before an answer
+    assert all(r["train/loss_tokens"] <= cfg.ground.batch_size * 40 for r in rows)
 
 
 def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_factory, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes.agents.policy import SamplingConfig
-from medeyes.training.grounding import GroundTask
+from medeyes.training.grounding import GroundShape, GroundTask
 from medeyes.training.objective import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
@@ -91,6 +91,13 @@ class GroundConfig(BaseModel):
     )
     what_share: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
+    )
+    shape: GroundShape = Field(
+        default="probe",
+        description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "
+        "answered with the episode's own turns (scan turn, answer turn), so what is learned is in the policy's "
+        "tokens; episode: the episode's whole context (scan, drill, the environment's views and feedback) before "
+        "the target turn, about 5x the tokens (system_prompt is then the environment's choice).",
     )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 

@@ -27,10 +27,13 @@ import numpy as np
 
 from medeyes_env import views
 from medeyes_env.cases import Box, Case
-from medeyes_env.env import EnvConfig
-from medeyes_env.protocol import protocol_instructions
+from medeyes_env.env import EnvConfig, MedEyesEnv
+from medeyes_env.protocol import Action, protocol_instructions, render_turn
 
 GroundTask = Literal["where", "what"]
+GroundShape = Literal["probe", "turns", "episode"]
+BRIEF_REASONING = {"scan": "compare candidates", "drill": "look closer", "answer": "conclude"}
+"""The two-word reasoning of ``expert.reasoning="brief"`` and of episode-shaped grounding, by action."""
 WHERE_QUESTION = "Where are the round objects? Give their boxes."
 WHAT_QUESTION = "Is there an abnormality in this region?"
 
@@ -49,11 +52,15 @@ def grounding_examples(
     jitter: float,
     what_share: float = 1.0,
     system_prompt: bool = False,
+    as_turns: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
 
     A where-example always; a what-example with probability ``what_share`` (reading a crop is learned from
-    fewer examples than placing a box).
+    fewer examples than placing a box). ``as_turns`` writes the answers as the episode's own turns (the scan
+    turn over the boxes; the answer turn with ``yes``/``no``): the same short contexts, but the model learns
+    to say what it sees with the tokens, at the positions, an episode uses (bare `` yes`` after the role
+    marker is another token than ``yes`` inside ``<answer>``, and what is learned on one does not carry over).
     """
     image = case.load_image()
     objects = candidates(case)
@@ -72,16 +79,83 @@ def grounding_examples(
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
         answer = ", ".join(env.box_format.encode(box, image.size) for box, _ in objects) or "none"
+        if as_turns and objects:
+            answer = _turn(Action.scan(*(box for box, _ in objects)), env, image.size)
         examples.append((_messages(system, views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
     if "what" in tasks and objects and rng.random() < what_share:
         box, label = objects[int(rng.integers(len(objects)))]
-        side = max(box[2] - box[0], box[3] - box[1])
-        shifted = np.asarray(box, dtype=float) + rng.normal(0.0, jitter * side, size=2).repeat(2)[[0, 2, 1, 3]]
-        clamped = views.clamp_box(tuple(float(v) for v in shifted), image.size)
-        if clamped[2] > clamped[0] and clamped[3] > clamped[1]:
+        clamped = _jitter(box, image.size, jitter, rng)
+        if clamped is not None:
             view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
-            examples.append((_messages(system, view, WHAT_QUESTION, label), label))
+            answer = _turn(Action.final_answer(label), env, image.size) if as_turns else label
+            examples.append((_messages(system, view, WHAT_QUESTION, answer), answer))
     return examples
+
+
+def episode_grounding_examples(
+    case: Case,
+    env: EnvConfig,
+    tasks: tuple[GroundTask, ...],
+    rng: np.random.Generator,
+    jitter: float,
+    what_share: float = 1.0,
+) -> list[tuple[list[dict[str, Any]], str]]:
+    """The grounding examples of one case shaped exactly like the turns of an episode that decide it.
+
+    The probe shape asks in its own words, and the model answers with tokens an episode never uses (`` yes``
+    after the role marker, not ``yes`` inside ``<answer>``), so what it learns there does not carry over. Here
+    the environment itself renders the context:
+
+    - ``where``: the episode's opening (system prompt, overview, the case's question) -> the scan turn over
+      every candidate, as the brief expert writes it;
+    - ``what``: scan and drill of one candidate (jittered like a policy's box), the environment's views and
+      feedback -> the answer turn with the case's gold answer. Only the last turn is a target.
+
+    Only questions about regions give examples: the expert answers global ones (modality) without looking.
+    """
+    from medeyes.agents.expert import REGION_FAMILIES, question_family
+
+    objects = candidates(case)
+    # a global question (modality) is answered at once in the expert's episodes: no look to learn from it
+    if not objects or question_family(case).lower() not in REGION_FAMILIES:
+        return []
+    size = case.load_image().size
+    game = MedEyesEnv(source="phantom", config=env)  # the source is unused: every reset names its case
+
+    def turn(action: Action) -> str:
+        return _turn(action, env, size)
+
+    examples: list[tuple[list[dict[str, Any]], str]] = []
+    if "where" in tasks:
+        game.reset(options={"case": case})
+        answer = turn(Action.scan(*(box for box, _ in objects)))
+        examples.append((_with_answer(game.chat_messages(), answer), answer))
+    if "what" in tasks and rng.random() < what_share:
+        box, _ = objects[int(rng.integers(len(objects)))]
+        jittered = _jitter(box, size, jitter, rng)
+        if jittered is not None:
+            game.reset(options={"case": case})
+            game.step(turn(Action.scan(jittered)))
+            game.step(turn(Action.drill(jittered)))
+            answer = turn(Action.final_answer(case.answer))
+            examples.append((_with_answer(game.chat_messages(), answer), answer))
+    return examples
+
+
+def _turn(action: Action, env: EnvConfig, size: tuple[int, int]) -> str:
+    """The turn the brief expert writes for ``action``."""
+    return render_turn(action, BRIEF_REASONING[action.name], env.box_format, size)
+
+
+def _jitter(box: Box, size: tuple[int, int], jitter: float, rng: np.random.Generator) -> Box | None:
+    side = max(box[2] - box[0], box[3] - box[1])
+    shifted = np.asarray(box, dtype=float) + rng.normal(0.0, jitter * side, size=2).repeat(2)[[0, 2, 1, 3]]
+    clamped = views.clamp_box(tuple(float(v) for v in shifted), size)
+    return clamped if clamped[2] > clamped[0] and clamped[3] > clamped[1] else None
+
+
+def _with_answer(messages: list[dict[str, Any]], answer: str) -> list[dict[str, Any]]:
+    return [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
 
 
 def _messages(system: str | None, image: Any, question: str, answer: str) -> list[dict[str, Any]]:
@@ -103,6 +177,12 @@ def parse_where_answer(text: str, env: EnvConfig, image_size: tuple[int, int]) -
     """
     from medeyes_env.protocol import parse_turn
 
+    # an episode-shaped answer is a whole scan turn: read it as the environment would
+    end = text.find("</action>")
+    if end >= 0:
+        turn = parse_turn(text[: end + len("</action>")], image_size, env.limits, env.box_format)
+        if turn.action is not None and turn.action.boxes:
+            return list(turn.action.boxes)
     match = _FIRST_BOX.search(text)
     if match is None:
         return []
@@ -144,10 +224,17 @@ def grounding_scores(
         )
         ious.append(max((box_iou(b, g) for b in boxes for g in gold), default=0.0))
     # no stop token: "mimicimic..." still says mimic first
-    right = [
-        text.lstrip().lower().startswith(label.lower()) for text, label in zip(what_texts, what_labels, strict=True)
-    ]
+    right = [_said(text).startswith(_said(label)) for text, label in zip(what_texts, what_labels, strict=True)]
     out = {"ground/hit": float(np.mean(hits)) if hits else 0.0, "ground/iou": float(np.mean(ious)) if ious else 0.0}
     if right:
         out["ground/what"] = float(np.mean(right))
     return out
+
+
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S)
+
+
+def _said(text: str) -> str:
+    """What a what-answer says: the ``<answer>`` of an episode-shaped turn, else the text itself."""
+    match = _ANSWER.search(text)
+    return (match.group(1) if match else text).strip().lower()

@@ -50,7 +50,15 @@ from medeyes.training.checkpoints import (
 )
 from medeyes.training.checkpoints import atomic_dir_write as _atomic_dir_write
 from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
-from medeyes.training.episodes import EpisodeTensors, TurnTokens, collate, tokenize_episode, tokenize_record
+from medeyes.training.episodes import (
+    EpisodeTensors,
+    TurnTokens,
+    collate,
+    content_text,
+    tokenize_episode,
+    tokenize_record,
+)
+from medeyes.training.grounding import BRIEF_REASONING
 from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
 from medeyes.training.objective import (
     compute_advantages,
@@ -217,10 +225,6 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
     return store
 
 
-BRIEF_REASONING = {"scan": "compare candidates", "drill": "look closer", "answer": "conclude"}
-"""The two-word reasoning of ``expert.reasoning="brief"``, by action."""
-
-
 def brief_record(record: TrajectoryRecord, box_format: BoxFormat | None = None) -> TrajectoryRecord:
     """The same trajectory with every turn re-rendered with :data:`BRIEF_REASONING` (actions and boxes unchanged).
 
@@ -256,7 +260,7 @@ def open_cases(spec: str, options: dict[str, Any]) -> CaseSource:
 
 def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
     """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
-    from medeyes.training.grounding import grounding_examples
+    from medeyes.training.grounding import episode_grounding_examples, grounding_examples
 
     rng = np.random.default_rng(step_seed(config.seed, 0, 4))
     size = source.size(config.train_split)
@@ -265,15 +269,21 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
     pool = []
     for index in range(n):
         case = source.case(config.train_split, index)
-        pool += grounding_examples(
-            case,
-            config.env,
-            tasks,
-            rng,
-            config.ground.jitter,
-            config.ground.what_share,
-            config.ground.system_prompt,
-        )
+        if config.ground.shape == "episode":
+            pool += episode_grounding_examples(
+                case, config.env, tasks, rng, config.ground.jitter, config.ground.what_share
+            )
+        else:
+            pool += grounding_examples(
+                case,
+                config.env,
+                tasks,
+                rng,
+                config.ground.jitter,
+                config.ground.what_share,
+                config.ground.system_prompt,
+                as_turns=config.ground.shape == "turns",
+            )
     return pool
 
 
@@ -508,8 +518,13 @@ class Trainer:
         }
 
     def _ground_episode(self, index: int) -> EpisodeTensors:
-        messages, answer = self.ground_pool[index]
-        return tokenize_episode(messages, [TurnTokens(answer)], self.processor, is_expert=True)
+        """One pool example; only its last turn is a target (earlier turns of an episode-shaped one are context)."""
+        messages, _ = self.ground_pool[index]
+        turns = [TurnTokens(content_text(m)) for m in messages if m["role"] == "assistant"]
+        episode = tokenize_episode(messages, turns, self.processor, is_expert=True)
+        start, _ = episode.turn_spans[-1]
+        episode.loss_mask[:start] = False
+        return episode
 
     # ------------------------------------------------------------------------------------------ sft
 
@@ -737,7 +752,7 @@ class Trainer:
     def _evaluate_grounding(self) -> dict[str, float]:
         """Greedy where- and what-answers on the eval split's first ``eval.cases`` cases (held out, as above)."""
         from medeyes.agents.policy import SamplingConfig
-        from medeyes.training.grounding import grounding_examples, grounding_scores
+        from medeyes.training.grounding import episode_grounding_examples, grounding_examples, grounding_scores
 
         cfg = self.config
         if self._ground_eval is None:
@@ -745,10 +760,16 @@ class Trainer:
             examples = []
             for index in range(cfg.eval.cases):
                 case = self.source.case(cfg.eval_split, index)
-                made = grounding_examples(case, cfg.env, ("where", "what"), rng, cfg.ground.jitter)
+                # scored in the shape it was taught (experiments/episode_probe.py scores the transfer to episodes)
+                if cfg.ground.shape == "episode":
+                    made = episode_grounding_examples(case, cfg.env, ("where", "what"), rng, cfg.ground.jitter)
+                else:
+                    made = grounding_examples(
+                        case, cfg.env, ("where", "what"), rng, cfg.ground.jitter, as_turns=cfg.ground.shape == "turns"
+                    )
                 examples.append((case, made))
             self._ground_eval = examples
-        greedy = SamplingConfig(temperature=0.0, max_new_tokens=32, stop=[])
+        greedy = SamplingConfig(temperature=0.0, max_new_tokens=64, stop=[])  # an episode-shaped scan turn: ~35
         cases = [case for case, made in self._ground_eval if made]
         where = [made[0][0][:-1] for _, made in self._ground_eval if made]  # the prompt: all but the answer
         what = [made[1] for _, made in self._ground_eval if len(made) > 1]
