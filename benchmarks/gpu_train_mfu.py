@@ -2,7 +2,7 @@
 
 Builds a random-weight model of a size preset with the project's factory (default ``idefics3/large``,
 SmolVLM-500M-shaped), records real expert (GRN + CVS) trajectories on the phantom benchmark, tokenises them
-with the trainer's own :func:`~medeyes.training.episodes.tokenize_episode`, then runs the trainer's SFT
+with the trainer's own :func:`~medeyes.models.episodes.tokenize_episode`, then runs the trainer's SFT
 update (forward with ``logits_to_keep``, token-mean NLL, backward, AdamW) for ``--seconds`` and reports:
 
 - training tokens/s (every token of every sequence, images expanded), and MFU = model FLOPs/s over the
@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def expert_episodes(processor: Any, n_cases: int, max_steps: int) -> list[Any]:
     """Real GRN + CVS trajectories on phantom train cases, tokenised exactly as the SFT stage does."""
     from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.memory_store import MemoryStore
+    from medeyes.models.episodes import tokenize_record
     from medeyes.rollout import RolloutConfig, run_rollout
-    from medeyes.training.episodes import tokenize_record
-    from medeyes.training.trainer import MemoryStore, open_cases
     from medeyes_env.env import EnvConfig
+    from medeyes_env.sources import open_cases
 
     source = open_cases("phantom", {"image_size": 1024})
     store = MemoryStore()
@@ -77,7 +78,7 @@ def train_throughput(model: Any, episodes: list[Any], args: argparse.Namespace, 
     import numpy as np
     import torch
 
-    from medeyes.training.episodes import collate
+    from medeyes.models.episodes import collate
     from medeyes.training.objective import sft_loss
     from medeyes.training.trainer import masked_token_logprobs
 

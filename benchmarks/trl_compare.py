@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def prompts(n: int, data: str, options: dict) -> list[dict]:
     """Single-turn prompts as TRL wants them: system + user text, the overview image in its own column."""
-    from medeyes.training.trainer import open_cases
     from medeyes_env.env import EnvConfig, MedEyesEnv
+    from medeyes_env.sources import open_cases
 
     source = open_cases(data, options)
     env = MedEyesEnv(source, split="train", config=EnvConfig(max_steps=0, view_size=128))
@@ -59,8 +59,8 @@ def run_trl(model_dir: str, rows: list[dict], args: argparse.Namespace, out: Pat
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from medeyes.training.trainer import open_cases
     from medeyes_env.env import EnvConfig, MedEyesEnv
+    from medeyes_env.sources import open_cases
 
     source = open_cases(args.data, json.loads(args.data_options))
     env = MedEyesEnv(source, split="train", config=EnvConfig(max_steps=0, view_size=128))

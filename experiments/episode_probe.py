@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medeyes.models.chat import content_text
+from medeyes.models.episodes import TurnTokens, collate, tokenize_episode
 from medeyes.models.factory import load_policy_model
 from medeyes.training.config import preset
-from medeyes.training.episodes import TurnTokens, collate, content_text, tokenize_episode
 from medeyes.training.grounding import episode_grounding_examples, grounding_examples
-from medeyes.training.trainer import open_cases
+from medeyes_env.sources import open_cases
 
 
 def margin(model: Any, processor: Any, messages: list[dict[str, Any]], answer: str) -> float:

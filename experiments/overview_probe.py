@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from medeyes.models import load_policy_model
-    from medeyes.training.trainer import open_cases
+    from medeyes_env.sources import open_cases
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

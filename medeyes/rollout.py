@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent, EpisodeContext, TurnOutput
-from medeyes.trajectories import Producer, StepRecord, Timings, TrajectoryRecord, TrajectoryStore
+from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, TrajectoryRecord
 from medeyes_env.cases import Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
@@ -132,7 +132,7 @@ def run_rollout(
     agent: Agent,
     source: str | CaseSource = "phantom",
     config: RolloutConfig | None = None,
-    store: TrajectoryStore | None = None,
+    store: RecordSink | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_record: Callable[[TrajectoryRecord], None] | None = None,
 ) -> RolloutResult:
@@ -284,7 +284,7 @@ def _first_user_text(env: MedEyesEnv) -> str:
     return ""
 
 
-def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: TrajectoryStore | None) -> bool:
+def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: RecordSink | None) -> bool:
     env = item.env
     t0 = time.perf_counter()
     obs, _, terminated, truncated, info = env.step(output.text)

@@ -33,7 +33,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -53,6 +53,29 @@ IMAGES_DIR = "images"
 TORN_SUFFIX = ".torn"
 MAX_RUN_INFO_BYTES = 16 * 1024 * 1024
 """Largest ``run.json`` read (a producer with its config is a few kB)."""
+
+
+class ImageStore(Protocol):
+    """Where a record's images are read from: :class:`TrajectoryStore` or :class:`~medeyes.memory_store.MemoryStore`."""
+
+    def load_image(self, digest: str) -> Image.Image:
+        """The image stored under ``digest``."""
+        ...
+
+
+@runtime_checkable
+class RecordSink(ImageStore, Protocol):
+    """What :func:`~medeyes.rollout.run_rollout` writes to: images by content hash, records by trajectory id."""
+
+    def put_image(self, image: Image.Image | np.ndarray) -> str:
+        """Keep ``image``; return its content hash."""
+        ...
+
+    def append(self, record: TrajectoryRecord) -> bool:
+        """Keep ``record``; False when its id is already kept."""
+        ...
+
+    def __contains__(self, trajectory_id: object) -> bool: ...
 
 
 class Producer(BaseModel):
@@ -161,7 +184,7 @@ class TrajectoryRecord(BaseModel):
         """Every box the agent looked at, in order (what the rewards score)."""
         return [box for s in self.steps if s.action is not None and s.shown_boxes for box in s.action.boxes]
 
-    def chat_messages(self, store: TrajectoryStore) -> list[dict[str, Any]]:
+    def chat_messages(self, store: ImageStore) -> list[dict[str, Any]]:
         """The conversation as OpenAI-format messages with PIL images loaded from ``store``."""
         system = [{"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}]
         messages: list[dict[str, Any]] = system if self.system_prompt else []
@@ -186,7 +209,7 @@ class TrajectoryRecord(BaseModel):
         return messages
 
 
-def _image_part(store: TrajectoryStore, digest: str | None) -> dict[str, Any]:
+def _image_part(store: ImageStore, digest: str | None) -> dict[str, Any]:
     if digest is None:
         raise RecordError("this record stores no image for a view; it cannot be turned into chat messages")
     return {"type": "image", "image": store.load_image(digest)}

@@ -15,14 +15,14 @@ from medeyes.agents.expert import ExpertAgent, ExpertConfig  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig  # noqa: E402
 from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
-from medeyes.rollout import RolloutConfig, run_rollout  # noqa: E402
-from medeyes.training.episodes import (  # noqa: E402
+from medeyes.models.episodes import (  # noqa: E402
     TurnTokens,
     collate,
     prefix_mismatches,
     tokenize_episode,
     tokenize_record,
 )
+from medeyes.rollout import RolloutConfig, run_rollout  # noqa: E402
 from medeyes.training.objective import sequence_logprobs_from_logits  # noqa: E402
 from medeyes.trajectories import TrajectoryStore  # noqa: E402
 from medeyes_env.cases import Case, Region  # noqa: E402
@@ -212,7 +212,7 @@ def test_segment_cache_never_mixes_up_images(models):
     """The GRPO step tokenises a group's rollouts with a shared cache: each episode must keep its own pixels
     (a cache keyed on the ids of temporary image copies once handed one case's pixels to another)."""
     from medeyes.agents.random_agent import RandomAgent
-    from medeyes.training.trainer import MemoryStore
+    from medeyes.memory_store import MemoryStore
 
     _, processor = models["idefics3"]
     store = MemoryStore()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from medeyes.agents.base import Agent, EpisodeContext  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop  # noqa: E402
-from medeyes.agents.transformers_backend import TransformersBackend, conversation_images  # noqa: E402
+from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.cli.model import model_app  # noqa: E402
 from medeyes.models import (  # noqa: E402
     build_tiny_model,
@@ -27,6 +27,7 @@ from medeyes.models import (  # noqa: E402
     load_policy_model,
     resolve_model_path,
 )
+from medeyes.models.chat import conversation_images  # noqa: E402
 from medeyes.models.factory import MARKER_FILE  # noqa: E402
 from medeyes_env.cases import AnswerType, Case, Region  # noqa: E402
 from medeyes_env.env import MedEyesEnv  # noqa: E402

@@ -11,7 +11,6 @@ import torch
 from pydantic import ValidationError
 
 from medeyes.training.objective import (
-    ObjectiveConfig,
     compute_advantages,
     curiosity_bonus,
     dual_stream_loss,
@@ -21,6 +20,7 @@ from medeyes.training.objective import (
     sequence_logprobs_from_logits,
     sft_loss,
 )
+from medeyes.training.objective_config import ObjectiveConfig
 
 F = torch.float32
 

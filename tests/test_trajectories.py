@@ -14,6 +14,7 @@ from medeyes.rollout import RolloutConfig, producer_of, run_rollout, summarize
 from medeyes.trajectories import (
     SCHEMA_VERSION,
     Producer,
+    RecordSink,
     TrajectoryRecord,
     TrajectoryStore,
     image_digest,
@@ -219,3 +220,14 @@ def test_episodes_without_a_system_message_are_recorded_and_rebuilt(tmp_path):
     assert record.system_prompt == "" and record.prompt
     messages = record.chat_messages(store)
     assert messages[0]["role"] == "user" and messages[0]["content"][1]["text"] == record.prompt
+
+
+def test_the_memory_store_has_the_trajectory_store_interface(tmp_path):
+    from medeyes.memory_store import MemoryStore
+
+    for store in (MemoryStore(), TrajectoryStore(tmp_path / "s")):
+        assert isinstance(store, RecordSink)
+    memory = MemoryStore()
+    records = run_rollout(RandomAgent(), "phantom:easy", RolloutConfig(n=2), store=memory).records
+    assert all(r.trajectory_id in memory for r in records)
+    assert records[0].chat_messages(memory)[1]["content"][0]["image"] is memory.load_image(records[0].image)

@@ -39,13 +39,10 @@ sequences of a left-padded batch all start generating at ``input_ids.shape[1]``;
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -61,6 +58,8 @@ from transformers import (
 
 from medeyes.agents.base import TurnOutput
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop
+from medeyes.models.chat import content_separator, content_text, conversation_images
+from medeyes.models.episodes import TurnTokens, collate, tokenize_episode
 from medeyes_env.errors import ConfigError
 
 
@@ -124,32 +123,6 @@ class _GatherAndStop(StoppingCriteria):
         return done
 
 
-def _image_from_part(part: dict[str, Any]) -> Image.Image:
-    """The PIL image of an OpenAI-style content part (``image`` with a PIL image, or a data-URL ``image_url``)."""
-    value = part.get("image", part.get("image_url"))
-    if isinstance(value, dict):
-        value = value.get("url")
-    if isinstance(value, Image.Image):
-        return value if value.mode == "RGB" else value.convert("RGB")  # same object: caches can key on it
-    if isinstance(value, str) and value.startswith("data:image/"):
-        payload = value.split(",", 1)[1]
-        return Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB")
-    raise ConfigError(
-        f"image content part must hold a PIL image or a data: URL, got {type(value).__name__}; "
-        "the local backend never fetches images from paths or the network"
-    )
-
-
-def conversation_images(messages: list[dict[str, Any]]) -> list[Image.Image]:
-    """All images of a conversation, in the order the chat template renders their placeholders."""
-    images = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            images.extend(_image_from_part(part) for part in content if part.get("type") in ("image", "image_url"))
-    return images
-
-
 class TransformersBackend:
     """Generate policy turns with a local ``transformers`` vision-language model (see the module docstring)."""
 
@@ -172,7 +145,7 @@ class TransformersBackend:
         self.suppressed_token_ids = sorted({int(i) for i in placeholders if isinstance(i, int)})
         self.calls = 0
         self.accepts_turn_token_ids = True  # PolicyAgent passes each episode's sampled ids (generate's docstring)
-        self.content_separator = self._content_separator()
+        self.content_separator = content_separator(processor)
         self._may_finish: dict[tuple[str, ...], torch.Tensor] = {}
 
     def _stop_filter(self, stops: list[str]) -> torch.Tensor | None:
@@ -192,21 +165,6 @@ class TransformersBackend:
             mask[: len(texts)] = torch.tensor([any(c in text for c in last_chars) for text in texts])
             self._may_finish[key] = mask
         return self._may_finish[key]
-
-    def _content_separator(self) -> str:
-        """What the chat template puts between the generation prompt and an assistant turn's content.
-
-        Idefics3 renders the prompt ``Assistant:`` but a past turn as ``Assistant: text``, so the model's first
-        token carries a space that is not part of the content; Qwen's separator is empty.
-        """
-        probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
-        prompt = self.processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        marker = "MEDEYES_PROBE"
-        turn = [*probe, {"role": "assistant", "content": [{"type": "text", "text": marker}]}]
-        full = self.processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
-        if not full.startswith(prompt) or marker not in full[len(prompt) :]:
-            return ""
-        return full[len(prompt) : full.index(marker, len(prompt))]
 
     @classmethod
     def from_pretrained(
@@ -249,11 +207,9 @@ class TransformersBackend:
 
         Re-rendering a conversation as text re-tokenises earlier turns, which can change their ids (FEASIBILITY
         7); the trainer scores the sampled ids, so this keeps generation and training in the same context. The
-        prompt is built by the trainer's own :func:`~medeyes.training.episodes.tokenize_episode`, left-padded.
+        prompt is built by the trainer's own :func:`~medeyes.models.episodes.tokenize_episode`, left-padded.
         A conversation whose ids are unknown (``None``) has its earlier turns tokenised from their text.
         """
-        from medeyes.training.episodes import TurnTokens, collate, content_text, tokenize_episode
-
         episodes = []
         for messages, turn_ids in zip(batch_messages, turn_token_ids, strict=True):
             contents = [message for message in messages if message.get("role") == "assistant"]

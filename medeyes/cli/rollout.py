@@ -151,7 +151,7 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
 def _training_setting(path: Path) -> tuple[Any, EnvConfig]:
     """The case source (with its data options) and environment settings of a training run's config."""
     from medeyes.training.config import TrainConfig
-    from medeyes.training.trainer import open_cases
+    from medeyes_env.sources import open_cases
 
     config_file = path / "config.yaml" if path.is_dir() else path
     config = TrainConfig.from_yaml(config_file)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes.agents.policy import SamplingConfig
 from medeyes.training.grounding import GroundShape, GroundTask
-from medeyes.training.objective import ObjectiveConfig
+from medeyes.training.objective_config import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 

@@ -23,8 +23,6 @@ Use :func:`train` (builds every piece from a :class:`TrainConfig`) or :class:`Tr
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import random
 import shutil
@@ -40,6 +38,15 @@ import numpy as np
 import torch
 
 from medeyes.agents.policy import PolicyAgent
+from medeyes.memory_store import MemoryStore
+from medeyes.models.chat import content_text
+from medeyes.models.episodes import (
+    EpisodeTensors,
+    TurnTokens,
+    collate,
+    tokenize_episode,
+    tokenize_record,
+)
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes.training.checkpoints import (
     CHECKPOINTS_DIR,
@@ -50,15 +57,11 @@ from medeyes.training.checkpoints import (
 )
 from medeyes.training.checkpoints import atomic_dir_write as _atomic_dir_write
 from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
-from medeyes.training.episodes import (
-    EpisodeTensors,
-    TurnTokens,
-    collate,
-    content_text,
-    tokenize_episode,
-    tokenize_record,
+from medeyes.training.expert_data import (
+    ExpertPool,
+    brief_record,  # noqa: F401  TEMPORARY until openrlhf/export.py imports it
+    ensure_expert_trajectories,
 )
-from medeyes.training.grounding import BRIEF_REASONING
 from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
 from medeyes.training.objective import (
     compute_advantages,
@@ -70,11 +73,10 @@ from medeyes.training.objective import (
     sequence_logprobs_from_logits,
     sft_loss,
 )
-from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
+from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.errors import ConfigError
-from medeyes_env.protocol import BoxFormat, render_turn
 from medeyes_env.rewards import accuracy_reward
-from medeyes_env.sources import CaseSource, open_source
+from medeyes_env.sources import CaseSource, open_cases
 
 LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
 
@@ -159,105 +161,6 @@ def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
     return float(sum(scores) / len(scores)) if scores else 0.0
 
 
-# ================================================================================================ expert trajectories
-
-
-def expert_store_dir(config: TrainConfig) -> Path:
-    """Where the expert demos of ``config`` live: ``expert.dir`` or a cache keyed by everything that shapes them."""
-    if config.expert.dir is not None:
-        return config.expert.dir
-    from medeyes.models.factory import cache_dir
-
-    key = {
-        "data": config.data,
-        "data_options": config.data_options,
-        "split": config.train_split,
-        "env": config.env.model_dump(mode="json"),
-        "expert": config.expert.model_dump(mode="json", exclude={"dir", "generate_if_absent", "reasoning"}),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    safe = "".join(ch if ch.isalnum() else "-" for ch in config.data)
-    return cache_dir() / "expert" / f"{safe}-{config.expert.mode}-{digest}"
-
-
-def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> TrajectoryStore:
-    """Open the expert store; when empty and allowed, run the expert agent (GRN + CVS) to fill it."""
-    from filelock import FileLock
-
-    from medeyes.agents.expert import ExpertAgent, ExpertConfig
-    from medeyes.agents.oracles import make_oracle
-
-    root = expert_store_dir(config)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root) + ".lock"):
-        store = TrajectoryStore(root)
-        done = root / "complete.json"
-        if done.exists():
-            return store
-        if not config.expert.generate_if_absent:
-            raise ConfigError(
-                f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
-            )
-        agent = ExpertAgent(
-            make_oracle(config.expert.oracle, **config.expert.oracle_options),
-            ExpertConfig(
-                mode=config.expert.mode,
-                n_expert=config.expert.per_case,
-                t_max=max(1, config.env.max_steps),
-                max_regions=config.expert.max_regions,
-                keep_only_correct=config.expert.keep_only_correct,
-                global_questions=config.expert.global_questions,
-                seed=config.expert.seed,
-            ),
-        )
-        rollout = RolloutConfig(
-            split=config.train_split,
-            n=config.expert.cases,
-            samples_per_case=agent.samples_per_case,
-            batch_size=64,
-            seed=config.expert.seed,
-            keep_only_correct=config.expert.keep_only_correct,
-            env=config.env,
-        )
-        result = run_rollout(agent, source, rollout, store=store)
-        summary = summarize(result.records, result.seconds)
-        done.write_text(json.dumps(summary.model_dump(), indent=2))
-    return store
-
-
-def brief_record(record: TrajectoryRecord, box_format: BoxFormat | None = None) -> TrajectoryRecord:
-    """The same trajectory with every turn re-rendered with :data:`BRIEF_REASONING` (actions and boxes unchanged).
-
-    Only well-formed turns are rewritten (the expert's always are); the rewards stay those of the original run,
-    which the rewrite does not change (grammar needs a non-empty reasoning; diversity and accuracy read actions).
-    """
-    steps = []
-    for step in record.steps:
-        if step.action is not None and step.well_formed:
-            text = render_turn(step.action, BRIEF_REASONING[step.action.name], box_format, record.image_size)
-            step = step.model_copy(update={"text": text, "reasoning": BRIEF_REASONING[step.action.name]})
-        steps.append(step)
-    return record.model_copy(update={"steps": steps})
-
-
-def open_cases(spec: str, options: dict[str, Any]) -> CaseSource:
-    """Open a case source; ``options`` (phantom only) override fields of the phantom preset's config."""
-    if not options:
-        return open_source(spec)
-    name, _, argument = spec.partition(":")
-    if name != "phantom":
-        raise ConfigError(f"data_options apply to the phantom source only, not {spec!r}; remove them")
-    from medeyes_env.sources.phantom import PRESETS, PhantomConfig, PhantomSource
-
-    base = PRESETS.get(argument or "medium")
-    if base is None:
-        raise ConfigError(f"unknown phantom preset {argument!r}; use one of {', '.join(PRESETS)}")
-    try:
-        return PhantomSource(PhantomConfig(**{**base.model_dump(), **options}))
-    except ValueError as exc:
-        raise ConfigError(f"invalid data_options for the phantom source: {exc}") from None
-
-
 def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
     """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
     from medeyes.training.grounding import episode_grounding_examples, grounding_examples
@@ -285,88 +188,6 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
                 as_turns=config.ground.shape == "turns",
             )
     return pool
-
-
-class ExpertPool:
-    """Expert trajectories of the training cases, indexed by case index, with their store for images."""
-
-    def __init__(
-        self,
-        store: TrajectoryStore,
-        source: CaseSource,
-        split: str,
-        n_cases: int,
-        reasoning: str = "full",
-        box_format: BoxFormat | None = None,
-    ):
-        """Index ``store``'s kept records by the position of their case among the first ``n_cases`` cases."""
-        self.store = store
-        index_of = {source.case(split, i).id: i for i in range(n_cases)}  # type: ignore[arg-type]
-        self.by_case: dict[int, list[TrajectoryRecord]] = {}
-        for record in store.records():
-            if record.kept and record.case_id in index_of and record.steps:
-                if reasoning == "brief":
-                    record = brief_record(record, box_format)
-                self.by_case.setdefault(index_of[record.case_id], []).append(record)
-        self.records = [r for i in sorted(self.by_case) for r in self.by_case[i]]
-        if not self.records:
-            raise ConfigError(f"the expert store {store.root} holds no usable trajectory for the training cases")
-
-    def sample(self, n: int, rng: np.random.Generator) -> list[TrajectoryRecord]:
-        """``n`` records drawn uniformly (with replacement) from the whole pool."""
-        return [self.records[i] for i in rng.integers(0, len(self.records), size=n)]
-
-    def for_case(self, case_index: int, n: int, rng: np.random.Generator) -> list[TrajectoryRecord]:
-        """Up to ``n`` distinct records of one case (fewer when fewer were kept)."""
-        records = self.by_case.get(case_index, [])
-        if len(records) <= n:
-            return list(records)
-        return [records[i] for i in rng.choice(len(records), size=n, replace=False)]
-
-
-class MemoryStore:
-    """The part of :class:`TrajectoryStore` that ``run_rollout`` and ``TrajectoryRecord.chat_messages`` use, in RAM.
-
-    On-policy rollouts are consumed by the step that made them: no PNG encoding, no fsync. The same image
-    (by content hash) is always the same PIL object, which lets the tokeniser's segment cache hit.
-    """
-
-    def __init__(self) -> None:
-        """An empty store."""
-        self.images: dict[str, Any] = {}
-        self.ids: set[str] = set()
-        # The G rollouts of a case share one original PIL image: hash it once (the object is kept alive
-        # in `images`, so its id is not reused while this store lives).
-        self._digest_of_pil: dict[int, str] = {}
-
-    def put_image(self, image: Any) -> str:
-        """Keep ``image`` (PIL or array) under its content hash."""
-        from PIL import Image
-
-        from medeyes.trajectories import image_digest
-
-        if isinstance(image, Image.Image) and id(image) in self._digest_of_pil:
-            return self._digest_of_pil[id(image)]
-        digest = image_digest(image)
-        if isinstance(image, Image.Image) and self.images.get(digest, image) is image:
-            self._digest_of_pil[id(image)] = digest
-        if digest not in self.images:
-            self.images[digest] = image if isinstance(image, Image.Image) else Image.fromarray(image)
-        return digest
-
-    def load_image(self, digest: str) -> Any:
-        """The image stored under ``digest``."""
-        return self.images[digest]
-
-    def append(self, record: TrajectoryRecord) -> bool:
-        """Remember the id only (records are returned by ``run_rollout`` anyway)."""
-        if record.trajectory_id in self.ids:
-            return False
-        self.ids.add(record.trajectory_id)
-        return True
-
-    def __contains__(self, trajectory_id: object) -> bool:
-        return trajectory_id in self.ids
 
 
 # ================================================================================================ the trainer
@@ -602,7 +423,7 @@ class Trainer:
                     seed=step_seed(cfg.seed, step, 4),
                     env=cfg.env,
                 ),
-                store=store,  # type: ignore[arg-type]
+                store=store,
             )
         on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
         case_index = {self.source.case(cfg.train_split, i).id: i for i in range(start, start + g.prompts_per_step)}  # type: ignore[arg-type]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from medeyes_env.cases import Case, Split
-from medeyes_env.errors import SourceError
+from medeyes_env.errors import ConfigError, SourceError
 
 
 @runtime_checkable
@@ -35,12 +35,19 @@ class CaseSource(Protocol):
 
 
 SourceFactory = Callable[[str | None], CaseSource]
+OptionsFactory = Callable[[str | None, dict[str, Any]], CaseSource]
 _REGISTRY: dict[str, SourceFactory] = {}
+_WITH_OPTIONS: dict[str, OptionsFactory] = {}
 
 
-def register_source(name: str, factory: SourceFactory) -> None:
-    """Make ``open_source(f"{name}:ARG")`` call ``factory(ARG or None)``."""
+def register_source(name: str, factory: SourceFactory, with_options: OptionsFactory | None = None) -> None:
+    """Make ``open_source(f"{name}:ARG")`` call ``factory(ARG or None)``.
+
+    ``with_options(ARG or None, options)`` is what :func:`open_cases` calls when a config gives ``data_options``.
+    """
     _REGISTRY[name] = factory
+    if with_options is not None:
+        _WITH_OPTIONS[name] = with_options
 
 
 def _ensure_builtin_sources() -> None:
@@ -70,6 +77,23 @@ def open_source(spec: str) -> CaseSource:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise SourceError(f"unknown data source {name!r} in {spec!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](argument or None)
+
+
+def open_cases(spec: str, options: dict[str, Any] | None = None) -> CaseSource:
+    """Open a source as a training config names it: ``options`` (phantom only) override the preset's fields.
+
+    The trainer, ``medeyes rollout --train-config`` and the OpenRLHF backend all open their data here, so a
+    config's ``data`` and ``data_options`` give the same cases everywhere, without importing torch.
+    """
+    if not options:
+        return open_source(spec)
+    _ensure_builtin_sources()
+    name, _, argument = spec.partition(":")
+    factory = _WITH_OPTIONS.get(name)
+    if factory is None:
+        takers = " and ".join(sorted(_WITH_OPTIONS)) or "no"
+        raise ConfigError(f"data_options apply to the {takers} source only, not {spec!r}; remove them")
+    return factory(argument or None, options)
 
 
 def iter_cases(source: CaseSource, split: Split, n: int | None = None, start: int = 0) -> Iterator[Case]:

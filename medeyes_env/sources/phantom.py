@@ -117,7 +117,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes_env.cases import AnswerType, Case, Region, Split
-from medeyes_env.errors import SourceError
+from medeyes_env.errors import ConfigError, SourceError
 from medeyes_env.sources import phantom_anatomy as anatomy
 from medeyes_env.sources import register_source
 from medeyes_env.sources.phantom_anatomy import Anatomy, Extended, Focal, Modality
@@ -721,4 +721,15 @@ def open_phantom(argument: str | None) -> PhantomSource:
     return PhantomSource(PRESETS[name])
 
 
-register_source("phantom", open_phantom)
+def open_phantom_with_options(argument: str | None, options: dict[str, Any]) -> PhantomSource:
+    """Factory for ``open_cases("phantom[:PRESET]", options)``: ``options`` override fields of the preset."""
+    base = PRESETS.get(argument or "medium")
+    if base is None:
+        raise ConfigError(f"unknown phantom preset {argument!r}; use one of {', '.join(PRESETS)}")
+    try:
+        return PhantomSource(PhantomConfig(**{**base.model_dump(), **options}))
+    except ValueError as exc:
+        raise ConfigError(f"invalid data_options for the phantom source: {exc}") from None
+
+
+register_source("phantom", open_phantom, open_phantom_with_options)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from medeyes.models.chat import content_text, conversation_images, end_of_turn, render, turn_separator
 from medeyes_env.errors import RecordError
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "EpisodeTensors",
     "TurnTokens",
     "collate",
-    "content_text",
     "prefix_mismatches",
     "tokenize_episode",
     "tokenize_record",
@@ -90,22 +90,6 @@ class EpisodeTensors:
     def generated_tokens(self) -> int:
         """Number of loss tokens."""
         return int(self.loss_mask.sum())
-
-
-def _render(processor: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _images_of(messages: Sequence[dict[str, Any]]) -> list[Any]:
-    from medeyes.agents.transformers_backend import conversation_images
-
-    return conversation_images(list(messages))
-
-
-def _eos_ids(processor: Any) -> set[int]:
-    tok = processor.tokenizer
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    return ids
 
 
 def _encode_segment(processor: Any, text: str, images: list[Any], first: bool) -> dict[str, torch.Tensor]:
@@ -181,7 +165,7 @@ def tokenize_episode(
     if not turns and not generation_prompt:
         raise RecordError("episode has no assistant turn; there is nothing to train on")
     tokenizer = processor.tokenizer
-    eos_ids = _eos_ids(processor)
+    eot = end_of_turn(tokenizer)
     ids: list[torch.Tensor] = []
     mask: list[torch.Tensor] = []
     logps: list[torch.Tensor] = []
@@ -192,7 +176,7 @@ def tokenize_episode(
     has_logprobs = True
     position = 0
     consumed = ""  # the rendered text already covered by ids
-    drop_eos_text: str | None = None
+    drop_eot = False  # the last turn ended with the end-of-turn token, which the template repeats
 
     def add_environment_segment(enc: dict[str, torch.Tensor]) -> int:
         """Append one processor-encoded environment segment (mask 0); return its length in tokens."""
@@ -210,16 +194,16 @@ def tokenize_episode(
         content = content_text(messages[at])
         if content != turn.text:
             raise RecordError(f"turn {k}: TurnTokens.text differs from the assistant message content")
-        prompt = _render(processor, messages[:at], generation_prompt=True)
+        prompt = render(processor, messages[:at], generation_prompt=True)
         if not prompt.startswith(consumed):
             raise RecordError(
                 f"chat template breaks the prefix property at turn {k}: the rendered prompt does not start with "
                 "the conversation rendered so far; this template cannot be trained on turn by turn"
             )
         segment = prompt[len(consumed) :]
-        if drop_eos_text and segment.startswith(drop_eos_text):
-            segment = segment[len(drop_eos_text) :]
-        seg_images = _images_of(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
+        if drop_eot:
+            segment = eot.strip_from(segment)
+        seg_images = conversation_images(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
         key = (segment, tuple(id(image) for image in seg_images), k == 0)
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
@@ -231,11 +215,10 @@ def tokenize_episode(
                 cache[key] = (enc, seg_images)
         position += add_environment_segment(enc)
 
-        full = _render(processor, messages[: at + 1], generation_prompt=False)
-        tail = full[len(prompt) :] if full.startswith(prompt) else None
-        if tail is None or content not in tail:
+        full = render(processor, messages[: at + 1], generation_prompt=False)
+        sep = turn_separator(prompt, full, content)
+        if sep is None:
             raise RecordError(f"chat template breaks the prefix property at assistant turn {k}")
-        sep = tail[: tail.index(content)] if content else ""
         if turn.token_ids is not None:
             turn_ids = torch.tensor(turn.token_ids, dtype=torch.long)
             if turn.logprobs is not None:
@@ -244,12 +227,12 @@ def tokenize_episode(
                 turn_lp = torch.tensor(turn.logprobs, dtype=torch.float32)
             else:
                 turn_lp, has_logprobs = torch.zeros(len(turn.token_ids), dtype=torch.float32), False
-            ended_with_eos = bool(turn.token_ids) and turn.token_ids[-1] in eos_ids
+            ended_with_eot = eot.closes(turn.token_ids)
         else:
             turn_ids = torch.tensor(tokenizer(sep + content, add_special_tokens=False)["input_ids"], dtype=torch.long)
             turn_lp, has_logprobs = torch.zeros(turn_ids.shape[0], dtype=torch.float32), False
             retokenized += 1
-            ended_with_eos = False
+            ended_with_eot = False
         for key in extras:
             extras[key].append(torch.zeros(turn_ids.shape[0], dtype=extras[key][0].dtype))
         ids.append(turn_ids)
@@ -258,17 +241,17 @@ def tokenize_episode(
         spans.append((position, position + turn_ids.shape[0]))
         position += turn_ids.shape[0]
         consumed = prompt + sep + content
-        drop_eos_text = tokenizer.eos_token if ended_with_eos else None
+        drop_eot = ended_with_eot
 
     if generation_prompt:
-        prompt = _render(processor, messages, generation_prompt=True)
+        prompt = render(processor, messages, generation_prompt=True)
         if not prompt.startswith(consumed):
             raise RecordError("chat template breaks the prefix property at the generation prompt")
         segment = prompt[len(consumed) :]
-        if drop_eos_text and segment.startswith(drop_eos_text):
-            segment = segment[len(drop_eos_text) :]
+        if drop_eot:
+            segment = eot.strip_from(segment)
         enc = _encode_segment(
-            processor, segment, _images_of(messages[(assistant_at[-1] + 1 if turns else 0) :]), first=not turns
+            processor, segment, conversation_images(messages[(assistant_at[-1] + 1 if turns else 0) :]), first=not turns
         )
         add_environment_segment(enc)
 
@@ -284,14 +267,6 @@ def tokenize_episode(
         retokenized_turns=retokenized,
         meta=dict(meta or {}),
     )
-
-
-def content_text(message: dict[str, Any]) -> str:
-    """The text of a chat message (a string, or the text parts of an OpenAI-style content list, joined)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
 
 
 def tokenize_record(
@@ -330,8 +305,8 @@ def prefix_mismatches(messages: list[dict[str, Any]], processor: Any) -> list[in
     episode = tokenize_episode(messages, turns, processor)
     bad = []
     for k, at in enumerate(assistant_at):
-        prompt = _render(processor, messages[:at], generation_prompt=True)
-        enc = _encode_segment(processor, prompt, _images_of(messages[:at]), first=True)
+        prompt = render(processor, messages[:at], generation_prompt=True)
+        enc = _encode_segment(processor, prompt, conversation_images(messages[:at]), first=True)
         prompt_ids = enc["input_ids"][0]
         start = episode.turn_spans[k][0]
         if start != prompt_ids.shape[0] or not torch.equal(episode.input_ids[:start], prompt_ids):
