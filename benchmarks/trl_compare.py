@@ -6,11 +6,10 @@ step, rollouts per prompt, completion cap, temperature, optimizer (AdamW, same l
 batch. Measured: end-to-end training tokens per second (prompt + completion tokens of every sampled sequence,
 divided by the wall time of the training steps: generation, scoring, log-probs, backward, optimizer step).
 
-Runs in an environment with TRL installed (never the project's main venv)::
+Runs wherever TRL is installed; the main venv has it (the ``trl`` extra, installed by scripts/setup.sh for
+the TRL adapter's tests)::
 
-    python -m venv .venv-trl && .venv-trl/bin/pip install torch==2.13.0 && .venv-trl/bin/pip install trl \\
-        && .venv-trl/bin/pip install -e .
-    .venv-trl/bin/python benchmarks/trl_compare.py --steps 6
+    .venv/bin/python benchmarks/trl_compare.py --steps 6
 
 Prints a table and writes ``docs/trl_compare.json``.
 """
