@@ -247,7 +247,7 @@ def test_shaped_rewards_and_loss_rows_by_hand():
 
 
 def test_progress_line_shows_tool_share_and_the_collapse_warning():
-    from medeyes.training.trainer import progress_stats
+    from medeyes.training.metrics import progress_stats
 
     live = {"train/loss": 0.25, "stream/on/reward_mean": 0.5, "stream/on/tool_share": 0.75, "eval/accuracy": 0.6}
     assert progress_stats(live, 0.4, None) == "loss 0.250  reward 0.50  tools 0.75  held-out acc 0.600  (blind 0.400)"

@@ -24,13 +24,14 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medeyes_env.errors import RecordError, UnsafePathError
+from medeyes_env.errors import ConfigError, RecordError, UnsafePathError
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -298,3 +299,44 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         raise RecordError(f"{optimizer_json}: not an optimizer state (needs 'state' and 'param_groups')")
     state["optimizer"] = optimizer
     return state
+
+
+VOLATILE_CONFIG = ("run_dir", "progress", "tensorboard", "threads")
+"""Config fields a resumed run may change: where it writes and how it shows progress, not what it learns."""
+
+
+def check_same_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The state of checkpoint ``path``, refused when another training config (``model_dump(mode="json")``) wrote it.
+
+    Read before any tensor, so a mismatch costs no loading.
+
+    Raises:
+        ConfigError: the configs differ in a field outside :data:`VOLATILE_CONFIG`.
+
+    """
+    state = read_checkpoint_state(path)
+    saved = dict(state.get("config", {}))
+    now = dict(config)
+    for volatile in VOLATILE_CONFIG:
+        saved.pop(volatile, None)
+        now.pop(volatile, None)
+    if saved != now:
+        run_dir = path.parent.parent
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a different training config; resume with the same config, "
+            "pass --fresh to start over, or choose another --run-dir"
+        )
+    return state
+
+
+def save_final(final: Path, model: Any, processor: Any) -> None:
+    """``save_pretrained`` model and processor to ``final`` atomically; a failure only warns (checkpoints hold it)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    try:
+        atomic_dir_write(final, write)
+    except Exception as exc:
+        warnings.warn(f"could not save {final} ({exc}); the last checkpoint holds the weights", stacklevel=2)

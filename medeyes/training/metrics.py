@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from medeyes_env.rewards import accuracy_reward
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -182,3 +185,70 @@ def episode_health(records: Iterable[Any], prefix: str) -> dict[str, float]:
             if finished:
                 out[f"{prefix}length_capped"] = sum(f == "length" for f in finished) / len(finished)
     return out
+
+
+def weighted_mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Micro-batch metrics ``(rows, metrics)`` merged: min of ``*_min``, max of ``*_max``, summed counts, else means.
+
+    >>> sorted(weighted_mean_metrics([(1, {"a": 0.0, "x/rows": 1.0}), (3, {"a": 1.0, "x/rows": 3.0})]).items())
+    [('a', 0.75), ('x/rows', 4.0)]
+    """
+    total = sum(w for w, _ in parts) or 1
+    keys = {k for _, m in parts for k in m}
+    out = {}
+    for key in keys:
+        if key.endswith(("_min",)):
+            out[key] = min(m[key] for _, m in parts if key in m)
+        elif key.endswith(("_max",)):
+            out[key] = max(m[key] for _, m in parts if key in m)
+        elif key.endswith(("/rows", "/tokens")):
+            out[key] = sum(m[key] for _, m in parts if key in m)
+        else:
+            weight = sum(w for w, m in parts if key in m) or total
+            out[key] = sum(w * m[key] for w, m in parts if key in m) / weight
+    return out
+
+
+def progress_stats(live: dict[str, float], blind: float | None, tool_floor: float | None) -> str:
+    """The live part of the progress line (rich markup): loss, reward, tool share, held-out and blind accuracy.
+
+    >>> progress_stats({"train/loss": 0.5, "stream/on/tool_share": 0.0, "alarm/tool_collapse": 1.0}, 0.4, 0.1)
+    'loss 0.500  tools 0.00 [bold red]< floor 0.1: tool collapse[/]  (blind 0.400)'
+    """
+    parts = []
+    if "train/loss" in live:
+        parts.append(f"loss {live['train/loss']:.3f}")
+    if "stream/on/reward_mean" in live:
+        parts.append(f"reward {live['stream/on/reward_mean']:.2f}")
+    if "stream/on/tool_share" in live:
+        alarm = live.get("alarm/tool_collapse") and tool_floor is not None
+        warning = f" [bold red]< floor {tool_floor:g}: tool collapse[/]" if alarm else ""
+        parts.append(f"tools {live['stream/on/tool_share']:.2f}{warning}")
+    if "eval/accuracy" in live:
+        parts.append(f"held-out acc {live['eval/accuracy']:.3f}")
+    if blind is not None:
+        parts.append(f"(blind {blind:.3f})")
+    return "  ".join(parts)
+
+
+def blind_answers(cases: list[Any]) -> dict[str, str]:
+    """The majority gold answer per question text: what a format-perfect policy that ignores images says.
+
+    >>> from medeyes_env.cases import Case
+    >>> cs = [Case(id=str(i), question="q?", answer=a, answer_type="closed", source="s") for i, a in
+    ...       enumerate(["yes", "no", "no"])]
+    >>> blind_answers(cs)
+    {'q?': 'no'}
+    """
+    by_question: dict[str, Counter[str]] = {}
+    for case in cases:
+        by_question.setdefault(case.question, Counter())[case.answer] += 1
+    return {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
+
+
+def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
+    """Accuracy on ``eval_cases`` of the majority answer per question (overall majority for unseen questions)."""
+    table = blind_answers(train_cases)
+    overall = Counter(c.answer for c in train_cases).most_common(1)[0][0] if train_cases else "yes"
+    scores = [accuracy_reward(table.get(c.question, overall), c) for c in eval_cases]
+    return float(sum(scores) / len(scores)) if scores else 0.0

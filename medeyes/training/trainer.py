@@ -28,7 +28,6 @@ import random
 import shutil
 import time
 import warnings
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +49,26 @@ from medeyes.models.episodes import (
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes.training.checkpoints import (
     CHECKPOINTS_DIR,
+    check_same_config,
     latest_checkpoint,
     load_checkpoint,
-    read_checkpoint_state,
     save_checkpoint,
+    save_final,
 )
-from medeyes.training.checkpoints import atomic_dir_write as _atomic_dir_write
 from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
 from medeyes.training.expert_data import (
     ExpertPool,
     brief_record,  # noqa: F401  TEMPORARY until openrlhf/export.py imports it
     ensure_expert_trajectories,
 )
-from medeyes.training.metrics import MetricsLogger, episode_health, tool_use_accuracy
+from medeyes.training.metrics import (
+    MetricsLogger,
+    blind_accuracy,
+    episode_health,
+    progress_stats,
+    tool_use_accuracy,
+    weighted_mean_metrics,
+)
 from medeyes.training.objective import (
     compute_advantages,
     curiosity_bonus,
@@ -75,7 +81,6 @@ from medeyes.training.objective import (
 )
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.errors import ConfigError
-from medeyes_env.rewards import accuracy_reward
 from medeyes_env.sources import CaseSource, open_cases
 
 LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
@@ -138,29 +143,6 @@ def masked_token_logprobs(
     return logprobs, entropy
 
 
-def blind_answers(cases: list[Any]) -> dict[str, str]:
-    """The majority gold answer per question text: what a format-perfect policy that ignores images says.
-
-    >>> from medeyes_env.cases import Case
-    >>> cs = [Case(id=str(i), question="q?", answer=a, answer_type="closed", source="s") for i, a in
-    ...       enumerate(["yes", "no", "no"])]
-    >>> blind_answers(cs)
-    {'q?': 'no'}
-    """
-    by_question: dict[str, Counter[str]] = {}
-    for case in cases:
-        by_question.setdefault(case.question, Counter())[case.answer] += 1
-    return {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
-
-
-def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
-    """Accuracy on ``eval_cases`` of the majority answer per question (overall majority for unseen questions)."""
-    table = blind_answers(train_cases)
-    overall = Counter(c.answer for c in train_cases).most_common(1)[0][0] if train_cases else "yes"
-    scores = [accuracy_reward(table.get(c.question, overall), c) for c in eval_cases]
-    return float(sum(scores) / len(scores)) if scores else 0.0
-
-
 def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
     """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
     from medeyes.training.grounding import episode_grounding_examples, grounding_examples
@@ -204,6 +186,51 @@ class TrainResult:
     first_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     blind_accuracy: float | None = None
+
+
+@dataclass
+class _Collected:
+    """What one GRPO step collected: both streams' records, and where their images are."""
+
+    on_records: list[TrajectoryRecord]
+    off_records: list[TrajectoryRecord]
+    store: MemoryStore
+    """The on-policy rollouts' images (expert images are in the expert pool's store)."""
+    case_index: dict[str, int]
+    """Case id -> the case's index in the training split: the GRPO group of a row."""
+
+
+class _StreamStats:
+    """Per-stream entropy and the on-policy log-prob gap, averaged over a step's micro-batches."""
+
+    def __init__(self) -> None:
+        self.entropies: dict[str, list[float]] = {"on": [], "off": []}
+        self.gaps: list[float] = []
+
+    @torch.no_grad()
+    def add(
+        self,
+        logprobs: torch.Tensor,
+        old: torch.Tensor,
+        entropy: torch.Tensor | None,
+        mask: torch.Tensor,
+        is_expert: torch.Tensor,
+    ) -> None:
+        """One micro-batch: ``logprobs``, ``old``, ``entropy`` and ``mask`` are ``[b, T-1]``, ``is_expert`` ``[b]``."""
+        for name, rows_mask in (("on", ~is_expert), ("off", is_expert)):
+            m = mask & rows_mask[:, None]
+            if entropy is not None and m.any():
+                self.entropies[name].append(float(masked_mean(entropy, m)))
+        on_mask = mask & ~is_expert[:, None]
+        if on_mask.any():
+            self.gaps.append(float(masked_mean((logprobs.detach() - old).abs(), on_mask)))
+
+    def metrics(self) -> dict[str, float]:
+        """``stream/{on,off}/entropy`` and ``stream/on/logprob_gap``, each only when it had data."""
+        out = {f"stream/{name}/entropy": sum(v) / len(v) for name, v in self.entropies.items() if v}
+        if self.gaps:
+            out["stream/on/logprob_gap"] = sum(self.gaps) / len(self.gaps)
+        return out
 
 
 STAGE_CODES = {"ground": -1.0, "sft": 0.0, "grpo": 1.0}
@@ -292,7 +319,7 @@ class Trainer:
                 self.live.update({k: v for k, v in metrics.items() if k in LIVE_KEYS})
                 advance(stage)
         if stop == total:
-            self._save_final()
+            save_final(cfg.run_dir / "final", self.model, self.processor)
         self.logger.close()
         evals = self.eval_history
         return TrainResult(
@@ -398,80 +425,101 @@ class Trainer:
 
     def grpo_step(self, step: int) -> dict[str, float]:
         """One GRPO step: collect, tokenise, score, advantages, loss, optimizer step (module docstring)."""
+        metrics: dict[str, float] = {}
+        collected = self._collect(step, metrics)
+        episodes = self._tokenise(collected, metrics)
+        advantages, rows = self._score(step, collected, episodes, metrics)
+        # old log-probs: recorded at generation, or recomputed before the update
+        if self.config.grpo.old_logprobs == "recompute":
+            self._recompute_old_logprobs(episodes)
+        self._update(step, episodes, advantages, rows, metrics)
+        return metrics
+
+    def _collect(self, step: int, metrics: dict[str, float]) -> _Collected:
+        """On-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)."""
         cfg, g = self.config, self.config.grpo
         _, k = cfg.stage_at(step)
         rng = np.random.default_rng(step_seed(cfg.seed, step, 2))
         blocks = max(1, self.pool_cases // g.prompts_per_step)
         start = (k % blocks) * g.prompts_per_step
-        metrics: dict[str, float] = {}
-
-        # collect: on-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)
         t0 = time.perf_counter()
         store = MemoryStore()
         self.model.eval()
         self._seed_sampling(step_seed(cfg.seed, step, 3))
+        rollout = RolloutConfig(
+            split=cfg.train_split,
+            n=g.prompts_per_step,
+            start=start,
+            samples_per_case=g.group_on,
+            batch_size=cfg.rollout_batch,
+            seed=step_seed(cfg.seed, step, 4),
+            env=cfg.env,
+        )
         with self._autocast():
-            result = run_rollout(
-                self.policy,
-                self.source,
-                RolloutConfig(
-                    split=cfg.train_split,
-                    n=g.prompts_per_step,
-                    start=start,
-                    samples_per_case=g.group_on,
-                    batch_size=cfg.rollout_batch,
-                    seed=step_seed(cfg.seed, step, 4),
-                    env=cfg.env,
-                ),
-                store=store,
-            )
+            result = run_rollout(self.policy, self.source, rollout, store=store)
         on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
-        case_index = {self.source.case(cfg.train_split, i).id: i for i in range(start, start + g.prompts_per_step)}  # type: ignore[arg-type]
+        cases = range(start, start + g.prompts_per_step)
+        case_index = {self.source.case(cfg.train_split, i).id: i for i in cases}  # type: ignore[arg-type]
         off_records: list[TrajectoryRecord] = []
         if g.mode == "dual" and self.experts is not None:
-            for i in range(start, start + g.prompts_per_step):
+            for i in cases:
                 off_records += self.experts.for_case(i, g.group_off, rng)
         metrics["train/rollout_seconds"] = time.perf_counter() - t0
+        return _Collected(on_records, off_records, store, case_index)
 
-        # tokenise: one function for both streams; mask = generated spans
+    def _tokenise(self, collected: _Collected, metrics: dict[str, float]) -> list[EpisodeTensors]:
+        """One function for both streams; the loss mask is the generated spans. On-policy rows come first."""
         t1 = time.perf_counter()
         episodes: list[EpisodeTensors] = []
         segments: dict = {}  # the G rollouts of a case share their first segment: encode it once
-        for r in on_records:
-            episodes.append(tokenize_record(r, store, self.processor, is_expert=False, cache=segments))
-        for r in off_records:
-            assert self.experts is not None
-            episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
+        for r in collected.on_records:
+            episodes.append(tokenize_record(r, collected.store, self.processor, is_expert=False, cache=segments))
+        if collected.off_records:
+            assert self.experts is not None  # _collect draws expert rows only from the pool
+            for r in collected.off_records:
+                episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
         metrics["train/prep_seconds"] = time.perf_counter() - t1
+        return episodes
 
-        # score and advantages: rewards are the environment's (plus the optional curiosity bonus); statistics per
-        # stream and group; the rows that enter the loss (all, or without flat groups: DAPO)
-        records = on_records + off_records
+    def _score(
+        self, step: int, collected: _Collected, episodes: list[EpisodeTensors], metrics: dict[str, float]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Advantages ``[B]`` and the rows that enter the loss (all, or without flat groups: DAPO).
+
+        Rewards are the environment's (plus the optional curiosity bonus); statistics per stream and group.
+        """
+        cfg, g = self.config, self.config.grpo
+        records = collected.on_records + collected.off_records
         rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)  # [B]
-        groups = torch.tensor([case_index.get(r.case_id, -1) for r in records], dtype=torch.long)  # [B]
+        groups = torch.tensor([collected.case_index.get(r.case_id, -1) for r in records], dtype=torch.long)  # [B]
         is_expert = torch.tensor([e.is_expert for e in episodes], dtype=torch.bool)  # [B]
         used_tool = torch.tensor([r.tool_steps > 0 for r in records], dtype=torch.bool)  # [B]
         rewards = shaped_rewards(rewards, used_tool, groups, is_expert, g, metrics)
         advantages, adv_stats = compute_advantages(rewards, groups, is_expert, cfg.objective)
         metrics.update(adv_stats)
-        metrics.update(episode_health(on_records, "stream/on/"))
-        metrics.update(episode_health(off_records, "stream/off/"))
+        metrics.update(episode_health(collected.on_records, "stream/on/"))
+        metrics.update(episode_health(collected.off_records, "stream/off/"))
         rows = loss_rows(rewards, groups, is_expert, g.skip_flat_groups, metrics)
         self._tool_alarm(step, metrics)
+        return advantages, rows
 
-        # old log-probs: recorded at generation, or recomputed before the update
-        if g.old_logprobs == "recompute":
-            self._recompute_old_logprobs(episodes)
-
-        # loss and step, over micro-batches
+    def _update(
+        self,
+        step: int,
+        episodes: list[EpisodeTensors],
+        advantages: torch.Tensor,
+        rows: list[int],
+        metrics: dict[str, float],
+    ) -> None:
+        """The dual-stream loss over micro-batches of ``rows`` (gradient accumulation), then one optimizer step."""
+        cfg = self.config
         self.model.train()
         lr = self._set_lr("grpo", step)
         t2 = time.perf_counter()
         loss_metrics: list[tuple[int, dict[str, float]]] = []
-        entropies: dict[str, list[float]] = {"on": [], "off": []}
-        gaps: list[float] = []
+        streams = _StreamStats()
         tokens_seen = 0
-        for chunk in _chunks(rows, g.grad_accum):
+        for chunk in _chunks(rows, cfg.grpo.grad_accum):
             batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
             adv = advantages[chunk].to(self.device)
             with self._autocast():
@@ -482,22 +530,11 @@ class Trainer:
             (loss * len(chunk) / len(rows)).backward()
             loss_metrics.append((len(chunk), lm))
             tokens_seen += int(batch.attention_mask.sum())
-            with torch.no_grad():
-                for name, rows_mask in (("on", ~batch.is_expert), ("off", batch.is_expert)):
-                    m = mask & rows_mask[:, None]
-                    if m.any():
-                        entropies[name].append(float(masked_mean(entropy, m)))
-                on_mask = mask & ~batch.is_expert[:, None]
-                if on_mask.any():
-                    gaps.append(float(masked_mean((logprobs.detach() - old).abs(), on_mask)))
+            streams.add(logprobs, old, entropy, mask, batch.is_expert)
         grad_norm = self._optimizer_step("grpo")
         seconds = time.perf_counter() - t2
-        metrics.update(_weighted_mean_metrics(loss_metrics))
-        for name, values in entropies.items():
-            if values:
-                metrics[f"stream/{name}/entropy"] = sum(values) / len(values)
-        if gaps:
-            metrics["stream/on/logprob_gap"] = sum(gaps) / len(gaps)
+        metrics.update(weighted_mean_metrics(loss_metrics))
+        metrics.update(streams.metrics())
         metrics.update(
             {
                 "train/loss": metrics.get("loss/total", 0.0),
@@ -509,7 +546,6 @@ class Trainer:
                 "train/retokenized_on_turns": float(sum(e.retokenized_turns for e in episodes if not e.is_expert)),
             }
         )
-        return metrics
 
     def _recompute_old_logprobs(self, episodes: list[EpisodeTensors]) -> None:
         self.model.eval()
@@ -683,18 +719,6 @@ class Trainer:
         }
         save_checkpoint(cfg.run_dir, step, self.model, self.optimizer, extra, cfg.keep_checkpoints)
 
-    def _save_final(self) -> None:
-        final = self.config.run_dir / "final"
-
-        def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-
-        try:
-            _atomic_dir_write(final, write)
-        except Exception as exc:
-            warnings.warn(f"could not save {final} ({exc}); the last checkpoint holds the weights", stacklevel=2)
-
     @contextlib.contextmanager
     def _progress(self, total: int, start: int) -> Iterator[Any]:
         if not self.config.progress:
@@ -716,28 +740,6 @@ class Trainer:
                 progress.update(task, advance=1, stage=stage, stats=stats)
 
             yield advance
-
-
-def progress_stats(live: dict[str, float], blind: float | None, tool_floor: float | None) -> str:
-    """The live part of the progress line (rich markup): loss, reward, tool share, held-out and blind accuracy.
-
-    >>> progress_stats({"train/loss": 0.5, "stream/on/tool_share": 0.0, "alarm/tool_collapse": 1.0}, 0.4, 0.1)
-    'loss 0.500  tools 0.00 [bold red]< floor 0.1: tool collapse[/]  (blind 0.400)'
-    """
-    parts = []
-    if "train/loss" in live:
-        parts.append(f"loss {live['train/loss']:.3f}")
-    if "stream/on/reward_mean" in live:
-        parts.append(f"reward {live['stream/on/reward_mean']:.2f}")
-    if "stream/on/tool_share" in live:
-        alarm = live.get("alarm/tool_collapse") and tool_floor is not None
-        warning = f" [bold red]< floor {tool_floor:g}: tool collapse[/]" if alarm else ""
-        parts.append(f"tools {live['stream/on/tool_share']:.2f}{warning}")
-    if "eval/accuracy" in live:
-        parts.append(f"held-out acc {live['eval/accuracy']:.3f}")
-    if blind is not None:
-        parts.append(f"(blind {blind:.3f})")
-    return "  ".join(parts)
 
 
 def shaped_rewards(
@@ -783,23 +785,6 @@ def _chunks(items: list, n: int) -> Iterator[list]:
     size = math.ceil(len(items) / n)
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def _weighted_mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
-    total = sum(w for w, _ in parts) or 1
-    keys = {k for _, m in parts for k in m}
-    out = {}
-    for key in keys:
-        if key.endswith(("_min",)):
-            out[key] = min(m[key] for _, m in parts if key in m)
-        elif key.endswith(("_max",)):
-            out[key] = max(m[key] for _, m in parts if key in m)
-        elif key.endswith(("/rows", "/tokens")):
-            out[key] = sum(m[key] for _, m in parts if key in m)
-        else:
-            weight = sum(w for w, m in parts if key in m) or total
-            out[key] = sum(w * m[key] for w, m in parts if key in m) / weight
-    return out
 
 
 def _autocast_dtype(config: TrainConfig) -> torch.dtype | None:
@@ -858,17 +843,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     start_step, optimizer_state = 0, None
     if checkpoint is not None:
-        state = read_checkpoint_state(checkpoint)  # the config check comes before any tensor is read
-        saved = dict(state.get("config", {}))
-        now = cfg.model_dump(mode="json")
-        for volatile in ("run_dir", "progress", "tensorboard", "threads"):
-            saved.pop(volatile, None)
-            now.pop(volatile, None)
-        if saved != now:
-            raise ConfigError(
-                f"{run_dir} holds a checkpoint of a different training config; resume with the same config, "
-                "pass --fresh to start over, or choose another --run-dir"
-            )
+        check_same_config(checkpoint, cfg.model_dump(mode="json"))  # before any tensor is read
         state = load_checkpoint(checkpoint, model)
         start_step, optimizer_state = int(state["step"]), state["optimizer"]
     logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=start_step if checkpoint else None)
