@@ -26,7 +26,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from medeyes.agents.expert import EXPERT_MODES, make_expert
+from medeyes.agents.expert import make_expert
+from medeyes.agents.expert_config import EXPERT_MODES
 from medeyes.agents.random_agent import RandomAgent
 from medeyes.rollout import RolloutConfig, RolloutSummary, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def expert_episodes(processor: Any, n_cases: int, max_steps: int) -> list[Any]:
     """Real GRN + CVS trajectories on phantom train cases, tokenised exactly as the SFT stage does."""
-    from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.agents.expert import ExpertAgent
+    from medeyes.agents.expert_config import ExpertConfig
     from medeyes.memory_store import MemoryStore
     from medeyes.models.episodes import tokenize_record
     from medeyes.rollout import RolloutConfig, run_rollout

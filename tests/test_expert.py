@@ -9,14 +9,9 @@ import numpy as np
 import pytest
 
 from medeyes.agents.base import Agent, EpisodeContext
-from medeyes.agents.expert import (
-    ExpertAgent,
-    ExpertConfig,
-    make_expert,
-    nucleus_choice,
-    question_family,
-    sub_regions,
-)
+from medeyes.agents.expert import ExpertAgent, make_expert, nucleus_choice, sub_regions
+from medeyes.agents.expert_answers import question_family
+from medeyes.agents.expert_config import ExpertConfig
 from medeyes.agents.oracles import ScoredRegion
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes_env.cases import Case, Region

@@ -137,7 +137,8 @@ def test_server_memory_is_measured(server: VLLMServer) -> None:
 def test_expert_with_the_vlm_oracle_plays_phantom_episodes_against_the_server(server: VLLMServer) -> None:
     # The live half of the VLM oracle: scan asks the served model for boxes, drill reads P("yes") from its
     # logprobs, and the GRN+CVS expert turns that into well-formed protocol turns through MedEyesEnv.
-    from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.agents.expert import ExpertAgent
+    from medeyes.agents.expert_config import ExpertConfig
     from medeyes.agents.oracles import VLMOracle, VLMOracleConfig
     from medeyes.rollout import RolloutConfig, run_rollout
 

@@ -62,7 +62,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _expert_factory(spec: AgentSpec) -> Agent:
-    from medeyes.agents.expert import ExpertConfig, make_expert
+    from medeyes.agents.expert import make_expert
+    from medeyes.agents.expert_config import ExpertConfig
 
     expert_fields = set(ExpertConfig.model_fields)
     expert_options = {k: _parse_value(v) for k, v in spec.options.items() if k in expert_fields}

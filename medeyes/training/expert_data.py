@@ -45,7 +45,8 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
     """Open the expert store; when empty and allowed, run the expert agent (GRN + CVS) to fill it."""
     from filelock import FileLock
 
-    from medeyes.agents.expert import ExpertAgent, ExpertConfig
+    from medeyes.agents.expert import ExpertAgent
+    from medeyes.agents.expert_config import ExpertConfig
     from medeyes.agents.oracles import make_oracle
 
     root = expert_store_dir(config)

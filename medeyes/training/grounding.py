@@ -113,7 +113,7 @@ def episode_grounding_examples(
 
     Only questions about regions give examples: the expert answers global ones (modality) without looking.
     """
-    from medeyes.agents.expert import REGION_FAMILIES, question_family
+    from medeyes.agents.expert_answers import REGION_FAMILIES, question_family
 
     objects = candidates(case)
     # a global question (modality) is answered at once in the expert's episodes: no look to learn from it
