@@ -80,8 +80,8 @@ def train_throughput(model: Any, episodes: list[Any], args: argparse.Namespace, 
     import torch
 
     from medeyes.models.episodes import collate
+    from medeyes.training.logprobs import masked_token_logprobs
     from medeyes.training.objective import sft_loss
-    from medeyes.training.trainer import masked_token_logprobs
 
     device = torch.device(args.device)
     autocast = (

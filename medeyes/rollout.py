@@ -31,7 +31,6 @@ from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, Traj
 from medeyes_env.cases import Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
-from medeyes_env.rewards import REWARD_COMPONENTS
 from medeyes_env.sources import CaseSource, open_source
 
 
@@ -126,6 +125,8 @@ class _Live:
     agent_seconds: float = 0.0
     env_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
+    reward: float = 0.0
+    """Sum of the rewards ``env.step`` returned: the one total (malformed-turn penalties included)."""
 
 
 def run_rollout(
@@ -222,8 +223,7 @@ def run_rollout(
             record.error_type = type(error).__name__
         if item.steps:
             record.reward_components = dict(item.steps[-1].reward_components)
-        weights = config.env.rewards.weights()
-        record.reward = sum(weights[k] * record.reward_components.get(k, 0.0) for k in REWARD_COMPONENTS)
+        record.reward = item.reward  # the environment's total; an episode cut short has earned what it was paid
         record.timings = Timings(
             agent=item.agent_seconds, env=item.env_seconds, total=time.perf_counter() - item.started
         )
@@ -287,7 +287,8 @@ def _first_user_text(env: MedEyesEnv) -> str:
 def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: RecordSink | None) -> bool:
     env = item.env
     t0 = time.perf_counter()
-    obs, _, terminated, truncated, info = env.step(output.text)
+    obs, reward, terminated, truncated, info = env.step(output.text)
+    item.reward += float(reward)
     env_seconds = time.perf_counter() - t0
     item.env_seconds += env_seconds
     turn = env.turns[-1]

@@ -160,7 +160,9 @@ class TrajectoryRecord(BaseModel):
     final_answer: str | None = Field(default=None, description="The answer given; None when truncated.")
     terminated: bool = Field(default=False, description="The episode ended with an answer.")
     truncated: bool = Field(default=False, description="The episode ran out of turns.")
-    reward: float = Field(default=0.0, description="Total episode reward (weighted sum of the components).")
+    reward: float = Field(
+        default=0.0, description="Total episode reward: the sum of what env.step returned (malformed penalties in)."
+    )
     reward_components: dict[str, float] = Field(default_factory=dict, description="Final reward components.")
     producer: Producer = Field(description="What produced the turns.")
     timings: Timings = Field(default_factory=Timings, description="Where the time went.")

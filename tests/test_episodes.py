@@ -24,7 +24,7 @@ from medeyes.models.episodes import (  # noqa: E402
     tokenize_record,
 )
 from medeyes.rollout import RolloutConfig, run_rollout  # noqa: E402
-from medeyes.training.objective import sequence_logprobs_from_logits  # noqa: E402
+from medeyes.training.logprobs import sequence_logprobs_from_logits  # noqa: E402
 from medeyes.trajectories import TrajectoryStore  # noqa: E402
 from medeyes_env.cases import Case, Region  # noqa: E402
 from medeyes_env.env import EnvConfig, MedEyesEnv  # noqa: E402

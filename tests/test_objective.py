@@ -10,17 +10,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from medeyes.training.logprobs import entropy_from_logits, sequence_logprobs_from_logits
 from medeyes.training.objective import (
     compute_advantages,
-    curiosity_bonus,
     dual_stream_loss,
-    entropy_from_logits,
-    flat_groups,
     masked_mean,
-    sequence_logprobs_from_logits,
     sft_loss,
 )
 from medeyes.training.objective_config import ObjectiveConfig
+from medeyes.training.shaping import curiosity_bonus, flat_groups
 
 F = torch.float32
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner  # noqa: E402
 from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
 from medeyes.training.config import TrainConfig, build_config, preset  # noqa: E402
 from medeyes.training.metrics import read_metrics  # noqa: E402
-from medeyes.training.trainer import learning_rate, train  # noqa: E402
+from medeyes.training.schedule import learning_rate  # noqa: E402
+from medeyes.training.trainer import train  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402
 
 VOLATILE = ("seconds", "per_second", "elapsed")
@@ -224,7 +225,7 @@ def test_defaults_add_no_shaping_skipping_or_alarm(cache, tmp_path, monkeypatch)
 
 def test_shaped_rewards_and_loss_rows_by_hand():
     from medeyes.training.config import GRPOConfig
-    from medeyes.training.trainer import loss_rows, shaped_rewards
+    from medeyes.training.shaping import loss_rows, shaped_rewards
 
     rewards = torch.tensor([0.0, 0.9, 0.0, 0.0, 0.7, 0.5, 0.5, 1.0])
     used = torch.tensor([False, True, False, False, True, True, False, True])

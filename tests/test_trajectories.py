@@ -231,3 +231,29 @@ def test_the_memory_store_has_the_trajectory_store_interface(tmp_path):
     records = run_rollout(RandomAgent(), "phantom:easy", RolloutConfig(n=2), store=memory).records
     assert all(r.trajectory_id in memory for r in records)
     assert records[0].chat_messages(memory)[1]["content"][0]["image"] is memory.load_image(records[0].image)
+
+
+def test_the_record_reward_is_the_environments_total_with_its_malformed_penalty():
+    from medeyes.agents.base import TurnOutput
+    from medeyes_env.env import EnvConfig
+
+    class GarbleThenAnswer:
+        name = "garble"
+
+        def describe(self):
+            return {"kind": "scripted", "name": self.name}
+
+        def act(self, batch):
+            return [
+                TurnOutput(text="no tags here" if c.step == 0 else "<reasoning>r</reasoning><answer>yes</answer>")
+                for c in batch
+            ]
+
+    env = EnvConfig(malformed_penalty=0.25)
+    records = run_rollout(GarbleThenAnswer(), "phantom:easy", RolloutConfig(n=3, env=env)).records
+    for record in records:
+        replay = MedEyesEnv("phantom:easy", split="test", config=env)
+        replay.reset(seed=record.seed, options={"case_index": int(record.case_id.rsplit("/", 1)[1])})
+        paid = [replay.step(step.text)[1] for step in record.steps]
+        assert paid[0] == -0.25  # the unparseable first turn
+        assert record.reward == sum(paid)

@@ -10,11 +10,12 @@ the evaluation before training). On resume from a checkpoint taken after ``k`` u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,29 @@ def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
     overall = Counter(c.answer for c in train_cases).most_common(1)[0][0] if train_cases else "yes"
     scores = [accuracy_reward(table.get(c.question, overall), c) for c in eval_cases]
     return float(sum(scores) / len(scores)) if scores else 0.0
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, start: int, stats: Callable[[], str]) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar over ``total`` steps from ``start``; yields ``advance(stage)``, which also shows ``stats()``.
+
+    Disabled: yields an ``advance`` that does nothing.
+    """
+    if not enabled:
+        yield lambda stage: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.fields[stage]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+    ) as progress:
+        task = progress.add_task("train", total=total, completed=start, stage="train", stats="")
+
+        def advance(stage: str) -> None:
+            progress.update(task, advance=1, stage=stage, stats=stats())
+
+        yield advance

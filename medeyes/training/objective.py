@@ -17,12 +17,10 @@ of an empty stream) is left out rather than reported as 0 or NaN; counts
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
-
 import torch
 from torch import Tensor
 
+from medeyes.training.logprobs import sequence_logprobs_from_logits
 from medeyes.training.objective_config import Aggregation, ObjectiveConfig
 
 STREAMS: tuple[tuple[str, bool], ...] = (("on", False), ("off", True))
@@ -61,87 +59,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return total.sum() / count.sum().clamp(min=1.0)
     return total.sum(dim=dim) / count.sum(dim=dim).clamp(min=1.0)
-
-
-def _logit_chunks(logits: Tensor, temperature: float, chunk_size: int) -> Iterator[tuple[int, slice, Tensor]]:
-    """Yield ``(row, positions, float32 logits / temperature)`` chunks of a ``[B, T, V]`` tensor.
-
-    Slices along ``T`` within one row are views even when ``logits`` is a non-contiguous slice such as
-    ``logits[:, :-1]``, so only one chunk is ever copied to float32 at a time.
-    """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    b, t, _ = logits.shape
-    for row in range(b):
-        for start in range(0, t, chunk_size):
-            pos = slice(start, min(start + chunk_size, t))
-            x = logits[row, pos].float()  # [n, V]
-            yield row, pos, (x / temperature if temperature != 1.0 else x)
-
-
-def sequence_logprobs_from_logits(
-    logits: Tensor, target_ids: Tensor, temperature: float = 1.0, chunk_size: int = 1024
-) -> Tensor:
-    """Log-probability of each target token under ``softmax(logits / temperature)``.
-
-    Memory-careful: works on ``chunk_size`` positions of one row at a time as ``gather(x) - logsumexp(x)`` in
-    float32, never materialising a full ``[B, T, V]`` log-softmax. (Under autograd, ``logsumexp`` still
-    keeps its float32 input of every chunk for the backward pass.)
-
-    Args:
-        logits: ``[B, T, V]`` logits where position ``t`` predicts ``target_ids[:, t]`` (already shifted).
-        target_ids: ``[B, T]`` long token ids; negative ids (padding such as -100) give log-prob 0.
-        temperature: The sampling temperature, so ratios are taken under the distribution that sampled.
-        chunk_size: Token positions per chunk.
-
-    Returns:
-        ``[B, T]`` float32 log-probabilities.
-
-    """
-    if target_ids.shape != logits.shape[:2] or logits.dim() != 3:
-        raise ValueError(
-            f"target_ids has shape {tuple(target_ids.shape)} and logits {tuple(logits.shape)}; logits must be "
-            "[B, T, V] and target_ids [B, T] with the same B and T (shift logits/labels before calling)."
-        )
-    valid = target_ids >= 0  # [B, T]
-    safe_ids = torch.where(valid, target_ids, torch.zeros_like(target_ids))  # [B, T]
-    rows: list[list[Tensor]] = [[] for _ in range(logits.shape[0])]
-    for row, pos, x in _logit_chunks(logits, temperature, chunk_size):  # x: [n, V]
-        tgt = x.gather(-1, safe_ids[row, pos, None]).squeeze(-1)  # [n]
-        rows[row].append(tgt - torch.logsumexp(x, dim=-1))  # [n]
-    lp = _stack_rows(rows, logits)  # [B, T]
-    return torch.where(valid, lp, torch.zeros_like(lp))
-
-
-def _stack_rows(rows: list[list[Tensor]], logits: Tensor) -> Tensor:
-    if not rows or not rows[0]:
-        return torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
-    return torch.stack([torch.cat(chunks) for chunks in rows])
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` at every position, in chunks, in float32.
-
-    ``H = logsumexp(x) - sum_v softmax(x)_v * x_v``.
-
-    Args:
-        logits: ``[B, T, V]``.
-        temperature: Sampling temperature (> 0).
-        chunk_size: Token positions per chunk.
-
-    Returns:
-        ``[B, T]`` float32 entropies (nats).
-
-    """
-    rows: list[list[Tensor]] = [[] for _ in range(logits.shape[0])] if logits.dim() == 3 else []
-    for row, _, x in _logit_chunks(logits, temperature, chunk_size):  # x: [n, V]
-        p = torch.softmax(x, dim=-1)  # [n, V]
-        rows[row].append(torch.logsumexp(x, dim=-1) - (p * x).sum(dim=-1))  # [n]
-    return _stack_rows(rows, logits)  # [B, T]
 
 
 def sft_loss(
@@ -196,7 +113,7 @@ def sft_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _segment_stats(values: Tensor, seg: Tensor, n_seg: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def segment_stats(values: Tensor, seg: Tensor, n_seg: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-segment count, mean, std and an 'all values equal' flag, in float64.
 
     A segment with fewer than 2 values, or whose values are all exactly equal, has std exactly 0.
@@ -214,7 +131,8 @@ def _segment_stats(values: Tensor, seg: Tensor, n_seg: int, unbiased: bool) -> t
     return count, mean, std, equal | (count < 2)
 
 
-def _check_advantage_inputs(rewards: Tensor, group_ids: Tensor, is_expert: Tensor) -> None:
+def check_advantage_inputs(rewards: Tensor, group_ids: Tensor, is_expert: Tensor) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the problem unless all are ``[B]``: finite float, long, bool."""
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}.")
     if group_ids.shape != rewards.shape or is_expert.shape != rewards.shape:
@@ -266,7 +184,7 @@ def compute_advantages(
         plus ``stream/off/no_baseline_groups``.
 
     """
-    _check_advantage_inputs(rewards, group_ids, is_expert)
+    check_advantage_inputs(rewards, group_ids, is_expert)
     device = rewards.device
     r = rewards.detach().to(device="cpu", dtype=torch.float64)  # [B]
     expert = is_expert.detach().cpu()  # [B]
@@ -276,7 +194,7 @@ def compute_advantages(
 
     # Per (group, stream) statistics: segment k = 2 * g + is_expert.
     seg = 2 * g + expert.long()  # [B]
-    cnt_gs, mu_gs, sd_gs, flat_gs = _segment_stats(r, seg, 2 * n_groups, unbiased)  # [2G] each
+    cnt_gs, mu_gs, sd_gs, flat_gs = segment_stats(r, seg, 2 * n_groups, unbiased)  # [2G] each
     on_k = 2 * g  # [B] the on-policy segment of each row's group
 
     def normalise(centred: Tensor, sigma: Tensor, flat: Tensor, floor: float) -> Tensor:
@@ -288,7 +206,7 @@ def compute_advantages(
 
     no_baseline_groups = 0
     if config.advantage_mode == "joint":
-        _, mu_g, sd_g, flat_g = _segment_stats(r, g, n_groups, unbiased)  # [G] each
+        _, mu_g, sd_g, flat_g = segment_stats(r, g, n_groups, unbiased)  # [G] each
         adv = normalise(r - mu_g[g], sd_g[g], flat_g[g], 0.0)
     else:
         own = normalise(r - mu_gs[seg], sd_gs[seg], flat_gs[seg], 0.0)  # [B] per-stream advantage
@@ -303,7 +221,7 @@ def compute_advantages(
         elif config.advantage_mode == "batch_floor" and bool(expert.any()):
             r_off = r[expert]  # [B_off]
             zeros = torch.zeros(r_off.numel(), dtype=torch.long)
-            _, mu_b, sd_b, flat_b = _segment_stats(r_off, zeros, 1, unbiased)  # [1] each
+            _, mu_b, sd_b, flat_b = segment_stats(r_off, zeros, 1, unbiased)  # [1] each
             off_adv = normalise(r_off - mu_b[0], sd_b.expand_as(r_off), flat_b.expand_as(r_off), config.sigma_floor)
             adv = own.clone()
             adv[expert] = off_adv
@@ -326,89 +244,6 @@ def compute_advantages(
             stats[f"stream/{name}/adv_zero_frac"] = (aa == 0).double().mean().item()
     stats["stream/off/no_baseline_groups"] = float(no_baseline_groups)
     return adv.to(device=device, dtype=rewards.dtype), stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training-time shaping and filtering (options that keep tools alive; all off in the paper)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def curiosity_bonus(
-    used_tool: Tensor,
-    group_ids: Tensor,
-    coef: float,
-    threshold: float,
-    scope: Literal["group", "batch"] = "group",
-) -> Tensor:
-    """Pixel Reasoner's curiosity bonus: ``coef * max(threshold - rate, 0)`` for each row that used a tool.
-
-    ``rate`` is the share of rows that used a tool in the row's own group (``scope="group"``: Pixel Reasoner's
-    rate of pixel-space reasoning of the prompt) or in the whole batch (``"batch"``). Rows without a tool call
-    get 0, and so does every row once the rate reaches ``threshold``. Meant for on-policy rows only: pass
-    their slice of the batch.
-
-    >>> used = torch.tensor([True, False, False, False, True, True])
-    >>> groups = torch.tensor([0, 0, 0, 0, 1, 1])
-    >>> [round(x, 4) for x in curiosity_bonus(used, groups, coef=0.5, threshold=0.3).tolist()]  # rates 1/4, 1
-    [0.025, 0.0, 0.0, 0.0, 0.0, 0.0]
-    >>> [round(x, 4) for x in curiosity_bonus(used, groups, 1.0, 0.6, scope="batch").tolist()]  # rate 1/2
-    [0.1, 0.0, 0.0, 0.0, 0.1, 0.1]
-
-    Args:
-        used_tool: ``[N]`` bool, the row's episode executed a scan or drill.
-        group_ids: ``[N]`` long, the prompt each row answers.
-        coef: ``alpha`` (>= 0), the bonus when no other row of the set used a tool and ``threshold = 1``.
-        threshold: ``H`` in [0, 1], the tool rate below which tool use is paid.
-        scope: Which rows the rate is taken over.
-
-    Returns:
-        ``[N]`` float32 bonus.
-
-    """
-    if used_tool.dim() != 1 or group_ids.shape != used_tool.shape:
-        raise ValueError(
-            f"used_tool and group_ids must both be [N], got {tuple(used_tool.shape)} and {tuple(group_ids.shape)}."
-        )
-    if used_tool.dtype != torch.bool or group_ids.dtype != torch.long:
-        raise TypeError(f"used_tool must be bool and group_ids long, got {used_tool.dtype} and {group_ids.dtype}.")
-    if not (coef >= 0.0 and 0.0 <= threshold <= 1.0):
-        raise ValueError(f"curiosity_bonus needs coef >= 0 and 0 <= threshold <= 1, got coef={coef}, {threshold=}.")
-    if scope not in ("group", "batch"):
-        raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}.")
-    used = used_tool.detach().cpu().double()  # [N]
-    if used.numel() == 0:
-        return torch.zeros(0, dtype=torch.float32, device=used_tool.device)
-    if scope == "batch":
-        rate = used.mean().expand_as(used)  # [N]
-    else:
-        _, g = torch.unique(group_ids.detach().cpu(), return_inverse=True)  # [N] dense group index
-        _, mean, _, _ = _segment_stats(used, g, int(g.max().item()) + 1, unbiased=False)  # [G] each
-        rate = mean[g]  # [N]
-    bonus = coef * (threshold - rate).clamp(min=0.0) * used  # [N]
-    return bonus.to(device=used_tool.device, dtype=torch.float32)
-
-
-def flat_groups(rewards: Tensor, group_ids: Tensor, is_expert: Tensor) -> Tensor:
-    """``[B]`` bool: rows (of both streams) whose group's on-policy rewards are all equal.
-
-    DAPO's dynamic-sampling test: such a group's on-policy advantages are all exactly 0
-    (:func:`compute_advantages`), so its on-policy rows only dilute the loss. A group with a single
-    on-policy row counts as flat; a group with no on-policy row is never flat.
-
-    >>> rewards = torch.tensor([1.0, 1.0, 0.9, 0.0, 1.0, 0.5])
-    >>> groups = torch.tensor([0, 0, 0, 1, 1, 1])
-    >>> expert = torch.tensor([False, False, True, False, False, True])
-    >>> flat_groups(rewards, groups, expert).tolist()
-    [True, True, True, False, False, False]
-    """
-    _check_advantage_inputs(rewards, group_ids, is_expert)
-    if rewards.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=rewards.device)
-    _, g = torch.unique(group_ids.detach().cpu(), return_inverse=True)  # [B] dense group index in [0, G)
-    on = ~is_expert.detach().cpu()  # [B]
-    r = rewards.detach().to(device="cpu", dtype=torch.float64)  # [B]
-    count, _, _, flat = _segment_stats(r[on], g[on], int(g.max().item()) + 1, unbiased=True)  # [G] each
-    return (flat & (count > 0))[g].to(rewards.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,15 +348,11 @@ def dual_stream_loss(
     maskf = mask.float()  # [B, T]
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
 
-    def clean(x: Tensor) -> Tensor:
-        # [B, T] float32 with every position outside the mask replaced by 0 (gradient 0 there, no NaN leaks).
-        return torch.where(mask, x.float(), zero)
-
     adv = advantages.detach().float()[:, None]  # [B, 1]
     expert = is_expert[:, None]  # [B, 1]
     on_tok = mask & ~expert  # [B, T]
     off_tok = mask & expert  # [B, T]
-    lp = clean(logprobs)  # [B, T]
+    lp = torch.where(mask, logprobs.float(), zero)  # [B, T]; 0 outside the mask: no gradient, no NaN leaks
     old = torch.where(on_tok, old_logprobs.detach().float(), zero)  # [B, T]; expert rows' values are ignored
     lo, hi = 1.0 - config.clip_eps, 1.0 + config.clip_high
 
@@ -543,59 +374,111 @@ def dual_stream_loss(
 
     pg = torch.where(on_tok, on_loss, torch.where(off_tok, off_loss, zero))  # [B, T]
     policy = _aggregate(pg, maskf, config.aggregation)
+    total, metrics = _regularised(policy, lp, mask, config, ref_logprobs, entropy)
+    if not bool(mask.any()):
+        total = total + (lp * 0.0).sum()  # keep a graph so backward() works on an all-empty batch
+    metrics["loss/policy"] = policy.item()
+    metrics["loss/total"] = total.item()
+
+    clipped = {"on": on_clip_low | on_clip_high, "off": off_clipped}
+    metrics.update(_stream_metrics(pg, advantages, is_expert, {"on": on_tok, "off": off_tok}, clipped, config))
+    with torch.no_grad():
+        metrics.update(_ratio_metrics(ratio, lp - old, on_tok, on_clip_low, on_clip_high, rho, weight, off_tok))
+    return total, metrics
+
+
+def _regularised(
+    policy: Tensor,
+    lp: Tensor,
+    mask: Tensor,
+    config: ObjectiveConfig,
+    ref_logprobs: Tensor | None,
+    entropy: Tensor | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """``policy + kl_coef * k3 - entropy_coef * entropy`` (each aggregated over ``mask`` ``[B, T]``) and their values.
+
+    ``k3 = exp(ref - logp) - (ref - logp) - 1`` per token; a term is reported when its input is given, and
+    added to the loss only when its coefficient is positive.
+    """
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    maskf = mask.float()  # [B, T]
     total = policy
     metrics: dict[str, float] = {}
-
     if ref_logprobs is not None:
-        d = clean(ref_logprobs.detach()) - lp  # [B, T], 0 outside the mask
+        d = torch.where(mask, ref_logprobs.detach().float(), zero) - lp  # [B, T], 0 outside the mask
         k3 = torch.where(mask, torch.exp(d) - d - 1.0, zero)  # [B, T]
         kl = _aggregate(k3, maskf, config.aggregation)
         if config.kl_coef > 0:
             total = total + config.kl_coef * kl
         metrics["loss/kl"] = kl.item()
     if entropy is not None:
-        ent = clean(entropy)  # [B, T]
+        ent = torch.where(mask, entropy.float(), zero)  # [B, T]
         ent_agg = _aggregate(ent, maskf, config.aggregation)
         if config.entropy_coef > 0:
             total = total - config.entropy_coef * ent_agg
         metrics["loss/entropy"] = ent_agg.item()
         metrics["entropy/mean"] = masked_mean(ent.detach(), mask).item()
-    if not bool(mask.any()):
-        total = total + (lp * 0.0).sum()  # keep a graph so backward() works on an all-empty batch
-    metrics["loss/policy"] = policy.item()
-    metrics["loss/total"] = total.item()
-
-    with torch.no_grad():
-        for name, flag, tok, clipped in (
-            ("on", False, on_tok, on_clip_low | on_clip_high),
-            ("off", True, off_tok, off_clipped),
-        ):
-            rows = is_expert == flag  # [B]
-            n_tok = int(tok.sum().item())
-            metrics[f"stream/{name}/rows"] = float(rows.sum().item())
-            metrics[f"stream/{name}/tokens"] = float(n_tok)
-            if n_tok == 0:
-                continue
-            a = advantages.detach().float()[rows]
-            metrics[f"stream/{name}/adv_mean"] = a.mean().item()
-            metrics[f"stream/{name}/adv_std"] = a.std(correction=0).item()
-            metrics[f"stream/{name}/pg_loss"] = _aggregate(
-                torch.where(tok, pg, zero), tok.float(), config.aggregation
-            ).item()
-            metrics[f"stream/{name}/clip_frac"] = masked_mean(clipped.float(), tok).item()
-            if name == "on":
-                sel = ratio[tok]
-                metrics["stream/on/ratio_mean"] = sel.mean().item()
-                metrics["stream/on/ratio_min"] = sel.min().item()
-                metrics["stream/on/ratio_max"] = sel.max().item()
-                metrics["stream/on/clip_frac_low"] = masked_mean(on_clip_low.float(), tok).item()
-                metrics["stream/on/clip_frac_high"] = masked_mean(on_clip_high.float(), tok).item()
-                log_r = (lp - old)[tok]
-                metrics["stream/on/approx_kl"] = (torch.exp(log_r) - 1.0 - log_r).mean().item()
-            else:
-                sel = rho[tok]
-                metrics["stream/off/rho_mean"] = sel.mean().item()
-                metrics["stream/off/rho_min"] = sel.min().item()
-                metrics["stream/off/rho_max"] = sel.max().item()
-                metrics["stream/off/weight_mean"] = weight[tok].mean().item()
     return total, metrics
+
+
+@torch.no_grad()
+def _stream_metrics(
+    pg: Tensor,
+    advantages: Tensor,
+    is_expert: Tensor,
+    tokens: dict[str, Tensor],
+    clipped: dict[str, Tensor],
+    config: ObjectiveConfig,
+) -> dict[str, float]:
+    """Per stream: rows and tokens always; advantage mean/std, policy-gradient loss and clip share when it has tokens.
+
+    ``pg``, ``tokens[s]`` and ``clipped[s]`` are ``[B, T]``; ``advantages`` and ``is_expert`` ``[B]``.
+    """
+    zero = torch.zeros((), dtype=torch.float32, device=pg.device)
+    metrics: dict[str, float] = {}
+    for name, flag in STREAMS:
+        rows = is_expert == flag  # [B]
+        tok = tokens[name]
+        n_tok = int(tok.sum().item())
+        metrics[f"stream/{name}/rows"] = float(rows.sum().item())
+        metrics[f"stream/{name}/tokens"] = float(n_tok)
+        if n_tok == 0:
+            continue
+        a = advantages.detach().float()[rows]
+        metrics[f"stream/{name}/adv_mean"] = a.mean().item()
+        metrics[f"stream/{name}/adv_std"] = a.std(correction=0).item()
+        metrics[f"stream/{name}/pg_loss"] = _aggregate(
+            torch.where(tok, pg, zero), tok.float(), config.aggregation
+        ).item()
+        metrics[f"stream/{name}/clip_frac"] = masked_mean(clipped[name].float(), tok).item()
+    return metrics
+
+
+def _ratio_metrics(
+    ratio: Tensor,
+    log_ratio: Tensor,
+    on_tok: Tensor,
+    on_clip_low: Tensor,
+    on_clip_high: Tensor,
+    rho: Tensor,
+    weight: Tensor,
+    off_tok: Tensor,
+) -> dict[str, float]:
+    """On-policy ratio statistics and approx KL (k3 of old vs new); expert rho and shaped weight (all ``[B, T]``)."""
+    metrics: dict[str, float] = {}
+    if on_tok.any():
+        sel = ratio[on_tok]
+        metrics["stream/on/ratio_mean"] = sel.mean().item()
+        metrics["stream/on/ratio_min"] = sel.min().item()
+        metrics["stream/on/ratio_max"] = sel.max().item()
+        metrics["stream/on/clip_frac_low"] = masked_mean(on_clip_low.float(), on_tok).item()
+        metrics["stream/on/clip_frac_high"] = masked_mean(on_clip_high.float(), on_tok).item()
+        log_r = log_ratio[on_tok]
+        metrics["stream/on/approx_kl"] = (torch.exp(log_r) - 1.0 - log_r).mean().item()
+    if off_tok.any():
+        sel = rho[off_tok]
+        metrics["stream/off/rho_mean"] = sel.mean().item()
+        metrics["stream/off/rho_min"] = sel.min().item()
+        metrics["stream/off/rho_max"] = sel.max().item()
+        metrics["stream/off/weight_mean"] = weight[off_tok].mean().item()
+    return metrics

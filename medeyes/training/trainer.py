@@ -38,15 +38,12 @@ import torch
 
 from medeyes.agents.policy import PolicyAgent
 from medeyes.memory_store import MemoryStore
-from medeyes.models.chat import content_text
 from medeyes.models.episodes import (
     EpisodeTensors,
-    TurnTokens,
     collate,
-    tokenize_episode,
     tokenize_record,
 )
-from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
 from medeyes.training.checkpoints import (
     CHECKPOINTS_DIR,
     check_same_config,
@@ -55,30 +52,31 @@ from medeyes.training.checkpoints import (
     save_checkpoint,
     save_final,
 )
-from medeyes.training.config import GRPOConfig, OptimConfig, TrainConfig
+from medeyes.training.config import TrainConfig
 from medeyes.training.expert_data import (
     ExpertPool,
     brief_record,  # noqa: F401  TEMPORARY until openrlhf/export.py imports it
     ensure_expert_trajectories,
 )
+from medeyes.training.ground_pool import build_ground_pool, ground_episode
+from medeyes.training.held_out import GroundingEval, held_out_metrics
+from medeyes.training.logprobs import masked_token_logprobs
 from medeyes.training.metrics import (
     MetricsLogger,
     blind_accuracy,
     episode_health,
+    progress_bar,
     progress_stats,
-    tool_use_accuracy,
     weighted_mean_metrics,
 )
 from medeyes.training.objective import (
     compute_advantages,
-    curiosity_bonus,
     dual_stream_loss,
-    entropy_from_logits,
-    flat_groups,
     masked_mean,
-    sequence_logprobs_from_logits,
     sft_loss,
 )
+from medeyes.training.schedule import learning_rate, step_seed
+from medeyes.training.shaping import loss_rows, shaped_rewards
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.errors import ConfigError
 from medeyes_env.sources import CaseSource, open_cases
@@ -87,89 +85,6 @@ LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "ala
 
 
 # ================================================================================================ small pure helpers
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A 31-bit seed for step ``step`` of a run seeded ``seed`` (distinct per ``salt``).
-
-    >>> step_seed(0, 5) == step_seed(0, 5) != step_seed(0, 6)
-    True
-    """
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step, salt]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def learning_rate(optim: OptimConfig, step: int, total: int) -> float:
-    """Linear warmup to ``optim.lr``, then constant or cosine decay to ``min_lr_ratio * lr`` at ``total``.
-
-    >>> cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.0)
-    >>> [round(learning_rate(cfg, s, 6), 3) for s in range(6)]
-    [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
-    """
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return optim.lr
-    span = max(1, total - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    floor = optim.min_lr_ratio
-    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def masked_token_logprobs(
-    model: torch.nn.Module, batch: Any, dtype: torch.dtype | None, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``[B, T-1]`` of each next token (position t predicts ids[t+1]) where the loss mask needs them.
-
-    The LM head and log-softmax run only at the positions that predict a loss token in some row (the union
-    over the batch, passed to the model as ``logits_to_keep``); every other entry is 0. For the tiny model
-    this cut the backward pass 4x (full-vocabulary logits of prompt and observation tokens dominated it).
-    With ``with_entropy`` also returns the per-token entropy ``[B, T-1]`` (no grad) at the same positions.
-    """
-    targets = batch.loss_mask[:, 1:]  # [B, T-1]
-    positions = targets.any(dim=0).nonzero().squeeze(1)  # [K] positions whose next token is trained somewhere
-    shape = targets.shape
-    if positions.numel() == 0:
-        positions = torch.tensor([shape[1] - 1], device=targets.device)
-    inputs = batch.model_inputs(dtype, causal_only=True)  # right padding: no mask needed, see collate
-    logits = model(**inputs, logits_to_keep=positions).logits  # [B, K, V]
-    next_ids = batch.input_ids[:, positions + 1]  # [B, K]
-    picked = sequence_logprobs_from_logits(logits, next_ids)  # [B, K]
-    logprobs = picked.new_zeros(shape).index_copy(1, positions, picked)  # [B, T-1]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            part = entropy_from_logits(logits.detach())  # [B, K]
-            entropy = part.new_zeros(shape).index_copy(1, positions, part)
-    return logprobs, entropy
-
-
-def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
-    """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
-    from medeyes.training.grounding import episode_grounding_examples, grounding_examples
-
-    rng = np.random.default_rng(step_seed(config.seed, 0, 4))
-    size = source.size(config.train_split)
-    n = min(config.ground.cases, size) if size is not None else config.ground.cases
-    tasks = tuple(config.ground.tasks)
-    pool = []
-    for index in range(n):
-        case = source.case(config.train_split, index)
-        if config.ground.shape == "episode":
-            pool += episode_grounding_examples(
-                case, config.env, tasks, rng, config.ground.jitter, config.ground.what_share
-            )
-        else:
-            pool += grounding_examples(
-                case,
-                config.env,
-                tasks,
-                rng,
-                config.ground.jitter,
-                config.ground.what_share,
-                config.ground.system_prompt,
-                as_turns=config.ground.shape == "turns",
-            )
-    return pool
 
 
 # ================================================================================================ the trainer
@@ -262,7 +177,7 @@ class Trainer:
         self.logger = logger
         self.pool_cases = pool_cases
         self.ground_pool = ground_pool or []
-        self._ground_eval: list[tuple[Any, list]] | None = None
+        self._ground_eval: GroundingEval | None = None
         self.device = torch.device(config.device)
         self.autocast_dtype = _autocast_dtype(config)
         self.pad_id = int(processor.tokenizer.pad_token_id)
@@ -295,7 +210,11 @@ class Trainer:
         self.blind = self._blind_accuracy()
         if start_step < total and optimizer_state is not None and optimizer_stage == cfg.stage_at(start_step)[0]:
             self._ensure_optimizer(optimizer_stage, optimizer_state)
-        with self._progress(total, start_step) as advance:
+
+        def stats() -> str:
+            return progress_stats(self.live, self.blind, cfg.grpo.tool_floor)
+
+        with progress_bar(cfg.progress, total, start_step, stats) as advance:
             if start_step == 0 and cfg.eval.every:
                 self.logger.log(0, self._evaluate_and_remember(0))
             for step in range(start_step, stop):
@@ -342,7 +261,7 @@ class Trainer:
         rng = np.random.default_rng(step_seed(cfg.seed, step, 3))
         picks = rng.integers(0, len(self.ground_pool), size=cfg.ground.batch_size)
         t0 = time.perf_counter()
-        episodes = [self._ground_episode(int(i)) for i in picks]
+        episodes = [ground_episode(self.ground_pool[int(i)], self.processor) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
         lr = self._set_lr("ground", step)
@@ -365,15 +284,6 @@ class Trainer:
             "train/prep_seconds": prep,
         }
 
-    def _ground_episode(self, index: int) -> EpisodeTensors:
-        """One pool example; only its last turn is a target (earlier turns of an episode-shaped one are context)."""
-        messages, _ = self.ground_pool[index]
-        turns = [TurnTokens(content_text(m)) for m in messages if m["role"] == "assistant"]
-        episode = tokenize_episode(messages, turns, self.processor, is_expert=True)
-        start, _ = episode.turn_spans[-1]
-        episode.loss_mask[:start] = False
-        return episode
-
     # ------------------------------------------------------------------------------------------ sft
 
     def sft_step(self, step: int) -> dict[str, float]:
@@ -387,7 +297,7 @@ class Trainer:
         episodes = [tokenize_record(r, self.experts.store, self.processor, is_expert=True) for r in records]
         if cfg.sft.ground_examples and self.ground_pool:
             picks = rng.integers(0, len(self.ground_pool), size=cfg.sft.ground_examples)
-            episodes += [self._ground_episode(int(i)) for i in picks]
+            episodes += [ground_episode(self.ground_pool[int(i)], self.processor) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
         lr = self._set_lr("sft", step)
@@ -570,71 +480,17 @@ class Trainer:
         self._seed_sampling(cfg.seed)
         try:
             with self._autocast():
-                result = run_rollout(
-                    self.policy,
-                    self.source,
-                    RolloutConfig(
-                        split=cfg.eval_split,
-                        n=cfg.eval.cases,
-                        samples_per_case=1,
-                        batch_size=cfg.eval.batch_size,
-                        seed=cfg.seed,
-                        env=cfg.env,
-                    ),
-                    store=None,
-                )
+                out = held_out_metrics(self.policy, self.source, cfg)
         finally:
             self.policy.sampling = sampling
-        summary = summarize(result.records, result.seconds)
-        out = {
-            "eval/accuracy": summary.accuracy,
-            "eval/iou": summary.mean_best_iou,
-            "eval/steps": summary.mean_steps,
-            "eval/turns": summary.mean_turns,
-            "eval/reward": summary.mean_reward,
-            "eval/parse_rate": summary.parse_rate,
-            "eval/scan_share": summary.scan_share,
-            "eval/drill_share": summary.drill_share,
-            "eval/seconds": result.seconds,
-            **tool_use_accuracy(result.records, "eval/"),
-        }
-        for family, accuracy in summary.accuracy_by_family.items():
-            out[f"eval/accuracy/{family}"] = accuracy
         if "ground" in cfg.stages:
-            out.update({f"eval/{k}": v for k, v in self._evaluate_grounding().items()})
+            if self._ground_eval is None:
+                self._ground_eval = GroundingEval(self.source, cfg)
+            with self._autocast():
+                out.update(self._ground_eval.scores(self.policy.backend))
         if self.blind is not None:
             out["eval/blind_accuracy"] = self.blind
         return out
-
-    def _evaluate_grounding(self) -> dict[str, float]:
-        """Greedy where- and what-answers on the eval split's first ``eval.cases`` cases (held out, as above)."""
-        from medeyes.agents.policy import SamplingConfig
-        from medeyes.training.grounding import episode_grounding_examples, grounding_examples, grounding_scores
-
-        cfg = self.config
-        if self._ground_eval is None:
-            rng = np.random.default_rng(step_seed(cfg.seed, 0, 5))
-            examples = []
-            for index in range(cfg.eval.cases):
-                case = self.source.case(cfg.eval_split, index)
-                # scored in the shape it was taught (experiments/episode_probe.py scores the transfer to episodes)
-                if cfg.ground.shape == "episode":
-                    made = episode_grounding_examples(case, cfg.env, ("where", "what"), rng, cfg.ground.jitter)
-                else:
-                    made = grounding_examples(
-                        case, cfg.env, ("where", "what"), rng, cfg.ground.jitter, as_turns=cfg.ground.shape == "turns"
-                    )
-                examples.append((case, made))
-            self._ground_eval = examples
-        greedy = SamplingConfig(temperature=0.0, max_new_tokens=64, stop=[])  # an episode-shaped scan turn: ~35
-        cases = [case for case, made in self._ground_eval if made]
-        where = [made[0][0][:-1] for _, made in self._ground_eval if made]  # the prompt: all but the answer
-        what = [made[1] for _, made in self._ground_eval if len(made) > 1]
-        backend = self.policy.backend
-        with self._autocast():
-            where_texts = [t.text for t in backend.generate(where, greedy)]  # type: ignore[attr-defined]
-            what_texts = [t.text for t in backend.generate([m[:-1] for m, _ in what], greedy)]  # type: ignore[attr-defined]
-        return grounding_scores(cases, where_texts, what_texts, [label for _, label in what], cfg.env)
 
     def _tool_alarm(self, step: int, metrics: dict[str, float]) -> None:
         """Set ``alarm/tool_collapse`` when the on-policy tool share is below ``grpo.tool_floor``; warn once."""
@@ -719,63 +575,6 @@ class Trainer:
         }
         save_checkpoint(cfg.run_dir, step, self.model, self.optimizer, extra, cfg.keep_checkpoints)
 
-    @contextlib.contextmanager
-    def _progress(self, total: int, start: int) -> Iterator[Any]:
-        if not self.config.progress:
-            yield lambda stage: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(
-            TextColumn("[bold]{task.fields[stage]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[stats]}"),
-        ) as progress:
-            task = progress.add_task("train", total=total, completed=start, stage="train", stats="")
-
-            def advance(stage: str) -> None:
-                stats = progress_stats(self.live, self.blind, self.config.grpo.tool_floor)
-                progress.update(task, advance=1, stage=stage, stats=stats)
-
-            yield advance
-
-
-def shaped_rewards(
-    rewards: torch.Tensor,
-    used_tool: torch.Tensor,
-    groups: torch.Tensor,
-    is_expert: torch.Tensor,
-    grpo: GRPOConfig,
-    metrics: dict[str, float],
-) -> torch.Tensor:
-    """The rewards advantages see: the environment's, plus the curiosity bonus on on-policy rows (all ``[B]``)."""
-    if grpo.curiosity_coef == 0.0:
-        return rewards
-    on = ~is_expert  # [B]
-    bonus = curiosity_bonus(
-        used_tool[on], groups[on], grpo.curiosity_coef, grpo.curiosity_threshold, grpo.curiosity_scope
-    )  # [B_on]
-    metrics["stream/on/curiosity_bonus"] = float(bonus.mean()) if bonus.numel() else 0.0
-    shaped = rewards.clone()
-    shaped[on] += bonus
-    return shaped
-
-
-def loss_rows(
-    rewards: torch.Tensor, groups: torch.Tensor, is_expert: torch.Tensor, skip: str, metrics: dict[str, float]
-) -> list[int]:
-    """Rows that enter the loss: all, or without the groups whose on-policy rewards are all equal (DAPO)."""
-    drop = torch.zeros_like(is_expert)  # [B]
-    if skip != "off":
-        flat = flat_groups(rewards, groups, is_expert)  # [B]
-        drop = flat & ~is_expert if skip == "on_rows" else flat
-        metrics["stream/on/skipped_groups"] = float(torch.unique(groups[flat]).numel())
-    rows = [i for i in range(len(rewards)) if not drop[i]]
-    metrics["train/loss_rows"] = float(len(rows))
-    return rows
-
 
 def _chunks(items: list, n: int) -> Iterator[list]:
     """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items; none for none)."""
@@ -820,11 +619,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if not resume and (run_dir / CHECKPOINTS_DIR).exists():
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    checkpoint = _open_run_dir(cfg, resume)
 
     # seed: one seed for everything not derived per step
     random.seed(cfg.seed)
@@ -833,13 +628,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=_param_dtype_name(cfg))
     source = open_cases(cfg.data, cfg.data_options)
-    size = source.size(cfg.train_split)
-    wanted = cfg.train_cases or cfg.expert.cases
-    pool_cases = min(wanted, size) if size is not None else wanted
-    experts = None
-    if "sft" in cfg.stages or cfg.grpo.mode == "dual":
-        store = ensure_expert_trajectories(cfg, source)
-        experts = ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning, cfg.env.box_format)
+    pool_cases, experts = _expert_pool(cfg, source)
 
     start_step, optimizer_state = 0, None
     if checkpoint is not None:
@@ -857,3 +646,25 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
         trainer.eval_history = list(state.get("eval_history", []))
         optimizer_stage = state.get("stage")
     return trainer.fit(start_step, optimizer_state, optimizer_stage, max_steps)
+
+
+def _open_run_dir(cfg: TrainConfig, resume: bool) -> Path | None:
+    """Create ``run_dir`` and write its ``config.yaml``; the checkpoint to resume from (None: start fresh)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if not resume and (run_dir / CHECKPOINTS_DIR).exists():
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return checkpoint
+
+
+def _expert_pool(cfg: TrainConfig, source: CaseSource) -> tuple[int, ExpertPool | None]:
+    """How many training cases the run uses, and their expert trajectories when a stage needs them."""
+    size = source.size(cfg.train_split)
+    wanted = cfg.train_cases or cfg.expert.cases
+    pool_cases = min(wanted, size) if size is not None else wanted
+    if "sft" not in cfg.stages and cfg.grpo.mode != "dual":
+        return pool_cases, None
+    store = ensure_expert_trajectories(cfg, source)
+    return pool_cases, ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning, cfg.env.box_format)
