@@ -144,14 +144,24 @@ def run_rollout(
     config = config or RolloutConfig()
     source = open_source(source) if isinstance(source, str) else source
     samples = config.samples_per_case or int(getattr(agent, "samples_per_case", 1) or 1)
-    producer = producer_of(agent)
+    queue, skipped = _pending(source, config, samples, store)
+    started = time.perf_counter()
+    runner = _Runner(agent, source, config, store, len(queue), progress, on_record)
+    runner.run(queue)
+    seconds = time.perf_counter() - started
+    return RolloutResult(records=runner.finished, skipped=skipped, stored=runner.stored, seconds=seconds)
+
+
+def _pending(
+    source: CaseSource, config: RolloutConfig, samples: int, store: RecordSink | None
+) -> tuple[deque[tuple[int, int, str]], int]:
+    """The episodes to play, ``(case index, sample index, trajectory id)``, and how many the store already has."""
     size = source.size(config.split)
     stop = config.start + config.n if size is None else min(config.start + config.n, size)
     if stop <= config.start:
         raise ConfigError(
             f"source {source.name!r} has {size} case(s) in split {config.split!r}; start={config.start} leaves none"
         )
-
     queue: deque[tuple[int, int, str]] = deque()
     skipped = 0
     for case_index in range(config.start, stop):
@@ -162,18 +172,79 @@ def run_rollout(
                 skipped += 1
                 continue
             queue.append((case_index, sample_index, tid))
-    total = len(queue)
-    started = time.perf_counter()
-    envs = [MedEyesEnv(source, split=config.split, config=config.env) for _ in range(min(config.batch_size, total))]
-    free = list(range(len(envs)))
-    live: list[tuple[int, _Live]] = []
-    finished: list[TrajectoryRecord] = []
-    stored = 0
-    next_episode = 0
+    return queue, skipped
 
-    def start_episode(slot: int, case_index: int, sample_index: int, tid: str) -> _Live:
-        nonlocal next_episode
-        env = envs[slot]
+
+class _Runner:
+    """Plays a queue of episodes ``batch_size`` at a time, one agent call per round for all live episodes."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        source: CaseSource,
+        config: RolloutConfig,
+        store: RecordSink | None,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        on_record: Callable[[TrajectoryRecord], None] | None,
+    ) -> None:
+        self.agent, self.config, self.store, self.total = agent, config, store, total
+        self.progress, self.on_record = progress, on_record
+        self.producer = producer_of(agent)
+        self.envs = [
+            MedEyesEnv(source, split=config.split, config=config.env) for _ in range(min(config.batch_size, total))
+        ]
+        self.finished: list[TrajectoryRecord] = []
+        self.stored = 0
+        self.next_episode = 0
+
+    def run(self, queue: deque[tuple[int, int, str]]) -> None:
+        """Play every queued episode; a failed agent call finishes the live episodes with its error."""
+        free = list(range(len(self.envs)))
+        live: list[tuple[int, _Live]] = []
+        while queue or live:
+            while free and queue:
+                slot = free.pop()
+                live.append((slot, self.start(slot, *queue.popleft())))
+            try:
+                outputs, share = self.act([item for _, item in live])
+            except (MedEyesError, OSError, TimeoutError) as exc:
+                # A failed call is data (recorded with its type), not a crash; programming errors still raise.
+                for slot, item in live:
+                    self.finish(item, exc)
+                    free.append(slot)
+                live = []
+                if len(self.finished) == self.total and all(r.error for r in self.finished):
+                    raise
+                continue
+            still: list[tuple[int, _Live]] = []
+            for (slot, item), output in zip(live, outputs, strict=True):
+                item.agent_seconds += share
+                if _step(item, output, share, self.store if self.config.store_images else None):
+                    self.finish(item)
+                    free.append(slot)
+                else:
+                    still.append((slot, item))
+            live = still
+
+    def act(self, live: list[_Live]) -> tuple[list[TurnOutput], float]:
+        """The agent's next turn for every live episode, and the call's seconds per episode."""
+        contexts = []
+        for item in live:
+            item.context.messages = item.env.chat_messages()
+            item.context.step = len(item.env.turns)
+            item.context.explored = list(item.env.explored_boxes)
+            contexts.append(item.context)
+        t0 = time.perf_counter()
+        outputs = self.agent.act(contexts)
+        if len(outputs) != len(contexts):
+            raise ConfigError(f"agent {self.agent.name!r} returned {len(outputs)} turns for {len(contexts)} episodes")
+        return outputs, (time.perf_counter() - t0) / max(1, len(contexts))
+
+    def start(self, slot: int, case_index: int, sample_index: int, tid: str) -> _Live:
+        """Reset ``envs[slot]`` on the case and open the episode's record (images stored when a store is given)."""
+        config, store = self.config, self.store
+        env = self.envs[slot]
         seed = episode_seed(config.seed, case_index, sample_index)
         t0 = time.perf_counter()
         obs, _ = env.reset(seed=seed, options={"case_index": case_index})
@@ -181,7 +252,7 @@ def run_rollout(
         case, image = env.case, env.image
         assert case is not None and image is not None  # set by reset
         context = EpisodeContext(
-            episode_id=next_episode,
+            episode_id=self.next_episode,
             case=case,
             image=image,
             messages=[],
@@ -190,7 +261,7 @@ def run_rollout(
             state={"seed": seed, "sample_index": sample_index},
             box_format=config.env.box_format,
         )
-        next_episode += 1
+        self.next_episode += 1
         record = TrajectoryRecord(
             trajectory_id=tid,
             case_id=case.id,
@@ -207,15 +278,15 @@ def run_rollout(
             image_size=image.size,
             system_prompt=env.system_prompt(),
             prompt=_first_user_text(env),
-            producer=producer,
+            producer=self.producer,
         )
         if store is not None and config.store_images:
             record.original_image = store.put_image(image)
             record.image = store.put_image(obs["image"])
         return _Live(env, context, record, time.perf_counter() - reset_seconds, env_seconds=reset_seconds)
 
-    def finish(item: _Live, error: BaseException | None = None) -> None:
-        nonlocal stored
+    def finish(self, item: _Live, error: BaseException | None = None) -> None:
+        """Close the episode's record (reward, timings, error), store it if kept, and report it."""
         record = item.record
         record.steps = item.steps
         if error is not None:
@@ -228,52 +299,14 @@ def run_rollout(
             agent=item.agent_seconds, env=item.env_seconds, total=time.perf_counter() - item.started
         )
         record.agent_info = _jsonable(item.context.state.get("record_info", {}))
-        record.kept = error is None and (not config.keep_only_correct or record.correct)
-        if store is not None and record.kept and store.append(record):
-            stored += 1
-        finished.append(record)
-        if on_record is not None:
-            on_record(record)
-        if progress is not None:
-            progress(len(finished), total)
-
-    while queue or live:
-        while free and queue:
-            slot = free.pop()
-            case_index, sample_index, tid = queue.popleft()
-            live.append((slot, start_episode(slot, case_index, sample_index, tid)))
-        contexts = []
-        for _, item in live:
-            item.context.messages = item.env.chat_messages()
-            item.context.step = len(item.env.turns)
-            item.context.explored = list(item.env.explored_boxes)
-            contexts.append(item.context)
-        t0 = time.perf_counter()
-        try:
-            outputs = agent.act(contexts)
-            if len(outputs) != len(contexts):
-                raise ConfigError(f"agent {agent.name!r} returned {len(outputs)} turns for {len(contexts)} episodes")
-        except (MedEyesError, OSError, TimeoutError) as exc:
-            # A failed call is data (recorded with its type), not a crash; programming errors still raise.
-            for slot, item in live:
-                finish(item, exc)
-                free.append(slot)
-            live = []
-            if len(finished) == total and all(r.error for r in finished):
-                raise
-            continue
-        share = (time.perf_counter() - t0) / max(1, len(contexts))
-        still: list[tuple[int, _Live]] = []
-        for (slot, item), output in zip(live, outputs, strict=True):
-            item.agent_seconds += share
-            done = _step(item, output, share, store if config.store_images else None)
-            if done:
-                finish(item)
-                free.append(slot)
-            else:
-                still.append((slot, item))
-        live = still
-    return RolloutResult(records=finished, skipped=skipped, stored=stored, seconds=time.perf_counter() - started)
+        record.kept = error is None and (not self.config.keep_only_correct or record.correct)
+        if self.store is not None and record.kept and self.store.append(record):
+            self.stored += 1
+        self.finished.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+        if self.progress is not None:
+            self.progress(len(self.finished), self.total)
 
 
 def _first_user_text(env: MedEyesEnv) -> str:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from medeyes.models.chat import content_text, conversation_images, end_of_turn, render, turn_separator
+from medeyes.models.chat import EndOfTurn, content_text, conversation_images, end_of_turn, render, turn_separator
 from medeyes_env.errors import RecordError
 
 __all__ = [
@@ -166,59 +166,86 @@ def tokenize_episode(
         raise RecordError("episode has no assistant turn; there is nothing to train on")
     tokenizer = processor.tokenizer
     eot = end_of_turn(tokenizer)
-    ids: list[torch.Tensor] = []
-    mask: list[torch.Tensor] = []
-    logps: list[torch.Tensor] = []
-    image_parts: list[dict[str, torch.Tensor]] = []
-    extras: dict[str, list[torch.Tensor]] = {}
-    spans: list[tuple[int, int]] = []
-    retokenized = 0
-    has_logprobs = True
-    position = 0
-    consumed = ""  # the rendered text already covered by ids
-    drop_eot = False  # the last turn ended with the end-of-turn token, which the template repeats
-
-    def add_environment_segment(enc: dict[str, torch.Tensor]) -> int:
-        """Append one processor-encoded environment segment (mask 0); return its length in tokens."""
-        seg_ids = enc["input_ids"][0]
-        image_parts.append(enc)
-        for key, value in enc.items():
-            if _is_token_aligned(key, value, enc["input_ids"]):
-                extras.setdefault(key, []).append(value[0])
-        ids.append(seg_ids)
-        mask.append(torch.zeros_like(seg_ids, dtype=torch.bool))
-        logps.append(torch.zeros(seg_ids.shape[0], dtype=torch.float32))
-        return int(seg_ids.shape[0])
-
+    built = _Builder()
     for k, (at, turn) in enumerate(zip(assistant_at, turns, strict=True)):
         content = content_text(messages[at])
         if content != turn.text:
             raise RecordError(f"turn {k}: TurnTokens.text differs from the assistant message content")
         prompt = render(processor, messages[:at], generation_prompt=True)
-        if not prompt.startswith(consumed):
-            raise RecordError(
-                f"chat template breaks the prefix property at turn {k}: the rendered prompt does not start with "
-                "the conversation rendered so far; this template cannot be trained on turn by turn"
-            )
-        segment = prompt[len(consumed) :]
-        if drop_eot:
-            segment = eot.strip_from(segment)
-        seg_images = conversation_images(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
-        key = (segment, tuple(id(image) for image in seg_images), k == 0)
-        hit = cache.get(key) if cache is not None else None
-        if hit is not None:
-            enc = hit[0]
-        else:
-            enc = _encode_segment(processor, segment, seg_images, first=(k == 0))
-            if cache is not None:
-                # The entry holds the images, so their ids (part of the key) cannot be reused by other objects.
-                cache[key] = (enc, seg_images)
-        position += add_environment_segment(enc)
-
+        segment = built.segment_before(
+            prompt,
+            eot,
+            f"chat template breaks the prefix property at turn {k}: the rendered prompt does not start with "
+            "the conversation rendered so far; this template cannot be trained on turn by turn",
+        )
+        images = conversation_images(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
+        built.add_segment(_encode_cached(processor, segment, images, k == 0, cache))
         full = render(processor, messages[: at + 1], generation_prompt=False)
         sep = turn_separator(prompt, full, content)
         if sep is None:
             raise RecordError(f"chat template breaks the prefix property at assistant turn {k}")
+        built.add_turn(turn, sep + content, tokenizer, eot, k)
+        built.consumed = prompt + sep + content
+
+    if generation_prompt:
+        prompt = render(processor, messages, generation_prompt=True)
+        segment = built.segment_before(prompt, eot, "chat template breaks the prefix property at the generation prompt")
+        images = conversation_images(messages[(assistant_at[-1] + 1 if turns else 0) :])
+        built.add_segment(_encode_segment(processor, segment, images, first=not turns))
+    return built.result(is_expert, meta)
+
+
+def _encode_cached(
+    processor: Any, segment: str, images: list[Any], first: bool, cache: dict | None
+) -> dict[str, torch.Tensor]:
+    """:func:`_encode_segment`, remembered in ``cache`` by the text and the identity of the image objects."""
+    key = (segment, tuple(id(image) for image in images), first)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        return hit[0]
+    enc = _encode_segment(processor, segment, images, first=first)
+    if cache is not None:
+        # The entry holds the images, so their ids (part of the key) cannot be reused by other objects.
+        cache[key] = (enc, images)
+    return enc
+
+
+@dataclass
+class _Builder:
+    """One episode's sequence as it grows: environment segments (mask 0) and assistant turns (mask 1)."""
+
+    ids: list[torch.Tensor] = field(default_factory=list)
+    mask: list[torch.Tensor] = field(default_factory=list)
+    logps: list[torch.Tensor] = field(default_factory=list)
+    image_parts: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    extras: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    position: int = 0
+    retokenized: int = 0
+    has_logprobs: bool = True
+    consumed: str = ""
+    """The rendered text already covered by ids."""
+    drop_eot: bool = False
+    """The last turn ended with the end-of-turn token, which the template repeats at the next segment's start."""
+
+    def segment_before(self, prompt: str, eot: EndOfTurn, error: str) -> str:
+        """The text of ``prompt`` not yet covered (``error`` when the template breaks the prefix property)."""
+        if not prompt.startswith(self.consumed):
+            raise RecordError(error)
+        segment = prompt[len(self.consumed) :]
+        return eot.strip_from(segment) if self.drop_eot else segment
+
+    def add_segment(self, enc: dict[str, torch.Tensor]) -> None:
+        """Append one processor-encoded environment segment (mask 0)."""
+        seg_ids = enc["input_ids"][0]
+        self.image_parts.append(enc)
+        for key, value in enc.items():
+            if _is_token_aligned(key, value, enc["input_ids"]):
+                self.extras.setdefault(key, []).append(value[0])
+        self._append(seg_ids, torch.zeros_like(seg_ids, dtype=torch.bool), torch.zeros(seg_ids.shape[0]))
+
+    def add_turn(self, turn: TurnTokens, text: str, tokenizer: Any, eot: EndOfTurn, k: int) -> None:
+        """Append assistant turn ``k`` (mask 1): its sampled ids, or ``text`` (separator + content) tokenised."""
         if turn.token_ids is not None:
             turn_ids = torch.tensor(turn.token_ids, dtype=torch.long)
             if turn.logprobs is not None:
@@ -226,47 +253,38 @@ def tokenize_episode(
                     raise RecordError(f"turn {k}: {len(turn.logprobs)} logprobs for {len(turn.token_ids)} token ids")
                 turn_lp = torch.tensor(turn.logprobs, dtype=torch.float32)
             else:
-                turn_lp, has_logprobs = torch.zeros(len(turn.token_ids), dtype=torch.float32), False
-            ended_with_eot = eot.closes(turn.token_ids)
+                turn_lp, self.has_logprobs = torch.zeros(len(turn.token_ids), dtype=torch.float32), False
+            self.drop_eot = eot.closes(turn.token_ids)
         else:
-            turn_ids = torch.tensor(tokenizer(sep + content, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            turn_lp, has_logprobs = torch.zeros(turn_ids.shape[0], dtype=torch.float32), False
-            retokenized += 1
-            ended_with_eot = False
-        for key in extras:
-            extras[key].append(torch.zeros(turn_ids.shape[0], dtype=extras[key][0].dtype))
-        ids.append(turn_ids)
-        mask.append(torch.ones(turn_ids.shape[0], dtype=torch.bool))
-        logps.append(turn_lp)
-        spans.append((position, position + turn_ids.shape[0]))
-        position += turn_ids.shape[0]
-        consumed = prompt + sep + content
-        drop_eot = ended_with_eot
+            turn_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            turn_lp, self.has_logprobs = torch.zeros(turn_ids.shape[0], dtype=torch.float32), False
+            self.retokenized += 1
+            self.drop_eot = False
+        for key in self.extras:
+            self.extras[key].append(torch.zeros(turn_ids.shape[0], dtype=self.extras[key][0].dtype))
+        self.spans.append((self.position, self.position + turn_ids.shape[0]))
+        self._append(turn_ids, torch.ones(turn_ids.shape[0], dtype=torch.bool), turn_lp)
 
-    if generation_prompt:
-        prompt = render(processor, messages, generation_prompt=True)
-        if not prompt.startswith(consumed):
-            raise RecordError("chat template breaks the prefix property at the generation prompt")
-        segment = prompt[len(consumed) :]
-        if drop_eot:
-            segment = eot.strip_from(segment)
-        enc = _encode_segment(
-            processor, segment, conversation_images(messages[(assistant_at[-1] + 1 if turns else 0) :]), first=not turns
+    def _append(self, ids: torch.Tensor, mask: torch.Tensor, logps: torch.Tensor) -> None:
+        self.ids.append(ids)
+        self.mask.append(mask)
+        self.logps.append(logps.to(torch.float32))
+        self.position += int(ids.shape[0])
+
+    def result(self, is_expert: bool, meta: dict[str, Any] | None) -> EpisodeTensors:
+        """The finished episode."""
+        return EpisodeTensors(
+            input_ids=torch.cat(self.ids),
+            loss_mask=torch.cat(self.mask),
+            old_logprobs=torch.cat(self.logps),
+            image_inputs=_merge_image_inputs(self.image_parts),
+            token_inputs={key: torch.cat(values) for key, values in self.extras.items()},
+            is_expert=is_expert,
+            has_logprobs=self.has_logprobs and self.retokenized == 0,
+            turn_spans=self.spans,
+            retokenized_turns=self.retokenized,
+            meta=dict(meta or {}),
         )
-        add_environment_segment(enc)
-
-    return EpisodeTensors(
-        input_ids=torch.cat(ids),
-        loss_mask=torch.cat(mask),
-        old_logprobs=torch.cat(logps),
-        image_inputs=_merge_image_inputs(image_parts),
-        token_inputs={key: torch.cat(values) for key, values in extras.items()},
-        is_expert=is_expert,
-        has_logprobs=has_logprobs and retokenized == 0,
-        turn_spans=spans,
-        retokenized_turns=retokenized,
-        meta=dict(meta or {}),
-    )
 
 
 def tokenize_record(
