@@ -62,7 +62,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from medeyes_env import views
 from medeyes_env.cases import AnswerType, Box, Case, Split
 from medeyes_env.errors import ConfigError
-from medeyes_env.protocol import Action, BoxFormat, ParsedTurn, ProtocolLimits, parse_turn, protocol_instructions
+from medeyes_env.protocol import (
+    Action,
+    BoxFormat,
+    ParsedTurn,
+    ProtocolLimits,
+    format_box,
+    parse_turn,
+    protocol_instructions,
+)
 from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
 from medeyes_env.sources import CaseSource, open_source
 
@@ -398,8 +406,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
 
     def _fmt_box(self, box: Box) -> str:
         """A box as the model writes it (pixels rounded to whole numbers)."""
-        rounded = tuple(float(round(v)) for v in box)
-        return self.config.box_format.encode(rounded, self.image.size if self.image is not None else (1, 1))
+        return format_box(box, self.config.box_format, self.image.size if self.image is not None else (1, 1))
 
     @staticmethod
     def _coerce_action(action: object) -> str:

@@ -409,6 +409,18 @@ def _excerpt(text: str, limit: int = 60) -> str:
     return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
 
 
+def format_box(box: Sequence[float], box_format: BoxFormat | None = None, image_size: tuple[int, int] = (1, 1)) -> str:
+    """A box as text, rounded to whole pixels first: the one formatter of the env's feedback and the expert's notes.
+
+    >>> format_box((12.4, 30.6, 99.5, 120.0))
+    '[12, 31, 100, 120]'
+    >>> format_box((0, 0, 512, 256), BoxFormat(kind="norm1000"), (1024, 512))
+    '[0, 0, 500, 500]'
+    """
+    rounded = tuple(float(round(v)) for v in box)
+    return (box_format or BoxFormat()).encode(rounded, image_size)
+
+
 def _fmt_num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
 
@@ -699,6 +711,27 @@ def _boxes_of(name: str, data: dict[str, Any], limits: ProtocolLimits, deviation
 
 
 def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_format: BoxFormat) -> ParsedTurn:
+    # Four stages: the raw text, the tags, the reasoning, the action (or answer) inside its tag.
+    _check_text(text, limits)
+    segments, outside = _split_tags(text, limits)
+    deviations: list[str] = []
+    notes: list[str] = []
+    act = _acting_segment(text, segments, outside, limits, deviations)
+    reasoning = _reasoning_of(segments, act, limits, deviations)
+    if act.name == "answer":
+        action = _answer_of(act, limits)
+    else:
+        action = _tool_call_of(act, image_size, limits, box_format, notes, deviations)
+    return ParsedTurn(
+        reasoning=reasoning or None,
+        action=action,
+        notes=tuple(notes + deviations),
+        deviations=tuple(deviations),
+    )
+
+
+def _check_text(text: Any, limits: ProtocolLimits) -> None:
+    """Refuse what is not a turn at all: not text, oversized, or binary."""
     if not isinstance(text, str):
         raise _Malformed("not_text", f"the turn must be text, got {type(text).__name__}. {_expected_turn(limits)}")
     if len(text) > limits.max_chars:
@@ -715,10 +748,11 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_f
             f"{bad.start()}; write plain text. {_expected_turn(limits)}",
         )
 
-    segments, outside = _split_tags(text, limits)
-    deviations: list[str] = []
-    notes: list[str] = []
 
+def _acting_segment(
+    text: str, segments: list[Any], outside: list[str], limits: ProtocolLimits, deviations: list[str]
+) -> Any:
+    """The one <action> or <answer> segment; tag-case and stray-text deviations are noted."""
     for segment in segments:
         if segment.open_tag != f"<{segment.name}>" or segment.close_tag != f"</{segment.name}>":
             deviations.append(f"write the tags of <{segment.name}> in lower case")
@@ -726,7 +760,6 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_f
     stray = "".join(outside).strip()
     if stray:
         deviations.append(f"text outside the tags was ignored: {_excerpt(stray)}")
-
     acting = [s for s in segments if s.name in ("action", "answer")]
     if not acting:
         raise _Malformed(
@@ -744,8 +777,11 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_f
             f"the response has more than one <{acting[0].name}> ({len(acting)}); give exactly one per turn. "
             f"{_expected_turn(limits)}",
         )
-    act = acting[0]
+    return acting[0]
 
+
+def _reasoning_of(segments: list[Any], act: Any, limits: ProtocolLimits, deviations: list[str]) -> str:
+    """The <reasoning> text (blocks joined); missing, repeated, empty or late reasoning is a deviation."""
     reasoning_parts = [s.content.strip() for s in segments if s.name == "reasoning"]
     reasoning = "\n\n".join(part for part in reasoning_parts if part)
     if len(reasoning) > limits.max_reasoning_chars:
@@ -762,38 +798,43 @@ def _parse(text: str, image_size: tuple[int, int], limits: ProtocolLimits, box_f
         deviations.append("the <reasoning> is empty")
     if reasoning_parts and segments.index(act) < next(i for i, s in enumerate(segments) if s.name == "reasoning"):
         deviations.append(f"write the <reasoning> before the <{act.name}>")
+    return reasoning
 
-    if act.name == "answer":
-        answer = act.content.strip()
-        if not answer:
-            raise _Malformed("empty_answer", f"the <answer> is empty; write your answer in it, {_ANSWER_FORM}.")
-        if len(answer) > limits.max_answer_chars:
-            raise _Malformed(
-                "answer_too_long",
-                f"the <answer> is {len(answer)} characters, above the limit of {limits.max_answer_chars}; "
-                f"answer in a few words, {_ANSWER_FORM}.",
-            )
-        action = Action(name="answer", answer=answer)
-    else:
-        data = _load_action_json(act.content, limits, deviations)
-        name = _resolve_name(data, deviations)
-        raw_boxes = _boxes_of(name, data, limits, deviations)
-        boxes = tuple(_check_box(raw, image_size, notes, box_format) for raw in raw_boxes)
-        width, height = image_size
-        fractions = all(0.0 <= v <= 1.0 for box in boxes for v in box)
-        if box_format.kind == "pixels" and min(width, height) > 4 and fractions:
-            notes.append(
-                f"every coordinate is between 0 and 1: boxes are in pixels of the {width}x{height} image, "
-                "not fractions of it"
-            )
-        action = Action(name=name, boxes=boxes)  # type: ignore[arg-type]
 
-    return ParsedTurn(
-        reasoning=reasoning or None,
-        action=action,
-        notes=tuple(notes + deviations),
-        deviations=tuple(deviations),
-    )
+def _answer_of(act: Any, limits: ProtocolLimits) -> Action:
+    answer = act.content.strip()
+    if not answer:
+        raise _Malformed("empty_answer", f"the <answer> is empty; write your answer in it, {_ANSWER_FORM}.")
+    if len(answer) > limits.max_answer_chars:
+        raise _Malformed(
+            "answer_too_long",
+            f"the <answer> is {len(answer)} characters, above the limit of {limits.max_answer_chars}; "
+            f"answer in a few words, {_ANSWER_FORM}.",
+        )
+    return Action(name="answer", answer=answer)
+
+
+def _tool_call_of(
+    act: Any,
+    image_size: tuple[int, int],
+    limits: ProtocolLimits,
+    box_format: BoxFormat,
+    notes: list[str],
+    deviations: list[str],
+) -> Action:
+    """The scan or drill in an <action>'s JSON, its boxes checked against the image."""
+    data = _load_action_json(act.content, limits, deviations)
+    name = _resolve_name(data, deviations)
+    raw_boxes = _boxes_of(name, data, limits, deviations)
+    boxes = tuple(_check_box(raw, image_size, notes, box_format) for raw in raw_boxes)
+    width, height = image_size
+    fractions = all(0.0 <= v <= 1.0 for box in boxes for v in box)
+    if box_format.kind == "pixels" and min(width, height) > 4 and fractions:
+        notes.append(
+            f"every coordinate is between 0 and 1: boxes are in pixels of the {width}x{height} image, "
+            "not fractions of it"
+        )
+    return Action(name=name, boxes=boxes)  # type: ignore[arg-type]
 
 
 def _check_image_size(image_size: tuple[int, int]) -> tuple[int, int]:

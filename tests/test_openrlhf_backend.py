@@ -26,7 +26,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from medeyes.models import ensure_tiny_model, load_processor  # noqa: E402
 from medeyes.training.config import preset  # noqa: E402
-from medeyes.training.objective import ObjectiveConfig, compute_advantages, dual_stream_loss  # noqa: E402
+from medeyes.training.objective import compute_advantages, dual_stream_loss  # noqa: E402
+from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
 from medeyes.training.openrlhf import (  # noqa: E402
     ADVANTAGE_LOG_KEYS,
     EPISODE_LOG_KEYS,

@@ -172,6 +172,20 @@ def test_cli_help_and_print_config():
     assert result.exit_code == 2 and "invalid training config" in result.output
 
 
+def test_every_config_field_is_listed_with_its_help():
+    from medeyes.cli.app import app
+    from medeyes.cli.train import config_rows
+    from medeyes.training.config import TrainConfig
+
+    rows = config_rows(TrainConfig())
+    assert len(rows) > 100 and all(text for _, _, text in rows)  # every leaf field has a description
+    result = CliRunner().invoke(app, ["train", "--help-config", "--set", "grpo.steps=7"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.split()[:1] == ["grpo.steps"])
+    assert line.split()[1] == "7"
+    assert "objective.advantage_mode" in result.output
+
+
 # ---- keeping tools alive: curiosity bonus, flat-group skipping, tool-use accuracy, collapse alarm ----------------
 
 

@@ -14,11 +14,12 @@ import numpy as np
 
 from medeyes.agents.expert_answers import position_words
 from medeyes_env.cases import Box
+from medeyes_env.protocol import format_box
 
 
 def fmt_box(box: Box) -> str:
-    """A box as the notes write it, whole pixels: ``[x1, y1, x2, y2]``."""
-    return "[" + ", ".join(str(round(v)) for v in box) + "]"
+    """A box as the notes write it, whole pixels: ``[x1, y1, x2, y2]`` (whatever the env's box format)."""
+    return format_box(box)
 
 
 def where_phrase(box: Box, size: tuple[int, int]) -> str:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from medeyes.agents.base import Agent
 from medeyes.cli.common import console, friendly_errors, safe
-from medeyes.rollout import RolloutConfig, RolloutSummary, producer_of, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, RolloutResult, RolloutSummary, producer_of, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore
 from medeyes_env.cases import SPLITS
 from medeyes_env.env import EnvConfig
@@ -210,18 +210,12 @@ def rollout(
     """Run an agent on cases of a data source; store trajectories and print accuracy, IoU, steps and rewards."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    options: dict[str, str] = {}
-    for item in agent_opt or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = value.strip()
     spec = AgentSpec(
         name=agent,
         seed=seed,
         oracle=oracle,
         mode=mode,
-        options=options,
+        options=_agent_options(agent_opt),
         model=model,
         backend=backend,
         base_url=base_url,
@@ -247,12 +241,42 @@ def rollout(
         keep_only_correct=keep_only_correct,
         env=env,
     )
-    store = TrajectoryStore(out, producer=producer_of(built)) if out is not None else None
-    if store is not None and store.torn_path is not None:
+    store = _open_store(out, built)
+    result = _run_with_progress(built, source, rollout_config, store, f"{agent} on {data}/{split}", quiet)
+    summary = summarize(result.records, result.seconds)
+    label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
+    console.print(summary_table(summary, f"{label} on {data}/{split}"))
+    _report(result, summary, store, keep_only_correct, summary_json)
+
+
+def _agent_options(items: list[str] | None) -> dict[str, str]:
+    """``--agent-opt KEY=VALUE`` items as a dict."""
+    options: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _open_store(out: Path | None, agent: Any) -> TrajectoryStore | None:
+    """The run directory's store (None without ``--out``); says so when it cut off a torn last line."""
+    if out is None:
+        return None
+    store = TrajectoryStore(out, producer=producer_of(agent))
+    if store.torn_path is not None:
         console.print(
             f"[yellow]moved[/] a torn last line ({store.repaired} bytes) of {safe(store.records_path)} "
             f"to {safe(store.torn_path)}"
         )
+    return store
+
+
+def _run_with_progress(
+    agent: Any, source: Any, config: RolloutConfig, store: TrajectoryStore | None, title: str, quiet: bool
+) -> RolloutResult:
+    """:func:`run_rollout` under a progress bar (none with ``quiet``)."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -263,15 +287,22 @@ def rollout(
         disable=quiet,
         transient=True,
     ) as progress:
-        task = progress.add_task(safe(f"{agent} on {data}/{split}"), total=None)
+        task = progress.add_task(safe(title), total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        result = run_rollout(built, source, rollout_config, store=store, progress=advance)
-    summary = summarize(result.records, result.seconds)
-    label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
-    console.print(summary_table(summary, f"{label} on {data}/{split}"))
+        return run_rollout(agent, source, config, store=store, progress=advance)
+
+
+def _report(
+    result: RolloutResult,
+    summary: RolloutSummary,
+    store: TrajectoryStore | None,
+    keep_only_correct: bool,
+    summary_json: Path | None,
+) -> None:
+    """What was stored or skipped, and the summary JSON when asked for."""
     if store is not None:
         console.print(
             f"stored {result.stored} trajectories in {safe(store.root)}"

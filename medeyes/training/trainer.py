@@ -55,7 +55,6 @@ from medeyes.training.checkpoints import (
 from medeyes.training.config import TrainConfig
 from medeyes.training.expert_data import (
     ExpertPool,
-    brief_record,  # noqa: F401  TEMPORARY until openrlhf/export.py imports it
     ensure_expert_trajectories,
 )
 from medeyes.training.ground_pool import build_ground_pool, ground_episode

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medeyes.agents.policy import PROTOCOL_STOPS
-from medeyes.training.objective import ObjectiveConfig
+from medeyes.training.objective_config import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError, RecordError
 from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS

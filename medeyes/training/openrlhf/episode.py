@@ -31,7 +31,7 @@ def open_case_source(spec: str, options: dict[str, Any] | None = None) -> CaseSo
     with _SOURCES_LOCK:
         if key not in _SOURCES:
             if options:
-                from medeyes.training.trainer import open_cases
+                from medeyes_env.sources import open_cases
 
                 _SOURCES[key] = open_cases(spec, options)
             else:

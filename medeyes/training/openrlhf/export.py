@@ -225,7 +225,8 @@ def _pool_size(config: OpenRLHFConfig, split: str) -> int:
 
 def _expert_cases(config: OpenRLHFConfig, pool: int) -> list[ExpertCase]:
     """Expert trajectories of the first ``pool`` training cases (generated with the expert agent when absent)."""
-    from medeyes.training.trainer import brief_record, ensure_expert_trajectories, open_cases
+    from medeyes.training.expert_data import brief_record, ensure_expert_trajectories
+    from medeyes_env.sources import open_cases
 
     train = config.train
     source = open_cases(train.data, train.data_options)

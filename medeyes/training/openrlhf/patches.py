@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from medeyes.training.objective import ObjectiveConfig
+from medeyes.training.objective_config import ObjectiveConfig
 from medeyes.training.openrlhf.config import (
     ALLOW_UNTESTED_ENV,
     CONFIG_ENV,
