@@ -172,6 +172,13 @@ def test_cli_help_and_print_config():
     assert result.exit_code == 2 and "invalid training config" in result.output
 
 
+def test_the_cli_preset_choices_are_the_training_presets():
+    from medeyes.cli.common import Preset
+    from medeyes.training.config import PRESETS
+
+    assert [p.value for p in Preset] == list(PRESETS)
+
+
 def test_every_config_field_is_listed_with_its_help():
     from medeyes.cli.app import app
     from medeyes.cli.train import config_rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, TypeVar
 
 import typer
@@ -16,6 +17,14 @@ from medeyes_env.errors import MedEyesError
 console = Console(emoji=False)
 error_console = Console(stderr=True, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Preset(str, Enum):
+    """Named starting training configurations (``medeyes train``, ``medeyes openrlhf``): ``training.config.PRESETS``."""
+
+    cpu_default = "cpu-default"
+    tiny = "tiny"
+    paper = "paper"
 
 
 def safe(value: object) -> str:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medeyes.cli.common import console, error_console, friendly_errors, safe
+from medeyes.cli.common import Preset, console, error_console, friendly_errors, safe
 
 openrlhf_app = typer.Typer(
     name="openrlhf",
@@ -23,14 +23,6 @@ openrlhf_app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-
-
-class Preset(str, Enum):
-    """Starting training configurations (as in ``medeyes train``)."""
-
-    paper = "paper"
-    cpu_default = "cpu-default"
-    tiny = "tiny"
 
 
 class Launcher(str, Enum):

@@ -18,15 +18,7 @@ import typer
 from pydantic import BaseModel
 from rich.table import Table
 
-from medeyes.cli.common import console, friendly_errors, safe
-
-
-class Preset(str, Enum):
-    """Named starting configurations."""
-
-    cpu_default = "cpu-default"
-    tiny = "tiny"
-    paper = "paper"
+from medeyes.cli.common import Preset, console, friendly_errors, safe
 
 
 class Mode(str, Enum):

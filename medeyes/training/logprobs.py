@@ -7,6 +7,7 @@ the objective (:mod:`medeyes.training.objective`) consumes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,3 +122,34 @@ def masked_token_logprobs(
             part = entropy_from_logits(logits.detach())  # [B, K]
             entropy = part.new_zeros(shape).index_copy(1, positions, part)
     return logprobs, entropy
+
+
+def recompute_old_logprobs(
+    model: torch.nn.Module, episodes: list[Any], pad_id: int, n_chunks: int, device: torch.device
+) -> None:
+    """Replace each episode's behaviour log-probs by the current model's (``grpo.old_logprobs="recompute"``).
+
+    The caller puts the model in eval mode (and autocast); positions outside the loss mask stay 0.
+    """
+    from medeyes.models.episodes import collate
+
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for chunk in chunks(list(range(len(episodes))), n_chunks):
+            batch = collate([episodes[i] for i in chunk], pad_id).to(device)
+            logprobs, _ = masked_token_logprobs(model, batch, dtype)
+            for row, i in enumerate(chunk):
+                e = episodes[i]
+                new = torch.zeros_like(e.old_logprobs)
+                new[1:] = logprobs[row, : e.length - 1].float().cpu()
+                e.old_logprobs = torch.where(e.loss_mask, new, torch.zeros_like(new))
+
+
+def chunks(items: list, n: int) -> Iterator[list]:
+    """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items; none for none)."""
+    if not items:
+        return
+    n = max(1, min(n, len(items)))
+    size = math.ceil(len(items) / n)
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

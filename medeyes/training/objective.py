@@ -151,6 +151,43 @@ def check_advantage_inputs(rewards: Tensor, group_ids: Tensor, is_expert: Tensor
         raise ValueError(f"rewards must be finite; rows {bad[:10]} are inf or NaN (score failures as a number).")
 
 
+def _normalise(centred: Tensor, sigma: Tensor, flat: Tensor, floor: float, config: ObjectiveConfig) -> Tensor:
+    """``centred / (max(sigma, floor) + eps)`` (without ``scale_by_std``: ``centred``); a flat set is exactly 0.
+
+    ``centred``, ``sigma``, ``flat``: ``[n]``. Flat (all rewards equal) gives 0, not rounding noise over eps.
+    """
+    if config.scale_by_std:
+        denom = sigma.clamp(min=floor) + config.eps
+        centred = centred / torch.where(denom > 0, denom, torch.ones_like(denom))  # denom 0 only if flat
+    return torch.where(flat, torch.zeros_like(centred), centred)
+
+
+def _advantage_stats(
+    r: Tensor, adv: Tensor, expert: Tensor, cnt_gs: Tensor, sd_gs: Tensor, n_groups: int
+) -> dict[str, float]:
+    """Per stream: samples, groups, sigma-zero groups, and reward/advantage moments (:func:`compute_advantages`).
+
+    ``r``, ``adv``, ``expert``: ``[B]``; ``cnt_gs``, ``sd_gs``: ``[2G]`` per (group, stream) segment.
+    """
+    stats: dict[str, float] = {}
+    for name, flag in STREAMS:
+        rows = expert == flag  # [B]
+        n = int(rows.sum().item())
+        groups_k = torch.arange(n_groups) * 2 + int(flag)  # [G] this stream's segment of every group
+        present = cnt_gs[groups_k] > 0 if n_groups else torch.zeros(0, dtype=torch.bool)
+        stats[f"stream/{name}/samples"] = float(n)
+        stats[f"stream/{name}/groups"] = float(present.sum().item())
+        stats[f"stream/{name}/sigma_zero_groups"] = float((present & (sd_gs[groups_k] == 0)).sum().item())
+        if n:
+            rr, aa = r[rows], adv[rows]
+            stats[f"stream/{name}/reward_mean"] = rr.mean().item()
+            stats[f"stream/{name}/reward_std"] = rr.std(correction=0).item()
+            stats[f"stream/{name}/adv_mean"] = aa.mean().item()
+            stats[f"stream/{name}/adv_std"] = aa.std(correction=0).item()
+            stats[f"stream/{name}/adv_zero_frac"] = (aa == 0).double().mean().item()
+    return stats
+
+
 def compute_advantages(
     rewards: Tensor, group_ids: Tensor, is_expert: Tensor, config: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, float]]:
@@ -197,24 +234,17 @@ def compute_advantages(
     cnt_gs, mu_gs, sd_gs, flat_gs = segment_stats(r, seg, 2 * n_groups, unbiased)  # [2G] each
     on_k = 2 * g  # [B] the on-policy segment of each row's group
 
-    def normalise(centred: Tensor, sigma: Tensor, flat: Tensor, floor: float) -> Tensor:
-        # centred, sigma, flat: [n]. A flat set (all rewards equal) is exactly 0, not rounding noise / eps.
-        if config.scale_by_std:
-            denom = sigma.clamp(min=floor) + config.eps
-            centred = centred / torch.where(denom > 0, denom, torch.ones_like(denom))  # denom 0 only if flat
-        return torch.where(flat, torch.zeros_like(centred), centred)
-
     no_baseline_groups = 0
     if config.advantage_mode == "joint":
         _, mu_g, sd_g, flat_g = segment_stats(r, g, n_groups, unbiased)  # [G] each
-        adv = normalise(r - mu_g[g], sd_g[g], flat_g[g], 0.0)
+        adv = _normalise(r - mu_g[g], sd_g[g], flat_g[g], 0.0, config)
     else:
-        own = normalise(r - mu_gs[seg], sd_gs[seg], flat_gs[seg], 0.0)  # [B] per-stream advantage
+        own = _normalise(r - mu_gs[seg], sd_gs[seg], flat_gs[seg], 0.0, config)  # [B] per-stream advantage
         adv = own
         if config.advantage_mode == "on_baseline":
             has_on = cnt_gs[on_k] > 0  # [B]
             # The baseline is the on-policy group, so a flat on-policy group does NOT zero the expert row.
-            vs_on = normalise(r - mu_gs[on_k], sd_gs[on_k], torch.zeros_like(expert), config.sigma_floor)
+            vs_on = _normalise(r - mu_gs[on_k], sd_gs[on_k], torch.zeros_like(expert), config.sigma_floor, config)
             vs_on = torch.where(has_on, vs_on, torch.zeros_like(vs_on))
             adv = torch.where(expert, vs_on, own)
             no_baseline_groups = len(torch.unique(g[expert & ~has_on]))
@@ -222,26 +252,13 @@ def compute_advantages(
             r_off = r[expert]  # [B_off]
             zeros = torch.zeros(r_off.numel(), dtype=torch.long)
             _, mu_b, sd_b, flat_b = segment_stats(r_off, zeros, 1, unbiased)  # [1] each
-            off_adv = normalise(r_off - mu_b[0], sd_b.expand_as(r_off), flat_b.expand_as(r_off), config.sigma_floor)
+            off_adv = _normalise(
+                r_off - mu_b[0], sd_b.expand_as(r_off), flat_b.expand_as(r_off), config.sigma_floor, config
+            )
             adv = own.clone()
             adv[expert] = off_adv
 
-    stats: dict[str, float] = {}
-    for name, flag in STREAMS:
-        rows = expert == flag  # [B]
-        n = int(rows.sum().item())
-        groups_k = torch.arange(n_groups) * 2 + int(flag)  # [G] this stream's segment of every group
-        present = cnt_gs[groups_k] > 0 if n_groups else torch.zeros(0, dtype=torch.bool)
-        stats[f"stream/{name}/samples"] = float(n)
-        stats[f"stream/{name}/groups"] = float(present.sum().item())
-        stats[f"stream/{name}/sigma_zero_groups"] = float((present & (sd_gs[groups_k] == 0)).sum().item())
-        if n:
-            rr, aa = r[rows], adv[rows]
-            stats[f"stream/{name}/reward_mean"] = rr.mean().item()
-            stats[f"stream/{name}/reward_std"] = rr.std(correction=0).item()
-            stats[f"stream/{name}/adv_mean"] = aa.mean().item()
-            stats[f"stream/{name}/adv_std"] = aa.std(correction=0).item()
-            stats[f"stream/{name}/adv_zero_frac"] = (aa == 0).double().mean().item()
+    stats = _advantage_stats(r, adv, expert, cnt_gs, sd_gs, n_groups)
     stats["stream/off/no_baseline_groups"] = float(no_baseline_groups)
     return adv.to(device=device, dtype=rewards.dtype), stats
 

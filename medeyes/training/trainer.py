@@ -23,12 +23,10 @@ Use :func:`train` (builds every piece from a :class:`TrainConfig`) or :class:`Tr
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +57,7 @@ from medeyes.training.expert_data import (
 )
 from medeyes.training.ground_pool import build_ground_pool, ground_episode
 from medeyes.training.held_out import GroundingEval, held_out_metrics
-from medeyes.training.logprobs import masked_token_logprobs
+from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
 from medeyes.training.metrics import (
     MetricsLogger,
     blind_accuracy,
@@ -74,7 +72,8 @@ from medeyes.training.objective import (
     masked_mean,
     sft_loss,
 )
-from medeyes.training.schedule import learning_rate, step_seed
+from medeyes.training.optim import StageOptimizer
+from medeyes.training.schedule import step_seed
 from medeyes.training.shaping import loss_rows, shaped_rewards
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.errors import ConfigError
@@ -180,8 +179,7 @@ class Trainer:
         self.device = torch.device(config.device)
         self.autocast_dtype = _autocast_dtype(config)
         self.pad_id = int(processor.tokenizer.pad_token_id)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.optimizer_stage: str | None = None
+        self.optim = StageOptimizer(config, model)
         self.eval_history: list[dict[str, float]] = []
         self.blind: float | None = None
         self.live: dict[str, float] = {}
@@ -208,7 +206,7 @@ class Trainer:
         started = time.perf_counter()
         self.blind = self._blind_accuracy()
         if start_step < total and optimizer_state is not None and optimizer_stage == cfg.stage_at(start_step)[0]:
-            self._ensure_optimizer(optimizer_stage, optimizer_state)
+            self.optim.ensure(optimizer_stage, optimizer_state)
 
         def stats() -> str:
             return progress_stats(self.live, self.blind, cfg.grpo.tool_floor)
@@ -219,7 +217,7 @@ class Trainer:
             for step in range(start_step, stop):
                 # Row `done` of metrics.jsonl describes the state after `done` optimizer updates.
                 stage, _ = cfg.stage_at(step)
-                self._ensure_optimizer(stage, None)
+                self.optim.ensure(stage, None)
                 t0 = time.perf_counter()
                 run_step = {"ground": self.ground_step, "sft": self.sft_step, "grpo": self.grpo_step}[stage]
                 metrics = run_step(step)
@@ -263,7 +261,7 @@ class Trainer:
         episodes = [ground_episode(self.ground_pool[int(i)], self.processor) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
-        lr = self._set_lr("ground", step)
+        lr = self.optim.set_lr("ground", step)
         t1 = time.perf_counter()
         batch = collate(episodes, self.pad_id).to(self.device)
         with self._autocast():
@@ -271,7 +269,7 @@ class Trainer:
         # every example weighs the same: a one-word what-answer is not drowned by a where-answer's four boxes
         loss = sft_loss(logprobs, batch.loss_mask[:, 1:], aggregation="seq_mean_token_mean")
         loss.backward()
-        grad_norm = self._optimizer_step("ground")
+        grad_norm = self.optim.step("ground")
         tokens = int(batch.attention_mask.sum())
         return {
             "train/loss": float(loss.detach()),
@@ -299,12 +297,12 @@ class Trainer:
             episodes += [ground_episode(self.ground_pool[int(i)], self.processor) for i in picks]
         prep = time.perf_counter() - t0
         self.model.train()
-        lr = self._set_lr("sft", step)
+        lr = self.optim.set_lr("sft", step)
         n_tokens = sum(e.generated_tokens for e in episodes)
         losses = []
         tokens_seen = 0
         t1 = time.perf_counter()
-        for chunk in _chunks(episodes, cfg.sft.grad_accum):
+        for chunk in chunks(episodes, cfg.sft.grad_accum):
             batch = collate(chunk, self.pad_id).to(self.device)
             with self._autocast():
                 logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
@@ -318,7 +316,7 @@ class Trainer:
             loss.backward()
             losses.append(float(loss.detach()))
             tokens_seen += int(batch.attention_mask.sum())
-        grad_norm = self._optimizer_step("sft")
+        grad_norm = self.optim.step("sft")
         seconds = time.perf_counter() - t1
         return {
             "train/loss": sum(losses),
@@ -340,7 +338,9 @@ class Trainer:
         advantages, rows = self._score(step, collected, episodes, metrics)
         # old log-probs: recorded at generation, or recomputed before the update
         if self.config.grpo.old_logprobs == "recompute":
-            self._recompute_old_logprobs(episodes)
+            self.model.eval()
+            with self._autocast():
+                recompute_old_logprobs(self.model, episodes, self.pad_id, self.config.grpo.grad_accum, self.device)
         self._update(step, episodes, advantages, rows, metrics)
         return metrics
 
@@ -423,12 +423,12 @@ class Trainer:
         """The dual-stream loss over micro-batches of ``rows`` (gradient accumulation), then one optimizer step."""
         cfg = self.config
         self.model.train()
-        lr = self._set_lr("grpo", step)
+        lr = self.optim.set_lr("grpo", step)
         t2 = time.perf_counter()
         loss_metrics: list[tuple[int, dict[str, float]]] = []
         streams = _StreamStats()
         tokens_seen = 0
-        for chunk in _chunks(rows, cfg.grpo.grad_accum):
+        for chunk in chunks(rows, cfg.grpo.grad_accum):
             batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
             adv = advantages[chunk].to(self.device)
             with self._autocast():
@@ -440,7 +440,7 @@ class Trainer:
             loss_metrics.append((len(chunk), lm))
             tokens_seen += int(batch.attention_mask.sum())
             streams.add(logprobs, old, entropy, mask, batch.is_expert)
-        grad_norm = self._optimizer_step("grpo")
+        grad_norm = self.optim.step("grpo")
         seconds = time.perf_counter() - t2
         metrics.update(weighted_mean_metrics(loss_metrics))
         metrics.update(streams.metrics())
@@ -455,18 +455,6 @@ class Trainer:
                 "train/retokenized_on_turns": float(sum(e.retokenized_turns for e in episodes if not e.is_expert)),
             }
         )
-
-    def _recompute_old_logprobs(self, episodes: list[EpisodeTensors]) -> None:
-        self.model.eval()
-        with torch.no_grad(), self._autocast():
-            for chunk in _chunks(list(range(len(episodes))), self.config.grpo.grad_accum):
-                batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
-                logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
-                for row, i in enumerate(chunk):
-                    e = episodes[i]
-                    new = torch.zeros_like(e.old_logprobs)
-                    new[1:] = logprobs[row, : e.length - 1].float().cpu()
-                    e.old_logprobs = torch.where(e.loss_mask, new, torch.zeros_like(new))
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -520,37 +508,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def _ensure_optimizer(self, stage: str, state: dict | None) -> None:
-        if self.optimizer is not None and self.optimizer_stage == stage:
-            return
-        optim = self.config.optim(stage)  # type: ignore[arg-type]
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps
-        )
-        if state is not None:
-            self.optimizer.load_state_dict(state)
-        self.optimizer_stage = stage
-
-    def _set_lr(self, stage: str, step: int) -> float:
-        cfg = self.config
-        optim = cfg.optim(stage)  # type: ignore[arg-type]
-        _, k = cfg.stage_at(step)
-        lr = learning_rate(optim, k, cfg.stage_steps(stage))  # type: ignore[arg-type]
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def _optimizer_step(self, stage: str) -> float:
-        optim = self.config.optim(stage)  # type: ignore[arg-type]
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip else float("inf"))
-        assert self.optimizer is not None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
     def _seed_sampling(self, seed: int) -> None:
         self.policy.sampling = self.policy.sampling.model_copy(update={"seed": seed})
         backend = self.policy.backend
@@ -568,21 +525,11 @@ class Trainer:
     def _checkpoint(self, step: int) -> None:
         cfg = self.config
         extra = {
-            "stage": self.optimizer_stage,
+            "stage": self.optim.stage,
             "config": cfg.model_dump(mode="json"),
             "eval_history": self.eval_history,
         }
-        save_checkpoint(cfg.run_dir, step, self.model, self.optimizer, extra, cfg.keep_checkpoints)
-
-
-def _chunks(items: list, n: int) -> Iterator[list]:
-    """Split ``items`` into ``n`` nearly equal consecutive parts (fewer when there are fewer items; none for none)."""
-    if not items:
-        return
-    n = max(1, min(n, len(items)))
-    size = math.ceil(len(items) / n)
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+        save_checkpoint(cfg.run_dir, step, self.model, self.optim.optimizer, extra, cfg.keep_checkpoints)
 
 
 def _autocast_dtype(config: TrainConfig) -> torch.dtype | None:
