@@ -17,10 +17,11 @@ from medeyes.training.grounding import (
     grounding_examples,
 )
 from medeyes.training.metrics import read_metrics
-from medeyes.training.trainer import open_cases, train
+from medeyes.training.trainer import train
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import BoxFormat, parse_turn
 from medeyes_env.rewards import box_iou
+from medeyes_env.sources import open_cases
 
 LOC = EnvConfig(view_size=128, drill_min_side=64, box_format=BoxFormat(kind="loc", bins=16))
 

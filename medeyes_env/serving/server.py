@@ -154,8 +154,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         # The idle reaper frees the session's slot but leaves its socket open; say so instead of playing on.
         if self._closed:
             raise RuntimeError(
-                f"this session was closed after {self.config.idle_timeout_s} s without a message; "
-                "open a new connection"
+                f"this session was closed after {self.config.idle_timeout_s} s without a message; open a new connection"
             )
 
     def _observation(

@@ -32,7 +32,7 @@ class ChatFormatter:
     OpenRLHF appends environment feedback to the token stream verbatim, so the feedback text must carry the
     template's own markers: the end of the assistant turn, a user turn (with image placeholders when images
     are sent), and the next generation prompt. They are cut out of the template's own rendering (the same
-    string arithmetic as :mod:`medeyes.training.episodes`), never hard-coded:
+    string arithmetic as :mod:`medeyes.models.chat`), never hard-coded:
 
     - ``sep``: what the template puts between the generation prompt and the assistant text (Idefics3: a
       space, which the model generates as part of its first token);

@@ -74,7 +74,7 @@ async def replay_expert(
     """Replay one expert trajectory through the env into OpenRLHF's response dict (token in, token out).
 
     The token stream is built like the on-policy one: the prompt (with its images), then per turn the
-    expert's text as action tokens (``sep + text``, as :func:`medeyes.training.episodes.tokenize_episode`
+    expert's text as action tokens (``sep + text``, as :func:`medeyes.models.episodes.tokenize_episode`
     tokenises expert turns; action range = loss tokens) and the environment's feedback segment with its view
     image. Rewards come from the environment, not from the store. Rollout log-probs are 0 (pi_expert := 1).
     Environment work runs in a thread; the processor is only called from the event loop's thread (fast
