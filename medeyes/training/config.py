@@ -404,6 +404,7 @@ def _cpu_default() -> dict[str, Any]:
             "batch_size": 32,
             "cases": 1024,
             "what_share": 1.0,
+            "shape": "turns",  # answers in the episode's own tokens: presence 0.44 -> 0.83 on unseen cases
             "optim": {"lr": 3e-3, "warmup_steps": 10},
         },
         "sft": {
