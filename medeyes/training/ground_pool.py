@@ -19,7 +19,7 @@ from medeyes_env.sources import CaseSource
 
 def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[list[dict[str, Any]], str]]:
     """The ground stage's examples: the first ``ground.cases`` training cases, rendered once (seeded)."""
-    from medeyes.training.grounding import episode_grounding_examples, grounding_examples
+    from medeyes.training.grounding import shaped_examples
 
     rng = np.random.default_rng(step_seed(config.seed, 0, 4))
     size = source.size(config.train_split)
@@ -28,21 +28,16 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
     pool = []
     for index in range(n):
         case = source.case(config.train_split, index)
-        if config.ground.shape == "episode":
-            pool += episode_grounding_examples(
-                case, config.env, tasks, rng, config.ground.jitter, config.ground.what_share
-            )
-        else:
-            pool += grounding_examples(
-                case,
-                config.env,
-                tasks,
-                rng,
-                config.ground.jitter,
-                config.ground.what_share,
-                config.ground.system_prompt,
-                as_turns=config.ground.shape == "turns",
-            )
+        pool += shaped_examples(
+            case,
+            config.env,
+            config.ground.shape,
+            tasks,
+            rng,
+            config.ground.jitter,
+            config.ground.what_share,
+            config.ground.system_prompt,
+        )
     return pool
 
 

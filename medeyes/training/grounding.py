@@ -121,25 +121,37 @@ def episode_grounding_examples(
         return []
     size = case.load_image().size
     game = MedEyesEnv(source="phantom", config=env)  # the source is unused: every reset names its case
-
-    def turn(action: Action) -> str:
-        return _turn(action, env, size)
-
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
         game.reset(options={"case": case})
-        answer = turn(Action.scan(*(box for box, _ in objects)))
+        answer = _turn(Action.scan(*(box for box, _ in objects)), env, size)
         examples.append((_with_answer(game.chat_messages(), answer), answer))
     if "what" in tasks and rng.random() < what_share:
         box, _ = objects[int(rng.integers(len(objects)))]
         jittered = _jitter(box, size, jitter, rng)
         if jittered is not None:
             game.reset(options={"case": case})
-            game.step(turn(Action.scan(jittered)))
-            game.step(turn(Action.drill(jittered)))
-            answer = turn(Action.final_answer(case.answer))
+            game.step(_turn(Action.scan(jittered), env, size))
+            game.step(_turn(Action.drill(jittered), env, size))
+            answer = _turn(Action.final_answer(case.answer), env, size)
             examples.append((_with_answer(game.chat_messages(), answer), answer))
     return examples
+
+
+def shaped_examples(
+    case: Case,
+    env: EnvConfig,
+    shape: GroundShape,
+    tasks: tuple[GroundTask, ...],
+    rng: np.random.Generator,
+    jitter: float,
+    what_share: float = 1.0,
+    system_prompt: bool = False,
+) -> list[tuple[list[dict[str, Any]], str]]:
+    """The grounding examples of one case in ``shape`` (``ground.shape``): the one place that dispatches on it."""
+    if shape == "episode":
+        return episode_grounding_examples(case, env, tasks, rng, jitter, what_share)
+    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, as_turns=shape == "turns")
 
 
 def _turn(action: Action, env: EnvConfig, size: tuple[int, int]) -> str:

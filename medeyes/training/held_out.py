@@ -55,7 +55,7 @@ class GroundingEval:
 
     def __init__(self, source: CaseSource, cfg: TrainConfig) -> None:
         """Render the examples of ``cfg.eval.cases`` held-out cases (``ground.shape`` decides their form)."""
-        from medeyes.training.grounding import episode_grounding_examples, grounding_examples
+        from medeyes.training.grounding import shaped_examples
 
         rng = np.random.default_rng(step_seed(cfg.seed, 0, 5))
         self.env = cfg.env
@@ -63,12 +63,7 @@ class GroundingEval:
         for index in range(cfg.eval.cases):
             case = source.case(cfg.eval_split, index)
             # scored in the shape it was taught (experiments/episode_probe.py scores the transfer to episodes)
-            if cfg.ground.shape == "episode":
-                made = episode_grounding_examples(case, cfg.env, ("where", "what"), rng, cfg.ground.jitter)
-            else:
-                made = grounding_examples(
-                    case, cfg.env, ("where", "what"), rng, cfg.ground.jitter, as_turns=cfg.ground.shape == "turns"
-                )
+            made = shaped_examples(case, cfg.env, cfg.ground.shape, ("where", "what"), rng, cfg.ground.jitter)
             self.examples.append((case, made))
 
     def scores(self, backend: Any) -> dict[str, float]:
