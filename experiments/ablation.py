@@ -48,13 +48,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "objective.advantage_mode": "on_baseline",
         "objective.off_policy_shaping": True,
     },
-    "no_cvs": {"grpo.mode": "dual", "expert.mode": "greedy"},
-    "no_grn": {"grpo.mode": "dual", "expert.mode": "random"},
-    "scan_only": {"grpo.mode": "dual", "expert.mode": "scan_only"},
-    "drill_only": {"grpo.mode": "dual", "expert.mode": "drill_only"},
+    "no_cvs": {"grpo.mode": "dual", "expert.agent.mode": "greedy"},
+    "no_grn": {"grpo.mode": "dual", "expert.agent.mode": "random"},
+    "scan_only": {"grpo.mode": "dual", "expert.agent.mode": "scan_only"},
+    "drill_only": {"grpo.mode": "dual", "expert.agent.mode": "drill_only"},
 }
 ROOT = Path(__file__).resolve().parent.parent
-WARM_STARTS: dict[str, dict[str, Any]] = {"expert": {}, "format": {"expert.mode": "random"}}
+WARM_STARTS: dict[str, dict[str, Any]] = {"expert": {}, "format": {"expert.agent.mode": "random"}}
 """What the shared warm start's SFT imitates: the GRN + CVS expert, or format-valid random-box trajectories."""
 
 

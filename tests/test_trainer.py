@@ -286,3 +286,21 @@ def test_overrides_do_not_write_into_the_callers_config():
     every = base["eval"]["every"]
     changed = apply_overrides(base, {"eval.every": every + 7})
     assert changed["eval"]["every"] == every + 7 and base["eval"]["every"] == every
+
+
+def test_expert_agent_settings_nest_the_agents_config_and_read_the_old_flat_keys(tmp_path):
+    """expert.agent is the agent's own ExpertConfig; files and --set keys written before it still load."""
+    from medeyes.agents.expert_config import ExpertConfig
+
+    cfg = preset("cpu-default")
+    assert isinstance(cfg.expert.agent, ExpertConfig) and cfg.expert.agent.n_expert == 2
+    old = tmp_path / "old.yaml"
+    old.write_text("expert:\n  per_case: 3\n  mode: greedy\n  seed: 7\n")
+    loaded = TrainConfig.from_yaml(old, {"expert.agent.seed": 8})  # the new key replaces the file's old one
+    assert (loaded.expert.agent.n_expert, loaded.expert.agent.mode, loaded.expert.agent.seed) == (3, "greedy", 8)
+    assert build_config({}, {"expert.per_case": 4}).expert.agent.n_expert == 4
+    assert "t_max" not in cfg.model_dump()["expert"]["agent"]  # the expert's tool turns are env.max_steps
+    with pytest.raises(ConfigError, match=r"expert\.agent\.t_max=3 is not read: .* set env\.max_steps instead"):
+        build_config({}, {"expert.agent.t_max": 3})
+    with pytest.raises(ConfigError, match=r"expert\.per_case=2 and expert\.agent\.n_expert=5 disagree"):
+        build_config({"expert": {"per_case": 2, "agent": {"n_expert": 5}}})

@@ -142,6 +142,8 @@ def config_rows(model: BaseModel, prefix: str = "") -> list[tuple[str, str, str]
     """
     rows = []
     for name, info in type(model).model_fields.items():
+        if info.exclude:  # not a setting of this config (expert.agent.t_max comes from env.max_steps)
+            continue
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             rows += config_rows(value, f"{prefix}{name}.")

@@ -18,6 +18,7 @@ naming it. Checkpoints of the earlier pickle format (``rng.pt``, ``optimizer.pt`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medeyes.training.config import TrainConfig
 from medeyes_env.errors import ConfigError, RecordError, UnsafePathError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -316,6 +318,10 @@ def check_same_config(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     """
     state = read_checkpoint_state(path)
     saved = dict(state.get("config", {}))
+    # A config written before a field moved (expert.per_case -> expert.agent.n_expert) compares by meaning; one
+    # that is not valid now stays as it is, and the comparison below refuses it.
+    with contextlib.suppress(ValueError):
+        saved = TrainConfig.model_validate(saved).model_dump(mode="json")
     now = dict(config)
     for volatile in VOLATILE_CONFIG:
         saved.pop(volatile, None)

@@ -18,140 +18,72 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medeyes.agents.expert_config import ExpertConfig
 from medeyes.agents.policy import SamplingConfig
-from medeyes.training.grounding import GroundShape, GroundTask
 from medeyes.training.objective_config import ObjectiveConfig
+from medeyes.training.stage_config import EvalConfig, GroundConfig, GRPOConfig, OptimConfig, SFTConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 
+__all__ = [
+    "PRESETS",
+    "EvalConfig",
+    "ExpertAgentConfig",
+    "ExpertDataConfig",
+    "GRPOConfig",
+    "GroundConfig",
+    "OptimConfig",
+    "SFTConfig",
+    "Stage",
+    "TrainConfig",
+    "apply_overrides",
+    "build_config",
+    "preset",
+]
+
 Stage = Literal["ground", "sft", "grpo"]
-ExpertMode = Literal["full", "greedy", "random", "scan_only", "drill_only"]
 
 
-class OptimConfig(BaseModel):
-    """AdamW with linear warmup, then constant or cosine decay (per optimizer step)."""
+class ExpertAgentConfig(ExpertConfig):
+    """The expert agent's settings (:class:`ExpertConfig`) in a run; ``t_max`` comes from ``env.max_steps``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    lr: float = Field(default=1e-6, gt=0.0, description="Peak learning rate (paper: 1e-6 for Qwen2.5-VL-3B).")
-    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
-    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW decoupled weight decay.")
-    eps: float = Field(default=1e-8, gt=0.0, description="AdamW epsilon.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from 0 to lr over this many steps.")
-    schedule: Literal["constant", "cosine"] = Field(
-        default="constant", description="After warmup: keep lr, or cosine-decay it to min_lr_ratio * lr."
-    )
-    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Floor of the cosine schedule, x lr.")
-    grad_clip: float | None = Field(default=1.0, gt=0.0, description="Clip the global grad norm; None: no clip.")
+    t_max: int = Field(default=4, ge=1, le=32, exclude=True, description="Not set here: max(1, env.max_steps).")
 
 
-class SFTConfig(BaseModel):
-    """Supervised warm start on expert trajectories (loss on the expert's turns only)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(default=0, ge=0, description="Optimizer steps of the sft stage (0 skips it).")
-    batch_size: int = Field(default=16, ge=1, description="Expert trajectories per optimizer step.")
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step (batch_size split).")
-    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
-        default="token_mean",
-        description="token_mean: every expert token weighs the same; seq_mean_token_mean: every trajectory "
-        "weighs the same (short trajectories, e.g. direct answers, are not drowned by long ones).",
-    )
-    ground_examples: int = Field(
-        default=0,
-        ge=0,
-        description="Ground-stage examples added to every SFT step (co-training), so learning the protocol does "
-        "not wash out what the ground stage taught the model to see; needs a ground stage or ground.cases.",
-    )
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+FLAT_EXPERT_KEYS = {
+    "per_case": "n_expert",
+    "mode": "mode",
+    "keep_only_correct": "keep_only_correct",
+    "max_regions": "max_regions",
+    "global_questions": "global_questions",
+    "seed": "seed",
+}
+"""``expert.<old key>`` -> ``expert.agent.<field>``: the flat keys of configs written before ``expert.agent``."""
 
 
-class GroundConfig(BaseModel):
-    """Visual grounding warm-up on the training split's annotations (:mod:`medeyes.training.grounding`).
+def nest_flat_expert_keys(expert: Any) -> Any:
+    """An ``expert`` mapping with its flat keys (``per_case``, ``mode``, ...) moved under ``agent``.
 
-    For random-init models only: what a pretrained VLM already knows (where an object is, what a crop
-    shows), taught on short single-image examples before SFT teaches when and where to look.
+    >>> nest_flat_expert_keys({"cases": 4, "per_case": 2, "mode": "greedy"})
+    {'cases': 4, 'agent': {'n_expert': 2, 'mode': 'greedy'}}
     """
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(default=0, ge=0, description="Optimizer steps of the ground stage (0 skips it).")
-    batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step.")
-    cases: int = Field(default=1024, ge=1, description="Training cases rendered once into the example pool.")
-    tasks: list[GroundTask] = Field(
-        default_factory=lambda: ["where", "what"],
-        description="where: overview -> every candidate's box; what: drill view of one candidate -> abnormal?",
-    )
-    jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
-    system_prompt: bool = Field(
-        default=False,
-        description="Open each example with the environment's system prompt, as an episode opens (the image then "
-        "sits where the policy sees it), at about 4x the tokens per example; False: image and question only.",
-    )
-    what_share: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
-    )
-    shape: GroundShape = Field(
-        default="probe",
-        description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "
-        "answered with the episode's own turns (scan turn, answer turn), so what is learned is in the policy's "
-        "tokens; episode: the episode's whole context (scan, drill, the environment's views and feedback) before "
-        "the target turn, about 5x the tokens (system_prompt is then the environment's choice).",
-    )
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
-
-
-class GRPOConfig(BaseModel):
-    """On-policy or dual-stream GRPO (METHOD.md section 5)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(default=0, ge=0, description="Optimizer steps of the grpo stage (0 skips it).")
-    mode: Literal["dual", "on_policy"] = Field(
-        default="dual", description="dual: on-policy rollouts plus expert trajectories; on_policy: rollouts only."
-    )
-    prompts_per_step: int = Field(default=4, ge=1, description="Cases (GRPO groups) per optimizer step.")
-    group_on: int = Field(default=8, ge=1, description="G_on: on-policy rollouts per case (paper 8).")
-    group_off: int = Field(default=6, ge=0, description="G_off: expert trajectories per case (paper 6).")
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches the step's rows are split into.")
-    old_logprobs: Literal["rollout", "recompute"] = Field(
-        default="rollout",
-        description="pi_old of the on-policy ratio: the log-probs recorded at generation, or a fresh no-grad "
-        "forward pass before the update (immune to generation/training numeric or tokenisation gaps).",
-    )
-    curiosity_coef: float = Field(
-        default=0.0,
-        ge=0.0,
-        description="Pixel Reasoner's curiosity bonus, alpha: an on-policy episode that used a tool gets "
-        "alpha * max(curiosity_threshold - tool rate, 0) added to its reward before advantages (training only). "
-        "0: off (paper); Pixel Reasoner uses 0.5.",
-    )
-    curiosity_threshold: float = Field(
-        default=0.3,
-        ge=0.0,
-        le=1.0,
-        description="H of the curiosity bonus: tool use is paid while the tool rate is below it (Pixel Reasoner 0.3).",
-    )
-    curiosity_scope: Literal["group", "batch"] = Field(
-        default="group",
-        description="Tool rate of the curiosity bonus: over the case's own G_on rollouts (Pixel Reasoner) or over "
-        "every on-policy rollout of the step.",
-    )
-    skip_flat_groups: Literal["off", "on_rows", "group"] = Field(
-        default="off",
-        description="DAPO dynamic sampling, without resampling: leave out of the loss the groups whose on-policy "
-        "rewards are all equal (their on-policy advantages are 0 and only dilute the mean). on_rows: drop their "
-        "on-policy rows and keep their expert rows; group: drop both streams. off (paper): keep everything.",
-    )
-    tool_floor: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=1.0,
-        description="Tool-collapse alarm: when a step's on-policy tool share is below this, the progress line "
-        "warns, alarm/tool_collapse is 1 and a warning is printed once. None: no alarm.",
-    )
-    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+    if not isinstance(expert, dict) or not FLAT_EXPERT_KEYS.keys() & expert.keys():
+        return expert
+    expert = dict(expert)
+    agent = expert.get("agent") or {}
+    agent = agent.model_dump(exclude_unset=True) if isinstance(agent, BaseModel) else dict(agent)
+    for old, new in FLAT_EXPERT_KEYS.items():
+        if old not in expert:
+            continue
+        value = expert.pop(old)
+        if new in agent and agent[new] != value:
+            raise ConfigError(
+                f"expert.{old}={value!r} and expert.agent.{new}={agent[new]!r} disagree; expert.{old} is the old "
+                f"name of expert.agent.{new}: keep only expert.agent.{new}"
+            )
+        agent[new] = value
+    expert["agent"] = agent
+    return expert
 
 
 class ExpertDataConfig(BaseModel):
@@ -164,43 +96,36 @@ class ExpertDataConfig(BaseModel):
     )
     generate_if_absent: bool = Field(default=True, description="Run the expert agent when the store is empty.")
     cases: int = Field(default=256, ge=1, description="Training cases to generate expert trajectories for.")
-    per_case: int = Field(default=6, ge=1, description="N_expert: trajectories drawn per case (paper 6).")
-    mode: ExpertMode = Field(
-        default="full",
-        description="full: GRN + CVS; greedy: GRN without CVS (argmax choices, one trajectory per case); "
-        "random: the full expert's actions moved to random places (w/o GRN); "
-        "scan_only / drill_only: one tool only (paper ablations).",
-    )
     oracle: str = Field(default="annotation", description="Region oracle of the expert (annotation, image, vlm).")
     oracle_options: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
         description="Fields of the oracle's config, e.g. {lookalikes: like_gold, distractors: 0} for annotation.",
-    )
-    keep_only_correct: bool = Field(default=True, description="Keep only trajectories whose answer is correct.")
-    max_regions: int = Field(default=5, ge=1, le=5, description="Most regions the expert shows in one scan (paper 5).")
-    global_questions: Literal["look", "answer"] = Field(
-        default="look",
-        description="Questions no region can inform (modality): look like any other, or answer at once.",
-    )
-    seed: int = Field(
-        default=0, description="Expert sampling seed (independent of the training seed, so runs share demos)."
     )
     reasoning: Literal["full", "brief"] = Field(
         default="full",
         description="full: train on the expert's narrated reasoning as generated; brief: re-render every expert "
         "turn with a two-word reasoning (same actions, boxes and answers), for small models and short token budgets.",
     )
+    agent: ExpertAgentConfig = Field(
+        default_factory=ExpertAgentConfig,
+        description="The expert agent: mode, n_expert (N_expert, trajectories per case), seed (independent of the "
+        "training seed, so runs share demos), ...; its tool turns are env.max_steps.",
+    )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        """Read ``expert.per_case``, ``expert.mode``, ... (configs and run dirs from before ``expert.agent``)."""
+        return nest_flat_expert_keys(data)
 
-class EvalConfig(BaseModel):
-    """Held-out evaluation: greedy episodes on a fixed set of cases of the eval split."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    every: int = Field(default=50, ge=0, description="Evaluate every this many steps (and at start and end); 0: never.")
-    cases: int = Field(default=128, ge=1, description="Held-out cases per evaluation (the same ones each time).")
-    batch_size: int = Field(default=64, ge=1, description="Episodes generated together during evaluation.")
-    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of evaluation (0: greedy).")
+    @model_validator(mode="after")
+    def _no_t_max(self) -> ExpertDataConfig:
+        if "t_max" in self.agent.model_fields_set:
+            raise ConfigError(
+                f"expert.agent.t_max={self.agent.t_max} is not read: the expert's tool turns are "
+                "max(1, env.max_steps); set env.max_steps instead"
+            )
+        return self
 
 
 DataOption = str | int | float | bool | list[str | int | float | bool]
@@ -360,12 +285,23 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Validate ``data`` with dotted ``overrides`` applied; errors become :class:`ConfigError` naming the field."""
+    overrides = {_current_key(key): value for key, value in (overrides or {}).items()}
+    if isinstance(data.get("expert"), dict):  # so an override of expert.agent.* replaces an old file's flat key
+        data = {**data, "expert": nest_flat_expert_keys(data["expert"])}
     try:
-        return TrainConfig.model_validate(apply_overrides(data, overrides or {}))
+        return TrainConfig.model_validate(apply_overrides(data, overrides))
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"invalid training config: {exc}") from None
+
+
+def _current_key(dotted: str) -> str:
+    """``expert.per_case`` -> ``expert.agent.n_expert`` (:data:`FLAT_EXPERT_KEYS`); other keys as they are."""
+    parent, _, leaf = dotted.partition(".")
+    if parent == "expert" and leaf in FLAT_EXPERT_KEYS:
+        return f"expert.agent.{FLAT_EXPERT_KEYS[leaf]}"
+    return dotted
 
 
 # -------------------------------------------------------------------------------------------- presets
@@ -399,6 +335,22 @@ def _cpu_default() -> dict[str, Any]:
         "sampling": {"temperature": 1.0, "max_new_tokens": 48},
         "rollout_batch": 64,
         "stages": ["ground", "sft", "grpo"],
+        **_cpu_default_stages(),
+        "objective": {"advantage_mode": "on_baseline", "off_policy_shaping": True},
+        "expert": {
+            "cases": 512,
+            "reasoning": "brief",
+            "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
+            "agent": {"n_expert": 2, "max_regions": 1, "global_questions": "answer"},
+        },
+        "eval": {"every": 500, "cases": 128, "batch_size": 128},
+        "checkpoint_every": 20,
+    }
+
+
+def _cpu_default_stages() -> dict[str, Any]:
+    """The embedded default's ``ground``, ``sft`` and ``grpo`` stages (:func:`_cpu_default`)."""
+    return {
         "ground": {
             "steps": 1500,
             "batch_size": 32,
@@ -424,17 +376,6 @@ def _cpu_default() -> dict[str, Any]:
             "tool_floor": 0.2,
             "optim": {"lr": 2e-4},
         },
-        "objective": {"advantage_mode": "on_baseline", "off_policy_shaping": True},
-        "expert": {
-            "cases": 512,
-            "per_case": 2,
-            "max_regions": 1,
-            "reasoning": "brief",
-            "global_questions": "answer",
-            "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
-        },
-        "eval": {"every": 500, "cases": 128, "batch_size": 128},
-        "checkpoint_every": 20,
     }
 
 
@@ -450,10 +391,9 @@ def _tiny() -> dict[str, Any]:
         threads=1,
         expert={
             "cases": 4,
-            "per_case": 2,
-            "max_regions": 1,
             "reasoning": "brief",
             "oracle_options": {"lookalikes": "like_gold", "distractors": 0.0},
+            "agent": {"n_expert": 2, "max_regions": 1},
         },
         eval={"every": 2, "cases": 4, "batch_size": 4},
         sampling={"temperature": 1.0, "max_new_tokens": 16},
@@ -475,7 +415,7 @@ def _paper() -> dict[str, Any]:
         "env": {"max_steps": 4},
         "sampling": {"temperature": 1.0, "max_new_tokens": 512},
         "grpo": {"steps": 500, "mode": "dual", "prompts_per_step": 8, "group_on": 8, "group_off": 6, "grad_accum": 8},
-        "expert": {"cases": 4096, "per_case": 6},
+        "expert": {"cases": 4096, "agent": {"n_expert": 6}},
         "eval": {"every": 50, "cases": 512, "batch_size": 64},
     }
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
-from medeyes.training.config import TrainConfig
+from medeyes.training.config import FLAT_EXPERT_KEYS, ExpertAgentConfig, TrainConfig
 from medeyes.training.grounding import BRIEF_REASONING
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes_env.errors import ConfigError
@@ -34,11 +35,27 @@ def expert_store_dir(config: TrainConfig) -> Path:
         "data_options": config.data_options,
         "split": config.train_split,
         "env": config.env.model_dump(mode="json"),
-        "expert": config.expert.model_dump(mode="json", exclude={"dir", "generate_if_absent", "reasoning"}),
+        "expert": _expert_key(config),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() else "-" for ch in config.data)
-    return cache_dir() / "expert" / f"{safe}-{config.expert.mode}-{digest}"
+    return cache_dir() / "expert" / f"{safe}-{config.expert.agent.mode}-{digest}"
+
+
+def _expert_key(config: TrainConfig) -> dict[str, Any]:
+    """The expert settings that shape the demos, spelled as before ``expert.agent`` so existing caches still match.
+
+    Agent fields the flat config did not have enter the key only when they differ from their default.
+    """
+    expert, agent = config.expert, config.expert.agent
+    key: dict[str, Any] = {"cases": expert.cases, "oracle": expert.oracle, "oracle_options": expert.oracle_options}
+    key.update({old: getattr(agent, new) for old, new in FLAT_EXPERT_KEYS.items()})
+    dumped = agent.model_dump(mode="json")
+    defaults = ExpertAgentConfig().model_dump(mode="json")
+    others = {k: v for k, v in dumped.items() if k not in FLAT_EXPERT_KEYS.values() and v != defaults[k]}
+    if others:
+        key["agent"] = others
+    return key
 
 
 def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> TrajectoryStore:
@@ -60,25 +77,15 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
             raise ConfigError(
                 f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
             )
-        agent = ExpertAgent(
-            make_oracle(config.expert.oracle, **config.expert.oracle_options),
-            ExpertConfig(
-                mode=config.expert.mode,
-                n_expert=config.expert.per_case,
-                t_max=max(1, config.env.max_steps),
-                max_regions=config.expert.max_regions,
-                keep_only_correct=config.expert.keep_only_correct,
-                global_questions=config.expert.global_questions,
-                seed=config.expert.seed,
-            ),
-        )
+        agent_config = ExpertConfig(**config.expert.agent.model_dump(), t_max=max(1, config.env.max_steps))
+        agent = ExpertAgent(make_oracle(config.expert.oracle, **config.expert.oracle_options), agent_config)
         rollout = RolloutConfig(
             split=config.train_split,
             n=config.expert.cases,
             samples_per_case=agent.samples_per_case,
             batch_size=64,
-            seed=config.expert.seed,
-            keep_only_correct=config.expert.keep_only_correct,
+            seed=agent_config.seed,
+            keep_only_correct=agent_config.keep_only_correct,
             env=config.env,
         )
         result = run_rollout(agent, source, rollout, store=store)

@@ -1,4 +1,6 @@
-"""The dual-stream GRPO objective: advantages, the clipped/shaped surrogate, SFT loss and tensor helpers.
+"""The dual-stream GRPO objective: the clipped/shaped surrogate, SFT loss and tensor helpers.
+
+Advantages live in :mod:`medeyes.training.advantages` (re-exported here).
 
 Pure functions, tensors in and tensors out: no model, no environment. The math
 and every option are explained in ``docs/objective.md``; METHOD.md section 5 is
@@ -20,11 +22,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from medeyes.training.advantages import STREAMS, check_advantage_inputs, compute_advantages, segment_stats
 from medeyes.training.logprobs import sequence_logprobs_from_logits
 from medeyes.training.objective_config import Aggregation, ObjectiveConfig
 
-STREAMS: tuple[tuple[str, bool], ...] = (("on", False), ("off", True))
-"""Stream names as used in metric keys, with the ``is_expert`` value of their rows."""
+__all__ = [
+    "STREAMS",
+    "check_advantage_inputs",
+    "compute_advantages",
+    "dual_stream_loss",
+    "masked_mean",
+    "segment_stats",
+    "sft_loss",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,161 +119,6 @@ def sft_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Advantages
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def segment_stats(values: Tensor, seg: Tensor, n_seg: int, unbiased: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-segment count, mean, std and an 'all values equal' flag, in float64.
-
-    A segment with fewer than 2 values, or whose values are all exactly equal, has std exactly 0.
-    """
-    count = torch.zeros(n_seg, dtype=torch.float64).index_add_(0, seg, torch.ones_like(values))  # [S]
-    total = torch.zeros(n_seg, dtype=torch.float64).index_add_(0, seg, values)  # [S]
-    mean = total / count.clamp(min=1.0)  # [S]
-    sq = torch.zeros(n_seg, dtype=torch.float64).index_add_(0, seg, (values - mean[seg]) ** 2)  # [S]
-    hi = torch.full((n_seg,), -torch.inf, dtype=torch.float64).scatter_reduce_(0, seg, values, "amax")
-    lo = torch.full((n_seg,), torch.inf, dtype=torch.float64).scatter_reduce_(0, seg, values, "amin")
-    equal = hi == lo  # [S]; also true for singletons; empty segments (inf vs -inf) are False
-    denom = (count - 1.0) if unbiased else count
-    std = torch.sqrt(sq / denom.clamp(min=1.0))
-    std = torch.where(equal | (count < 2), torch.zeros_like(std), std)
-    return count, mean, std, equal | (count < 2)
-
-
-def check_advantage_inputs(rewards: Tensor, group_ids: Tensor, is_expert: Tensor) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the problem unless all are ``[B]``: finite float, long, bool."""
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}.")
-    if group_ids.shape != rewards.shape or is_expert.shape != rewards.shape:
-        raise ValueError(
-            f"rewards {tuple(rewards.shape)}, group_ids {tuple(group_ids.shape)} and is_expert "
-            f"{tuple(is_expert.shape)} must all be the same [B]."
-        )
-    if not rewards.is_floating_point():
-        raise TypeError(f"rewards must be a float tensor, got dtype {rewards.dtype}.")
-    if group_ids.dtype != torch.long:
-        raise TypeError(f"group_ids must be a long (int64) tensor, got dtype {group_ids.dtype}; use .long().")
-    if is_expert.dtype != torch.bool:
-        raise TypeError(f"is_expert must be a bool tensor, got dtype {is_expert.dtype}; use .bool().")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(f"rewards must be finite; rows {bad[:10]} are inf or NaN (score failures as a number).")
-
-
-def _normalise(centred: Tensor, sigma: Tensor, flat: Tensor, floor: float, config: ObjectiveConfig) -> Tensor:
-    """``centred / (max(sigma, floor) + eps)`` (without ``scale_by_std``: ``centred``); a flat set is exactly 0.
-
-    ``centred``, ``sigma``, ``flat``: ``[n]``. Flat (all rewards equal) gives 0, not rounding noise over eps.
-    """
-    if config.scale_by_std:
-        denom = sigma.clamp(min=floor) + config.eps
-        centred = centred / torch.where(denom > 0, denom, torch.ones_like(denom))  # denom 0 only if flat
-    return torch.where(flat, torch.zeros_like(centred), centred)
-
-
-def _advantage_stats(
-    r: Tensor, adv: Tensor, expert: Tensor, cnt_gs: Tensor, sd_gs: Tensor, n_groups: int
-) -> dict[str, float]:
-    """Per stream: samples, groups, sigma-zero groups, and reward/advantage moments (:func:`compute_advantages`).
-
-    ``r``, ``adv``, ``expert``: ``[B]``; ``cnt_gs``, ``sd_gs``: ``[2G]`` per (group, stream) segment.
-    """
-    stats: dict[str, float] = {}
-    for name, flag in STREAMS:
-        rows = expert == flag  # [B]
-        n = int(rows.sum().item())
-        groups_k = torch.arange(n_groups) * 2 + int(flag)  # [G] this stream's segment of every group
-        present = cnt_gs[groups_k] > 0 if n_groups else torch.zeros(0, dtype=torch.bool)
-        stats[f"stream/{name}/samples"] = float(n)
-        stats[f"stream/{name}/groups"] = float(present.sum().item())
-        stats[f"stream/{name}/sigma_zero_groups"] = float((present & (sd_gs[groups_k] == 0)).sum().item())
-        if n:
-            rr, aa = r[rows], adv[rows]
-            stats[f"stream/{name}/reward_mean"] = rr.mean().item()
-            stats[f"stream/{name}/reward_std"] = rr.std(correction=0).item()
-            stats[f"stream/{name}/adv_mean"] = aa.mean().item()
-            stats[f"stream/{name}/adv_std"] = aa.std(correction=0).item()
-            stats[f"stream/{name}/adv_zero_frac"] = (aa == 0).double().mean().item()
-    return stats
-
-
-def compute_advantages(
-    rewards: Tensor, group_ids: Tensor, is_expert: Tensor, config: ObjectiveConfig
-) -> tuple[Tensor, dict[str, float]]:
-    """Group-relative advantages for a batch that mixes on-policy and expert rows.
-
-    On-policy rows, every mode but ``joint``: ``A = (R - mu_on,g) / (sigma_on,g + eps)`` over the on-policy
-    rows of the same group ``g``. Expert rows, by ``config.advantage_mode``:
-
-    - ``per_stream``: ``(R - mu_off,g) / (sigma_off,g + eps)`` over the expert rows of group ``g``.
-    - ``on_baseline``: ``(R - mu_on,g) / (max(sigma_on,g, sigma_floor) + eps)``; 0 when ``g`` has no
-      on-policy row (counted in ``stream/off/no_baseline_groups``).
-    - ``batch_floor``: ``(R - mu_off) / (max(sigma_off, sigma_floor) + eps)`` over all expert rows of the batch.
-    - ``joint``: every row ``(R - mu_g) / (sigma_g + eps)`` over both streams of group ``g``.
-
-    A set whose rewards are all equal (or that has one row) has ``sigma = 0`` and its rows get advantage
-    exactly 0: the paper's "known hole" for the expert stream, counted per stream in
-    ``stream/{on,off}/sigma_zero_groups`` (by the per-group per-stream statistics, whatever the mode).
-    With ``scale_by_std=False`` the division (and the floor) is skipped.
-
-    Args:
-        rewards: ``[B]`` float, finite total rewards.
-        group_ids: ``[B]`` long, the prompt each row answers (any integer values).
-        is_expert: ``[B]`` bool, True for expert (off-policy) rows.
-        config: The objective's configuration.
-
-    Returns:
-        ``([B] advantages in rewards' dtype, stats)``. Stats (plain floats), per stream ``s``:
-        ``stream/s/samples``, ``stream/s/groups``, ``stream/s/sigma_zero_groups``, and when the stream is
-        non-empty ``stream/s/reward_mean``, ``stream/s/reward_std``, ``stream/s/adv_mean``, ``stream/s/adv_std``
-        (population std over the stream's rows), ``stream/s/adv_zero_frac`` (share of rows with advantage 0);
-        plus ``stream/off/no_baseline_groups``.
-
-    """
-    check_advantage_inputs(rewards, group_ids, is_expert)
-    device = rewards.device
-    r = rewards.detach().to(device="cpu", dtype=torch.float64)  # [B]
-    expert = is_expert.detach().cpu()  # [B]
-    _, g = torch.unique(group_ids.detach().cpu(), return_inverse=True)  # [B] dense group index in [0, G)
-    n_groups = int(g.max().item()) + 1 if g.numel() else 0
-    unbiased = config.std_unbiased
-
-    # Per (group, stream) statistics: segment k = 2 * g + is_expert.
-    seg = 2 * g + expert.long()  # [B]
-    cnt_gs, mu_gs, sd_gs, flat_gs = segment_stats(r, seg, 2 * n_groups, unbiased)  # [2G] each
-    on_k = 2 * g  # [B] the on-policy segment of each row's group
-
-    no_baseline_groups = 0
-    if config.advantage_mode == "joint":
-        _, mu_g, sd_g, flat_g = segment_stats(r, g, n_groups, unbiased)  # [G] each
-        adv = _normalise(r - mu_g[g], sd_g[g], flat_g[g], 0.0, config)
-    else:
-        own = _normalise(r - mu_gs[seg], sd_gs[seg], flat_gs[seg], 0.0, config)  # [B] per-stream advantage
-        adv = own
-        if config.advantage_mode == "on_baseline":
-            has_on = cnt_gs[on_k] > 0  # [B]
-            # The baseline is the on-policy group, so a flat on-policy group does NOT zero the expert row.
-            vs_on = _normalise(r - mu_gs[on_k], sd_gs[on_k], torch.zeros_like(expert), config.sigma_floor, config)
-            vs_on = torch.where(has_on, vs_on, torch.zeros_like(vs_on))
-            adv = torch.where(expert, vs_on, own)
-            no_baseline_groups = len(torch.unique(g[expert & ~has_on]))
-        elif config.advantage_mode == "batch_floor" and bool(expert.any()):
-            r_off = r[expert]  # [B_off]
-            zeros = torch.zeros(r_off.numel(), dtype=torch.long)
-            _, mu_b, sd_b, flat_b = segment_stats(r_off, zeros, 1, unbiased)  # [1] each
-            off_adv = _normalise(
-                r_off - mu_b[0], sd_b.expand_as(r_off), flat_b.expand_as(r_off), config.sigma_floor, config
-            )
-            adv = own.clone()
-            adv[expert] = off_adv
-
-    stats = _advantage_stats(r, adv, expert, cnt_gs, sd_gs, n_groups)
-    stats["stream/off/no_baseline_groups"] = float(no_baseline_groups)
-    return adv.to(device=device, dtype=rewards.dtype), stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -287,6 +142,7 @@ def _check_loss_inputs(
     advantages: Tensor,
     loss_mask: Tensor,
     is_expert: Tensor,
+    config: ObjectiveConfig,
     ref_logprobs: Tensor | None,
     entropy: Tensor | None,
 ) -> None:
@@ -305,6 +161,10 @@ def _check_loss_inputs(
         raise TypeError(f"is_expert must be a bool tensor, got dtype {is_expert.dtype}; use .bool().")
     if not logprobs.is_floating_point():
         raise TypeError(f"logprobs must be a float tensor, got dtype {logprobs.dtype}.")
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs; pass them or set kl_coef=0.")
+    if config.entropy_coef > 0 and entropy is None:
+        raise ValueError(f"entropy_coef={config.entropy_coef} > 0 needs entropy; pass it or set entropy_coef=0.")
 
 
 def dual_stream_loss(
@@ -319,20 +179,12 @@ def dual_stream_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """The dual-stream GRPO loss (to minimise) and its per-stream health metrics.
 
-    Per loss token ``t`` of row ``i`` with advantage ``A_i``:
-
-    - on-policy rows: ``r = exp(logprobs - old_logprobs)``,
-      ``l = -min(r A, clip(r, 1 - clip_eps, 1 + clip_high) A)`` (PPO).
-    - expert rows: ``rho = exp(logprobs)`` (``pi_expert := 1``; ``old_logprobs`` is ignored),
-      ``w = rho / (rho + gamma)`` if ``off_policy_shaping`` else ``rho``, ``l = -w A`` (or the PPO clip of
-      ``w`` against 1 if ``clip_off_policy``). The gradient is ``-A * dw/dlogp * grad(logp)`` with
-      ``dw/dlogp = rho`` unshaped (low-probability tokens learn little) and ``gamma rho / (rho + gamma)^2``
-      shaped (largest near ``rho = gamma``, so low-probability expert tokens are emphasised).
-    - plus ``kl_coef * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` and ``- entropy_coef * entropy``.
-
-    Each term is reduced with ``config.aggregation`` over ``loss_mask`` (both streams pooled). Positions
-    outside ``loss_mask`` never touch the loss or its gradient, even if they hold inf/NaN padding; rows with
-    an empty mask are skipped; an all-empty batch gives loss 0 with a graph.
+    Per loss token ``t`` of row ``i`` with advantage ``A_i``: on-policy rows the PPO clipped surrogate
+    (:func:`_on_policy_terms`); expert rows ``-w A`` with ``w`` the (shaped) ratio ``pi_theta / pi_expert``,
+    ``pi_expert := 1`` (:func:`_off_policy_terms`); plus ``kl_coef * k3`` and ``- entropy_coef * entropy``
+    (:func:`_regularised`). Each term is reduced with ``config.aggregation`` over ``loss_mask`` (both streams
+    pooled). Positions outside ``loss_mask`` never touch the loss or its gradient, even if they hold inf/NaN
+    padding; rows with an empty mask are skipped; an all-empty batch gives loss 0 with a graph.
 
     Args:
         logprobs: ``[B, T]`` log pi_theta of the taken tokens (with grad).
@@ -342,55 +194,28 @@ def dual_stream_loss(
         is_expert: ``[B]`` bool, True for expert rows.
         config: The objective's configuration.
         ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``kl_coef > 0``.
-        entropy: ``[B, T]`` per-token policy entropy (with grad for the bonus); required when
-            ``entropy_coef > 0``.
+        entropy: ``[B, T]`` per-token policy entropy (with grad for the bonus); required when ``entropy_coef > 0``.
 
     Returns:
-        ``(loss, metrics)``: a scalar float32 tensor, and plain floats: ``loss/total``, ``loss/policy``,
-        ``loss/kl`` (the k3 estimate, before ``kl_coef``, when ``ref_logprobs`` is given), ``loss/entropy``
-        and ``entropy/mean`` (when ``entropy`` is given); per stream ``stream/s/rows``, ``stream/s/tokens``,
-        and when it has tokens ``stream/s/pg_loss``, ``stream/s/adv_mean``, ``stream/s/adv_std``,
-        ``stream/s/clip_frac``; on-policy ``stream/on/ratio_{mean,min,max}``,
-        ``stream/on/clip_frac_{low,high}``, ``stream/on/approx_kl`` (k3 of old vs new);
-        expert ``stream/off/rho_{mean,min,max}`` and ``stream/off/weight_mean`` (the shaped ratio).
+        ``(loss, metrics)``: a scalar float32 tensor, and plain floats: ``loss/total``, ``loss/policy`` and the
+        metrics of :func:`_regularised`, :func:`_stream_metrics` and :func:`_ratio_metrics`.
 
     """
-    _check_loss_inputs(logprobs, old_logprobs, advantages, loss_mask, is_expert, ref_logprobs, entropy)
-    if config.kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs; pass them or set kl_coef=0.")
-    if config.entropy_coef > 0 and entropy is None:
-        raise ValueError(f"entropy_coef={config.entropy_coef} > 0 needs entropy; pass it or set entropy_coef=0.")
-
+    _check_loss_inputs(logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy)
     mask = loss_mask.bool()  # [B, T]
-    maskf = mask.float()  # [B, T]
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
-
     adv = advantages.detach().float()[:, None]  # [B, 1]
     expert = is_expert[:, None]  # [B, 1]
     on_tok = mask & ~expert  # [B, T]
     off_tok = mask & expert  # [B, T]
     lp = torch.where(mask, logprobs.float(), zero)  # [B, T]; 0 outside the mask: no gradient, no NaN leaks
     old = torch.where(on_tok, old_logprobs.detach().float(), zero)  # [B, T]; expert rows' values are ignored
-    lo, hi = 1.0 - config.clip_eps, 1.0 + config.clip_high
-
-    # On-policy: PPO clipped surrogate.
     ratio = torch.exp(lp - old)  # [B, T]
-    on_loss = -torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)  # [B, T]
-    on_clip_low = on_tok & (ratio < lo) & (adv < 0)  # [B, T] zero-gradient because clipped below
-    on_clip_high = on_tok & (ratio > hi) & (adv > 0)  # [B, T] zero-gradient because clipped above
-
-    # Expert: rho = pi_theta / pi_expert with pi_expert := 1, optionally shaped, unclipped by default.
+    on_loss, on_clip_low, on_clip_high = _on_policy_terms(ratio, adv, on_tok, config)
     rho = torch.exp(lp)  # [B, T]
-    weight = rho / (rho + config.shaping_gamma) if config.off_policy_shaping else rho  # [B, T]
-    if config.clip_off_policy:
-        off_loss = -torch.minimum(weight * adv, weight.clamp(lo, hi) * adv)  # [B, T]
-        off_clipped = off_tok & (((weight < lo) & (adv < 0)) | ((weight > hi) & (adv > 0)))
-    else:
-        off_loss = -weight * adv  # [B, T]
-        off_clipped = torch.zeros_like(off_tok)
-
+    off_loss, off_clipped, weight = _off_policy_terms(rho, adv, off_tok, config)
     pg = torch.where(on_tok, on_loss, torch.where(off_tok, off_loss, zero))  # [B, T]
-    policy = _aggregate(pg, maskf, config.aggregation)
+    policy = _aggregate(pg, mask.float(), config.aggregation)
     total, metrics = _regularised(policy, lp, mask, config, ref_logprobs, entropy)
     if not bool(mask.any()):
         total = total + (lp * 0.0).sum()  # keep a graph so backward() works on an all-empty batch
@@ -404,6 +229,45 @@ def dual_stream_loss(
     return total, metrics
 
 
+def _on_policy_terms(
+    ratio: Tensor, adv: Tensor, on_tok: Tensor, config: ObjectiveConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate ``l = -min(r A, clip(r, 1 - clip_eps, 1 + clip_high) A)``, ``r = exp(logp - old)``.
+
+    ``ratio``, ``on_tok``: ``[B, T]``; ``adv``: ``[B, 1]``. Returns the per-token loss ``[B, T]`` and where the
+    clip zeroed the gradient, below and above (``[B, T]`` bool, on-policy tokens only).
+    """
+    lo, hi = 1.0 - config.clip_eps, 1.0 + config.clip_high
+    on_loss = -torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)  # [B, T]
+    on_clip_low = on_tok & (ratio < lo) & (adv < 0)  # [B, T] zero-gradient because clipped below
+    on_clip_high = on_tok & (ratio > hi) & (adv > 0)  # [B, T] zero-gradient because clipped above
+    return on_loss, on_clip_low, on_clip_high
+
+
+def _off_policy_terms(
+    rho: Tensor, adv: Tensor, off_tok: Tensor, config: ObjectiveConfig
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert rows: ``l = -w A``, ``w = rho / (rho + gamma)`` if ``off_policy_shaping`` else ``rho``.
+
+    ``rho = exp(logp) = pi_theta / pi_expert`` with ``pi_expert := 1`` (``old_logprobs`` is ignored); with
+    ``clip_off_policy`` ``w`` is PPO-clipped against 1. The gradient is ``-A * dw/dlogp * grad(logp)`` with
+    ``dw/dlogp = rho`` unshaped (low-probability tokens learn little) and ``gamma rho / (rho + gamma)^2`` shaped
+    (largest near ``rho = gamma``, so low-probability expert tokens are emphasised).
+
+    ``rho``, ``off_tok``: ``[B, T]``; ``adv``: ``[B, 1]``. Returns the per-token loss, where the clip zeroed the
+    gradient (all False unclipped) and ``w``, each ``[B, T]``.
+    """
+    lo, hi = 1.0 - config.clip_eps, 1.0 + config.clip_high
+    weight = rho / (rho + config.shaping_gamma) if config.off_policy_shaping else rho  # [B, T]
+    if config.clip_off_policy:
+        off_loss = -torch.minimum(weight * adv, weight.clamp(lo, hi) * adv)  # [B, T]
+        off_clipped = off_tok & (((weight < lo) & (adv < 0)) | ((weight > hi) & (adv > 0)))
+    else:
+        off_loss = -weight * adv  # [B, T]
+        off_clipped = torch.zeros_like(off_tok)
+    return off_loss, off_clipped, weight
+
+
 def _regularised(
     policy: Tensor,
     lp: Tensor,
@@ -415,7 +279,8 @@ def _regularised(
     """``policy + kl_coef * k3 - entropy_coef * entropy`` (each aggregated over ``mask`` ``[B, T]``) and their values.
 
     ``k3 = exp(ref - logp) - (ref - logp) - 1`` per token; a term is reported when its input is given, and
-    added to the loss only when its coefficient is positive.
+    added to the loss only when its coefficient is positive: ``loss/kl`` (the k3 estimate, before ``kl_coef``),
+    ``loss/entropy`` and ``entropy/mean``.
     """
     zero = torch.zeros((), dtype=torch.float32, device=lp.device)
     maskf = mask.float()  # [B, T]
@@ -449,7 +314,9 @@ def _stream_metrics(
 ) -> dict[str, float]:
     """Per stream: rows and tokens always; advantage mean/std, policy-gradient loss and clip share when it has tokens.
 
-    ``pg``, ``tokens[s]`` and ``clipped[s]`` are ``[B, T]``; ``advantages`` and ``is_expert`` ``[B]``.
+    ``stream/s/rows``, ``stream/s/tokens``, and when it has tokens ``stream/s/pg_loss``, ``stream/s/adv_mean``,
+    ``stream/s/adv_std``, ``stream/s/clip_frac``. ``pg``, ``tokens[s]`` and ``clipped[s]`` are ``[B, T]``;
+    ``advantages`` and ``is_expert`` ``[B]``.
     """
     zero = torch.zeros((), dtype=torch.float32, device=pg.device)
     metrics: dict[str, float] = {}
@@ -481,7 +348,11 @@ def _ratio_metrics(
     weight: Tensor,
     off_tok: Tensor,
 ) -> dict[str, float]:
-    """On-policy ratio statistics and approx KL (k3 of old vs new); expert rho and shaped weight (all ``[B, T]``)."""
+    """On-policy ratio statistics and approx KL (k3 of old vs new); expert rho and shaped weight (all ``[B, T]``).
+
+    On-policy ``stream/on/ratio_{mean,min,max}``, ``stream/on/clip_frac_{low,high}``, ``stream/on/approx_kl``;
+    expert ``stream/off/rho_{mean,min,max}`` and ``stream/off/weight_mean`` (the shaped ratio).
+    """
     metrics: dict[str, float] = {}
     if on_tok.any():
         sel = ratio[on_tok]

@@ -11,8 +11,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from medeyes.training.advantages import check_advantage_inputs, segment_stats
 from medeyes.training.config import GRPOConfig
-from medeyes.training.objective import check_advantage_inputs, segment_stats
 
 
 def curiosity_bonus(

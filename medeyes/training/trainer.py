@@ -23,8 +23,6 @@ Use :func:`train` (builds every piece from a :class:`TrainConfig`) or :class:`Tr
 from __future__ import annotations
 
 import contextlib
-import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,53 +34,31 @@ import torch
 
 from medeyes.agents.policy import PolicyAgent
 from medeyes.memory_store import MemoryStore
-from medeyes.models.episodes import (
-    EpisodeTensors,
-    collate,
-    tokenize_record,
-)
+from medeyes.models.episodes import EpisodeTensors, collate, tokenize_record
 from medeyes.rollout import RolloutConfig, run_rollout
-from medeyes.training.checkpoints import (
-    CHECKPOINTS_DIR,
-    check_same_config,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_final,
-)
+from medeyes.training.checkpoints import check_same_config, load_checkpoint, save_checkpoint, save_final
 from medeyes.training.config import TrainConfig
-from medeyes.training.expert_data import (
-    ExpertPool,
-    ensure_expert_trajectories,
-)
+from medeyes.training.expert_data import ExpertPool
 from medeyes.training.ground_pool import build_ground_pool, ground_episode
+from medeyes.training.grpo_batch import Collected, StreamStats, score, tokenise
 from medeyes.training.held_out import GroundingEval, held_out_metrics
 from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
-from medeyes.training.metrics import (
-    MetricsLogger,
-    blind_accuracy,
-    episode_health,
-    progress_bar,
-    progress_stats,
-    weighted_mean_metrics,
-)
-from medeyes.training.objective import (
-    compute_advantages,
-    dual_stream_loss,
-    masked_mean,
-    sft_loss,
-)
+from medeyes.training.metrics import MetricsLogger, blind_accuracy, progress_bar, progress_stats, weighted_mean_metrics
+from medeyes.training.objective import dual_stream_loss, sft_loss
 from medeyes.training.optim import StageOptimizer
+from medeyes.training.run_setup import (
+    autocast_dtype,
+    expert_pool,
+    open_run_dir,
+    param_dtype_name,
+    seed_everything,
+)
 from medeyes.training.schedule import step_seed
-from medeyes.training.shaping import loss_rows, shaped_rewards
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.errors import ConfigError
 from medeyes_env.sources import CaseSource, open_cases
 
 LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
-
-
-# ================================================================================================ small pure helpers
 
 
 # ================================================================================================ the trainer
@@ -99,51 +75,6 @@ class TrainResult:
     first_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     blind_accuracy: float | None = None
-
-
-@dataclass
-class _Collected:
-    """What one GRPO step collected: both streams' records, and where their images are."""
-
-    on_records: list[TrajectoryRecord]
-    off_records: list[TrajectoryRecord]
-    store: MemoryStore
-    """The on-policy rollouts' images (expert images are in the expert pool's store)."""
-    case_index: dict[str, int]
-    """Case id -> the case's index in the training split: the GRPO group of a row."""
-
-
-class _StreamStats:
-    """Per-stream entropy and the on-policy log-prob gap, averaged over a step's micro-batches."""
-
-    def __init__(self) -> None:
-        self.entropies: dict[str, list[float]] = {"on": [], "off": []}
-        self.gaps: list[float] = []
-
-    @torch.no_grad()
-    def add(
-        self,
-        logprobs: torch.Tensor,
-        old: torch.Tensor,
-        entropy: torch.Tensor | None,
-        mask: torch.Tensor,
-        is_expert: torch.Tensor,
-    ) -> None:
-        """One micro-batch: ``logprobs``, ``old``, ``entropy`` and ``mask`` are ``[b, T-1]``, ``is_expert`` ``[b]``."""
-        for name, rows_mask in (("on", ~is_expert), ("off", is_expert)):
-            m = mask & rows_mask[:, None]
-            if entropy is not None and m.any():
-                self.entropies[name].append(float(masked_mean(entropy, m)))
-        on_mask = mask & ~is_expert[:, None]
-        if on_mask.any():
-            self.gaps.append(float(masked_mean((logprobs.detach() - old).abs(), on_mask)))
-
-    def metrics(self) -> dict[str, float]:
-        """``stream/{on,off}/entropy`` and ``stream/on/logprob_gap``, each only when it had data."""
-        out = {f"stream/{name}/entropy": sum(v) / len(v) for name, v in self.entropies.items() if v}
-        if self.gaps:
-            out["stream/on/logprob_gap"] = sum(self.gaps) / len(self.gaps)
-        return out
 
 
 STAGE_CODES = {"ground": -1.0, "sft": 0.0, "grpo": 1.0}
@@ -178,7 +109,7 @@ class Trainer:
         self._ground_tensors: dict[int, EpisodeTensors] = {}
         self._ground_eval: GroundingEval | None = None
         self.device = torch.device(config.device)
-        self.autocast_dtype = _autocast_dtype(config)
+        self.autocast_dtype = autocast_dtype(config)
         self.pad_id = int(processor.tokenizer.pad_token_id)
         self.optim = StageOptimizer(config, model)
         self.eval_history: list[dict[str, float]] = []
@@ -346,8 +277,9 @@ class Trainer:
         """One GRPO step: collect, tokenise, score, advantages, loss, optimizer step (module docstring)."""
         metrics: dict[str, float] = {}
         collected = self._collect(step, metrics)
-        episodes = self._tokenise(collected, metrics)
-        advantages, rows = self._score(step, collected, episodes, metrics)
+        episodes = tokenise(collected, self.processor, self.experts.store if self.experts else None, metrics)
+        advantages, rows = score(collected, episodes, self.config, metrics)
+        self._tool_alarm(step, metrics)
         # old log-probs: recorded at generation, or recomputed before the update
         if self.config.grpo.old_logprobs == "recompute":
             self.model.eval()
@@ -356,7 +288,7 @@ class Trainer:
         self._update(step, episodes, advantages, rows, metrics)
         return metrics
 
-    def _collect(self, step: int, metrics: dict[str, float]) -> _Collected:
+    def _collect(self, step: int, metrics: dict[str, float]) -> Collected:
         """On-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)."""
         cfg, g = self.config, self.config.grpo
         _, k = cfg.stage_at(step)
@@ -386,43 +318,7 @@ class Trainer:
             for i in cases:
                 off_records += self.experts.for_case(i, g.group_off, rng)
         metrics["train/rollout_seconds"] = time.perf_counter() - t0
-        return _Collected(on_records, off_records, store, case_index)
-
-    def _tokenise(self, collected: _Collected, metrics: dict[str, float]) -> list[EpisodeTensors]:
-        """One function for both streams; the loss mask is the generated spans. On-policy rows come first."""
-        t1 = time.perf_counter()
-        episodes: list[EpisodeTensors] = []
-        segments: dict = {}  # the G rollouts of a case share their first segment: encode it once
-        for r in collected.on_records:
-            episodes.append(tokenize_record(r, collected.store, self.processor, is_expert=False, cache=segments))
-        if collected.off_records:
-            assert self.experts is not None  # _collect draws expert rows only from the pool
-            for r in collected.off_records:
-                episodes.append(tokenize_record(r, self.experts.store, self.processor, is_expert=True))
-        metrics["train/prep_seconds"] = time.perf_counter() - t1
-        return episodes
-
-    def _score(
-        self, step: int, collected: _Collected, episodes: list[EpisodeTensors], metrics: dict[str, float]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Advantages ``[B]`` and the rows that enter the loss (all, or without flat groups: DAPO).
-
-        Rewards are the environment's (plus the optional curiosity bonus); statistics per stream and group.
-        """
-        cfg, g = self.config, self.config.grpo
-        records = collected.on_records + collected.off_records
-        rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)  # [B]
-        groups = torch.tensor([collected.case_index.get(r.case_id, -1) for r in records], dtype=torch.long)  # [B]
-        is_expert = torch.tensor([e.is_expert for e in episodes], dtype=torch.bool)  # [B]
-        used_tool = torch.tensor([r.tool_steps > 0 for r in records], dtype=torch.bool)  # [B]
-        rewards = shaped_rewards(rewards, used_tool, groups, is_expert, g, metrics)
-        advantages, adv_stats = compute_advantages(rewards, groups, is_expert, cfg.objective)
-        metrics.update(adv_stats)
-        metrics.update(episode_health(collected.on_records, "stream/on/"))
-        metrics.update(episode_health(collected.off_records, "stream/off/"))
-        rows = loss_rows(rewards, groups, is_expert, g.skip_flat_groups, metrics)
-        self._tool_alarm(step, metrics)
-        return advantages, rows
+        return Collected(on_records, off_records, store, case_index)
 
     def _update(
         self,
@@ -438,7 +334,7 @@ class Trainer:
         lr = self.optim.set_lr("grpo", step)
         t2 = time.perf_counter()
         loss_metrics: list[tuple[int, dict[str, float]]] = []
-        streams = _StreamStats()
+        streams = StreamStats()
         tokens_seen = 0
         for chunk in chunks(rows, cfg.grpo.grad_accum):
             batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
@@ -544,17 +440,6 @@ class Trainer:
         save_checkpoint(cfg.run_dir, step, self.model, self.optim.optimizer, extra, cfg.keep_checkpoints)
 
 
-def _autocast_dtype(config: TrainConfig) -> torch.dtype | None:
-    if config.dtype == "auto" and str(config.device).startswith("cuda"):
-        return torch.bfloat16
-    return None
-
-
-def _param_dtype_name(config: TrainConfig) -> str:
-    # auto on CUDA: float32 master weights + bf16 autocast (mixed precision); bfloat16: pure bf16 weights.
-    return "bfloat16" if config.dtype == "bfloat16" else "float32"
-
-
 # ================================================================================================ entry point
 
 
@@ -577,16 +462,13 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.run_dir)
-    checkpoint = _open_run_dir(cfg, resume)
+    checkpoint = open_run_dir(cfg, resume)
 
-    # seed: one seed for everything not derived per step
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed & 0xFFFFFFFF)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
 
-    model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=_param_dtype_name(cfg))
+    model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=param_dtype_name(cfg))
     source = open_cases(cfg.data, cfg.data_options)
-    pool_cases, experts = _expert_pool(cfg, source)
+    pool_cases, experts = expert_pool(cfg, source)
 
     start_step, optimizer_state = 0, None
     if checkpoint is not None:
@@ -604,25 +486,3 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
         trainer.eval_history = list(state.get("eval_history", []))
         optimizer_stage = state.get("stage")
     return trainer.fit(start_step, optimizer_state, optimizer_stage, max_steps)
-
-
-def _open_run_dir(cfg: TrainConfig, resume: bool) -> Path | None:
-    """Create ``run_dir`` and write its ``config.yaml``; the checkpoint to resume from (None: start fresh)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if not resume and (run_dir / CHECKPOINTS_DIR).exists():
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return checkpoint
-
-
-def _expert_pool(cfg: TrainConfig, source: CaseSource) -> tuple[int, ExpertPool | None]:
-    """How many training cases the run uses, and their expert trajectories when a stage needs them."""
-    size = source.size(cfg.train_split)
-    wanted = cfg.train_cases or cfg.expert.cases
-    pool_cases = min(wanted, size) if size is not None else wanted
-    if "sft" not in cfg.stages and cfg.grpo.mode != "dual":
-        return pool_cases, None
-    store = ensure_expert_trajectories(cfg, source)
-    return pool_cases, ExpertPool(store, source, cfg.train_split, pool_cases, cfg.expert.reasoning, cfg.env.box_format)

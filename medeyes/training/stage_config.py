@@ -1,0 +1,149 @@
+"""The stages' settings: the optimizer, the ``ground``, ``sft`` and ``grpo`` stages, and held-out evaluation.
+
+Parts of :class:`medeyes.training.config.TrainConfig`, which re-exports them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medeyes.training.grounding import GroundShape, GroundTask
+
+
+class OptimConfig(BaseModel):
+    """AdamW with linear warmup, then constant or cosine decay (per optimizer step)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=1e-6, gt=0.0, description="Peak learning rate (paper: 1e-6 for Qwen2.5-VL-3B).")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW decoupled weight decay.")
+    eps: float = Field(default=1e-8, gt=0.0, description="AdamW epsilon.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from 0 to lr over this many steps.")
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="After warmup: keep lr, or cosine-decay it to min_lr_ratio * lr."
+    )
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Floor of the cosine schedule, x lr.")
+    grad_clip: float | None = Field(default=1.0, gt=0.0, description="Clip the global grad norm; None: no clip.")
+
+
+class SFTConfig(BaseModel):
+    """Supervised warm start on expert trajectories (loss on the expert's turns only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=0, ge=0, description="Optimizer steps of the sft stage (0 skips it).")
+    batch_size: int = Field(default=16, ge=1, description="Expert trajectories per optimizer step.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step (batch_size split).")
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        default="token_mean",
+        description="token_mean: every expert token weighs the same; seq_mean_token_mean: every trajectory "
+        "weighs the same (short trajectories, e.g. direct answers, are not drowned by long ones).",
+    )
+    ground_examples: int = Field(
+        default=0,
+        ge=0,
+        description="Ground-stage examples added to every SFT step (co-training), so learning the protocol does "
+        "not wash out what the ground stage taught the model to see; needs a ground stage or ground.cases.",
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+
+
+class GroundConfig(BaseModel):
+    """Visual grounding warm-up on the training split's annotations (:mod:`medeyes.training.grounding`).
+
+    For random-init models only: what a pretrained VLM already knows (where an object is, what a crop
+    shows), taught on short single-image examples before SFT teaches when and where to look.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=0, ge=0, description="Optimizer steps of the ground stage (0 skips it).")
+    batch_size: int = Field(default=32, ge=1, description="Examples per optimizer step.")
+    cases: int = Field(default=1024, ge=1, description="Training cases rendered once into the example pool.")
+    tasks: list[GroundTask] = Field(
+        default_factory=lambda: ["where", "what"],
+        description="where: overview -> every candidate's box; what: drill view of one candidate -> abnormal?",
+    )
+    jitter: float = Field(default=0.15, ge=0.0, le=1.0, description="SD of a what-crop's shift, in object sides.")
+    system_prompt: bool = Field(
+        default=False,
+        description="Open each example with the environment's system prompt, as an episode opens (the image then "
+        "sits where the policy sees it), at about 4x the tokens per example; False: image and question only.",
+    )
+    what_share: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
+    )
+    shape: GroundShape = Field(
+        default="probe",
+        description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "
+        "answered with the episode's own turns (scan turn, answer turn), so what is learned is in the policy's "
+        "tokens; episode: the episode's whole context (scan, drill, the environment's views and feedback) before "
+        "the target turn, about 5x the tokens (system_prompt is then the environment's choice).",
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+
+
+class GRPOConfig(BaseModel):
+    """On-policy or dual-stream GRPO (METHOD.md section 5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=0, ge=0, description="Optimizer steps of the grpo stage (0 skips it).")
+    mode: Literal["dual", "on_policy"] = Field(
+        default="dual", description="dual: on-policy rollouts plus expert trajectories; on_policy: rollouts only."
+    )
+    prompts_per_step: int = Field(default=4, ge=1, description="Cases (GRPO groups) per optimizer step.")
+    group_on: int = Field(default=8, ge=1, description="G_on: on-policy rollouts per case (paper 8).")
+    group_off: int = Field(default=6, ge=0, description="G_off: expert trajectories per case (paper 6).")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches the step's rows are split into.")
+    old_logprobs: Literal["rollout", "recompute"] = Field(
+        default="rollout",
+        description="pi_old of the on-policy ratio: the log-probs recorded at generation, or a fresh no-grad "
+        "forward pass before the update (immune to generation/training numeric or tokenisation gaps).",
+    )
+    curiosity_coef: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Pixel Reasoner's curiosity bonus, alpha: an on-policy episode that used a tool gets "
+        "alpha * max(curiosity_threshold - tool rate, 0) added to its reward before advantages (training only). "
+        "0: off (paper); Pixel Reasoner uses 0.5.",
+    )
+    curiosity_threshold: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="H of the curiosity bonus: tool use is paid while the tool rate is below it (Pixel Reasoner 0.3).",
+    )
+    curiosity_scope: Literal["group", "batch"] = Field(
+        default="group",
+        description="Tool rate of the curiosity bonus: over the case's own G_on rollouts (Pixel Reasoner) or over "
+        "every on-policy rollout of the step.",
+    )
+    skip_flat_groups: Literal["off", "on_rows", "group"] = Field(
+        default="off",
+        description="DAPO dynamic sampling, without resampling: leave out of the loss the groups whose on-policy "
+        "rewards are all equal (their on-policy advantages are 0 and only dilute the mean). on_rows: drop their "
+        "on-policy rows and keep their expert rows; group: drop both streams. off (paper): keep everything.",
+    )
+    tool_floor: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Tool-collapse alarm: when a step's on-policy tool share is below this, the progress line "
+        "warns, alarm/tool_collapse is 1 and a warning is printed once. None: no alarm.",
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation: greedy episodes on a fixed set of cases of the eval split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(default=50, ge=0, description="Evaluate every this many steps (and at start and end); 0: never.")
+    cases: int = Field(default=128, ge=1, description="Held-out cases per evaluation (the same ones each time).")
+    batch_size: int = Field(default=64, ge=1, description="Episodes generated together during evaluation.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of evaluation (0: greedy).")
