@@ -24,7 +24,7 @@ from PIL import Image
 from medeyes_env.cases import AnswerType, Box, Region, Split, xywh_to_xyxy
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.files import FileSource, _clip_box, _Collector, _flag, _Row, image_size, parse_spec_argument
+from medeyes_env.sources.rows import FileSource, _clip_box, _Collector, _flag, _Row, image_size, parse_spec_argument
 
 NIH_BBOX_CSV = "BBox_List_2017.csv"
 NIH_IMAGE_FOLDERS = (*(f"images_{k:03d}/images" for k in range(1, 13)), "images", "")

@@ -17,7 +17,7 @@ from typing import Any
 from medeyes_env.cases import AnswerType
 from medeyes_env.errors import SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.files import (
+from medeyes_env.sources.rows import (
     FileSource,
     _Collector,
     _flag,

@@ -32,7 +32,8 @@ from PIL import Image, ImageOps
 from medeyes_env.cases import MAX_IMAGE_PIXELS, SPLITS, AnswerType, Case, Split, _to_rgb, load_image_file, safe_join
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.files import (
+from medeyes_env.sources.rows import (
+    RowSource,
     _Collector,
     _dataset_answer_type,
     _flag,
@@ -88,36 +89,22 @@ class _PqRow:
     meta: Mapping[str, str | int | float | bool] = field(default_factory=dict)
 
 
-class ParquetSource:
+class ParquetSource(RowSource[_PqRow]):
     """A finite source over parquet files whose images are bytes in the file, decoded on demand."""
 
     def __init__(
         self, name: str, root: Path, files: list[Path], rows: dict[Split, list[_PqRow]], collector: _Collector
     ):
         """Wrap rows already validated by a loader; ``collector`` holds the skipped-row messages and count."""
-        self.name = name
-        self.root = root
+        super().__init__(name, root, rows, collector.skipped, collector.n_skipped)
         self.files = files
-        self._rows = {split: rows.get(split, []) for split in SPLITS}
-        self.skipped = collector.skipped
-        """Messages (file, row, reason) of the rows skipped with ``skip_bad``."""
-        self.n_skipped = collector.n_skipped
-        """How many rows ``skip_bad`` skipped."""
         self.excluded: dict[str, int] = {}
         """Rows left out on purpose, by reason (e.g. ``multi_image``, ``unanswered``, ``not_english``)."""
         self._starts: dict[int, list[int]] = {}
         self._cache: OrderedDict[tuple[int, int, str], list[Any]] = OrderedDict()
 
-    def size(self, split: Split) -> int:
-        """Number of cases in ``split``."""
-        return len(self._rows[split])
-
-    def case(self, split: Split, index: int) -> Case:
-        """The ``index``-th case of ``split`` (file order); its image is decoded when loaded."""
-        rows = self._rows[split]
-        if not 0 <= index < len(rows):
-            raise SourceError(f"{self.name}/{split} has {len(rows)} cases; index {index} is out of range")
-        row = rows[index]
+    def _case(self, row: _PqRow, split: Split, index: int) -> Case:
+        """The row's Case; its image is decoded when loaded."""
         case = Case(
             id=f"{self.name}/{split}/{index}",
             question=row.question,
@@ -162,10 +149,6 @@ class ParquetSource:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key][row.row - starts[group]]
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{split}={len(rows)}" for split, rows in self._rows.items())
-        return f"ParquetSource({self.name!r}, {str(self.root)!r}, {sizes}, skipped={self.n_skipped})"
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:

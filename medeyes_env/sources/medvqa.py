@@ -1,0 +1,374 @@
+"""Loaders of the public medical VQA releases: SLAKE, VQA-RAD, PathVQA and PMC-VQA.
+
+Spec strings ``slake:/data/Slake1.0``, ``vqa_rad:/data/VQA_RAD``, ``path_vqa:/data/pvqa``,
+``pmc_vqa:/data/PMC-VQA``; the options and rules every file loader shares are in :mod:`medeyes_env.sources.files`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from medeyes_env.cases import (
+    AnswerType,
+    Box,
+    Region,
+    Split,
+    safe_join,
+    xywh_to_xyxy,
+)
+from medeyes_env.errors import SourceError, UnsafePathError
+from medeyes_env.sources import register_source
+from medeyes_env.sources.rows import (
+    FileSource,
+    _boxes_of,
+    _clip_box,
+    _Collector,
+    _dataset_answer_type,
+    _factory,
+    _first_key,
+    _flag,
+    _is_yes_no,
+    _normalise_modality,
+    _read_records,
+    _record,
+    _refuse_pickles,
+    _Row,
+    _text,
+)
+from medeyes_env.strict_json import BadInput, load_file
+
+# ---------------------------------------------------------------------------------------------
+# SLAKE
+
+MAX_DETECTION_BYTES = 16 * 1024**2
+"""Largest SLAKE ``detection.json`` read (the real ones are under 2 kB)."""
+
+SLAKE_SPLIT_FILES: dict[Split, str] = {"train": "train.json", "validation": "validate.json", "test": "test.json"}
+
+
+def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: str = "matched") -> FileSource:
+    """Open SLAKE 1.0 (``Slake1.0/`` with ``train.json``, ``validate.json``, ``test.json`` and ``imgs/``).
+
+    Assumed layout (the public release; state of knowledge, not checked against every copy):
+
+    - each split file is a JSON array of objects with ``img_name`` (``xmlab102/source.jpg``,
+      relative to ``imgs/``), ``question``, ``answer``, ``answer_type`` (``CLOSED``/``OPEN``),
+      ``q_lang`` (``en``/``zh``), ``modality`` (``CT``, ``MRI``, ``X-Ray``), ``location``
+      (body part), ``qid``, ``content_type``;
+    - ``imgs/xmlabN/detection.json`` holds boxes as ``[x, y, w, h]`` in pixels, keyed by
+      organ or lesion name: a list of ``{name: box}`` objects (also accepted: one object
+      ``{name: box or [boxes]}``, or a list of ``{"name"|"label": ..., "bbox"|"box": [...]}``).
+
+    Only English questions (``q_lang == "en"``) are kept. Boxes are converted to
+    ``xyxy`` with :func:`xywh_to_xyxy` and clipped to the image. ``regions="matched"``
+    (default) gives a case the boxes whose name appears in its question or answer, and
+    all of the image's boxes when none does; ``regions="all"`` always gives all of them;
+    ``regions="none"`` gives none.
+    """
+    if regions not in ("matched", "all", "none"):
+        raise SourceError(f"slake option regions={regions!r} must be matched, all or none")
+    root = Path(path).expanduser()
+    if not (root / "train.json").is_file() and (root / "Slake1.0" / "train.json").is_file():
+        root = root / "Slake1.0"
+    present = {split: root / name for split, name in SLAKE_SPLIT_FILES.items() if (root / name).is_file()}
+    if not present:
+        raise SourceError(
+            f"no SLAKE split files in {root}: expected {', '.join(SLAKE_SPLIT_FILES.values())} beside imgs/"
+        )
+    collector = _Collector(skip_bad)
+    detections = functools.cache(functools.partial(_slake_detections, root=root))
+    for split, split_file in present.items():
+        for where, item in _read_records(split_file):
+            with collector.row(where):
+                record = _record(item)
+                if str(record.get("q_lang", "en")).strip().lower() == "en":
+                    collector.rows[split].append(_slake_row(record, root, regions, collector, detections))
+    return collector.source("slake", root)
+
+
+def _slake_row(
+    record: dict[str, Any],
+    root: Path,
+    regions_mode: str,
+    collector: _Collector,
+    detections_of: Callable[[Path], tuple[tuple[str, Box], ...]],
+) -> _Row:
+    answer = _text(record, "answer")
+    answer_type, meta = _dataset_answer_type(_text(record, "answer_type"), answer)
+    image_path = collector.image(root / "imgs", _text(record, "img_name"))
+    question = _text(record, "question")
+    regions: tuple[Region, ...] = ()
+    size = None
+    if regions_mode != "none":
+        detections = detections_of(image_path.parent / "detection.json")
+        if detections:
+            size = collector.size(image_path)
+            boxes = [(label, clipped) for label, box in detections if (clipped := _clip_box(box, size)) is not None]
+            text = f" {question} {answer} ".lower()
+            matched = [(label, box) for label, box in boxes if re.search(rf"\b{re.escape(label.lower())}\b", text)]
+            chosen = matched if (matched and regions_mode == "matched") else boxes
+            regions = tuple(Region(box=box, label=label) for label, box in chosen)
+            meta["regions_matched"] = bool(matched)
+    for key in ("qid", "img_id", "content_type", "base_type", "location"):
+        if record.get(key) not in (None, ""):
+            meta[key] = record[key] if isinstance(record[key], (int, float)) else str(record[key])
+    return _Row(
+        question=question,
+        answer=answer,
+        answer_type=answer_type,
+        image_path=image_path,
+        regions=regions,
+        modality=_normalise_modality(str(record.get("modality", "unknown"))),
+        organ=str(record.get("location", "unknown")).strip().lower() or "unknown",
+        image_size=size,
+        meta=meta,
+    )
+
+
+def _slake_detections(path: Path, root: Path) -> tuple[tuple[str, Box], ...]:
+    """Labelled ``xyxy`` boxes from a SLAKE ``detection.json`` (``xywh`` on disk); empty when absent.
+
+    A ``detection.json`` that resolves outside ``root`` (a symlink out of the dataset) is refused.
+    """
+    if not path.is_file():
+        return ()
+    resolved, inside = path.resolve(), root.resolve()
+    if inside not in resolved.parents:
+        raise UnsafePathError(f"{path} resolves to {resolved}, outside the dataset directory {inside}")
+    try:
+        data = load_file(path, MAX_DETECTION_BYTES)
+    except BadInput as exc:
+        raise SourceError(exc.at(path)) from None
+    pairs: list[tuple[str, Any]] = []
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        if not isinstance(item, dict):
+            raise SourceError(f"{path}: expected objects of {{name: [x, y, w, h]}}, got {item!r}")
+        label_key = next((k for k in ("name", "label", "category") if k in item), None)
+        box_key = next((k for k in ("bbox", "box") if k in item), None)
+        if label_key and box_key:
+            pairs.append((str(item[label_key]), item[box_key]))
+        else:
+            pairs.extend((str(k), v) for k, v in item.items())
+    result = []
+    for label, value in pairs:
+        for x, y, w, h in _boxes_of(value, f"{path} box {label!r}"):
+            if w <= 0 or h <= 0:
+                raise SourceError(f"{path}: box {label!r} [{x}, {y}, {w}, {h}] has no area; expected [x, y, w, h]")
+            result.append((label.strip(), xywh_to_xyxy((x, y, w, h))))
+    return tuple(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# VQA-RAD
+
+VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
+VQA_RAD_IMAGE_FOLDERS = ("VQA_RAD Image Folder", "images", "")
+_ORGANS = {"abd": "abdomen", "head": "head", "chest": "chest"}
+
+
+def load_vqa_rad(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSource:
+    """Open VQA-RAD: ``VQA_RAD Dataset Public.json`` and the ``VQA_RAD Image Folder/`` beside it.
+
+    ``path`` is that directory or the JSON file itself. Each record has ``image_name``,
+    ``question``, ``answer``, ``answer_type`` (``CLOSED``/``OPEN``), ``phrase_type`` and
+    ``image_organ``. Split: records whose ``phrase_type`` starts with ``test``
+    (``test_freeform``, ``test_para``: the 451-question test set) go to ``test``, all others
+    (``freeform``, ``para``, ``frame``) to ``train``; ``validation`` is empty. Images are
+    looked up in ``VQA_RAD Image Folder/``, then ``images/``, then the directory itself.
+    """
+    json_path = Path(path).expanduser()
+    if json_path.is_dir():
+        json_path = json_path / VQA_RAD_JSON
+    if not json_path.is_file():
+        raise SourceError(f"VQA-RAD annotation file not found: {json_path} (expected {VQA_RAD_JSON!r})")
+    root = json_path.parent
+    collector = _Collector(skip_bad)
+    for where, item in _read_records(json_path):
+        with collector.row(where):
+            record = _record(item)
+            answer = _text(record, "answer")
+            answer_type, meta = _dataset_answer_type(_text(record, "answer_type"), answer)
+            phrase_type = _text(record, "phrase_type", required=False, default="freeform").lower()
+            split: Split = "test" if phrase_type.startswith("test") else "train"
+            organ = _text(record, "image_organ", required=False, default="unknown").lower()
+            meta["phrase_type"] = phrase_type
+            for key in ("qid", "question_type"):
+                if record.get(key) not in (None, ""):
+                    meta[key] = str(record[key])
+            row = _Row(
+                question=_text(record, "question"),
+                answer=answer,
+                answer_type=answer_type,
+                image_path=collector.image(root, _text(record, "image_name"), VQA_RAD_IMAGE_FOLDERS),
+                organ=_ORGANS.get(organ, organ),
+                meta=meta,
+            )
+            collector.rows[split].append(row)
+    return collector.source("vqa_rad", root)
+
+
+# ---------------------------------------------------------------------------------------------
+# PathVQA
+
+PATH_VQA_SPLITS: dict[Split, tuple[str, ...]] = {
+    "train": ("train",),
+    "validation": ("val", "validation", "valid"),
+    "test": ("test",),
+}
+_IMAGE_KEYS = ("image", "image_name", "img_name", "image_id", "img_id", "file_name")
+
+
+def load_path_vqa(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSource:
+    """Open PathVQA exported to text: one annotation file per split, images in folders.
+
+    The original release stores its annotations as pickles, which MedEyes never loads.
+    Expected instead, in ``path`` or ``path/qas``: ``train``, ``val`` (or ``validation``)
+    and ``test`` as ``.csv``, ``.json`` (array of objects) or ``.jsonl``, with fields
+    ``image`` (or ``image_name``/``img_name``/``image_id``), ``question`` and ``answer``.
+    An image name without extension gets ``.jpg``; images are looked up in
+    ``images/<split file stem>/``, ``images/``, ``<split file stem>/`` and ``path`` itself.
+    yes/no answers become CLOSED cases, all others OPEN.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"PathVQA directory not found: {root}")
+    files = _split_files(root, PATH_VQA_SPLITS)
+    if not files:
+        _refuse_pickles(root / "qas", "path_vqa")
+        _refuse_pickles(root, "path_vqa")
+        raise SourceError(
+            f"no PathVQA annotation files in {root} or {root / 'qas'}: expected train/val/test as .csv, .json or .jsonl"
+        )
+    collector = _Collector(skip_bad)
+    for split, split_file in files.items():
+        folders = (f"images/{split_file.stem}", "images", split_file.stem, "")
+        for where, item in _read_records(split_file):
+            with collector.row(where):
+                record = _record(item)
+                image = _text(record, _first_key(record, _IMAGE_KEYS))
+                if not Path(image).suffix:
+                    image += ".jpg"
+                answer = _text(record, "answer")
+                row = _Row(
+                    question=_text(record, "question"),
+                    answer=answer,
+                    answer_type=AnswerType.CLOSED if _is_yes_no(answer) else AnswerType.OPEN,
+                    image_path=collector.image(root, image, folders),
+                    modality="pathology",
+                )
+                collector.rows[split].append(row)
+    return collector.source("path_vqa", root)
+
+
+def _split_files(root: Path, names: Mapping[Split, tuple[str, ...]]) -> dict[Split, Path]:
+    found: dict[Split, Path] = {}
+    for split, stems in names.items():
+        for folder in (root, root / "qas"):
+            candidates = [folder / f"{stem}{ext}" for stem in stems for ext in (".csv", ".json", ".jsonl")]
+            existing = [c for c in candidates if c.is_file()]
+            if existing:
+                found[split] = existing[0]
+                break
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# PMC-VQA
+
+PMC_VQA_IMAGE_FOLDERS = ("images", "figures", "")
+_CHOICE_PREFIX = re.compile(r"^\s*([A-Da-d])\s*[:：.)]\s*")
+
+
+def load_pmc_vqa(
+    path: str | os.PathLike[str], skip_bad: bool = False, train: str = "train.csv", test: str | None = None
+) -> FileSource:
+    """Open PMC-VQA: CSV files with ``Figure_path, Question, Answer, Choice A..D, Answer_label``.
+
+    ``train.csv`` becomes ``train``; ``test_clean.csv`` (the cleaned 2k benchmark set)
+    becomes ``test`` when present, else ``test.csv``; ``train=``/``test=`` name other
+    files in the directory (e.g. ``train_2.csv``). ``validation`` is empty. Choices
+    lose their ``"A:"`` prefix; the gold answer is the choice named by ``Answer_label``
+    (the ``Answer`` text is kept in ``meta``). Images are looked up in ``images/``,
+    ``figures/`` and the directory itself.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise SourceError(f"PMC-VQA directory not found: {root}")
+    if test is None:
+        test = "test_clean.csv" if (root / "test_clean.csv").is_file() else "test.csv"
+    files: dict[Split, Path] = {}
+    for split, name in (("train", train), ("test", test)):
+        candidate = safe_join(root, name)
+        if candidate.is_file():
+            files[split] = candidate  # type: ignore[index]
+    if not files:
+        raise SourceError(f"no PMC-VQA CSV files in {root}: expected {train} and/or {test}")
+    collector = _Collector(skip_bad)
+    for split, split_file in files.items():
+        for where, item in _read_records(split_file):
+            with collector.row(where):
+                collector.rows[split].append(_pmc_row(_record(item), root, collector))
+    return collector.source("pmc_vqa", root)
+
+
+def _pmc_row(record: dict[str, Any], root: Path, collector: _Collector) -> _Row:
+    options: list[str] = []
+    letters: list[str] = []
+    for letter in "ABCD":
+        raw = record.get(f"Choice {letter}")
+        if raw is None or not str(raw).strip():
+            continue
+        options.append(_CHOICE_PREFIX.sub("", str(raw)).strip())
+        letters.append(letter)
+    if len(options) < 2:
+        raise SourceError(f"needs at least two of the columns 'Choice A'..'Choice D', got {options!r}")
+    label = _text(record, "Answer_label").upper()
+    if label not in letters:
+        raise SourceError(f"Answer_label {label!r} names none of the choices {letters}")
+    answer_text = _text(record, "Answer", required=False)
+    return _Row(
+        question=_text(record, "Question"),
+        answer=options[letters.index(label)],
+        answer_type=AnswerType.CHOICE,
+        image_path=collector.image(root, _text(record, "Figure_path"), PMC_VQA_IMAGE_FOLDERS),
+        options=tuple(options),
+        meta={"answer_label": label, "answer_text": answer_text},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+register_source(
+    "slake",
+    _factory(
+        "slake",
+        {"skip_bad": "0", "regions": "matched"},
+        lambda p, o: load_slake(p, skip_bad=_flag(o["skip_bad"], "skip_bad"), regions=o["regions"]),
+    ),
+)
+register_source(
+    "vqa_rad",
+    _factory("vqa_rad", {"skip_bad": "0"}, lambda p, o: load_vqa_rad(p, skip_bad=_flag(o["skip_bad"], "skip_bad"))),
+)
+register_source(
+    "path_vqa",
+    _factory("path_vqa", {"skip_bad": "0"}, lambda p, o: load_path_vqa(p, skip_bad=_flag(o["skip_bad"], "skip_bad"))),
+)
+register_source(
+    "pmc_vqa",
+    _factory(
+        "pmc_vqa",
+        {"skip_bad": "0", "train": "train.csv", "test": ""},
+        lambda p, o: load_pmc_vqa(
+            p, skip_bad=_flag(o["skip_bad"], "skip_bad"), train=o["train"], test=o["test"] or None
+        ),
+    ),
+)
