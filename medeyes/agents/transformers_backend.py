@@ -60,6 +60,7 @@ from medeyes.agents.base import TurnOutput
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop
 from medeyes.models.chat import content_separator, content_text, conversation_images
 from medeyes.models.episodes import TurnTokens, collate, tokenize_episode
+from medeyes.models.vision_dedupe import shared_image_encoding
 from medeyes_env.errors import ConfigError
 
 
@@ -126,8 +127,18 @@ class _GatherAndStop(StoppingCriteria):
 class TransformersBackend:
     """Generate policy turns with a local ``transformers`` vision-language model (see the module docstring)."""
 
-    def __init__(self, model: PreTrainedModel, processor: Any, device: str | torch.device | None = None):
-        """Wrap a loaded model and processor; ``device`` defaults to the model's device."""
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: Any,
+        device: str | torch.device | None = None,
+        dedupe_images: bool = True,
+    ):
+        """Wrap a loaded model and processor; ``device`` defaults to the model's device.
+
+        ``dedupe_images``: encode each distinct image of a batch once (:mod:`medeyes.models.vision_dedupe`): a
+        GRPO group's rollouts share their overview. Same outputs either way (tests/test_vision_dedupe.py).
+        """
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -143,6 +154,7 @@ class TransformersBackend:
         # pass over the episode fail ("image features and image tokens do not match").
         placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
         self.suppressed_token_ids = sorted({int(i) for i in placeholders if isinstance(i, int)})
+        self.dedupe_images = dedupe_images
         self.calls = 0
         self.accepts_turn_token_ids = True  # PolicyAgent passes each episode's sampled ids (generate's docstring)
         self.content_separator = content_separator(processor)
@@ -296,7 +308,8 @@ class TransformersBackend:
         )
 
         self.calls += 1
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        with rng, shared_image_encoding(self.model, self.dedupe_images):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + self.calls - 1)
             out = self.model.generate(
