@@ -190,6 +190,12 @@ class TrainConfig(BaseModel):
             )
         if self.grpo.group_on < 2 and "grpo" in self.stages:
             raise ConfigError(f"grpo.group_on={self.grpo.group_on}: GRPO needs >= 2 rollouts per case for a baseline")
+        if self.objective.tis_cap is not None and self.grpo.old_logprobs != "recompute":
+            raise ConfigError(
+                f"objective.tis_cap={self.objective.tis_cap:g} weights each token by exp(logp_train_old - "
+                "logp_behaviour), but grpo.old_logprobs='rollout' makes pi_old the behaviour log-probs themselves "
+                "(every weight would be 1); set grpo.old_logprobs=recompute, or objective.tis_cap=null"
+            )
         return self
 
     @property

@@ -140,6 +140,7 @@ def recompute_old_logprobs(
             logprobs, _ = masked_token_logprobs(model, batch, dtype)
             for row, i in enumerate(chunk):
                 e = episodes[i]
+                e.meta.setdefault("behaviour_logprobs", e.old_logprobs)  # what the engine recorded (TIS reads it)
                 new = torch.zeros_like(e.old_logprobs)
                 new[1:] = logprobs[row, : e.length - 1].float().cpu()
                 e.old_logprobs = torch.where(e.loss_mask, new, torch.zeros_like(new))

@@ -176,6 +176,7 @@ def dual_stream_loss(
     config: ObjectiveConfig,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The dual-stream GRPO loss (to minimise) and its per-stream health metrics.
 
@@ -195,6 +196,9 @@ def dual_stream_loss(
         config: The objective's configuration.
         ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``kl_coef > 0``.
         entropy: ``[B, T]`` per-token policy entropy (with grad for the bonus); required when ``entropy_coef > 0``.
+        is_weights: ``[B, T]`` per-token weights of the on-policy loss (no grad): truncated importance sampling
+            against the training-inference mismatch (:func:`medeyes.training.mismatch.truncated_is_weights`).
+            None: weight 1.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 tensor, and plain floats: ``loss/total``, ``loss/policy`` and the
@@ -202,6 +206,8 @@ def dual_stream_loss(
 
     """
     _check_loss_inputs(logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy)
+    if is_weights is not None and is_weights.shape != logprobs.shape:
+        raise ValueError(f"is_weights has shape {tuple(is_weights.shape)} but logprobs has {tuple(logprobs.shape)}.")
     mask = loss_mask.bool()  # [B, T]
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
     adv = advantages.detach().float()[:, None]  # [B, 1]
@@ -212,6 +218,8 @@ def dual_stream_loss(
     old = torch.where(on_tok, old_logprobs.detach().float(), zero)  # [B, T]; expert rows' values are ignored
     ratio = torch.exp(lp - old)  # [B, T]
     on_loss, on_clip_low, on_clip_high = _on_policy_terms(ratio, adv, on_tok, config)
+    if is_weights is not None:
+        on_loss = on_loss * is_weights.detach().float()  # [B, T]; TIS: the engine sampled, not pi_old
     rho = torch.exp(lp)  # [B, T]
     off_loss, off_clipped, weight = _off_policy_terms(rho, adv, off_tok, config)
     pg = torch.where(on_tok, on_loss, torch.where(off_tok, off_loss, zero))  # [B, T]

