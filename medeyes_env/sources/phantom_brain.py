@@ -116,24 +116,7 @@ def render_brain(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: 
     image = scalp * (1.0 - skull) + skull * (0.05 + diploe)
     brain_depth = depth - BRAIN_INSET - (bone - 0.011)
     brain = inside(-brain_depth, 0.0015)
-    # sulci: radial lines whose phase wanders with a smooth field; cortex = ribbon along surface and sulci
-    radius = np.sqrt(x * x + y * y) + 1e-3
-    angle = np.arctan2(y, x)
-    # primary sulci: radial lines whose phase wanders with a smooth field
-    sulci = 46
-    phase = angle * (sulci / (2 * math.pi)) + 0.8 * smooth_field(rng, n, 9) + rng.uniform(0, 1)
-    phase += brain_depth * (10.0 * smooth_field(rng, n, 5))
-    lateral = np.abs(phase - np.round(phase)) * (2 * math.pi / sulci) * radius
-    reach = np.clip(0.06 + 0.025 * smooth_field(rng, n, 16), 0.03, SULCUS_MAX_DEPTH / 1.2) * p["sulci"]
-    dist = lateral + np.clip(brain_depth - reach, 0.0, None) * 2.0
-    # secondary sulci: zero lines of a band-limited field, meandering and branching, in the outer cortex
-    meander = smooth_field(rng, n, 30)
-    gy, gx = np.gradient(meander)
-    secondary = np.abs(meander) / (np.sqrt(gx * gx + gy * gy) * n + 1e-3)
-    dist = np.minimum(dist, secondary + np.clip(brain_depth - 0.55 * reach, 0.0, None) * 2.0)
-    fissure = np.abs(x + 0.005 * np.sin(y * 13)) + np.clip(0.19 - np.abs(y + 0.01), 0.0, None) * 4.0
-    dist = np.minimum(dist, fissure)
-    surface = np.minimum(dist, brain_depth)
+    surface = _cortical_surface(rng, p, x, y, brain_depth)
     gap = (0.0011 + 0.0007 * smooth_field(rng, n, 12)) * p["sulci"]
     csf = inside(surface - gap, 0.0024)
     grey = inside(surface - 0.0095 - 0.0015 * smooth_field(rng, n, 20), 0.006)
@@ -159,3 +142,30 @@ def render_brain(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: 
     real = full + noise * noise_patch(rng, size, 0)
     imag = noise * noise_patch(rng, size, 0)
     return np.sqrt(real * real + imag * imag)  # magnitude image: Rician noise
+
+
+def _cortical_surface(
+    rng: np.random.Generator, p: Anatomy, x: FloatArray, y: FloatArray, brain_depth: FloatArray
+) -> FloatArray:
+    """Distance to the nearest surface the cortex follows: the brain's own, the sulci and the midline fissure.
+
+    Sulci are radial lines whose phase wanders with a smooth field; the cortex is the ribbon along all of them.
+    """
+    n = x.shape[0]
+    radius = np.sqrt(x * x + y * y) + 1e-3
+    angle = np.arctan2(y, x)
+    # primary sulci: radial lines whose phase wanders with a smooth field
+    sulci = 46
+    phase = angle * (sulci / (2 * math.pi)) + 0.8 * smooth_field(rng, n, 9) + rng.uniform(0, 1)
+    phase += brain_depth * (10.0 * smooth_field(rng, n, 5))
+    lateral = np.abs(phase - np.round(phase)) * (2 * math.pi / sulci) * radius
+    reach = np.clip(0.06 + 0.025 * smooth_field(rng, n, 16), 0.03, SULCUS_MAX_DEPTH / 1.2) * p["sulci"]
+    dist = lateral + np.clip(brain_depth - reach, 0.0, None) * 2.0
+    # secondary sulci: zero lines of a band-limited field, meandering and branching, in the outer cortex
+    meander = smooth_field(rng, n, 30)
+    gy, gx = np.gradient(meander)
+    secondary = np.abs(meander) / (np.sqrt(gx * gx + gy * gy) * n + 1e-3)
+    dist = np.minimum(dist, secondary + np.clip(brain_depth - 0.55 * reach, 0.0, None) * 2.0)
+    fissure = np.abs(x + 0.005 * np.sin(y * 13)) + np.clip(0.19 - np.abs(y + 0.01), 0.0, None) * 4.0
+    dist = np.minimum(dist, fissure)
+    return np.minimum(dist, brain_depth)

@@ -184,40 +184,9 @@ def render_chest(
     body = inside(chest_body_sdf(p, u, v), 0.004)
     lateral = np.clip(np.abs(u - cx) / 0.5, 0.0, 1.0)
     att = body * (0.55 + 0.5 * (1.0 - lateral * lateral)) * (1.0 + 0.02 * smooth_field(rng, n, 5))
-    side_sdf = {side: chest_lung_sdf(p, side, u, v) for side in ("left", "right")}
-    lung_sdf = np.minimum(side_sdf["left"], side_sdf["right"])
-    # lung air: its thickness along the ray rises quickly inside the pleural edge
-    profile = np.sqrt(np.clip(-lung_sdf / 0.05, 0.0, 1.0))
-    air = profile * (0.85 + 0.05 * smooth_field(rng, n, 6) + 0.025 * smooth_field(rng, n, 48)) * p["density"]
-    keep = np.ones_like(u)
-    for finding in extended:
-        if finding.kind == "effusion":
-            fluid = effusion_mask(p, finding.side, finding.extent, u, v, side_sdf[finding.side])
-            air *= 1.0 - 0.97 * fluid
-            keep *= 1.0 - fluid
-        else:
-            ptx = pneumothorax_mask(p, finding.side, finding.extent, u, v, side_sdf[finding.side])
-            air += 0.05 * ptx
-            keep *= 1.0 - ptx
+    lung_sdf, profile, air, keep = _lung_air(rng, p, u, v, extended)
     att -= air
-    # mediastinum and heart
-    hs = p["heart"]
-    heart = ellipse_sdf(u, v, cx + 0.045 * hs, 0.64, 0.16 * hs, 0.125 * hs, -0.3)
-    width = 0.05 + 0.03 * np.clip((v - 0.2) / 0.35, 0.0, 1.0)
-    att += 0.2 * inside(np.abs(u - cx - 0.01) - width, 0.04) * inside(0.12 - v, 0.05) * inside(v - 0.8, 0.05)
-    att += 0.18 * np.sqrt(np.clip(-heart / 0.08, 0.0, 1.0))
-    att += 0.08 * inside(ellipse_sdf(u, v, cx + 0.055, 0.32, 0.03, 0.035), 0.03)
-    # spine faintly through the mediastinum, trachea as a lucent band
-    spine = inside(np.abs(u - cx) - 0.033, 0.012)
-    phase = ((v - p["rib0"]) / p["ribsp"]) % 1.0
-    att += spine * (0.04 - 0.02 * inside(np.abs(phase - 0.9) - 0.05, 0.04)) * inside(v - 0.75, 0.1)
-    att -= 0.2 * inside(np.abs(u - cx - 0.01 * v) - 0.016, 0.008) * inside(v - 0.37, 0.03) * body
-    # breast shadows and the gastric bubble
-    if p["breast"] > 0:
-        for s in (-1.0, 1.0):
-            att += p["breast"] * inside(ellipse_sdf(u, v, cx + s * 0.25, 0.8, 0.19, 0.12), 0.06)
-    bubble = inside(ellipse_sdf(u, v, cx + 0.19, p["dome_l"] + 0.085, 0.055, 0.032), 0.01)
-    att -= 0.25 * bubble * inside(v - p["dome_l"] - 0.085, 0.006)
+    _mediastinum(att, p, u, v, body)
     # bones (seen best against the lungs) and vessels, drawn at this resolution
     canvas = Image.new("F", (n, n), 0.0)
     _ribs(ImageDraw.Draw(canvas), p, n)
@@ -237,6 +206,54 @@ def render_chest(
     image = 1.0 - np.exp(-1.1 * full)
     image += noise * (0.6 * noise_patch(rng, size, 0) + 0.8 * noise_patch(rng, size, 1))
     return image
+
+
+def _lung_air(
+    rng: np.random.Generator, p: Anatomy, u: FloatArray, v: FloatArray, extended: list[Extended]
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """The lungs' sdf, air-thickness profile and air (less where fluid, more in a pneumothorax) and where vessels show.
+
+    Lung air: its thickness along the ray rises quickly inside the pleural edge.
+    """
+    n = u.shape[0]
+    side_sdf = {side: chest_lung_sdf(p, side, u, v) for side in ("left", "right")}
+    lung_sdf = np.minimum(side_sdf["left"], side_sdf["right"])
+    profile = np.sqrt(np.clip(-lung_sdf / 0.05, 0.0, 1.0))
+    air = profile * (0.85 + 0.05 * smooth_field(rng, n, 6) + 0.025 * smooth_field(rng, n, 48)) * p["density"]
+    keep = np.ones_like(u)
+    for finding in extended:
+        if finding.kind == "effusion":
+            fluid = effusion_mask(p, finding.side, finding.extent, u, v, side_sdf[finding.side])
+            air *= 1.0 - 0.97 * fluid
+            keep *= 1.0 - fluid
+        else:
+            ptx = pneumothorax_mask(p, finding.side, finding.extent, u, v, side_sdf[finding.side])
+            air += 0.05 * ptx
+            keep *= 1.0 - ptx
+    return lung_sdf, profile, air, keep
+
+
+def _mediastinum(att: FloatArray, p: Anatomy, u: FloatArray, v: FloatArray, body: FloatArray) -> None:
+    """Add the mediastinum and heart, spine and trachea, breast shadows and the gastric bubble to ``att``."""
+    cx = p["cx"]
+    # mediastinum and heart
+    hs = p["heart"]
+    heart = ellipse_sdf(u, v, cx + 0.045 * hs, 0.64, 0.16 * hs, 0.125 * hs, -0.3)
+    width = 0.05 + 0.03 * np.clip((v - 0.2) / 0.35, 0.0, 1.0)
+    att += 0.2 * inside(np.abs(u - cx - 0.01) - width, 0.04) * inside(0.12 - v, 0.05) * inside(v - 0.8, 0.05)
+    att += 0.18 * np.sqrt(np.clip(-heart / 0.08, 0.0, 1.0))
+    att += 0.08 * inside(ellipse_sdf(u, v, cx + 0.055, 0.32, 0.03, 0.035), 0.03)
+    # spine faintly through the mediastinum, trachea as a lucent band
+    spine = inside(np.abs(u - cx) - 0.033, 0.012)
+    phase = ((v - p["rib0"]) / p["ribsp"]) % 1.0
+    att += spine * (0.04 - 0.02 * inside(np.abs(phase - 0.9) - 0.05, 0.04)) * inside(v - 0.75, 0.1)
+    att -= 0.2 * inside(np.abs(u - cx - 0.01 * v) - 0.016, 0.008) * inside(v - 0.37, 0.03) * body
+    # breast shadows and the gastric bubble
+    if p["breast"] > 0:
+        for s in (-1.0, 1.0):
+            att += p["breast"] * inside(ellipse_sdf(u, v, cx + s * 0.25, 0.8, 0.19, 0.12), 0.06)
+    bubble = inside(ellipse_sdf(u, v, cx + 0.19, p["dome_l"] + 0.085, 0.055, 0.032), 0.01)
+    att -= 0.25 * bubble * inside(v - p["dome_l"] - 0.085, 0.006)
 
 
 def _pleural_line(full: FloatArray, p: Anatomy, finding: Extended) -> None:

@@ -129,7 +129,25 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
     """An axial contrast-enhanced abdominal CT slice at the level of the kidneys, intensities in ``[0, 1]``."""
     n = size // 2
     u, v = _grid(n)
-    cx, cy, a, b = p["cx"], p["cy"], p["a"], p["b"]
+    image = _ct_body_wall(p, u, v)
+    _ct_upper_organs(image, rng, p, n)
+    _ct_kidneys(image, p)
+    _ct_spine_and_vessels(image, p)
+    _ct_pancreas(image, rng, p, n)
+    _bowel(image, rng, p)
+    table_y = p["cy"] + p["b"] * 0.92 + 0.008
+    image += inside(np.abs(v - table_y + 0.25 * (u - p["cx"]) ** 2) - 0.005, 0.002) * (hu(40) - hu(-1000))
+    image = 0.6 * image + 0.4 * blur(image, 2)
+    full = resize(image, size)
+    for focal in focals:
+        stamp_focal(full, focal, "ct")
+    full += noise * (0.5 * noise_patch(rng, size, 0) + 0.9 * noise_patch(rng, size, 1))
+    return full
+
+
+def _ct_body_wall(p: Anatomy, u: FloatArray, v: FloatArray) -> FloatArray:
+    """Air, subcutaneous fat, the abdominal wall muscles and the skin, at half resolution."""
+    cy, b = p["cy"], p["b"]
     body_sdf = ct_body_sdf(p, u, v)
     image = hu(-1000) + inside(body_sdf, 0.002) * (hu(-105) - hu(-1000))  # subcutaneous fat
     # abdominal wall muscles: thick in front and at the flanks, none at the back
@@ -140,7 +158,12 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
     inner = inside(wall_depth + 0.012, 0.003)
     image += muscle * (hu(50) - hu(-105)) + inner * (hu(-90) - hu(-105))
     image += inside(np.abs(body_sdf + 0.0012) - 0.0012, 0.001) * (hu(25) - hu(-105))  # skin
-    # liver with its vessels, spleen
+    return image
+
+
+def _ct_upper_organs(image: FloatArray, rng: np.random.Generator, p: Anatomy, n: int) -> None:
+    """Liver with its vessels, spleen, and the stomach with an air-fluid level, painted into ``image``."""
+    cx, cy, a, b = p["cx"], p["cy"], p["a"], p["b"]
     canvas = Image.new("F", (n, n), 0.0)
     _hepatic_vessels(ImageDraw.Draw(canvas), rng, p, n)
     tissue = blur(np.asarray(canvas, dtype=np.float32), 2) * (hu(150) - hu(108)) + hu(108)
@@ -157,7 +180,11 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
     paint(image, box, sdf, hu(18), 0.003)
     level = sy - 0.21 * b * (0.2 + 0.6 * p["stomach_air"])
     paint(image, box, lambda uu, vv: np.maximum(sdf(uu, vv), vv - level), hu(-950), 0.002)
-    # kidneys: homogeneous nephrogram, a sinus of fat and a renal pelvis at the hilum
+
+
+def _ct_kidneys(image: FloatArray, p: Anatomy) -> None:
+    """Kidneys: homogeneous nephrogram, a sinus of fat and a renal pelvis at the hilum."""
+    cx, cy, a, b = p["cx"], p["cy"], p["a"], p["b"]
     for organ, side in (("kidney_left", -1.0), ("kidney_right", 1.0)):
         kx, ky = cx + side * 0.36 * a, cy + (0.42 + p["kidney_y"]) * b
         box = (kx - 0.1, ky - 0.1, kx + 0.1, ky + 0.1)
@@ -166,8 +193,11 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
         paint(image, box, sinus, hu(-50), 0.006)
         pelvis, _ = _ell(kx - side * 0.075 * a, ky, 0.03 * a, 0.045 * b, side * 0.4)
         paint(image, box, pelvis, hu(15), 0.005)
-    # spine: body, pedicles and laminae around the canal, spinous and transverse processes; back muscles, psoas
-    sx, sy = cx, cy + 0.36 * b
+
+
+def _ct_spine_and_vessels(image: FloatArray, p: Anatomy) -> None:
+    """Spine (body, pedicles and laminae around the canal, spinous and transverse processes), aorta and IVC."""
+    sx, sy = p["cx"], p["cy"] + 0.36 * p["b"]
     for m in (-1.0, 1.0):
         sdf, box = _ell(sx + m * 0.06, sy + 0.095, 0.048, 0.04, m * 0.3)
         paint(image, box, sdf, hu(55), 0.004)
@@ -202,6 +232,12 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
     paint(image, box, aorta, hu(170), 0.003)
     ivc, box = _ell(sx - 0.055, sy - 0.085, 0.026, 0.017, 0.3)
     paint(image, box, ivc, hu(130), 0.003)
+
+
+def _ct_pancreas(image: FloatArray, rng: np.random.Generator, p: Anatomy, n: int) -> None:
+    """The pancreas along its curve, and the superior mesenteric artery and vein."""
+    cx, cy, a, b = p["cx"], p["cy"], p["a"], p["b"]
+    sx, sy = cx, cy + 0.36 * b
     pancreas = [
         (cx + (0.55 - 0.7 * t) * a, cy + (0.12 + 0.08 * math.sin(math.pi * t)) * b) for t in np.linspace(0, 1, 9)
     ]
@@ -212,12 +248,3 @@ def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.
     for dx, dy, r, value in ((0.035, -0.15, 0.008, 170.0), (0.0, -0.15, 0.011, 140.0)):  # SMA and SMV
         sdf, box = _ell(sx + dx, sy + dy, r, r)
         paint(image, box, sdf, hu(value), 0.003)
-    _bowel(image, rng, p)
-    table_y = cy + b * 0.92 + 0.008
-    image += inside(np.abs(v - table_y + 0.25 * (u - cx) ** 2) - 0.005, 0.002) * (hu(40) - hu(-1000))
-    image = 0.6 * image + 0.4 * blur(image, 2)
-    full = resize(image, size)
-    for focal in focals:
-        stamp_focal(full, focal, "ct")
-    full += noise * (0.5 * noise_patch(rng, size, 0) + 0.9 * noise_patch(rng, size, 1))
-    return full
