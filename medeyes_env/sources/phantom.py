@@ -104,262 +104,74 @@ which of several identical-looking blobs to judge.
 from __future__ import annotations
 
 import difflib
-import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes_env.cases import AnswerType, Case, Region, Split
 from medeyes_env.errors import ConfigError, SourceError
 from medeyes_env.sources import phantom_anatomy as anatomy
 from medeyes_env.sources import register_source
-from medeyes_env.sources.phantom_anatomy import Anatomy, Extended, Focal, Modality
+from medeyes_env.sources.phantom_anatomy import Modality
+from medeyes_env.sources.phantom_config import (
+    _APPLICABLE,
+    _BODY_PART,
+    _CHEST_FINDINGS,
+    _CT_ORGANS,
+    _LESION,
+    _LESION_PLURAL,
+    _MODALITY_NAME,
+    _MODALITY_OPEN,
+    _ORGAN,
+    _QUADRANTS,
+    _SIDE_NOTE,
+    _SIZE_RADII,
+    FAMILIES,
+    FAMILY_WEIGHTS,
+    MODALITIES,
+    PIXEL_SPACING_MM,
+    PRESETS,
+    SALT,
+    SIZE_CLASSES,
+    SIZE_THRESHOLDS_PX,
+    SMALL_RADIUS_PX,
+    SPLIT_CODES,
+    Family,
+    PhantomConfig,
+    PhantomScene,
+)
+from medeyes_env.sources.phantom_layout import (
+    _extended_box,
+    _SceneBuilder,
+    lesion_site,
+    organ_sdf,
+)
 
-SALT = 0x4D45_4459
-"""First word of every case seed; change it to draw a different benchmark."""
-SPLIT_CODES: dict[str, int] = {"train": 1, "validation": 2, "test": 3}
-Family = Literal["presence", "location", "organ", "finding", "count", "size", "modality"]
-FAMILIES: tuple[Family, ...] = ("presence", "location", "organ", "finding", "count", "size", "modality")
-MODALITIES: tuple[Modality, ...] = ("xray", "mri", "ct")
-FAMILY_WEIGHTS: dict[str, float] = {
-    "presence": 0.34,
-    "location": 0.14,
-    "organ": 0.1,
-    "finding": 0.1,
-    "count": 0.14,
-    "size": 0.14,
-    "modality": 0.08,
-}
-"""Relative frequency of each family (renormalised over the families a modality has)."""
-_APPLICABLE: dict[str, tuple[Family, ...]] = {
-    "xray": ("presence", "location", "finding", "count", "size", "modality"),
-    "mri": ("presence", "location", "count", "size", "modality"),
-    "ct": ("presence", "location", "organ", "count", "size", "modality"),
-}
-SIZE_CLASSES: tuple[str, ...] = ("small", "medium", "large")
-SIZE_THRESHOLDS_PX = (24.0, 48.0)
-"""Lesion diameters (px of a 1024 px image) between the size classes."""
-_SIZE_RADII = {"small": (3.0, 10.5), "medium": (13.0, 22.0), "large": (26.0, 40.0)}
-SMALL_RADIUS_PX = 10.5
-"""Lesions up to this radius (px of 1024) form the ``small`` stratum."""
-PIXEL_SPACING_MM = {"xray": 0.35, "mri": 0.23, "ct": 0.4}
-_ORGAN = {"xray": "chest", "mri": "brain", "ct": "abdomen"}
-_BODY_PART = {"xray": "chest", "mri": "head", "ct": "abdomen"}
-_MODALITY_NAME = {"xray": "X-ray", "mri": "MRI", "ct": "CT"}
-_MODALITY_OPEN = {"xray": "x-ray", "mri": "mri", "ct": "ct"}
-_LESION = {"xray": "lung nodule", "mri": "brain lesion", "ct": "liver lesion"}
-_LESION_PLURAL = {"xray": "lung nodules", "mri": "enhancing brain lesions", "ct": "focal liver lesions"}
-_CHEST_FINDINGS = ("lung nodule", "pleural effusion", "pneumothorax")
-_CT_ORGANS = ("liver", "spleen", "kidney")
-_QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
-_SIDE_NOTE = "Left and right are as seen on the image (the patient's right is on the image's left)."
-
-
-class PhantomConfig(BaseModel):
-    """Difficulty and content of the phantom benchmark. Pixel values are pixels of a 1024 px image."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    preset: str = Field(default="custom", description="Name recorded in case.meta['preset'].")
-    image_size: int = Field(default=1024, ge=256, le=4096, description="Side of the square image in pixels.")
-    lesion_radius: tuple[float, float] = Field(
-        default=(5.0, 10.0),
-        description="Range of lesion radii (px of 1024) for presence, location, count, organ and modality cases.",
-    )
-    lesion_contrast: tuple[float, float] = Field(
-        default=(0.14, 0.22), description="Range of lesion contrast in display intensity (0..1 grey scale)."
-    )
-    max_lesions: int = Field(default=3, ge=1, le=6, description="Largest lesion count a count question asks about.")
-    distractor_count: tuple[int, int] = Field(
-        default=(3, 6),
-        description="Range of lesion-like round objects per image (mimics); a lesion takes the place of one.",
-    )
-    noise: float = Field(default=0.03, ge=0.0, le=0.3, description="Noise standard deviation in display intensity.")
-    lesion_replaces_mimic: Literal["small", "always"] = Field(
-        default="small",
-        description="Which lesions take the place of a mimic: small ones only (large lesions are extra round "
-        "objects), or always (the number of round objects never depends on whether a lesion is present).",
-    )
-    lumen_sigma: float = Field(
-        default=1.2,
-        ge=0.5,
-        le=4.0,
-        description="Width (px of the rendered image) of a mimic's lumen, the one detail that tells it from a lesion. "
-        "A box downsample by more than about 3x this erases it; a drill that magnifies it makes it plain.",
-    )
-    mimic_stripes: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1.0,
-        description="Depth of fine stripes (alternate pixel columns) across each mimic, relative to its contrast: "
-        "a second full-resolution-only detail, spread over the whole object instead of its centre. Any box "
-        "downsample by an even factor (the overview) averages them away.",
-    )
-    focal_only: bool = Field(
-        default=False,
-        description="Chest presence and location questions ask about nodules only (no effusion or pneumothorax) and "
-        "CT mimics sit in the liver, where CT presence questions look: every finding is a round object in the "
-        "organ the question names, as are its mimics.",
-    )
-    families: tuple[Family, ...] = Field(default=FAMILIES, description="Question families to draw from.")
-    modalities: tuple[Modality, ...] = Field(default=MODALITIES, description="Modalities to draw from.")
-    cache_size: int = Field(default=8, ge=0, le=256, description="Rendered images kept in the LRU cache.")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> PhantomConfig:
-        for name in ("lesion_radius", "lesion_contrast", "distractor_count"):
-            low, high = getattr(self, name)
-            if not 0 <= low <= high:
-                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(low, high)}")
-        if self.lesion_radius[0] < 2.0 or self.lesion_radius[1] > 64.0:
-            raise ValueError(f"lesion_radius must lie within [2, 64] px, got {self.lesion_radius}")
-        if not self.families or not self.modalities:
-            raise ValueError("families and modalities must each name at least one entry")
-        if not any(f in _APPLICABLE[m] for m in self.modalities for f in self.families):
-            raise ValueError(f"no modality in {self.modalities} has a question family in {self.families}")
-        return self
-
-
-PRESETS: dict[str, PhantomConfig] = {
-    "easy": PhantomConfig(
-        preset="easy", lesion_radius=(7.0, 14.0), lesion_contrast=(0.18, 0.28), distractor_count=(0, 2), noise=0.025
-    ),
-    "medium": PhantomConfig(preset="medium"),
-    # Looking is necessary by construction: every image holds exactly one round object, plainly visible in a
-    # 4x-downsampled overview, and it is a lesion or a mimic with equal odds; only the mimic's lumen (finer
-    # than 4 px) tells them apart, so the overview alone answers presence at chance and a drill on the
-    # object answers it. MRI is left out: its large lesions carry oedema that shows in the overview.
-    "look": PhantomConfig(
-        preset="look",
-        image_size=512,
-        lesion_radius=(56.0, 64.0),
-        lesion_contrast=(0.3, 0.4),
-        distractor_count=(1, 1),
-        noise=0.025,
-        lesion_replaces_mimic="always",
-        lumen_sigma=2.0,
-        mimic_stripes=0.5,
-        focal_only=True,
-        modalities=("xray", "ct"),
-        families=("presence", "modality"),
-    ),
-    "hard": PhantomConfig(
-        preset="hard", lesion_radius=(5.0, 8.0), lesion_contrast=(0.1, 0.15), distractor_count=(4, 8), noise=0.035
-    ),
-}
-"""Named difficulty levels; ``medium`` is the default."""
-
-
-@dataclass(frozen=True)
-class PhantomScene:
-    """Everything that is drawn in one case, in pixels of the full image."""
-
-    anatomy: Anatomy
-    lesions: tuple[Focal, ...]
-    mimics: tuple[Focal, ...]
-    extended: tuple[Extended, ...]
-    size: int
-
-    @property
-    def modality(self) -> Modality:
-        """``xray``, ``mri`` or ``ct``."""
-        return self.anatomy.modality
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Placement
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def organ_sdf(scene_anatomy: Anatomy, organ: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Signed distance (normalised units, negative inside) to where lesions of ``organ`` may sit.
-
-    ``organ``: ``lung`` (chest), ``brain`` (parenchyma away from cortex and ventricles),
-    or for CT ``liver``, ``spleen``, ``kidney``. Arguments are normalised ``(u, v)`` arrays.
-    """
-    p = scene_anatomy
-    if p.modality == "xray":
-        return lambda u, v: anatomy.chest_lungs_sdf(p, u, v)
-    if p.modality == "mri":
-        return lambda u, v: anatomy.brain_parenchyma_sdf(p, u, v)
-    if organ == "kidney":
-        return lambda u, v: np.minimum(
-            anatomy.ct_organ_sdf(p, "kidney_left", u, v), anatomy.ct_organ_sdf(p, "kidney_right", u, v)
-        )
-    return lambda u, v: anatomy.ct_organ_sdf(p, organ, u, v)
-
-
-def _region_test(region: str | None, size: int, radius: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Which candidate points (normalised) lie clearly inside an image side or quadrant."""
-    margin = (radius + 12.0) / size
-    if region is None:
-        return lambda u, v: np.ones(np.shape(u), dtype=bool)
-    horizontal = "left" if "left" in region else "right" if "right" in region else None
-    vertical = "upper" if "upper" in region else "lower" if "lower" in region else None
-
-    def test(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        ok = np.ones(np.shape(u), dtype=bool)
-        if horizontal == "left":
-            ok &= u < 0.5 - margin
-        elif horizontal == "right":
-            ok &= u > 0.5 + margin
-        if vertical == "upper":
-            ok &= v < 0.5 - margin
-        elif vertical == "lower":
-            ok &= v > 0.5 + margin
-        return ok
-
-    return test
-
-
-def _place(
-    rng: np.random.Generator,
-    p: Anatomy,
-    organs: str | list[str],
-    radius: float,
-    size: int,
-    taken: list[Focal],
-    region: str | None = None,
-) -> tuple[float, float, str] | None:
-    """A random centre (px) for a round object of ``radius`` px inside one of ``organs``, clear of ``taken``."""
-    organs = [organs] if isinstance(organs, str) else organs
-    sdfs = [organ_sdf(p, organ) for organ in organs]
-    in_region = _region_test(region, size, radius)
-    inset = (radius + 6.0) / size
-    for _ in range(40):
-        u, v = rng.uniform(0.04, 0.96, size=(2, 128))
-        values = np.stack([sdf(u, v) for sdf in sdfs])
-        ok = (values.min(axis=0) < -inset) & in_region(u, v)
-        for index in np.flatnonzero(ok):
-            x, y = float(u[index] * size), float(v[index] * size)
-            if all(math.hypot(x - f.x, y - f.y) > radius + f.radius + 10.0 for f in taken):
-                return x, y, organs[int(values[:, index].argmin())]
-    return None
-
-
-def lesion_site(scene: PhantomScene, rng: np.random.Generator, organ: str | None = None) -> tuple[float, float]:
-    """A random plausible lesion centre (px) in ``scene``: where a drill of a normal case may look.
-
-    Drawn from the same distribution as lesion and mimic positions, ignoring
-    what is already there, so a crop centred on it does not reveal the label.
-    """
-    organ = organ or {"xray": "lung", "mri": "brain", "ct": "liver"}[scene.modality]
-    site = _place(rng, scene.anatomy, organ, 8.0, scene.size, [])
-    if site is None:  # pragma: no cover - the organs are large enough for this never to happen
-        raise SourceError(f"no room for a lesion in the {organ} of this phantom")
-    return site[0], site[1]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The source
-# ----------------------------------------------------------------------------------------------------------------------
+__all__ = [
+    "FAMILIES",
+    "FAMILY_WEIGHTS",
+    "MODALITIES",
+    "PIXEL_SPACING_MM",
+    "PRESETS",
+    "SALT",
+    "SIZE_CLASSES",
+    "SIZE_THRESHOLDS_PX",
+    "SMALL_RADIUS_PX",
+    "SPLIT_CODES",
+    "Family",
+    "PhantomConfig",
+    "PhantomScene",
+    "PhantomSource",
+    "lesion_site",
+    "open_phantom",
+    "open_phantom_with_options",
+    "organ_sdf",
+]
 
 
 @dataclass
@@ -588,121 +400,6 @@ class PhantomSource:
             return _Draft(question, _MODALITY_OPEN[modality], AnswerType.OPEN, variant="open")
         question = "Which part of the body is shown? Answer with one word."
         return _Draft(question, _BODY_PART[modality], AnswerType.OPEN, variant="body part")
-
-
-class _SceneBuilder:
-    """Places findings and mimics for one case, consuming the case RNG in a fixed order."""
-
-    def __init__(self, cfg: PhantomConfig, p: Anatomy, rng: np.random.Generator) -> None:
-        self.cfg, self.p, self.rng = cfg, p, rng
-        self.scale = cfg.image_size / 1024
-        self.lesions: list[Focal] = []
-        self.extended: list[Extended] = []
-        self.mimics: list[Focal] = []
-        self.finding = "none"
-        self.organ_with_lesion = "none"
-
-    def pick_finding_kind(self) -> str:
-        if self.p.modality != "xray":
-            return _LESION[self.p.modality]
-        if self.cfg.focal_only:
-            self.rng.random()  # consume what the weighted choice would, so other draws of the case keep their values
-            return _CHEST_FINDINGS[0]
-        return str(self.rng.choice(_CHEST_FINDINGS, p=[0.5, 0.25, 0.25]))
-
-    def _contrast(self) -> float:
-        low, high = self.cfg.lesion_contrast
-        contrast = float(self.rng.uniform(low, high))
-        if self.p.modality == "ct" and self.rng.random() < 0.7:
-            contrast = -contrast
-        return contrast
-
-    def add_finding(self, kind: str, radius: float | None = None, region: str | None = None, organ: str | None = None):
-        """Add one finding of ``kind``, optionally of a given radius (px of 1024), image region or CT organ."""
-        self.finding = kind
-        if kind in ("pleural effusion", "pneumothorax"):
-            side = region.split()[0] if region else ("left" if self.rng.random() < 0.5 else "right")
-            if kind == "pleural effusion":
-                self.extended.append(Extended("effusion", side, float(self.rng.uniform(0.04, 0.1))))
-            else:
-                self.extended.append(Extended("pneumothorax", side, float(self.rng.uniform(0.02, 0.045))))
-            self.organ_with_lesion = "pleura"
-            return
-        if radius is None:
-            radius = float(self.rng.uniform(*self.cfg.lesion_radius))
-        radius *= self.scale
-        contrast = self._contrast()
-        if self.p.modality == "ct":
-            organs = list(_CT_ORGANS) if organ == "any" else [organ or "liver"]
-        else:
-            organs = ["lung" if self.p.modality == "xray" else "brain"]
-        organs = [o for o in organs if o != "kidney" or radius < 24 * self.scale]
-        site = _place(self.rng, self.p, organs, radius, self.cfg.image_size, self.lesions, region)
-        if site is None:  # pragma: no cover - placement always succeeds for the shipped geometry
-            raise SourceError(f"could not place a {kind} of radius {radius:.1f} px in region {region!r}")
-        target = site[2]
-        edema, necrotic = 0.0, False
-        if self.p.modality == "mri" and radius > 12 * self.scale:
-            edema = float(self.rng.uniform(0.5, 1.0))
-            necrotic = radius > 20 * self.scale
-            contrast = max(contrast, 0.2)
-        self.lesions.append(Focal(site[0], site[1], radius, contrast, "lesion", target, edema, necrotic))
-        self.organ_with_lesion = target
-
-    def fill_mimics(self) -> None:
-        """Add lesion-like normal structures so that the count of round objects does not reveal lesions.
-
-        ``distractor_count`` slots are spread over the organs; each small lesion takes
-        the place of one slot in its own organ, so no organ holds more round objects
-        because it holds a lesion.
-        """
-        low, high = self.cfg.distractor_count
-        ct_pool = ["liver"] if self.cfg.focal_only else ["liver", "liver", "liver", "spleen", "kidney"]
-        pool = {"xray": ["lung"], "mri": ["brain"], "ct": ct_pool}[self.p.modality]
-        slots = [pool[int(self.rng.integers(len(pool)))] for _ in range(int(self.rng.integers(low, high + 1)))]
-        for lesion in self.lesions:
-            replaces = self.cfg.lesion_replaces_mimic == "always" or lesion.radius <= SMALL_RADIUS_PX * self.scale
-            if replaces and slots:
-                slots.remove(lesion.organ) if lesion.organ in slots else slots.pop()
-        for organ in slots:
-            radius = float(self.rng.uniform(*self.cfg.lesion_radius)) * self.scale
-            contrast = self._contrast()
-            site = _place(self.rng, self.p, organ, radius, self.cfg.image_size, self.lesions + self.mimics)
-            if site is not None:  # a crowded organ may have no room left; then the image has one mimic less
-                mimic = Focal(
-                    site[0],
-                    site[1],
-                    radius,
-                    contrast,
-                    "mimic",
-                    organ,
-                    lumen_sigma=self.cfg.lumen_sigma,
-                    stripes=self.cfg.mimic_stripes,
-                )
-                self.mimics.append(mimic)
-
-    def scene(self) -> PhantomScene:
-        return PhantomScene(self.p, tuple(self.lesions), tuple(self.mimics), tuple(self.extended), self.cfg.image_size)
-
-
-def _extended_box(scene: PhantomScene, finding: Extended) -> tuple[float, float, float, float]:
-    """The box of an effusion or pneumothorax, from its mask on a 256-cell grid."""
-    n = 256
-    u, v = anatomy._grid(n)
-    if finding.kind == "effusion":
-        mask = anatomy.effusion_mask(scene.anatomy, finding.side, finding.extent, u, v)
-    else:
-        mask = anatomy.pneumothorax_mask(scene.anatomy, finding.side, finding.extent, u, v)
-    rows, cols = np.nonzero(mask > 0.5)
-    if rows.size == 0:  # pragma: no cover - the masks are never empty for the shipped ranges
-        raise SourceError(f"empty {finding.kind} mask")
-    cell = scene.size / n
-    return (
-        float(cols.min() * cell),
-        float(rows.min() * cell),
-        float(min(scene.size, (cols.max() + 1) * cell)),
-        float(min(scene.size, (rows.max() + 1) * cell)),
-    )
 
 
 def _split_code(split: str) -> int:
