@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -49,10 +49,7 @@ def serve(
         from medeyes_env.serving.server import serve as run_server
     except ImportError as exc:
         raise ConfigError(f'medeyes serve needs the serve extra: pip install "medeyes[serve]" ({exc})') from exc
-    try:
-        kwargs = json.loads(env_kwargs)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--env-kwargs must be a JSON object, got {env_kwargs!r}: {exc}") from exc
+    kwargs = _env_kwargs(env_kwargs)
     # The token comes from the environment, not a flag: flags show up in `ps` and shell history.
     token = os.environ.get(token_env) or None
     try:
@@ -77,3 +74,11 @@ def serve(
         highlight=False,
     )
     run_server(config)
+
+
+def _env_kwargs(text: str) -> Any:
+    """``--env-kwargs`` parsed as JSON (ServeConfig checks that it is an object of EnvConfig fields)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--env-kwargs must be a JSON object, got {text!r}: {exc}") from exc

@@ -164,28 +164,11 @@ def tokenize_episode(
         )
     if not turns and not generation_prompt:
         raise RecordError("episode has no assistant turn; there is nothing to train on")
-    tokenizer = processor.tokenizer
-    eot = end_of_turn(tokenizer)
+    eot = end_of_turn(processor.tokenizer)
     built = _Builder()
     for k, (at, turn) in enumerate(zip(assistant_at, turns, strict=True)):
-        content = content_text(messages[at])
-        if content != turn.text:
-            raise RecordError(f"turn {k}: TurnTokens.text differs from the assistant message content")
-        prompt = render(processor, messages[:at], generation_prompt=True)
-        segment = built.segment_before(
-            prompt,
-            eot,
-            f"chat template breaks the prefix property at turn {k}: the rendered prompt does not start with "
-            "the conversation rendered so far; this template cannot be trained on turn by turn",
-        )
-        images = conversation_images(messages[(assistant_at[k - 1] + 1 if k else 0) : at])
-        built.add_segment(_encode_cached(processor, segment, images, k == 0, cache))
-        full = render(processor, messages[: at + 1], generation_prompt=False)
-        sep = turn_separator(prompt, full, content)
-        if sep is None:
-            raise RecordError(f"chat template breaks the prefix property at assistant turn {k}")
-        built.add_turn(turn, sep + content, tokenizer, eot, k)
-        built.consumed = prompt + sep + content
+        previous = assistant_at[k - 1] + 1 if k else 0
+        _add_assistant_turn(built, processor, messages, previous, at, k, turn, eot, cache)
 
     if generation_prompt:
         prompt = render(processor, messages, generation_prompt=True)
@@ -193,6 +176,38 @@ def tokenize_episode(
         images = conversation_images(messages[(assistant_at[-1] + 1 if turns else 0) :])
         built.add_segment(_encode_segment(processor, segment, images, first=not turns))
     return built.result(is_expert, meta)
+
+
+def _add_assistant_turn(
+    built: _Builder,
+    processor: Any,
+    messages: list[dict[str, Any]],
+    previous: int,
+    at: int,
+    k: int,
+    turn: TurnTokens,
+    eot: EndOfTurn,
+    cache: dict | None,
+) -> None:
+    """Turn ``k`` (message ``at``): the environment segment since message ``previous`` (mask 0), then the turn."""
+    content = content_text(messages[at])
+    if content != turn.text:
+        raise RecordError(f"turn {k}: TurnTokens.text differs from the assistant message content")
+    prompt = render(processor, messages[:at], generation_prompt=True)
+    segment = built.segment_before(
+        prompt,
+        eot,
+        f"chat template breaks the prefix property at turn {k}: the rendered prompt does not start with "
+        "the conversation rendered so far; this template cannot be trained on turn by turn",
+    )
+    images = conversation_images(messages[previous:at])
+    built.add_segment(_encode_cached(processor, segment, images, k == 0, cache))
+    full = render(processor, messages[: at + 1], generation_prompt=False)
+    sep = turn_separator(prompt, full, content)
+    if sep is None:
+        raise RecordError(f"chat template breaks the prefix property at assistant turn {k}")
+    built.add_turn(turn, sep + content, processor.tokenizer, eot, k)
+    built.consumed = prompt + sep + content
 
 
 def _encode_cached(
