@@ -15,6 +15,11 @@ runs all samples of a prompt as one ``asyncio.gather`` on one engine, so the exe
 order (:meth:`MedEyesExecutorMixin.claim_slot`): the first ``G_on`` are policy episodes, the rest replay
 stored expert trajectories (:mod:`medeyes.training.openrlhf.replay`). Only :func:`make_agent_executor`
 imports openrlhf.
+
+The argument list ``prompt, label, sampling_params, max_length, hf_tokenizer, llm_engine, images`` appears in
+:meth:`MedEyesExecutorMixin.execute`, :meth:`~MedEyesExecutorMixin.run_policy_episode` and the parent call on
+purpose: it is OpenRLHF's own ``execute`` signature, passed through unchanged so the seam tests replace
+(``run_policy_episode``) stays call-compatible with ``MultiTurnAgentExecutor.execute``.
 """
 
 from __future__ import annotations
