@@ -161,6 +161,7 @@ class OpenAIBackend:
         vllm_extensions: bool = True,
         content_separator: str | None = None,
         server_logprobs_mode: Literal["raw", "processed"] = "raw",
+        suppress_token_ids: tuple[int, ...] = (),
     ) -> None:
         """Point the backend at ``base_url`` (ending in ``/v1``); ``model=None`` takes the server's first model.
 
@@ -175,6 +176,8 @@ class OpenAIBackend:
             vllm_extensions: send vLLM's extra request fields (token ids, stop string kept in the text, top_k).
             content_separator: text to strip from the start of every turn; None detects it from the server.
             server_logprobs_mode: what the server's ``--logprobs-mode`` returns (vLLM default: raw).
+            suppress_token_ids: ids never to sample (``logit_bias`` -100), e.g. the image placeholder: a sampled
+                placeholder has no pixels and breaks every later forward pass over the episode.
 
         """
         if not base_url.startswith(("http://", "https://")):
@@ -194,6 +197,7 @@ class OpenAIBackend:
         self.vllm_extensions = vllm_extensions
         self._separator = content_separator
         self.server_logprobs_mode = server_logprobs_mode
+        self.suppress_token_ids = tuple(suppress_token_ids)
         self.calls = 0
         self._lock = threading.Lock()
 
@@ -322,6 +326,8 @@ class OpenAIBackend:
             payload["stop"] = list(sampling.stop)
         if seed is not None:
             payload["seed"] = seed
+        if self.suppress_token_ids:
+            payload["logit_bias"] = {str(i): -100 for i in self.suppress_token_ids}
         if self.vllm_extensions:
             payload.update(
                 return_token_ids=True,

@@ -85,6 +85,12 @@ def vllm_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def placeholder_token_ids(processor: Any) -> list[int]:
+    """The processor's image and video placeholder ids: tokens a policy must never sample."""
+    ids = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+    return sorted({int(i) for i in ids if isinstance(i, int)})
+
+
 class VLLMBackend:
     """Generate policy turns with an in-process ``vllm.LLM`` (module docstring)."""
 
@@ -155,9 +161,11 @@ class VLLMBackend:
             logprobs_mode=f"{logprobs_mode}_logprobs",
             **llm_kwargs,
         )
+        processor = load_processor(path, local_files_only=not remote)
         if content_separator_text is None:
-            content_separator_text = content_separator(load_processor(path, local_files_only=not remote))
+            content_separator_text = content_separator(processor)
         self.content_separator = content_separator_text
+        self.suppressed_token_ids = placeholder_token_ids(processor)
         self.calls = 0
         self._lock = threading.Lock()
 
@@ -196,6 +204,9 @@ class VLLMBackend:
                 skip_special_tokens=True,
                 logprobs=0,
                 seed=request_seed(sampling.seed, call, i),
+                # as TransformersBackend: never sample an image placeholder (it has no pixels); raw log-probs
+                # are taken before the bias, so they stay the model's own
+                logit_bias={t: -100.0 for t in self.suppressed_token_ids} or None,
             )
             for i in range(len(batch_messages))
         ]

@@ -230,7 +230,13 @@ def _server_engine(config: Any, model_path: str, dtype_name: str) -> VLLMServerE
     server.start()
     try:
         check_server_reload(server.base_url)
-        backend = OpenAIBackend(server.base_url, server_logprobs_mode=config.sampling.logprobs_mode)
+        from medeyes.agents.vllm_backend import placeholder_token_ids
+        from medeyes.models import load_processor
+
+        suppress = tuple(placeholder_token_ids(load_processor(model_path)))
+        backend = OpenAIBackend(
+            server.base_url, server_logprobs_mode=config.sampling.logprobs_mode, suppress_token_ids=suppress
+        )
     except BaseException:
         server.stop()
         raise
