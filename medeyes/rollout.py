@@ -374,6 +374,14 @@ class RolloutSummary(BaseModel):
     accuracy_by_family: dict[str, float] = Field(default_factory=dict, description="Mean accuracy per family.")
     mean_best_iou: float = Field(description="Mean best IoU against gold, over episodes whose case has gold boxes.")
     iou_episodes: int = Field(default=0, description="Episodes with gold boxes (the IoU mean's denominator).")
+    mean_best_iou_by_family: dict[str, float] = Field(
+        default_factory=dict,
+        description="Mean best IoU per question family, over its episodes with gold boxes. A case's gold region "
+        "is evidence for its region questions (presence), not for a global one (modality) that needs no look.",
+    )
+    iou_episodes_by_family: dict[str, int] = Field(
+        default_factory=dict, description="Episodes with gold boxes per family (each family's IoU denominator)."
+    )
     mean_steps: float = Field(description="Mean executed tool turns (scan and drill) per episode.")
     mean_turns: float = Field(default=0.0, description="Mean turns per episode, the answer included.")
     mean_reward: float = Field(description="Mean total reward.")
@@ -396,6 +404,7 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
     """Accuracy (overall, by answer type and family), best IoU, steps, rewards by component, throughput."""
     by_type: dict[str, list[float]] = defaultdict(list)
     by_family: dict[str, list[float]] = defaultdict(list)
+    iou_by_family: dict[str, list[float]] = defaultdict(list)
     components: dict[str, list[float]] = defaultdict(list)
     ious, steps, turns, rewards = [], [], [], []
     parsed = total_turns = scans = drills = 0
@@ -408,6 +417,7 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
             components[name].append(value)
         if record.gold_boxes:
             ious.append(record.reward_components.get("best_iou", 0.0))
+            iou_by_family[record.family or "-"].append(ious[-1])
         steps.append(record.tool_steps)
         turns.append(len(record.steps))
         rewards.append(record.reward)
@@ -431,6 +441,8 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
         accuracy_by_family={k: _mean(v) for k, v in sorted(by_family.items())},
         mean_best_iou=_mean(ious),
         iou_episodes=len(ious),
+        mean_best_iou_by_family={k: _mean(v) for k, v in sorted(iou_by_family.items())},
+        iou_episodes_by_family={k: len(v) for k, v in sorted(iou_by_family.items())},
         mean_steps=_mean([float(s) for s in steps]),
         mean_turns=_mean([float(t) for t in turns]),
         mean_reward=_mean(rewards),

@@ -205,3 +205,19 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape[:2] == (1400, 1280)
     assert pixels.std() > 20, "the screenshot shows content, not a blank page"
+
+
+def test_iou_is_also_reported_per_question_family(tmp_path):
+    """A modality question needs no look, so its IoU 0 must not hide how well presence questions drill."""
+    summary = tmp_path / "s.json"
+    result = invoke(
+        "rollout", "--data", "phantom:look", "--n", "12", "--samples", "1", "--quiet", "--summary-json", str(summary)
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(summary.read_text())
+    counts, ious = data["iou_episodes_by_family"], data["mean_best_iou_by_family"]
+    assert sum(counts.values()) == data["iou_episodes"] > 0
+    pooled = sum(ious[f] * counts[f] for f in counts) / data["iou_episodes"]
+    assert pooled == pytest.approx(data["mean_best_iou"])
+    assert ious["presence"] > 0.2  # the expert drills the candidate it asks about
+    assert "IoU / family presence" in result.output

@@ -138,6 +138,10 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
         if family != "-":
             table.add_row(f"  accuracy / family {safe(family)}", f"{accuracy:.3f}")
     table.add_row("mean best IoU vs gold", f"{summary.mean_best_iou:.3f} (n={summary.iou_episodes})")
+    for family, iou in summary.mean_best_iou_by_family.items():
+        if family != "-":
+            n = summary.iou_episodes_by_family[family]
+            table.add_row(f"  IoU / family {safe(family)}", f"{iou:.3f} (n={n})")
     table.add_row("mean tool steps", f"{summary.mean_steps:.2f}")
     table.add_row("mean reward", f"{summary.mean_reward:.3f}")
     for name in (*REWARD_COMPONENTS, *METRIC_COMPONENTS):

@@ -120,8 +120,11 @@ def _report(cfg: Any, result: Any) -> None:
         if families:
             listing = ", ".join(f"{family} {value:.3f}" for family, value in sorted(families.items()))
             console.print(f"held-out accuracy by question family: {safe(listing)}")
+        ious = {k.removeprefix("eval/iou/"): v for k, v in last.items() if k.startswith("eval/iou/")}
+        by_family = ", ".join(f"{family} {value:.3f}" for family, value in sorted(ious.items()))
         console.print(
-            f"held-out IoU {last.get('eval/iou', 0):.3f}, tool steps {last.get('eval/steps', 0):.2f}, "
+            f"held-out IoU {last.get('eval/iou', 0):.3f}" + (f" ({safe(by_family)})" if ious else "") + ", "
+            f"tool steps {last.get('eval/steps', 0):.2f}, "
             f"parse rate {last.get('eval/parse_rate', 0):.3f}"
         )
         if "eval/ground/hit" in last:

@@ -44,6 +44,8 @@ def held_out_metrics(policy: PolicyAgent, source: CaseSource, cfg: TrainConfig) 
     }
     for family, accuracy in summary.accuracy_by_family.items():
         out[f"eval/accuracy/{family}"] = accuracy
+    for family, iou in summary.mean_best_iou_by_family.items():
+        out[f"eval/iou/{family}"] = iou
     return out
 
 
