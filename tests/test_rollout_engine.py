@@ -125,7 +125,7 @@ def test_sleep_setting() -> None:
 def test_vllm_backends_without_vllm_name_the_extra(backend: str) -> None:
     cfg = build_config(preset("tiny").model_dump(mode="json"), {"grpo.rollout_backend": backend})
     with pytest.raises(ConfigError) as info:
-        make_rollout_engine(cfg, "unused", policy=None, train_dtype="float32")  # type: ignore[arg-type]
+        make_rollout_engine(cfg, policy=None, train_dtype="float32")  # type: ignore[arg-type]
     message = str(info.value)
     assert message.startswith(f"grpo.rollout_backend='{backend}' needs vLLM, which ")
     assert "pip install 'medeyes[vllm]'" in message and "bash scripts/install_vllm_cpu.sh .venv-vllm" in message

@@ -163,12 +163,13 @@ def _resolve_sleep(mode: str, available: bool) -> bool:
     return mode == "on" or (mode == "auto" and available)
 
 
-def make_rollout_engine(config: Any, model_path: str, policy: PolicyAgent, train_dtype: str) -> RolloutEngine:
-    """The engine ``config.grpo.rollout_backend`` names; vLLM engines load ``model_path`` and sync later.
+def make_rollout_engine(config: Any, policy: PolicyAgent, train_dtype: str, start_step: int = 0) -> RolloutEngine:
+    """The engine ``config.grpo.rollout_backend`` names; vLLM engines load ``config.model`` and sync later.
 
     ``config`` is a :class:`~medeyes.training.config.TrainConfig`, ``policy`` the trainer's transformers policy
     (the transformers engine itself, and the sampling settings of the others), ``train_dtype`` the training
-    weights' dtype name.
+    weights' dtype name. A run with no grpo step left after ``start_step`` gets the transformers engine: no
+    vLLM is started for nothing.
 
     Raises:
         ConfigError: vLLM is missing from this python (the message names the install), older than the
@@ -176,9 +177,12 @@ def make_rollout_engine(config: Any, model_path: str, policy: PolicyAgent, train
 
     """
     g = config.grpo
-    if g.rollout_backend == "transformers":
+    if g.rollout_backend == "transformers" or not config.stage_steps("grpo") or start_step >= config.total_steps:
         return RolloutEngine(policy)
     vllm = _vllm_or_explain(g.rollout_backend)
+    from medeyes.models import resolve_model_path
+
+    model_path = resolve_model_path(config.model)[0]
     from medeyes.agents.vllm_weights import check_vllm_version
 
     check_vllm_version(vllm.__version__, sys.executable)

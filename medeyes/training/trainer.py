@@ -469,7 +469,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     """
     from medeyes.agents.transformers_backend import TransformersBackend
-    from medeyes.models import load_policy_model, resolve_model_path
+    from medeyes.models import load_policy_model
 
     cfg = config
     if cfg.threads:
@@ -493,9 +493,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     policy = PolicyAgent(backend, cfg.sampling, name="policy")
     wants_ground = cfg.stage_steps("ground") or (cfg.stage_steps("sft") and cfg.sft.ground_examples)
     ground_pool = build_ground_pool(cfg, source) if wants_ground else None
-    engine = RolloutEngine(policy)
-    if cfg.stage_steps("grpo") and start_step < cfg.total_steps:
-        engine = make_rollout_engine(cfg, resolve_model_path(cfg.model)[0], policy, param_dtype_name(cfg))
+    engine = make_rollout_engine(cfg, policy, param_dtype_name(cfg), start_step)
     try:
         trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool, engine)
         optimizer_stage = None
