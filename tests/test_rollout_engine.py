@@ -79,7 +79,7 @@ def test_loss_with_tis_weights_equals_the_hand_weighted_ppo_loss() -> None:
     assert float(loss.detach()) == pytest.approx(sum(rows) / 2, rel=1e-6)
     unweighted, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config)
     ones, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config, is_weights=torch.ones(2, 3))
-    assert float(unweighted) == float(ones) != float(loss)
+    assert unweighted.item() == ones.item() != loss.item()
     with pytest.raises(ValueError, match=r"is_weights has shape \(2, 2\) but logprobs has \(2, 3\)"):
         dual_stream_loss(logprobs, old, adv, mask, is_expert, config, is_weights=torch.ones(2, 2))
 
