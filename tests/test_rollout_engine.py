@@ -165,7 +165,15 @@ def test_explicit_transformers_backend_is_the_default_run_and_tis_weights_the_lo
     tis = _run(tmp_path / "tis", **{"grpo.old_logprobs": "recompute", "objective.tis_cap": 2.0})
     grpo_rows = [r for r in tis if r.get("train/stage") == 1.0]
     assert len(grpo_rows) == 2
-    # transformers samples with the training model itself: no mismatch (gap 0 on this CPU), so every TIS weight
-    # is exactly 1 and the run equals the one without TIS; the weights' effect is tested by hand above
-    assert all(r["stream/on/logprob_gap"] == 0.0 and r["stream/on/tis_weight_mean"] == 1.0 for r in grpo_rows)
-    assert [{k: v for k, v in r.items() if "tis_" not in k} for r in tis] == recompute
+    # transformers samples with the training model itself: the only mismatch is KV-cache numerics (~2e-7 per
+    # token on this CPU), so every TIS weight is ~1 and the run matches the one without TIS
+    assert all(0 <= r["stream/on/behaviour_logprob_gap"] < 1e-5 for r in grpo_rows)
+    assert all(r["stream/on/tis_weight_mean"] == pytest.approx(1.0, abs=1e-5) for r in grpo_rows)
+    for with_tis, without in zip(tis, recompute, strict=True):
+        assert with_tis.keys() - without.keys() <= {
+            "stream/on/tis_weight_mean",
+            "stream/on/tis_capped_frac",
+            "stream/on/behaviour_logprob_gap",
+        }
+        if "train/loss" in without:  # row 0 is the evaluation before training
+            assert with_tis["train/loss"] == pytest.approx(without["train/loss"], rel=1e-5)

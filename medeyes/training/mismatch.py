@@ -66,15 +66,24 @@ def tis_metrics(weights: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
     }
 
 
-def rows_tis_weights(episodes: Sequence[Any], train_old: Tensor, mask: Tensor, cap: float) -> Tensor:
-    """:func:`truncated_is_weights` of a micro-batch of episodes, ``[b, T-1]`` like ``train_old``.
+def rows_tis_weights(
+    episodes: Sequence[Any], train_old: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """:func:`truncated_is_weights` ``[b, T-1]`` of a micro-batch of episodes, and its metrics.
 
     Each episode's behaviour log-probs are those :func:`~medeyes.training.logprobs.recompute_old_logprobs` kept
     in ``meta["behaviour_logprobs"]`` (``[T]``, aligned with ``input_ids``) before it overwrote ``old_logprobs``.
+    Metrics: :func:`tis_metrics` plus ``stream/on/behaviour_logprob_gap``, the mean |logp_train_old -
+    logp_behaviour| over ``mask`` (``stream/on/logprob_gap`` compares with pi_old, which is then the trainer's own).
     """
     behaviour = torch.zeros_like(train_old, dtype=torch.float32)  # [b, T-1]
     for row, e in enumerate(episodes):
         if "behaviour_logprobs" not in e.meta:
             raise ValueError("objective.tis_cap needs the behaviour log-probs: run recompute_old_logprobs first")
         behaviour[row, : e.length - 1] = e.meta["behaviour_logprobs"][1:].to(behaviour)
-    return truncated_is_weights(train_old, behaviour, mask, cap)
+    weights = truncated_is_weights(train_old, behaviour, mask, cap)
+    metrics = tis_metrics(weights, mask, cap)
+    keep = mask.bool()
+    if bool(keep.any()):
+        metrics["stream/on/behaviour_logprob_gap"] = float((train_old.float() - behaviour)[keep].abs().mean())
+    return weights, metrics

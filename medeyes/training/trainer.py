@@ -44,7 +44,7 @@ from medeyes.training.grpo_batch import Collected, StreamStats, score, tokenise
 from medeyes.training.held_out import GroundingEval, held_out_metrics
 from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
 from medeyes.training.metrics import MetricsLogger, blind_accuracy, progress_bar, progress_stats, weighted_mean_metrics
-from medeyes.training.mismatch import rows_tis_weights, tis_metrics
+from medeyes.training.mismatch import rows_tis_weights
 from medeyes.training.objective import dual_stream_loss, sft_loss
 from medeyes.training.optim import StageOptimizer
 from medeyes.training.rollout_engine import RolloutEngine, make_rollout_engine
@@ -353,8 +353,8 @@ class Trainer:
             weights = None
             if cfg.objective.tis_cap is not None:  # TIS: the engine's log-probs vs the trainer's recomputation
                 on_mask = mask & ~batch.is_expert[:, None]
-                weights = rows_tis_weights([episodes[i] for i in chunk], old, on_mask, cfg.objective.tis_cap)
-                metrics.update(tis_metrics(weights, on_mask, cfg.objective.tis_cap))  # the last micro-batch's
+                weights, tis = rows_tis_weights([episodes[i] for i in chunk], old, on_mask, cfg.objective.tis_cap)
+                metrics.update(tis)  # the last micro-batch's
             loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective, is_weights=weights)
             (loss * len(chunk) / len(rows)).backward()
             loss_metrics.append((len(chunk), lm))
