@@ -45,9 +45,9 @@ def test_grpo_with_vllm_rollouts_syncs_every_step(backend: str, tmp_path: Path, 
     assert len(grpo) == 3
     assert all(r["train/sync_bytes"] > 0 for r in grpo)  # each step's weights reached the engine
     assert all(r["train/sync_seconds"] > 0 for r in grpo)
-    # same weights on both sides: only float noise between vLLM's kernels and the trainer's forward pass
-    # vLLM's kernels are not the trainer's: a small, nonzero gap (the trainer's own is exactly 0 on this CPU)
-    assert all(0 < r["stream/on/behaviour_logprob_gap"] < 1e-3 for r in grpo)
+    # vLLM is not the trainer: a small, nonzero gap (measured 1e-3 to 2.5e-3 on this nearly random model, 6e-5 on
+    # the trained one in benchmarks/grpo_rollout_backends.py); transformers rollouts give ~2e-7
+    assert all(0 < r["stream/on/behaviour_logprob_gap"] < 1e-2 for r in grpo)
     assert all(r["stream/on/tokens"] > 0 for r in grpo)
     assert all(abs(r["stream/on/tis_weight_mean"] - 1.0) < 1e-2 for r in grpo)
     from safetensors.torch import load_file
