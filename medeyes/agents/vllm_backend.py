@@ -91,6 +91,42 @@ def placeholder_token_ids(processor: Any) -> list[int]:
     return sorted({int(i) for i in ids if isinstance(i, int)})
 
 
+def _import_vllm_engine(engine_in_process: bool, kv_cache_gib: int) -> Any:
+    """Set the engine's environment variables (they must precede the import), then import vLLM."""
+    if engine_in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    return _import_vllm()
+
+
+def _engine_defaults(
+    llm_kwargs: dict[str, Any], vllm_version: str, weight_sync: bool, chunked_prefill: bool, max_model_len: int
+) -> dict[str, Any]:
+    """``llm_kwargs`` plus our defaults: the weight-sync worker extension (after the version check), no chunking.
+
+    Keys the caller set win; ``llm_kwargs`` is updated in place and returned.
+    """
+    if weight_sync:
+        from medeyes.agents.vllm_weights import EXTENSION_CLS, check_vllm_version
+
+        check_vllm_version(vllm_version, sys.executable)
+        llm_kwargs.setdefault("worker_extension_cls", EXTENSION_CLS)
+    if not chunked_prefill:
+        llm_kwargs.setdefault("enable_chunked_prefill", False)
+        llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
+    return llm_kwargs
+
+
+def _turn_tokens(path: str, remote: bool, separator: str | None) -> tuple[str, list[int]]:
+    """The separator to strip from each turn (``separator``, else the chat template's) and the ids to suppress."""
+    from medeyes.models import load_processor
+
+    processor = load_processor(path, local_files_only=not remote)
+    if separator is None:
+        separator = content_separator(processor)
+    return separator, placeholder_token_ids(processor)
+
+
 class VLLMBackend:
     """Generate policy turns with an in-process ``vllm.LLM`` (module docstring)."""
 
@@ -132,24 +168,13 @@ class VLLMBackend:
             **llm_kwargs: passed to ``vllm.LLM`` as they are.
 
         """
-        if engine_in_process:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        vllm = _import_vllm()
-        from medeyes.models import load_processor, resolve_model_path
+        vllm = _import_vllm_engine(engine_in_process, kv_cache_gib)
+        from medeyes.models import resolve_model_path
 
         path, remote = resolve_model_path(model)
         self.model_path = path
         self.logprobs_mode = logprobs_mode
         self._sampling_params = vllm.SamplingParams
-        if weight_sync:
-            from medeyes.agents.vllm_weights import EXTENSION_CLS, check_vllm_version
-
-            check_vllm_version(vllm.__version__, sys.executable)
-            llm_kwargs.setdefault("worker_extension_cls", EXTENSION_CLS)
-        if not chunked_prefill:
-            llm_kwargs.setdefault("enable_chunked_prefill", False)
-            llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len, 8192))
         self.llm = vllm.LLM(
             model=path,
             dtype=dtype,
@@ -159,13 +184,9 @@ class VLLMBackend:
             enforce_eager=enforce_eager,
             generation_config="vllm",
             logprobs_mode=f"{logprobs_mode}_logprobs",
-            **llm_kwargs,
+            **_engine_defaults(llm_kwargs, vllm.__version__, weight_sync, chunked_prefill, max_model_len),
         )
-        processor = load_processor(path, local_files_only=not remote)
-        if content_separator_text is None:
-            content_separator_text = content_separator(processor)
-        self.content_separator = content_separator_text
-        self.suppressed_token_ids = placeholder_token_ids(processor)
+        self.content_separator, self.suppressed_token_ids = _turn_tokens(path, remote, content_separator_text)
         self.calls = 0
         self._lock = threading.Lock()
 

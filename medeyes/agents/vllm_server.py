@@ -102,8 +102,31 @@ def session_rss_bytes(session_id: int) -> int:
     return total
 
 
+def _vllm_python(python: str | None) -> str:
+    """``python``, else :func:`find_vllm_python`'s; raise :class:`ConfigError` with the install command if none."""
+    python = python or find_vllm_python()
+    if python is None:
+        raise ConfigError(f"vLLM is not installed for any python found here; install it with: {INSTALL_HINT}")
+    return python
+
+
+def _server_log(log_path: Path | None) -> tuple[Path, bool]:
+    """``(path, own)``: ``log_path``, or a new temporary file that is ours to remove after a clean run.
+
+    An own log is kept after a failed start, for the error message to point at.
+    """
+    if log_path is not None:
+        return log_path, False
+    return Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1]), True
+
+
 class VLLMServer:
     """A ``vllm serve`` subprocess for one model directory; use as a context manager (module docstring)."""
+
+    # the running server, set by start() and cleared by stop()
+    process: subprocess.Popen[bytes] | None = None
+    startup_s: float | None = None
+    _log: IO[bytes] | None = None
 
     def __init__(
         self,
@@ -151,11 +174,8 @@ class VLLMServer:
 
         """
         self.model = str(model)
-        self.python = python or find_vllm_python()
-        if self.python is None:
-            raise ConfigError(f"vLLM is not installed for any python found here; install it with: {INSTALL_HINT}")
-        self.host = host
-        self.port = port or free_port(host)
+        self.python = _vllm_python(python)
+        self.host, self.port = host, port or free_port(host)
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
         self.dtype = dtype
@@ -167,11 +187,7 @@ class VLLMServer:
         self.extra_args = tuple(extra_args)
         self.startup_timeout_s = startup_timeout_s
         self.dev_mode = dev_mode
-        self._own_log = log_path is None  # a temporary log is removed after a clean run, kept after a failed start
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
-        self.process: subprocess.Popen[bytes] | None = None
-        self.startup_s: float | None = None
-        self._log: IO[bytes] | None = None
+        self.log_path, self._own_log = _server_log(log_path)
 
     @property
     def base_url(self) -> str:
@@ -180,7 +196,6 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         """The full command line."""
-        assert self.python is not None  # checked in __init__
         cmd = [
             self.python,
             "-m",

@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -186,6 +187,26 @@ def episode_health(records: Iterable[Any], prefix: str) -> dict[str, float]:
             if finished:
                 out[f"{prefix}length_capped"] = sum(f == "length" for f in finished) / len(finished)
     return out
+
+
+def tool_collapse_alarm(step: int, metrics: dict[str, float], floor: float | None, shown: bool) -> bool:
+    """Set ``alarm/tool_collapse`` when the on-policy tool share is below ``floor``; warn unless ``shown``.
+
+    Returns whether the warning has been shown now. Without a floor or a ``stream/on/tool_share`` nothing is set.
+    """
+    share = metrics.get("stream/on/tool_share")
+    if floor is None or share is None:
+        return shown
+    metrics["alarm/tool_collapse"] = float(share < floor)
+    if share < floor and not shown:
+        warnings.warn(
+            f"step {step + 1}: on-policy tool share {share:.2f} is below grpo.tool_floor={floor:g}; the policy is "
+            "dropping its tools (tool collapse). See 'Keeping tools alive' in docs/training.md.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+    return shown
 
 
 def weighted_mean_metrics(parts: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -145,6 +145,7 @@ def _check_loss_inputs(
     config: ObjectiveConfig,
     ref_logprobs: Tensor | None,
     entropy: Tensor | None,
+    is_weights: Tensor | None,
 ) -> None:
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}.")
@@ -165,6 +166,8 @@ def _check_loss_inputs(
         raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs; pass them or set kl_coef=0.")
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy_coef={config.entropy_coef} > 0 needs entropy; pass it or set entropy_coef=0.")
+    if is_weights is not None and is_weights.shape != logprobs.shape:
+        raise ValueError(f"is_weights has shape {tuple(is_weights.shape)} but logprobs has {tuple(logprobs.shape)}.")
 
 
 def dual_stream_loss(
@@ -205,21 +208,15 @@ def dual_stream_loss(
         metrics of :func:`_regularised`, :func:`_stream_metrics` and :func:`_ratio_metrics`.
 
     """
-    _check_loss_inputs(logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy)
-    if is_weights is not None and is_weights.shape != logprobs.shape:
-        raise ValueError(f"is_weights has shape {tuple(is_weights.shape)} but logprobs has {tuple(logprobs.shape)}.")
-    mask = loss_mask.bool()  # [B, T]
+    inputs = (logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy, is_weights)
+    _check_loss_inputs(*inputs)
+    mask, on_tok, off_tok = _stream_masks(loss_mask, is_expert)  # [B, T] each
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
     adv = advantages.detach().float()[:, None]  # [B, 1]
-    expert = is_expert[:, None]  # [B, 1]
-    on_tok = mask & ~expert  # [B, T]
-    off_tok = mask & expert  # [B, T]
     lp = torch.where(mask, logprobs.float(), zero)  # [B, T]; 0 outside the mask: no gradient, no NaN leaks
     old = torch.where(on_tok, old_logprobs.detach().float(), zero)  # [B, T]; expert rows' values are ignored
     ratio = torch.exp(lp - old)  # [B, T]
-    on_loss, on_clip_low, on_clip_high = _on_policy_terms(ratio, adv, on_tok, config)
-    if is_weights is not None:
-        on_loss = on_loss * is_weights.detach().float()  # [B, T]; TIS: the engine sampled, not pi_old
+    on_loss, on_clip_low, on_clip_high = _on_policy_terms(ratio, adv, on_tok, config, is_weights)
     rho = torch.exp(lp)  # [B, T]
     off_loss, off_clipped, weight = _off_policy_terms(rho, adv, off_tok, config)
     pg = torch.where(on_tok, on_loss, torch.where(off_tok, off_loss, zero))  # [B, T]
@@ -229,24 +226,32 @@ def dual_stream_loss(
         total = total + (lp * 0.0).sum()  # keep a graph so backward() works on an all-empty batch
     metrics["loss/policy"] = policy.item()
     metrics["loss/total"] = total.item()
-
     clipped = {"on": on_clip_low | on_clip_high, "off": off_clipped}
     metrics.update(_stream_metrics(pg, advantages, is_expert, {"on": on_tok, "off": off_tok}, clipped, config))
-    with torch.no_grad():
-        metrics.update(_ratio_metrics(ratio, lp - old, on_tok, on_clip_low, on_clip_high, rho, weight, off_tok))
+    metrics.update(_ratio_metrics(ratio, lp, old, on_tok, on_clip_low, on_clip_high, rho, weight, off_tok))
     return total, metrics
 
 
+def _stream_masks(loss_mask: Tensor, is_expert: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss tokens ``[B, T]`` (bool), and of them the on-policy and the expert rows' (``is_expert`` ``[B]``)."""
+    mask = loss_mask.bool()  # [B, T]
+    expert = is_expert[:, None]  # [B, 1]
+    return mask, mask & ~expert, mask & expert
+
+
 def _on_policy_terms(
-    ratio: Tensor, adv: Tensor, on_tok: Tensor, config: ObjectiveConfig
+    ratio: Tensor, adv: Tensor, on_tok: Tensor, config: ObjectiveConfig, is_weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """PPO's clipped surrogate ``l = -min(r A, clip(r, 1 - clip_eps, 1 + clip_high) A)``, ``r = exp(logp - old)``.
 
-    ``ratio``, ``on_tok``: ``[B, T]``; ``adv``: ``[B, 1]``. Returns the per-token loss ``[B, T]`` and where the
+    ``ratio``, ``on_tok``: ``[B, T]``; ``adv``: ``[B, 1]``; ``is_weights``: ``[B, T]`` truncated importance
+    sampling weights (no grad) that multiply ``l``, or None. Returns the per-token loss ``[B, T]`` and where the
     clip zeroed the gradient, below and above (``[B, T]`` bool, on-policy tokens only).
     """
     lo, hi = 1.0 - config.clip_eps, 1.0 + config.clip_high
     on_loss = -torch.minimum(ratio * adv, ratio.clamp(lo, hi) * adv)  # [B, T]
+    if is_weights is not None:
+        on_loss = on_loss * is_weights.detach().float()  # [B, T]; TIS: the engine sampled, not pi_old
     on_clip_low = on_tok & (ratio < lo) & (adv < 0)  # [B, T] zero-gradient because clipped below
     on_clip_high = on_tok & (ratio > hi) & (adv > 0)  # [B, T] zero-gradient because clipped above
     return on_loss, on_clip_low, on_clip_high
@@ -346,9 +351,11 @@ def _stream_metrics(
     return metrics
 
 
+@torch.no_grad()
 def _ratio_metrics(
     ratio: Tensor,
-    log_ratio: Tensor,
+    lp: Tensor,
+    old: Tensor,
     on_tok: Tensor,
     on_clip_low: Tensor,
     on_clip_high: Tensor,
@@ -356,7 +363,7 @@ def _ratio_metrics(
     weight: Tensor,
     off_tok: Tensor,
 ) -> dict[str, float]:
-    """On-policy ratio statistics and approx KL (k3 of old vs new); expert rho and shaped weight (all ``[B, T]``).
+    """On-policy ratio statistics and approx KL (k3 of ``old`` vs ``lp``); expert rho and shaped weight (all [B, T]).
 
     On-policy ``stream/on/ratio_{mean,min,max}``, ``stream/on/clip_frac_{low,high}``, ``stream/on/approx_kl``;
     expert ``stream/off/rho_{mean,min,max}`` and ``stream/off/weight_mean`` (the shaped ratio).
@@ -369,7 +376,7 @@ def _ratio_metrics(
         metrics["stream/on/ratio_max"] = sel.max().item()
         metrics["stream/on/clip_frac_low"] = masked_mean(on_clip_low.float(), on_tok).item()
         metrics["stream/on/clip_frac_high"] = masked_mean(on_clip_high.float(), on_tok).item()
-        log_r = log_ratio[on_tok]
+        log_r = (lp - old)[on_tok]
         metrics["stream/on/approx_kl"] = (torch.exp(log_r) - 1.0 - log_r).mean().item()
     if off_tok.any():
         sel = rho[off_tok]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,14 @@ from medeyes.training.ground_pool import build_ground_pool, ground_episode
 from medeyes.training.grpo_batch import Collected, StreamStats, score, tokenise
 from medeyes.training.held_out import GroundingEval, held_out_metrics
 from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
-from medeyes.training.metrics import MetricsLogger, blind_accuracy, progress_bar, progress_stats, weighted_mean_metrics
+from medeyes.training.metrics import (
+    MetricsLogger,
+    blind_accuracy,
+    progress_bar,
+    progress_stats,
+    tool_collapse_alarm,
+    weighted_mean_metrics,
+)
 from medeyes.training.mismatch import rows_tis_weights
 from medeyes.training.objective import dual_stream_loss, sft_loss
 from medeyes.training.optim import StageOptimizer
@@ -283,7 +289,8 @@ class Trainer:
         collected = self._collect(step, metrics)
         episodes = tokenise(collected, self.processor, self.experts.store if self.experts else None, metrics)
         advantages, rows = score(collected, episodes, self.config, metrics)
-        self._tool_alarm(step, metrics)
+        floor = self.config.grpo.tool_floor
+        self.tool_alarm_shown = tool_collapse_alarm(step, metrics, floor, self.tool_alarm_shown)
         # old log-probs: recorded at generation, or recomputed before the update
         if self.config.grpo.old_logprobs == "recompute":
             self.model.eval()
@@ -398,21 +405,6 @@ class Trainer:
         if self.blind is not None:
             out["eval/blind_accuracy"] = self.blind
         return out
-
-    def _tool_alarm(self, step: int, metrics: dict[str, float]) -> None:
-        """Set ``alarm/tool_collapse`` when the on-policy tool share is below ``grpo.tool_floor``; warn once."""
-        floor, share = self.config.grpo.tool_floor, metrics.get("stream/on/tool_share")
-        if floor is None or share is None:
-            return
-        metrics["alarm/tool_collapse"] = float(share < floor)
-        if share < floor and not self.tool_alarm_shown:
-            self.tool_alarm_shown = True
-            warnings.warn(
-                f"step {step + 1}: on-policy tool share {share:.2f} is below grpo.tool_floor={floor:g}; the policy is "
-                "dropping its tools (tool collapse). See 'Keeping tools alive' in docs/training.md.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
     def _evaluate_and_remember(self, step: int) -> dict[str, float]:
         metrics = self.evaluate()
