@@ -358,7 +358,7 @@ def _cpu_default_stages() -> dict[str, Any]:
     """The embedded default's ``ground``, ``sft`` and ``grpo`` stages (:func:`_cpu_default`)."""
     return {
         "ground": {
-            "steps": 1500,
+            "steps": 1800,  # 1500 -> 1800: unseen presence 0.829 -> 0.884 (seed 0); paid for by the tokenise-once pool
             "batch_size": 32,
             "cases": 1024,
             "what_share": 1.0,
