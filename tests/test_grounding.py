@@ -146,3 +146,21 @@ def test_sft_co_trains_on_ground_examples(tmp_path, tmp_path_factory, monkeypatc
         tokens[extra] = [r["train/tokens"] for r in read_metrics(cfg.run_dir) if "train/tokens" in r]
     assert len(tokens[0]) == len(tokens[3]) == 2
     assert all(b > a for a, b in zip(tokens[0], tokens[3], strict=True))
+
+
+def test_empty_region_examples_answer_no_and_leave_the_default_draws_alone():
+    """ground.empty_share: a drill view of an empty region says "no", even on a case whose answer is yes."""
+    from medeyes.training.grounding import _empty_box
+
+    case = _look_case("yes")
+    default_rng, off_rng, on_rng = (np.random.default_rng(3) for _ in range(3))
+    default = grounding_examples(case, LOC, ("where", "what"), default_rng, jitter=0.1, as_turns=True)
+    off = grounding_examples(case, LOC, ("where", "what"), off_rng, jitter=0.1, as_turns=True, empty_share=0.0)
+    assert [text for _, text in off] == [text for _, text in default]
+    assert off_rng.random() == default_rng.random()  # no extra draw: runs without the option stay bit-identical
+    on = grounding_examples(case, LOC, ("where", "what"), on_rng, jitter=0.1, as_turns=True, empty_share=1.0)
+    assert len(on) == 3 and on[1][1].endswith("<answer>yes</answer>") and on[2][1].endswith("<answer>no</answer>")
+    assert on[2][0][0]["content"][1]["text"] == WHAT_QUESTION
+    objects = [box for box, _ in candidates(case)]
+    box = _empty_box(objects, case.image_size, np.random.default_rng(0))
+    assert box is not None and all(box_iou(box, b) == 0.0 for b in objects)

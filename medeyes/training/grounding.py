@@ -53,6 +53,7 @@ def grounding_examples(
     what_share: float = 1.0,
     system_prompt: bool = False,
     as_turns: bool = False,
+    empty_share: float = 0.0,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
 
@@ -89,7 +90,26 @@ def grounding_examples(
             view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
             answer = _turn(Action.final_answer(label), env, image.size) if as_turns else label
             examples.append((_messages(system, view, WHAT_QUESTION, answer), answer))
+    # drawn only when asked for, so a run without it keeps the same random draws
+    if "what" in tasks and objects and empty_share > 0 and rng.random() < empty_share:
+        empty = _empty_box([box for box, _ in objects], image.size, rng)
+        if empty is not None:
+            view, _ = views.drill_view(image, empty, env.view_size, env.drill_min_side)
+            answer = _turn(Action.final_answer("no"), env, image.size) if as_turns else "no"
+            examples.append((_messages(system, view, WHAT_QUESTION, answer), answer))
     return examples
+
+
+def _empty_box(objects: list[Box], size: tuple[int, int], rng: np.random.Generator, tries: int = 20) -> Box | None:
+    """A box the size of the largest candidate that touches none of them (None if 20 draws all overlap)."""
+    side = max(max(b[2] - b[0], b[3] - b[1]) for b in objects)
+    width, height = size
+    for _ in range(tries):
+        x, y = rng.uniform(0, max(1.0, width - side)), rng.uniform(0, max(1.0, height - side))
+        box = (x, y, x + side, y + side)
+        if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in objects):
+            return box
+    return None
 
 
 def episode_grounding_examples(
@@ -147,11 +167,13 @@ def shaped_examples(
     jitter: float,
     what_share: float = 1.0,
     system_prompt: bool = False,
+    empty_share: float = 0.0,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case in ``shape`` (``ground.shape``): the one place that dispatches on it."""
     if shape == "episode":
         return episode_grounding_examples(case, env, tasks, rng, jitter, what_share)
-    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, as_turns=shape == "turns")
+    turns = shape == "turns"
+    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, turns, empty_share)
 
 
 def _turn(action: Action, env: EnvConfig, size: tuple[int, int]) -> str:

@@ -76,6 +76,14 @@ class GroundConfig(BaseModel):
     what_share: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Share of pool cases that also give a what-example (where: all)."
     )
+    empty_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of pool cases that also give a what-example of an empty region (no candidate in the "
+        "drill view) answered no: a policy that drills beside the object otherwise reads the empty view as a "
+        "lesion (docs/learn_to_look.md section 9). Not in episode-shaped grounding.",
+    )
     shape: GroundShape = Field(
         default="probe",
         description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "
