@@ -29,6 +29,7 @@ from medeyes_env import views
 from medeyes_env.cases import Box, Case
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import Action, protocol_instructions, render_turn
+from medeyes_env.rewards import box_iou
 
 GroundTask = Literal["where", "what"]
 GroundShape = Literal["probe", "turns", "episode"]
@@ -107,7 +108,7 @@ def _empty_box(objects: list[Box], size: tuple[int, int], rng: np.random.Generat
     for _ in range(tries):
         x, y = rng.uniform(0, max(1.0, width - side)), rng.uniform(0, max(1.0, height - side))
         box = (x, y, x + side, y + side)
-        if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for b in objects):
+        if all(box_iou(box, b) == 0.0 for b in objects):
             return box
     return None
 
