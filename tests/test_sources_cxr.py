@@ -59,3 +59,49 @@ def test_vindr_unordered_box_is_named(tmp_path: Path) -> None:
     csv.write_text(csv.read_text() + "img3,R10,Nodule/Mass,50,50,40,60,8\n")
     with pytest.raises(SourceError, match=r"annotations_train\.csv:8: .*not xyxy with x2 > x1"):
         open_source(f"vindr_cxr:{root}")
+
+
+@pytest.mark.parametrize("x_min, x_max", [("-inf", "inf"), ("0", "1e400"), ("nan", "60")])
+def test_vindr_non_finite_box_is_named_not_a_whole_image_box(tmp_path: Path, x_min: str, x_max: str) -> None:
+    root = vindr_cxr(tmp_path)
+    csv = root / "annotations_train.csv"
+    csv.write_text(csv.read_text() + f"img3,R10,Nodule/Mass,{x_min},50,{x_max},60,8\n")
+    with pytest.raises(SourceError, match=r"annotations_train\.csv:8: x_(min|max) '.*' is not a finite number"):
+        open_source(f"vindr_cxr:{root}")
+    source = open_source(f"vindr_cxr:{root}?skip_bad=1")
+    assert source.n_skipped == 1
+    assert all(not c.regions for c in questions(source, "train").values() if c.meta["image"] == "img3.png")
+
+
+def test_nih_nan_box_is_named_not_dropped_silently(tmp_path: Path) -> None:
+    root = nih_cxr(tmp_path)
+    csv = root / "BBox_List_2017.csv"
+    csv.write_text(csv.read_text() + "00000002_000.png,Mass,nan,2,3,4,,,\n")
+    with pytest.raises(SourceError, match=r"BBox_List_2017\.csv:5: box value 'nan' is not a finite number"):
+        open_source(f"nih_cxr:{root}")
+    assert open_source(f"nih_cxr:{root}?skip_bad=1").n_skipped == 1
+
+
+def test_cases_check_counts_skipped_rows_and_boxes_outside_the_image(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medeyes.cli.app import app
+
+    root = nih_cxr(tmp_path)
+    csv = root / "BBox_List_2017.csv"
+    extra = "00000002_000.png,Mass,nan,2,3,4,,,\n00000002_000.png,Nodule,500,500,10,10,,,\n"  # NaN; outside 128x128
+    csv.write_text(csv.read_text() + extra)
+    source = open_source(f"nih_cxr:{root}?skip_bad=1")
+    assert (source.n_skipped, source.excluded) == (1, {"boxes_outside_image": 1})
+    result = CliRunner().invoke(app, ["cases", "--data", f"nih_cxr:{root}?skip_bad=1", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "rows skipped as malformed: 1; left out on purpose: {'boxes_outside_image': 1}" in result.output
+
+
+def test_nih_split_list_that_is_not_utf8_is_named_and_skippable(tmp_path: Path) -> None:
+    root = nih_cxr(tmp_path)
+    (root / "train_val_list.txt").write_bytes(b"00000001_000.png\n\xff\xfe.png\n")
+    with pytest.raises(SourceError, match=r"train_val_list\.txt:2: not UTF-8 text \(byte 0xff at column 1\)"):
+        open_source(f"nih_cxr:{root}")
+    source = open_source(f"nih_cxr:{root}?skip_bad=1")
+    assert (source.n_skipped, source.size("train"), source.size("test")) == (1, 5, 2)

@@ -14,6 +14,7 @@ Specs: ``nih_cxr:/data/ChestXray14`` and ``vindr_cxr:/data/vindr``, with ``?skip
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from medeyes_env.cases import AnswerType, Box, Region, Split, xywh_to_xyxy
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
 from medeyes_env.sources.rows import FileSource, _clip_box, _Collector, _flag, _Row, image_size, parse_spec_argument
+from medeyes_env.strict_json import BadInput, lines
 
 NIH_BBOX_CSV = "BBox_List_2017.csv"
 NIH_IMAGE_FOLDERS = (*(f"images_{k:03d}/images" for k in range(1, 13)), "images", "")
@@ -48,10 +50,14 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, list[str], dict[str, str]]]:
 
 
 def _number(text: str, what: str) -> float:
+    """A finite float: ``inf``, ``1e400`` (which float() reads as inf) and ``nan`` are refused."""
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise SourceError(f"{what} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SourceError(f"{what} {text.strip()!r} is not a finite number")
+    return value
 
 
 def load_nih_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSource:
@@ -78,7 +84,7 @@ def load_nih_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSo
                 raise SourceError(f"row {cells[:6]} has an empty name or a box without area")
             boxes[image][label].append(xywh_to_xyxy((x, y, w, h)))
             where_of.setdefault(image, where)
-    splits = _nih_splits(root)
+    splits = _nih_splits(root, collector)
     for image, findings in boxes.items():
         split: Split = splits.get(image, "test")
         with collector.row(where_of[image]):
@@ -88,11 +94,21 @@ def load_nih_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSo
     return collector.source("nih_cxr", root)
 
 
-def _nih_splits(root: Path) -> dict[str, Split]:
+def _nih_splits(root: Path, collector: _Collector) -> dict[str, Split]:
+    """Image name -> split from the release's lists; a line that is not UTF-8 is ``FILE:LINE`` (or skipped).
+
+    Skipping such a line loses no image: every name in the box CSV decoded as UTF-8, so none can match it.
+    """
     splits: dict[str, Split] = {}
     for name, split in (("train_val_list.txt", "train"), ("test_list.txt", "test")):
         if (root / name).is_file():
-            splits.update({line.strip(): split for line in (root / name).read_text().splitlines() if line.strip()})
+            with (root / name).open("rb") as handle:
+                for number, line in lines(handle):
+                    with collector.row(f"{root / name}:{number}"):
+                        if isinstance(line, BadInput):
+                            raise SourceError(str(line))
+                        if line.strip():
+                            splits[line.strip()] = split
     return splits
 
 
@@ -164,6 +180,7 @@ def _questions(
     rows: list[_Row] = []
     for label, boxes in sorted(findings.items()):
         regions = tuple(Region(box=b, label=label) for box in boxes if (b := _clip_box(box, size)) is not None)
+        collector.excluded["boxes_outside_image"] += len(boxes) - len(regions)
         if not regions:
             continue
         rows.append(row(f"Is there {_article(label.lower())} in this chest X-ray?", "yes", AnswerType.CLOSED, label,

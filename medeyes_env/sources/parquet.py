@@ -98,8 +98,6 @@ class ParquetSource(RowSource[_PqRow]):
         """Wrap rows already validated by a loader; ``collector`` holds the skipped-row messages and count."""
         super().__init__(name, root, rows, collector.skipped, collector.n_skipped)
         self.files = files
-        self.excluded: dict[str, int] = {}
-        """Rows left out on purpose, by reason (e.g. ``multi_image``, ``unanswered``, ``not_english``)."""
         self._starts: dict[int, list[int]] = {}
         self._cache: OrderedDict[tuple[int, int, str], list[Any]] = OrderedDict()
 

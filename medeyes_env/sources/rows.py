@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class RowSource(Generic[RowT]):
         """Messages (file, line, reason) of the rows skipped with ``skip_bad``; at most MAX_SKIPPED_KEPT."""
         self.n_skipped = n_skipped
         """How many rows ``skip_bad`` skipped."""
+        self.excluded: dict[str, int] = {}
+        """Rows or boxes left out on purpose, by reason (e.g. ``multi_image``, ``boxes_outside_image``)."""
 
     def size(self, split: Split) -> int:
         """Number of cases in ``split``."""
@@ -147,6 +150,8 @@ class _Collector:
         self.rows: dict[Split, list[_Row]] = {split: [] for split in SPLITS}
         self.skipped: list[str] = []
         self.n_skipped = 0
+        self.excluded: Counter[str] = Counter()
+        """What the loader left out on purpose, by reason; becomes ``source.excluded``."""
         self._dirs: dict[tuple[Path, str], tuple[Path, dict[str, str]]] = {}
         self._sizes: dict[Path, tuple[int, int]] = {}
 
@@ -216,7 +221,9 @@ class _Collector:
     def source(self, name: str, root: Path) -> FileSource:
         if self.n_skipped:
             logger.warning("%s: skipped %d malformed rows (see source.skipped)", name, self.n_skipped)
-        return FileSource(name, root, self.rows, self.skipped, self.n_skipped)
+        source = FileSource(name, root, self.rows, self.skipped, self.n_skipped)
+        source.excluded = {reason: n for reason, n in self.excluded.items() if n}
+        return source
 
 
 # ---------------------------------------------------------------------------------------------
