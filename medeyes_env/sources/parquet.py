@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import difflib
 import io
+import math
 import os
 import re
 from bisect import bisect_right
@@ -349,32 +350,51 @@ def load_mmmu(
 
 
 def parse_options(text: Any) -> tuple[str, ...]:
-    """MMMU's ``options``: a Python list literal in a string.
+    """MMMU's ``options``: a Python list literal of texts (or numbers) in a string.
 
     >>> parse_options("['5 mg', '10 mg']")
     ('5 mg', '10 mg')
     >>> parse_options("[]")
     ()
+    >>> parse_options("[['5 mg'], '10 mg']")
+    Traceback (most recent call last):
+    ...
+    medeyes_env.errors.SourceError: option 1 must be text, got list ['5 mg']
     """
     if isinstance(text, list):
-        return tuple(str(v).strip() for v in text)
+        return tuple(_option(v, k) for k, v in enumerate(text, start=1))
     if not isinstance(text, str) or len(text) > MAX_OPTIONS_CHARS:
         raise SourceError(f"options must be a list written as a string, got {str(text)[:80]!r}")
     try:
         value = ast.literal_eval(text.strip() or "[]")  # literals only: never evaluates code
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: {[]: 1}, {[1]}
         raise SourceError(f"options {text[:80]!r} is not a list literal") from None
     if not isinstance(value, list):
         raise SourceError(f"options {text[:80]!r} is not a list")
-    return tuple(str(v).strip() for v in value)
+    return tuple(_option(v, k) for k, v in enumerate(value, start=1))
+
+
+def _option(value: Any, number: int) -> str:
+    """One option as text: a string, or a finite number written as text; anything else names the option."""
+    finite_number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not (isinstance(value, str) or finite_number):
+        raise SourceError(f"option {number} must be text, got {type(value).__name__} {str(value)[:80]}")
+    text = str(value).strip()
+    if not text:
+        raise SourceError(f"option {number} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(f"option {number} is not UTF-8 text (a lone surrogate {text[:80]!r})") from None
+    return text
 
 
 def _mmmu_row(record: Mapping[str, Any], subject: str, file: int, number: int) -> _PqRow | str:
     """One MMMU question as a row, or the reason it is left out (``multi_image``, ``unanswered``)."""
     question, answer = _text(record, "question"), _text(record, "answer")
     options = parse_options(record.get("options") or "[]")
-    tags = {int(k) for k in _IMAGE_TAG.findall(" ".join((question, *options)))}
-    if any(record.get(f"{c}.path", record.get(c)) is not None for c in MMMU_IMAGE_COLUMNS[1:]) or tags - {1}:
+    tags = {k.lstrip("0") for k in _IMAGE_TAG.findall(" ".join((question, *options)))}  # text: no int of 5000 digits
+    if any(record.get(f"{c}.path", record.get(c)) is not None for c in MMMU_IMAGE_COLUMNS[1:]) or tags - {"1"}:
         return "multi_image"
     if answer == "?":
         return "unanswered"

@@ -220,3 +220,45 @@ def test_huge_csv_field_is_a_named_error_with_its_line(tmp_path):
     root = _pmc(tmp_path, [ROW, ["f.jpg", "x" * 200_000, "a", "A: a", "B: b", "A"]])
     with pytest.raises(SourceError, match=r"train.csv:3: malformed CSV \(field larger than field limit \(131072\)\)"):
         open_source(f"pmc_vqa:{root}")
+
+
+# ------------------------------------------------------------------------------------------- MMMU (parquet)
+
+
+def _mmmu(tmp_path: Path, **bad: str) -> Path:
+    """An MMMU subject whose validation row 1 has the ``bad`` fields; rows 0 and 2 are good."""
+    pytest.importorskip("pyarrow")
+    from tests.layouts import mmmu_rows, write_parquet
+
+    columns, images = mmmu_rows(3, "Pharmacy"), tuple(f"image_{k}" for k in range(1, 8))
+    for key, value in bad.items():
+        columns[key][1] = value
+    write_parquet(tmp_path / "Pharmacy" / "validation-00000-of-00001.parquet", columns, images)
+    return tmp_path
+
+
+MMMU_CASES = {
+    "unhashable-set": ("options", "[{1, [2]}]", r"options '\[\{1, \[2\]\}\]' is not a list literal"),
+    "unhashable-key": ("options", "[{[]: 1}]", r"options '\[\{\[\]: 1\}\]' is not a list literal"),
+    "nested-list": ("options", "[['a'], 'b']", r"option 1 must be text, got list \['a'\]"),
+    "bytes": ("options", "['a', b'x']", r"option 2 must be text, got bytes b'x'"),
+    "infinite": ("options", "['a', 1e400]", r"option 2 must be text, got float inf"),
+    "empty": ("options", "['a', ' ']", r"option 2 is empty"),
+    "lone-surrogate": ("options", "['a', '\\ud800']", r"option 2 is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MMMU_CASES))
+def test_malformed_mmmu_options_are_named_with_file_and_row_or_skipped(tmp_path, case):
+    key, value, message = MMMU_CASES[case]
+    root = _mmmu(tmp_path, **{key: value})
+    with pytest.raises(SourceError, match=r"validation-00000-of-00001\.parquet row 1: " + message):
+        open_source(f"mmmu:{root}")
+    source = open_source(f"mmmu:{root}?skip_bad=1")
+    assert (source.size("validation"), source.n_skipped) == (2, 1)
+
+
+@pytest.mark.parametrize("tag", ["<image " + "9" * 5000 + ">", "<image 0>", "<image 02>"])
+def test_mmmu_image_tag_other_than_1_is_a_multi_image_question_whatever_its_digits(tmp_path, tag):
+    source = open_source(f"mmmu:{_mmmu(tmp_path, question=f'Which of {tag} and <image 1>?')}")
+    assert (source.size("validation"), source.excluded) == (2, {"multi_image": 1})
