@@ -7,6 +7,7 @@ Configs here are small hand-written mappings, so :func:`load_yaml` refuses what 
 - aliases (``*name``): write the value out (anchors alone are harmless and allowed);
 - a key given twice in one mapping (YAML keeps the last one silently);
 - nesting deeper than :data:`MAX_DEPTH` and files over :data:`MAX_BYTES`;
+- integers of 2^64 or more (``seed: 999...`` with 5000 digits was a ``ValueError`` traceback from ``int()``);
 - bytes that are not UTF-8.
 
 Every refusal is a :class:`~medeyes_env.errors.ConfigError` naming ``FILE:LINE:COLUMN``.
@@ -27,6 +28,8 @@ MAX_BYTES = 1024 * 1024
 """Largest YAML file read (a training config is about 3 kB)."""
 MAX_DEPTH = 32
 """Deepest nesting of mappings and lists accepted (TrainConfig nests 4 levels)."""
+MAX_INT = 2**64
+"""Integers at or above this (in magnitude) are refused: no config value needs more, a seed included."""
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -68,6 +71,23 @@ class StrictLoader(yaml.SafeLoader):
                     )
                 first[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+    def construct_bounded_int(self, node: Any) -> int:
+        """PyYAML's int (decimal, ``0x``, ``0b``, ``0o``, ``1:30``), refused at :data:`MAX_INT` or beyond."""
+        try:
+            value = self.construct_yaml_int(node)
+        except ValueError:  # int() of more than sys.get_int_max_str_digits() digits
+            value = None
+        if value is None or abs(value) >= MAX_INT:
+            text = str(node.value)
+            shown = f"{text[:10]}... ({len(text)} characters)" if len(text) > 20 else text
+            raise ConstructorError(
+                None, None, f"integer {shown} is too large for a config value (the limit is 2^64)", node.start_mark
+            )
+        return value
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_bounded_int)
 
 
 def parse_yaml(text: str, where: str) -> Any:

@@ -100,3 +100,29 @@ def test_cli_set_values_are_parsed_strictly(tmp_path):
     result = CliRunner().invoke(app, ["train", "--set", "data_options=[&a [1], *a]", "--print-config"])
     assert result.exit_code == 2
     assert "--set data_options:1:10: alias *a is refused in configs" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("9" * 5000, r"9999999999\.\.\. \(5000 characters\)"),
+        ("-" + "9" * 5000, r"-999999999\.\.\. \(5001 characters\)"),
+        ("0x" + "f" * 5000, r"0xffffffff\.\.\. \(5002 characters\)"),
+        ("1" + ":00" * 3000, r"1:00:00:00\.\.\. \(9001 characters\)"),
+        ("18446744073709551616", "18446744073709551616"),
+    ],
+    ids=["5000-digits", "negative", "hex", "sexagesimal", "2^64"],
+)
+def test_huge_integers_in_a_config_file_name_their_place(tmp_path, value, shown):
+    message = rf"train.yaml:2:7: integer {shown} is too large for a config value \(the limit is 2\^64\)"
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(_write(tmp_path, f"preset: tiny\nseed: {value}\n"))
+    assert parse_yaml("seed: 18446744073709551615", "ok") == {"seed": 2**64 - 1}
+
+
+def test_huge_integer_in_cli_set_names_the_field():
+    from medeyes.cli.app import app
+
+    result = CliRunner().invoke(app, ["train", "--set", "seed=" + "9" * 5000, "--print-config"])
+    assert result.exit_code == 2, result.output
+    assert "--set seed:1:1: integer 9999999999... (5000 characters) is too large" in " ".join(result.output.split())
