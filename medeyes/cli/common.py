@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar
@@ -27,16 +28,31 @@ class Preset(str, Enum):
     paper = "paper"
 
 
-def safe(value: object) -> str:
-    r"""``value`` as text that rich prints literally: data (questions, answers, paths) never becomes markup.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""What a terminal acts on instead of showing: C0 (newline and tab excepted), DEL, C1, and the bidi overrides
+and isolates that make text read in another order."""
 
-    An answer ``the [/] lesion`` would otherwise raise ``MarkupError``, and ``[link=...]`` or colour tags
-    in a dataset would be rendered.
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(value: object) -> str:
+    r"""``value`` as text the terminal shows literally: data (questions, answers, ids, paths) never acts on it.
+
+    Two things would otherwise act: rich markup (``the [/] lesion`` raised ``MarkupError``, ``[link=...]`` was
+    rendered) and terminal control sequences, which rich passes through: ESC and C1 start clipboard writes
+    (OSC 52), hidden links (OSC 8), window titles and screen clearing; CR, backspace and bidi overrides make
+    text read differently. Control characters are shown as escapes (``\x1b``, ``\u202e``); newline and tab
+    keep their meaning. Every data string the CLI prints goes through here.
 
     >>> safe("the [/] lesion [link=http://x]click[/link]")
     'the \\[/] lesion \\[link=http://x]click\\[/link]'
+    >>> print(safe("yes\x1b]52;c;cm0=\x07\rno\x9b2J"))
+    yes\x1b]52;c;cm0=\x07\x0dno\x9b2J
     """
-    return escape(str(value))
+    return escape(CONTROL.sub(_visible, str(value)))
 
 
 def friendly_errors(command: F) -> F:
