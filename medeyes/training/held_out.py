@@ -19,9 +19,10 @@ from medeyes_env.sources import CaseSource
 
 
 def held_out_metrics(policy: PolicyAgent, source: CaseSource, cfg: TrainConfig) -> dict[str, float]:
-    """``eval/`` metrics of one episode on each of the eval split's first ``eval.cases`` cases."""
+    """``eval/`` metrics of one episode on each of the eval split's ``eval.cases`` cases from ``eval.start``."""
     rollout = RolloutConfig(
         split=cfg.eval_split,
+        start=cfg.eval.start,
         n=cfg.eval.cases,
         samples_per_case=1,
         batch_size=cfg.eval.batch_size,
@@ -46,11 +47,18 @@ def held_out_metrics(policy: PolicyAgent, source: CaseSource, cfg: TrainConfig) 
         out[f"eval/accuracy/{family}"] = accuracy
     for family, iou in summary.mean_best_iou_by_family.items():
         out[f"eval/iou/{family}"] = iou
+    looking = {
+        "eval/looking/first_drill_hit": summary.first_drill_hit_share,
+        "eval/looking/steps_first_hit": summary.tool_steps_first_hit,
+        "eval/looking/steps_first_miss": summary.tool_steps_first_miss,
+        "eval/looking/redrill_after_miss": summary.redrill_after_miss,
+    }
+    out.update({name: value for name, value in looking.items() if value is not None})
     return out
 
 
 class GroundingEval:
-    """Greedy where- and what-answers on the eval split's first ``eval.cases`` cases, in the taught shape.
+    """Greedy where- and what-answers on the eval split's ``eval.cases`` cases from ``eval.start``, in the taught shape.
 
     The examples are drawn once (seeded) and reused at every evaluation.
     """
@@ -62,7 +70,7 @@ class GroundingEval:
         rng = np.random.default_rng(step_seed(cfg.seed, 0, 5))
         self.env = cfg.env
         self.examples: list[tuple[Case, list]] = []
-        for index in range(cfg.eval.cases):
+        for index in cfg.eval.indices(source.size(cfg.eval_split)):
             case = source.case(cfg.eval_split, index)
             # scored in the shape it was taught (experiments/episode_probe.py scores the transfer to episodes)
             made = shaped_examples(case, cfg.env, cfg.ground.shape, ("where", "what"), rng, cfg.ground.jitter)

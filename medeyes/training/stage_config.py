@@ -202,6 +202,22 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(default=50, ge=0, description="Evaluate every this many steps (and at start and end); 0: never.")
+    start: int = Field(
+        default=0,
+        ge=0,
+        description="Index of the first held-out case of the eval split: a range no one chose settings on.",
+    )
     cases: int = Field(default=128, ge=1, description="Held-out cases per evaluation (the same ones each time).")
     batch_size: int = Field(default=64, ge=1, description="Episodes generated together during evaluation.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature of evaluation (0: greedy).")
+
+    def indices(self, size: int | None) -> range:
+        """The held-out case indices, ``start`` .. ``start + cases - 1``, clipped to a split of ``size`` cases.
+
+        >>> EvalConfig(start=1000, cases=4).indices(None)
+        range(1000, 1004)
+        >>> EvalConfig(start=2, cases=4).indices(3)
+        range(2, 3)
+        """
+        stop = self.start + self.cases
+        return range(self.start, stop if size is None else min(stop, size))

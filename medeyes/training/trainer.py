@@ -386,7 +386,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy episodes on the first ``eval.cases`` cases of the eval split: accuracy, IoU, steps, health."""
+        """Greedy episodes on ``eval.cases`` eval-split cases from ``eval.start``: accuracy, IoU, steps, health."""
         cfg = self.config
         self.model.eval()
         sampling = self.policy.sampling
@@ -415,7 +415,8 @@ class Trainer:
     def _blind_accuracy(self) -> float:
         cfg = self.config
         train = [self.source.case(cfg.train_split, i) for i in range(self.pool_cases)]  # type: ignore[arg-type]
-        held = [self.source.case(cfg.eval_split, i) for i in range(cfg.eval.cases)]  # type: ignore[arg-type]
+        indices = cfg.eval.indices(self.source.size(cfg.eval_split))
+        held = [self.source.case(cfg.eval_split, i) for i in indices]  # type: ignore[arg-type]
         return blind_accuracy(train, held)
 
     # ------------------------------------------------------------------------------------------ plumbing

@@ -294,10 +294,9 @@ def export_openrlhf_data(config: OpenRLHFConfig, expert_cases: Sequence[ExpertCa
             )
     cases = _case_rows(config, train.train_split, range(pool), images, expert=config.dual)
     prompt_rows = [cases[k % pool] for k in range(n_rows)]
-    n_eval = train.eval.cases if train.eval.every > 0 else 0
     size = open_case_source(train.data, train.data_options).size(train.eval_split)
-    n_eval = min(n_eval, size) if size else n_eval
-    eval_rows = list(_case_rows(config, train.eval_split, range(n_eval), images, expert=False).values())
+    held = train.eval.indices(size) if train.eval.every > 0 else range(0)
+    eval_rows = list(_case_rows(config, train.eval_split, held, images, expert=False).values())
 
     _write_jsonl(out / PROMPTS_FILE, prompt_rows)
     files = [PROMPTS_FILE]
