@@ -117,7 +117,7 @@ from medeyes_env.cases import AnswerType, Case, Region, Split
 from medeyes_env.errors import ConfigError, SourceError
 from medeyes_env.sources import phantom_anatomy as anatomy
 from medeyes_env.sources import register_source
-from medeyes_env.sources.phantom_anatomy import Modality
+from medeyes_env.sources.phantom_anatomy import Focal, Modality
 from medeyes_env.sources.phantom_config import (
     _APPLICABLE,
     _BODY_PART,
@@ -150,6 +150,8 @@ from medeyes_env.sources.phantom_layout import (
     _SceneBuilder,
     lesion_site,
     organ_sdf,
+    size_stratum,
+    swap_class,
 )
 
 __all__ = [
@@ -244,16 +246,74 @@ class PhantomSource:
                 self._cache.move_to_end(key)
                 return cached.copy()
         scene = self.scene(split, index)
-        rng = np.random.default_rng(np.random.SeedSequence([SALT, _split_code(split), index, 1]))
-        image = anatomy.render(
-            scene.anatomy, [*scene.lesions, *scene.mimics], list(scene.extended), scene.size, self.config.noise, rng
-        )
+        image = self._render(scene, [*scene.lesions, *scene.mimics], split, index)
         if self.config.cache_size:
             with self._lock:
                 self._cache[key] = image
                 while len(self._cache) > self.config.cache_size:
                     self._cache.popitem(last=False)
         return image.copy()
+
+    def swapped_case(self, split: Split, index: int) -> Case | None:
+        """Case ``index`` of ``split`` with its round objects' classes swapped in the image itself.
+
+        Every lesion becomes a mimic (same site, radius and contrast, with this config's ``lumen_sigma`` and
+        ``mimic_stripes``) and every mimic a lesion; the anatomy, the extended findings and the noise (the same
+        RNG) are those of the case, so the image differs from :meth:`image` only around the round objects.
+        The question is the case's; its gold answer, regions (the new lesions) and lookalikes (the new mimics)
+        are those of the swapped image. On ``phantom:look`` every image holds exactly one round object, so the
+        presence answer flips.
+
+        ``None`` for a question the swap leaves without an answer (location, organ, finding, size: "the
+        lesion" may name none or several). The image-counterfactual ``swap`` of docs/eval.md.
+        """
+        scene, draft, meta = self._draw(split, index)
+        family = meta["family"]
+        if family not in ("presence", "count", "modality"):
+            return None
+        # One list in the order :meth:`image` stamps them, each object with its class swapped.
+        swapped = [swap_class(focal, self.config) for focal in (*scene.lesions, *scene.mimics)]
+        lesions = [f for f in swapped if f.kind == "lesion"]
+        mimics = [f for f in swapped if f.kind == "mimic"]
+        answer = draft.answer
+        if family == "presence" and draft.variant in _FOCAL_KINDS:
+            answer = "yes" if lesions else "no"
+        elif family == "count":
+            answer = str(len(lesions))
+        label = _LESION[scene.modality].split()[-1]
+        regions = tuple(Region(box=f.box(scene.size), label=label) for f in lesions) + tuple(
+            Region(box=_extended_box(scene, f), label=f.kind) for f in scene.extended
+        )
+        radii = [f.radius for f in lesions]
+        meta.update(
+            n_lesions=len(lesions),
+            n_mimics=len(mimics),
+            lesion_radius_px=round(max(radii), 2) if radii else 0.0,
+            lesion_contrast=round(abs(lesions[0].contrast), 4) if lesions else 0.0,
+            stratum="extended" if scene.extended else size_stratum(radii, self.config),
+            class_swapped=True,
+        )
+        case = Case(
+            id=f"phantom/{split}/{index:06d}",
+            question=draft.question,
+            answer=answer,
+            answer_type=draft.answer_type,
+            options=draft.options,
+            regions=regions,
+            lookalikes=tuple(Region(box=f.box(scene.size), label="mimic") for f in mimics),
+            modality=scene.modality,
+            organ=_ORGAN[scene.modality],
+            source=self.name,
+            split=split,
+            image_size=(scene.size, scene.size),
+            meta=meta,
+        )
+        return case.with_image_factory(partial(self._render, scene, swapped, split, index))
+
+    def _render(self, scene: PhantomScene, focals: list[Focal], split: Split, index: int) -> Image.Image:
+        """The scene with ``focals`` drawn, its noise from the case's own RNG (so one case, one noise)."""
+        rng = np.random.default_rng(np.random.SeedSequence([SALT, _split_code(split), index, 1]))
+        return anatomy.render(scene.anatomy, focals, list(scene.extended), scene.size, self.config.noise, rng)
 
     # -- drawing a case ------------------------------------------------------------------------------------------------
 
@@ -290,13 +350,7 @@ class PhantomSource:
         scene = builder.scene()
         radii = [f.radius for f in scene.lesions]
         finding = builder.finding
-        if scene.extended:
-            stratum = "extended"
-        elif radii:
-            top = max(radii) * 1024 / cfg.image_size
-            stratum = "small" if top <= SMALL_RADIUS_PX else "medium" if top <= 24 else "large"
-        else:
-            stratum = "none"
+        stratum = "extended" if scene.extended else size_stratum(radii, cfg)
         meta: dict[str, str | int | float | bool] = {
             "family": family,
             "variant": draft.variant,
@@ -400,6 +454,10 @@ class PhantomSource:
             return _Draft(question, _MODALITY_OPEN[modality], AnswerType.OPEN, variant="open")
         question = "Which part of the body is shown? Answer with one word."
         return _Draft(question, _BODY_PART[modality], AnswerType.OPEN, variant="body part")
+
+
+_FOCAL_KINDS = ("lung nodule", "brain lesion", "liver lesion")
+"""Presence questions about a round object (the class swap turns their answer over)."""
 
 
 def _split_code(split: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -215,3 +216,20 @@ def _extended_box(scene: PhantomScene, finding: Extended) -> tuple[float, float,
         float(min(scene.size, (cols.max() + 1) * cell)),
         float(min(scene.size, (rows.max() + 1) * cell)),
     )
+
+
+def swap_class(focal: Focal, config: PhantomConfig) -> Focal:
+    """``focal`` as the other class: a lesion as a mimic with the config's lumen and stripes, or the reverse."""
+    if focal.kind == "lesion":
+        return replace(
+            focal, kind="mimic", edema=0.0, necrotic=False, lumen_sigma=config.lumen_sigma, stripes=config.mimic_stripes
+        )
+    return replace(focal, kind="lesion", stripes=0.0)
+
+
+def size_stratum(radii: list[float], config: PhantomConfig) -> str:
+    """The size stratum of a case's largest lesion (``none`` without one), in px of a 1024 px image."""
+    if not radii:
+        return "none"
+    top = max(radii) * 1024 / config.image_size
+    return "small" if top <= SMALL_RADIUS_PX else "medium" if top <= 24 else "large"
