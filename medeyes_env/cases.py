@@ -8,13 +8,13 @@ their boundary, with :func:`xywh_to_xyxy`; nothing downstream converts again.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from medeyes_env.errors import CaseError, ImageLoadError
@@ -27,6 +27,11 @@ SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 MAX_IMAGE_PIXELS = 64_000_000
 """Images larger than this are refused (decompression-bomb guard, about 8000 x 8000)."""
+MAX_DECODED_BYTES = 3 * MAX_IMAGE_PIXELS
+"""Images whose pixels take more bytes than this once decoded are refused, read from the header: an 8-bit RGB
+image at the pixel limit. A 16-bit grey image may have 64 Mpx, a float or 32-bit one 48 Mpx, 8-bit RGBA 48 Mpx."""
+WINDOW_CHUNK_PIXELS = 1 << 20
+"""Pixels windowed to 8 bits at a time (8 MB as float64): a high-bit-depth image is never copied whole."""
 
 
 class AnswerType(str, Enum):
@@ -154,28 +159,121 @@ def window_to_uint8(values: np.ndarray, window: str = "minmax", nominal_max: flo
     """
     if window not in WINDOWS:
         raise ValueError(f"window {window!r} is not one of {', '.join(WINDOWS)}")
-    data = values.astype(np.float64)
-    finite = data[np.isfinite(data)]
-    if finite.size == 0:
-        return np.zeros(data.shape, dtype=np.uint8)
-    if window == "percentile":
-        low, high = (float(v) for v in np.percentile(finite, PERCENTILE_WINDOW))
-    else:
-        low, high = float(finite.min()), float(finite.max())
+    rows = values.reshape(len(values), -1) if values.ndim else values.reshape(1, 1)
+    step = max(1, WINDOW_CHUNK_PIXELS // max(rows.shape[1], 1))
+    gray = _window_strips(
+        lambda: (rows[t : t + step] for t in range(0, len(rows), step)), rows.shape, window, nominal_max
+    )
+    return gray.reshape(values.shape)
+
+
+_Strips = Callable[[], Iterator[np.ndarray]]
+"""A fresh pass over an image's rows, a few at a time: 2-D arrays of its own dtype, top to bottom."""
+
+
+def _window_strips(strips: _Strips, shape: tuple[int, int], window: str, nominal_max: float) -> np.ndarray:
+    """:func:`window_to_uint8` over ``strips``: memory is the uint8 result plus one strip as float64.
+
+    Two passes (the window, then the scaling); ``percentile`` also holds one copy of the finite values.
+    """
+    out = np.zeros(shape, dtype=np.uint8)
+    limits = _percentile_window(strips, shape) if window == "percentile" else _minmax_window(strips)
+    if limits is None:
+        return out
+    low, high = limits
     if high <= low:  # flat: show its level within the type's nominal range
         low, high = 0.0, max(nominal_max, high)
-    with np.errstate(invalid="ignore", over="ignore"):
-        scaled = (np.clip(data, low, high) - low) * (255.0 / (high - low))
-    return np.nan_to_num(np.rint(scaled), nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
+    top = 0
+    for strip in strips():
+        chunk = strip.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.clip(chunk, low, high, out=chunk)
+            chunk -= low
+            chunk *= 255.0 / (high - low)
+            np.rint(chunk, out=chunk)
+        out[top : top + len(strip)] = np.nan_to_num(chunk, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+        top += len(strip)
+    return out
 
 
-def _to_rgb(image: Image.Image, window: str) -> Image.Image:
-    """RGB with honest pixels: 16-bit, 32-bit and float single-channel images are windowed, not clipped."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        nominal = 65535.0 if image.mode.startswith("I;16") else 255.0
-        gray = window_to_uint8(np.asarray(image), window, nominal)
-        return Image.fromarray(gray).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+def _minmax_window(strips: _Strips) -> tuple[float, float] | None:
+    """The lowest and highest finite value, or None when there is none."""
+    low, high = np.inf, -np.inf
+    for strip in strips():
+        if np.issubdtype(strip.dtype, np.floating):
+            finite = np.isfinite(strip)
+            low = min(low, float(strip.min(where=finite, initial=np.inf)))
+            high = max(high, float(strip.max(where=finite, initial=-np.inf)))
+        elif strip.size:  # integers are all finite
+            low, high = min(low, float(strip.min())), max(high, float(strip.max()))
+    return (low, high) if low <= high else None
+
+
+def _percentile_window(strips: _Strips, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """The 0.5th and 99.5th percentiles of the finite values (one copy of them), or None when there is none."""
+    kept: np.ndarray | None = None
+    count = 0
+    for strip in strips():
+        finite = strip[np.isfinite(strip)] if np.issubdtype(strip.dtype, np.floating) else strip.ravel()
+        kept = np.empty(shape[0] * shape[1], finite.dtype) if kept is None else kept
+        kept[count : count + finite.size] = finite
+        count += finite.size
+    if kept is None or count == 0:
+        return None
+    low, high = np.percentile(kept[:count], PERCENTILE_WINDOW, overwrite_input=True)
+    return float(low), float(high)
+
+
+def decode_8bit(opened: Image.Image, what: str, window: str) -> Image.Image:
+    """Decode an image just opened (header read) into 8-bit pixels, as :func:`load_image_file` describes.
+
+    Refuses it first with :func:`check_image_size`; applies EXIF orientation; windows single-channel 16-bit,
+    32-bit and float images to ``L`` a strip of rows at a time (:data:`WINDOW_CHUNK_PIXELS`), never copying
+    them whole; other modes come back as decoded. The caller converts to RGB after dropping ``opened``, so
+    the decoded high-bit-depth pixels and the RGB copy are never held together.
+    """
+    check_image_size(opened, what)
+    opened.load()
+    ImageOps.exif_transpose(opened, in_place=True)  # not a copy (which exif_transpose makes even when upright)
+    if not (opened.mode in ("I", "F") or opened.mode.startswith("I;16")):
+        return opened
+    nominal = 65535.0 if opened.mode.startswith("I;16") else 255.0
+    width, height = opened.size
+    step = max(1, WINDOW_CHUNK_PIXELS // max(width, 1))
+
+    def strips() -> Iterator[np.ndarray]:
+        return (np.asarray(opened.crop((0, t, width, min(t + step, height)))) for t in range(0, height, step))
+
+    return Image.fromarray(_window_strips(strips, (height, width), window, nominal))
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes of ``image``'s pixels once decoded (pixels x bands x bytes a sample), from its header alone.
+
+    >>> decoded_bytes(Image.new("I;16", (10, 10))), decoded_bytes(Image.new("RGB", (10, 10)))
+    (200, 300)
+    """
+    mode = ImageMode.getmode(image.mode)
+    return image.width * image.height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+
+
+def check_image_size(image: Image.Image, what: str) -> None:
+    """Refuse an opened, not yet decoded image over :data:`MAX_IMAGE_PIXELS` or :data:`MAX_DECODED_BYTES`.
+
+    ``what`` names it in the message, e.g. ``image /data/a.png``.
+    """
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(
+            f"{what} is {width}x{height}, above the {MAX_IMAGE_PIXELS:,}-pixel limit; downsample it first"
+        )
+    size = decoded_bytes(image)
+    if size > MAX_DECODED_BYTES:
+        per_pixel = size // (width * height)
+        raise ImageLoadError(
+            f"{what} is {width}x{height} {image.mode} ({per_pixel} bytes a pixel): {size:,} bytes decoded, above "
+            f"the {MAX_DECODED_BYTES:,}-byte limit; downsample it or convert it to 8 bits first"
+        )
 
 
 def displayed_size(image: Image.Image) -> tuple[int, int]:
@@ -201,14 +299,10 @@ def load_image_file(path: str | os.PathLike[str], window: str = "minmax") -> Ima
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(
-                    f"image {path} is {width}x{height}, above the {MAX_IMAGE_PIXELS:,}-pixel limit; downsample it first"
-                )
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image), window)
+        with Image.open(path) as opened:
+            image = decode_8bit(opened, f"image {path}", window)
+        del opened  # frees the decoded pixels of a high-bit-depth image before the RGB copy is made
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ImageLoadError:
         raise
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from medeyes_env.cases import MAX_IMAGE_PIXELS, SPLITS, AnswerType, Case, Split, _to_rgb, load_image_file, safe_join
+from medeyes_env.cases import SPLITS, AnswerType, Case, Split, decode_8bit, load_image_file, safe_join
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
 from medeyes_env.sources.rows import (
@@ -153,12 +153,10 @@ class ParquetSource(RowSource[_PqRow]):
 def decode_image(data: bytes, where: str) -> Image.Image:
     """Decode image bytes as RGB, refusing corrupt and oversized images with a message naming ``where``."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(f"{where}: image is {width}x{height}, above the {MAX_IMAGE_PIXELS:,}-pixel limit")
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image), "minmax")
+        with Image.open(io.BytesIO(data)) as opened:
+            image = decode_8bit(opened, f"{where}: image", "minmax")
+        del opened  # frees the decoded pixels of a high-bit-depth image before the RGB copy is made
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ImageLoadError:
         raise
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:

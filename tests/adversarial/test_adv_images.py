@@ -109,3 +109,27 @@ def test_scan_with_more_boxes_than_the_montage_has_pixels_for(tmp_path):
     assert view.size == (8, 8) and len(shown) == 65
     view, shown = scan_view(image, [(0, 0, 10, 10)] * 500, 16, 8)
     assert view.size == (16, 16) and len(shown) == 500
+
+
+def _float_tiff_header(path, width: int, height: int) -> None:
+    """An uncompressed float32 TIFF whose header declares ``width`` x ``height`` but holds 16 bytes of pixels."""
+    import struct
+
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 10 * 12 + 4),
+            (277, 3, 1), (278, 4, height), (279, 4, width * height * 4), (339, 3, 3)]  # fmt: skip
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in tags
+    )
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + b"\x00" * 16)
+
+
+def test_image_whose_decoded_bytes_exceed_the_limit_is_refused_from_its_header(tmp_path):
+    # 8000 x 8000 float32 is under the 64 Mpx limit, but 256 MB decoded (it peaked at 3.5 GB while loading)
+    _float_tiff_header(tmp_path / "huge.tif", 8000, 8000)
+    assert (tmp_path / "huge.tif").stat().st_size < 200
+    message = r"huge.tif is 8000x8000 F \(4 bytes a pixel\): 256,000,000 bytes decoded, above the 192,000,000-byte"
+    with pytest.raises(ImageLoadError, match=message):
+        load_image_file(tmp_path / "huge.tif")
+    _float_tiff_header(tmp_path / "small.tif", 64, 64)  # the same file, small: decoded, and its missing pixels named
+    with pytest.raises(ImageLoadError, match=r"cannot read image .*small.tif"):
+        load_image_file(tmp_path / "small.tif")
