@@ -136,17 +136,19 @@ def run_rollout(
     store: RecordSink | None = None,
     progress: Callable[[int, int], None] | None = None,
     on_record: Callable[[TrajectoryRecord], None] | None = None,
+    reset_options: Callable[[int], dict[str, Any]] | None = None,
 ) -> RolloutResult:
     """Run ``config.n`` cases x ``samples_per_case`` episodes of ``agent``; append finished ones to ``store``.
 
     ``on_record`` sees each finished episode (stored or not) as it completes, e.g. for a running accuracy.
+    ``reset_options(case_index)`` adds options to each episode's ``env.reset`` (e.g. ``drill_image``).
     """
     config = config or RolloutConfig()
     source = open_source(source) if isinstance(source, str) else source
     samples = config.samples_per_case or int(getattr(agent, "samples_per_case", 1) or 1)
     queue, skipped = _pending(source, config, samples, store)
     started = time.perf_counter()
-    runner = _Runner(agent, source, config, store, len(queue), progress, on_record)
+    runner = _Runner(agent, source, config, store, len(queue), progress, on_record, reset_options)
     runner.run(queue)
     seconds = time.perf_counter() - started
     return RolloutResult(records=runner.finished, skipped=skipped, stored=runner.stored, seconds=seconds)
@@ -187,9 +189,10 @@ class _Runner:
         total: int,
         progress: Callable[[int, int], None] | None,
         on_record: Callable[[TrajectoryRecord], None] | None,
+        reset_options: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         self.agent, self.config, self.store, self.total = agent, config, store, total
-        self.progress, self.on_record = progress, on_record
+        self.progress, self.on_record, self.reset_options = progress, on_record, reset_options
         self.producer = producer_of(agent)
         self.envs = [
             MedEyesEnv(source, split=config.split, config=config.env) for _ in range(min(config.batch_size, total))
@@ -247,7 +250,8 @@ class _Runner:
         env = self.envs[slot]
         seed = episode_seed(config.seed, case_index, sample_index)
         t0 = time.perf_counter()
-        obs, _ = env.reset(seed=seed, options={"case_index": case_index})
+        extra = self.reset_options(case_index) if self.reset_options is not None else {}
+        obs, _ = env.reset(seed=seed, options={"case_index": case_index, **extra})
         reset_seconds = time.perf_counter() - t0
         case, image = env.case, env.image
         assert case is not None and image is not None  # set by reset

@@ -30,6 +30,9 @@ them. An optional per-turn ``malformed_penalty`` is subtracted for each unparsea
 ## Starting State
 A case drawn from the source's split with ``self.np_random`` (so one seed gives
 one episode), or the one named by ``options={"case_index": i}`` or ``options={"case": case}``.
+``options={"drill_image": image}`` (an image of the case's size) makes every drill view come from that
+image while the overview and scans show the case's own: the ``drill_swap`` counterfactual of docs/eval.md,
+which shows a drill of the same box on another image (the phantom's class-swapped case).
 
 ## Episode End
 Terminated when the agent answers. Truncated when ``max_steps`` tool turns have
@@ -171,6 +174,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._answer: str | None = None
         self._done = False
         self._pixels: Image.Image | None = None  # what views are cut from: the image, or its one channel
+        self._drill_pixels: Image.Image | None = None  # what drill views are cut from, when not _pixels
         self._view_cache: OrderedDict[tuple[str, str], tuple[Image.Image, Image.Image]] = OrderedDict()
 
     # -- the Gymnasium API ---------------------------------------------------------------------------
@@ -195,6 +199,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self.image = case.load_image()
         self.turns, self._answer, self._done = [], None, False
         first_view = self._prepare_views(case)
+        self._drill_pixels = self._drill_source(options.get("drill_image"))
         self._views = [first_view]
         self._prompt = self._question_text(case)
         return self._observation(first_view, self._prompt), self._info(None)
@@ -333,11 +338,28 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         overview, self._pixels = self._view_cache[key]
         return overview
 
+    def _drill_source(self, image: object) -> Image.Image | None:
+        """The pixels drill views are cut from when ``options["drill_image"]`` replaces the case's (else None)."""
+        if image is None:
+            return None
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"options['drill_image'] must be a PIL image, got {type(image).__name__}")
+        if image.size != self.image.size:
+            raise ValueError(
+                f"options['drill_image'] is {image.size[0]}x{image.size[1]} but the case's image is "
+                f"{self.image.size[0]}x{self.image.size[1]}; boxes are pixels of the case's image: pass one of its size"
+            )
+        image = image.convert("RGB")
+        pixels = np.asarray(image)
+        gray = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+        return image.getchannel(0) if gray else image
+
     def _look(self, action: Action) -> tuple[Image.Image, list[Box], str]:
         cfg = self.config
         if action.name == "drill":
+            pixels = self._pixels if self._drill_pixels is None else self._drill_pixels
             view, shown_box = views.drill_view(
-                self._pixels, action.boxes[0], cfg.view_size, cfg.drill_min_side, _FILTERS[cfg.zoom_filter]
+                pixels, action.boxes[0], cfg.view_size, cfg.drill_min_side, _FILTERS[cfg.zoom_filter]
             )
             return view, [shown_box], f"Zoomed into region {self._fmt_box(shown_box)} at full resolution."
         view, shown = views.scan_view(
