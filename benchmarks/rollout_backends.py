@@ -149,7 +149,7 @@ def child(args: argparse.Namespace) -> None:
 
         server = VLLMServer(args.model_dir, max_model_len=4096, startup_timeout_s=900).start()
         sampler = RssSampler(server.process.pid, session=True)
-        backend = OpenAIBackend(server.base_url, timeout_s=600)
+        backend = OpenAIBackend(server.base_url, api_key=server.api_key, timeout_s=600)
         result["server_startup_s"] = round(server.startup_s or 0.0, 1)
     try:
         result["startup_s"] = round(time.perf_counter() - start, 1)

@@ -46,7 +46,7 @@ def server(model_dir: Path) -> Iterator[VLLMServer]:
 
 @pytest.fixture(scope="module")
 def openai_backend(server: VLLMServer) -> OpenAIBackend:
-    return OpenAIBackend(server.base_url, timeout_s=300)
+    return OpenAIBackend(server.base_url, api_key=server.api_key, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,12 @@ def test_stop_strings_cut_both_backends_at_the_same_token(
 def test_seeded_sampling_is_reproducible_and_differs_per_conversation(openai_backend: OpenAIBackend) -> None:
     same_prompt = [conversations()[0]] * 4
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=11)
-    first = OpenAIBackend(openai_backend.base_url, timeout_s=300).generate(same_prompt, sampling)
-    again = OpenAIBackend(openai_backend.base_url, timeout_s=300).generate(same_prompt, sampling)
+    first = OpenAIBackend(openai_backend.base_url, api_key=openai_backend.api_key, timeout_s=300).generate(
+        same_prompt, sampling
+    )
+    again = OpenAIBackend(openai_backend.base_url, api_key=openai_backend.api_key, timeout_s=300).generate(
+        same_prompt, sampling
+    )
     assert [t.token_ids for t in first] == [t.token_ids for t in again]
     assert len({tuple(t.token_ids or []) for t in first}) > 1  # four rollouts of one prompt are not copies
 

