@@ -7,10 +7,27 @@ the case's boxes, so it always looks at the object, and reads only what the dril
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from medeyes.agents.base import EpisodeContext, TurnOutput
+from medeyes.agents.expert import make_expert
+from medeyes.agents.random_agent import RandomAgent
+from medeyes.evaluation.counterfactual import (
+    ARMS,
+    BLANK_GREY,
+    ArmFigures,
+    CounterfactualConfig,
+    CounterfactualReport,
+    run_counterfactuals,
+)
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
+from medeyes_env.cases import Case
 from medeyes_env.env import MedEyesEnv
 from medeyes_env.protocol import Action, render_turn
 from medeyes_env.sources import open_source
@@ -90,3 +107,126 @@ def test_drill_image_of_another_size_is_refused_naming_both_sizes() -> None:
     env = MedEyesEnv(open_source("phantom:look"), split="test")
     with pytest.raises(ValueError, match=r"options\['drill_image'\] is 64x64 but the case's image is 512x512"):
         env.reset(seed=0, options={"case_index": 0, "drill_image": Image.new("RGB", (64, 64))})
+
+
+# -- the measurement through its public function -----------------------------------------------------------------------
+
+
+class DrillReader:
+    """Drills the case's round object and answers a presence question from the drill view's pixels alone.
+
+    It knows where the object is (the case's boxes), so it always looks at it; what it answers comes only from
+    the view the environment returned: a mimic's stripes (alternate pixel columns) make the view's horizontal
+    second differences far larger than its vertical ones. Other questions get the first option (no look).
+    """
+
+    name = "drill_reader"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "other", "name": self.name}
+
+    def act(self, batch: list[EpisodeContext]) -> list[TurnOutput]:
+        return [TurnOutput(text=self._turn(context)) for context in batch]
+
+    def _turn(self, context: EpisodeContext) -> str:
+        case = context.case
+        if case.meta.get("family") != "presence":
+            return render_turn(Action.final_answer(case.options[0] if case.options else "unknown"))
+        if context.step == 0:
+            (obj,) = case.regions or case.lookalikes
+            return _drill(obj.box)
+        view = next(p["image"] for p in context.messages[-1]["content"] if p["type"] == "image")
+        grey = np.asarray(view, dtype=float)[64:192, 64:192, 0]
+        across = np.abs(np.diff(grey, 2, axis=1)).mean()
+        down = np.abs(np.diff(grey, 2, axis=0)).mean()
+        return render_turn(Action.final_answer("no" if across > 3 * down else "yes"))
+
+
+def _arms(report: CounterfactualReport) -> dict[str, ArmFigures]:
+    return {arm.arm: arm for arm in report.arms}
+
+
+def _records(out: Path, arm: str) -> dict[str, TrajectoryRecord]:
+    store = TrajectoryStore(out / "counterfactual" / "phantom" / arm, read_only=True)
+    return {record.trajectory_id: record for record in store.records()}
+
+
+CONFIG = CounterfactualConfig(n=24, store_images=True)
+
+
+def test_a_pixel_reading_agent_follows_the_swapped_object_in_both_directions(tmp_path: Path) -> None:
+    report = run_counterfactuals(DrillReader(), open_source("phantom:look"), ARMS, CONFIG, tmp_path)
+    arms = _arms(report)
+    assert list(arms) == list(ARMS)
+    assert arms["real"].presence_accuracy == 1.0 and arms["real"].presence_episodes >= 8
+    for name in ("swap", "drill_swap"):
+        arm = arms[name]
+        assert arm.reached_yes_to_no >= 3 and arm.reached_no_to_yes >= 3
+        assert arm.follows_yes_to_no == 1.0 and arm.follows_no_to_yes == 1.0
+        assert arm.changed_presence == 1.0
+    assert arms["swap"].presence_accuracy == 1.0  # scored against the swapped gold
+    assert arms["drill_swap"].presence_accuracy == 0.0  # scored against the real gold: it read the drill
+    # A blank drill shows no stripes: every mimic case's answer changes to yes.
+    assert 0.2 < arms["blank"].changed_presence < 0.8
+
+
+def test_blank_and_shuffle_change_the_image_and_drill_swap_keeps_the_overview(tmp_path: Path) -> None:
+    source = open_source("phantom:look")
+    run_counterfactuals(DrillReader(), source, ARMS, CONFIG.model_copy(update={"n": 6}), tmp_path)
+    stores = {arm: TrajectoryStore(tmp_path / "counterfactual" / "phantom" / arm, read_only=True) for arm in ARMS}
+    records = {arm: {r.trajectory_id: r for r in store.records()} for arm, store in stores.items()}
+    real_images = {tid: np.asarray(stores["real"].load_image(r.original_image)) for tid, r in records["real"].items()}
+    shown = [image for image in real_images.values()]
+    for tid, real in real_images.items():
+        blank = np.asarray(stores["blank"].load_image(records["blank"][tid].original_image))
+        assert blank.shape == real.shape and (blank == BLANK_GREY).all()
+        other = np.asarray(stores["shuffle"].load_image(records["shuffle"][tid].original_image))
+        assert not np.array_equal(other, real) and any(np.array_equal(other, image) for image in shown)
+        swapped = np.asarray(stores["swap"].load_image(records["swap"][tid].original_image))
+        assert not np.array_equal(swapped, real)
+        drill_swap = records["drill_swap"][tid]
+        assert np.array_equal(np.asarray(stores["drill_swap"].load_image(drill_swap.original_image)), real)
+        first_view = stores["drill_swap"].load_image(drill_swap.image)
+        assert np.array_equal(np.asarray(first_view), np.asarray(stores["real"].load_image(records["real"][tid].image)))
+
+
+def test_the_expert_reads_gold_not_pixels_and_the_random_agent_reads_nothing(tmp_path: Path) -> None:
+    source = open_source("phantom:look")
+    expert = _arms(run_counterfactuals(make_expert(), source, ARMS, CONFIG, tmp_path / "expert"))
+    # The annotation oracle proposes and judges regions from the case's gold boxes and answer: the swap arm
+    # changes the gold, so it follows; a swapped drill view changes nothing it reads.
+    assert expert["swap"].follows_no_to_yes == 1.0 and expert["swap"].reached_no_to_yes >= 3
+    assert expert["drill_swap"].changed_presence == 0.0
+    assert expert["blank"].changed_presence == 0.0 and expert["shuffle"].changed_presence == 0.0
+    random = _arms(run_counterfactuals(RandomAgent(), source, ARMS, CONFIG, tmp_path / "random"))
+    assert all(random[arm].changed == 0.0 for arm in ARMS if arm != "real")
+
+
+def test_an_arm_plays_the_same_episodes_after_real_as_in_a_fresh_process(tmp_path: Path) -> None:
+    """The annotation oracle cached distractor sites by case id: the swap arm got the real case's sites."""
+    source = open_source("phantom:look")
+    run_counterfactuals(make_expert(), source, ["swap"], CONFIG, tmp_path)
+
+    class Swapped:
+        name = "phantom"
+
+        def size(self, split: str) -> None:
+            return None
+
+        def case(self, split: str, index: int) -> Case:
+            return source.swapped_case(split, index)
+
+    alone = run_rollout(make_expert(), Swapped(), RolloutConfig(n=CONFIG.n, samples_per_case=1))
+    after_real = _records(tmp_path, "swap")
+    for record in alone.records:
+        paired = after_real[record.trajectory_id]
+        assert paired.final_answer == record.final_answer
+        assert [s.shown_boxes for s in paired.steps] == [s.shown_boxes for s in record.steps]
+
+
+def test_a_source_that_cannot_swap_reports_the_swap_arms_not_available() -> None:
+    report = run_counterfactuals(RandomAgent(), open_source("samples"), ARMS, CounterfactualConfig(n=3))
+    arms = _arms(report)
+    assert not arms["swap"].available and not arms["drill_swap"].available
+    assert "cannot render a class swap" in arms["swap"].note
+    assert arms["blank"].available and arms["blank"].episodes == 3

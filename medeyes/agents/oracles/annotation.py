@@ -107,7 +107,7 @@ class AnnotationOracle:
 
     def __init__(self, config: AnnotationOracleConfig | None = None) -> None:
         self.config = config or AnnotationOracleConfig()
-        self._sites: dict[tuple[str, tuple[int, int]], list[Box]] = {}
+        self._sites: dict[tuple[str, str, tuple[Box, ...], str], list[Box]] = {}
 
     def describe(self) -> dict[str, Any]:
         """Name and noise model."""
@@ -154,9 +154,11 @@ class AnnotationOracle:
     def _distractor_sites(self, image: Image.Image, case: Case) -> list[Box]:
         """The image's false-positive sites, ``Poisson(distractors)`` of them away from the gold regions.
 
-        Fixed per case: a normal structure that looks suspicious is there every time one looks.
+        Fixed per case: a normal structure that looks suspicious is there every time one looks. They depend
+        on the gold regions and the pixels too, so the cache key holds both: an image counterfactual of the
+        case (same id, other pixels or regions) gets its own sites, the same as in a fresh process.
         """
-        key = (case.id, image.size)
+        key = (case.source, case.id, tuple(r.box for r in case.regions), hashlib.sha1(image.tobytes()).hexdigest())
         if key in self._sites:
             return self._sites[key]
         digest = hashlib.sha256(f"{case.source}/{case.id}".encode()).digest()
