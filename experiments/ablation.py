@@ -1,352 +1,554 @@
-"""The MedEyes ablation on the phantom benchmark, at CPU scale: one command, results table and learning curves.
+"""The MedEyes ablation on the phantom benchmark, at CPU scale, resumable: every arm is a run directory.
 
-Variants (same budget: every variant runs the same number of optimizer steps after the same SFT warm start):
+Arms (the same GRPO budget after the same warm start; ``--arms`` picks them, item 5 of issue 20 by default):
 
 ==================  ===============================================================================
-sft_only            the warm start, continued with SFT for the same number of steps (paper: SFT baseline)
 on_policy           GRPO on on-policy rollouts only
-dual_paper          dual-stream GRPO, per-stream advantage statistics (the paper)
-dual_luffy          dual-stream GRPO, expert advantages against the on-policy baseline + policy shaping (LUFFY)
-no_cvs              dual_paper with the expert's choices greedy instead of CVS-sampled (w/o CVS)
-no_grn              dual_paper with random-region expert trajectories (w/o GRN)
-scan_only           dual_paper with a scan-only expert
-drill_only          dual_paper with a drill-only expert
+dual                dual-stream GRPO with the preset's objective as it is at run time (the default)
+dual_paper          dual_stream GRPO, per-stream advantage statistics as the paper writes them
+no_cvs              ``dual`` with the expert's choices greedy instead of CVS-sampled (w/o CVS)
+no_grn              ``dual`` with random-region expert trajectories (w/o GRN)
+------------------  ------------------------------- only with --arms -------------------------------
+sft_only            the warm start, continued with SFT for the same number of steps
+dual_luffy          dual-stream GRPO, expert advantages against the on-policy baseline + policy shaping
+scan_only           ``dual`` with a scan-only expert
+drill_only          ``dual`` with a drill-only expert
 ==================  ===============================================================================
 
-Per seed, the ground stage is trained once (``<runs>/seed<s>/ground``); per seed and warm start, SFT from it
-once (``<runs>/<warm>/seed<s>/sft``), and every variant starts from that model, so differences come from the
-last stage alone. Two warm starts:
+Layout: per seed one ground stage (``<runs>/seed<s>/ground``); per seed and warm start one SFT stage from it
+(``<runs>/<warm>/seed<s>/sft``); every arm starts from that model in ``<runs>/<warm>/seed<s>/<arm>``. Warm
+starts: ``format`` (SFT on format-valid trajectories whose boxes are random: the protocol, not where to look;
+the default) and ``expert`` (SFT on the GRN + CVS demonstrations).
 
-- ``expert``: SFT on the GRN + CVS demonstrations (the default's): the policy already looks in the right place;
-- ``format``: SFT on format-valid trajectories whose boxes are random (the expert's ``random`` mode): it
-  teaches the protocol and the habit of looking, not where to look, so RL must find the place by itself.
+Resuming: run the same command again. A finished stage (``final/`` saved, latest checkpoint at its last step, same
+config) is skipped; an unfinished one resumes through ``medeyes train``'s own path, from
+``<run_dir>/checkpoints/latest`` (``--checkpoint-every`` divides ``--eval-every``, so no evaluation row already
+written is computed again). ``--max-steps N`` stops after N optimizer steps in one invocation (a time slice).
+Each run directory keeps ``ablation_cpu.json``: the process CPU seconds spent in it. The evaluation points go to
+``<out>/ablation_evals.jsonl``, one row per (warm start, seed, arm, step), appended only when missing.
 
-Every run resumes if interrupted, finished
-runs are skipped, and after each run the table (``docs/ablation.md``), the per-run rows
-(``docs/ablation_runs.jsonl``) and the plot (``docs/ablation_curves.png``) are rewritten, so partial results
-survive. Usage::
+Usage::
 
-    python experiments/ablation.py                      # 3 seeds x 8 variants x 2 warm starts
-    python experiments/ablation.py --seeds 0 --variants on_policy dual_paper --grpo-steps 4
+    python experiments/ablation.py                      # item 5: format start, 5 arms x 3 seeds x 200 steps
+    python experiments/ablation.py --max-steps 600      # the same, at most 600 optimizer steps this time
+    python experiments/ablation.py --report-only        # table, curves and CPU-hours from what is done
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sft_only": {"stages": ["sft"]},
+ROOT = Path(__file__).resolve().parent.parent
+ARMS: dict[str, dict[str, Any]] = {
     "on_policy": {"grpo.mode": "on_policy"},
+    "dual": {"grpo.mode": "dual"},
     "dual_paper": {"grpo.mode": "dual", "objective.advantage_mode": "per_stream"},
+    "no_cvs": {"grpo.mode": "dual", "expert.agent.mode": "greedy"},
+    "no_grn": {"grpo.mode": "dual", "expert.agent.mode": "random"},
+    "sft_only": {"stages": ["sft"]},
     "dual_luffy": {
         "grpo.mode": "dual",
         "objective.advantage_mode": "on_baseline",
         "objective.off_policy_shaping": True,
     },
-    "no_cvs": {"grpo.mode": "dual", "expert.agent.mode": "greedy"},
-    "no_grn": {"grpo.mode": "dual", "expert.agent.mode": "random"},
     "scan_only": {"grpo.mode": "dual", "expert.agent.mode": "scan_only"},
     "drill_only": {"grpo.mode": "dual", "expert.agent.mode": "drill_only"},
 }
-ROOT = Path(__file__).resolve().parent.parent
-WARM_STARTS: dict[str, dict[str, Any]] = {"expert": {}, "format": {"expert.agent.mode": "random"}}
-"""What the shared warm start's SFT imitates: the GRN + CVS expert, or format-valid random-box trajectories."""
+ITEM5_ARMS = ["on_policy", "dual", "dual_paper", "no_cvs", "no_grn"]
+WARM_STARTS: dict[str, dict[str, Any]] = {"format": {"expert.agent.mode": "random"}, "expert": {}}
+"""What the shared warm start's SFT imitates: format-valid random-box trajectories, or the GRN + CVS expert."""
+SETTINGS_RANGES = {(0, 128): "the default's in-training evaluation", (1000, 1200): "the development range"}
+"""Test-split ranges settings were chosen on (issue 20): the ablation's held-out range must avoid them."""
+CPU_FILE = "ablation_cpu.json"
+EVALS_FILE = "ablation_evals.jsonl"
+METRICS = {
+    "accuracy": "eval/accuracy",
+    "presence": "eval/accuracy/presence",
+    "iou_presence": "eval/iou/presence",
+    "tool_steps": "eval/steps",
+}
+"""Held-out numbers of each evaluation point (the trainer's metrics.jsonl names)."""
+MECHANISM = {"expert_adv_zero": "stream/off/adv_zero_frac", "on_tool_share": "stream/on/tool_share"}
+"""Training-time mechanism, the mean over the GRPO steps since the previous evaluation point."""
+
+
+# ================================================================================================ configs
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The shared settings: the CPU default's task, with the ablation's budget."""
+    """The preset's task with the ablation's budget and held-out range."""
     from medeyes.training.config import PRESETS
 
-    data = PRESETS["cpu-default"]()
-    data.update(progress=False, tensorboard=False, threads=args.threads, checkpoint_every=5)
-    data["eval"] = {**data["eval"], "cases": args.eval_cases, "every": args.eval_every}
-    data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step}
-    if getattr(args, "ground_steps", None) is not None:
-        data["ground"] = {**data["ground"], "steps": args.ground_steps}
+    data = PRESETS[args.preset]()
+    data.update(progress=False, tensorboard=False, threads=args.threads, log_every=1)
+    data["eval"] = {**data["eval"], "start": args.eval_start, "cases": args.eval_cases, "every": args.eval_every}
+    data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step or data["grpo"]["prompts_per_step"]}
+    for stage in ("ground", "sft"):
+        steps = getattr(args, f"{stage}_steps")
+        if steps is not None:
+            data[stage] = {**data[stage], "steps": steps}
     return data
 
 
-CURVE_KEYS = {
-    "accuracy": "eval/accuracy",
-    "presence": "eval/accuracy/presence",
-    "iou": "eval/iou",
-    "tool_steps": "eval/steps",
-}
-"""The learning curves recorded per run (and plotted per warm start)."""
+def stage_configs(args: argparse.Namespace, seed: int, warm: str) -> list[tuple[str, Any]]:
+    """``(name, TrainConfig)`` in run order: the seed's ground stage, the warm start's SFT, then each arm."""
+    from medeyes.training.config import build_config
+
+    base = base_config(args)
+    ground_dir, sft_dir = args.runs / f"seed{seed}" / "ground", args.runs / warm / f"seed{seed}" / "sft"
+    shared = {"seed": seed, "checkpoint_every": 100}
+    ground = {**shared, "stages": ["ground"], "eval.every": base["ground"]["steps"], "run_dir": str(ground_dir)}
+    sft = {**shared, "model": str(ground_dir / "final"), "stages": ["sft"], "run_dir": str(sft_dir)}
+    sft.update({"eval.every": base["sft"]["steps"], **WARM_STARTS[warm]})
+    out = [(f"seed{seed}/ground", build_config(base, ground)), (f"{warm}/seed{seed}/sft", build_config(base, sft))]
+    for arm in args.arms:
+        overrides: dict[str, Any] = {
+            "seed": seed,
+            "model": str(sft_dir / "final"),
+            "stages": ARMS[arm].get("stages", ["grpo"]),
+            "grpo.steps": args.grpo_steps,
+            "sft.steps": args.grpo_steps,
+            "checkpoint_every": args.checkpoint_every,
+            "run_dir": str(args.runs / warm / f"seed{seed}" / arm),
+        }
+        if arm == "sft_only":  # continues the warm start's own SFT data; the GRPO arms use their expert
+            overrides.update(WARM_STARTS[warm])
+        overrides.update({k: v for k, v in ARMS[arm].items() if k != "stages"})
+        out.append((f"{warm}/seed{seed}/{arm}", build_config(base, overrides)))
+    return out
 
 
-def run_one(name: str, config: Any) -> dict[str, Any]:
-    """Train (or resume, or skip when finished) one run; return its evaluation summary."""
-    from medeyes.training.metrics import read_metrics
+def check_eval_range(start: int, cases: int) -> str:
+    """The held-out range in words; exit 2 when it overlaps a range settings were chosen on."""
+    for (low, high), what in SETTINGS_RANGES.items():
+        if start < high and low < start + cases:
+            sys.exit(f"--eval-start {start} --eval-cases {cases} overlaps test cases {low}..{high - 1} ({what})")
+    return f"test cases {start}..{start + cases - 1} ({cases})"
+
+
+# ================================================================================================ running
+
+
+def cpu_record(run_dir: Path) -> dict[str, float]:
+    """``ablation_cpu.json`` of a run: process CPU and wall seconds spent training in it so far."""
+    path = run_dir / CPU_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"cpu_seconds": 0.0, "wall_seconds": 0.0, "calls": 0}
+
+
+def add_cpu(run_dir: Path, cpu: float, wall: float) -> None:
+    """Add one call's CPU and wall seconds to ``ablation_cpu.json`` (written atomically)."""
+    record = cpu_record(run_dir)
+    record = {
+        "cpu_seconds": record["cpu_seconds"] + cpu,
+        "wall_seconds": record["wall_seconds"] + wall,
+        "calls": record["calls"] + 1,
+    }
+    tmp = run_dir / f".{CPU_FILE}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, run_dir / CPU_FILE)
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's latest checkpoint (0 without one)."""
+    from medeyes.training.checkpoints import latest_checkpoint, read_checkpoint_state
+
+    latest = latest_checkpoint(run_dir)
+    return int(read_checkpoint_state(latest)["step"]) if latest is not None else 0
+
+
+def run_stage(config: Any, budget: int | None) -> int:
+    """Finish (or skip, or advance by at most ``budget`` steps) one stage; the optimizer steps run now.
+
+    A finished stage of another config is refused (:class:`ConfigError`), never silently reused.
+    """
+    from medeyes.training.checkpoints import check_same_config, latest_checkpoint
     from medeyes.training.trainer import train
 
-    done = config.run_dir / "final" / "config.json"
-    started = time.time()
-    if not done.is_file():
-        train(config)
-    rows = read_metrics(config.run_dir)
-    evals = [r for r in rows if "eval/accuracy" in r]
-    last = evals[-1] if evals else {}
-    grpo = [r for r in rows if "stream/on/tool_share" in r]  # the GRPO steps
-
-    def mean_of(key: str) -> float | None:
-        values = [r[key] for r in grpo if key in r]
-        return statistics.fmean(values) if values else None
-
-    return {
-        "run": name,
-        "run_dir": str(config.run_dir),
-        "seconds": time.time() - started,
-        "curve": [(r["step"], r["eval/accuracy"]) for r in evals],
-        "curves": {name: [(r["step"], r[key]) for r in evals if key in r] for name, key in CURVE_KEYS.items()},
-        "accuracy": last.get("eval/accuracy"),
-        "iou": last.get("eval/iou"),
-        "steps": last.get("eval/steps"),
-        "reward": last.get("eval/reward"),
-        "parse_rate": last.get("eval/parse_rate"),
-        "turns": last.get("eval/turns"),
-        "start_accuracy": evals[0]["eval/accuracy"] if evals else None,
-        "blind_accuracy": last.get("eval/blind_accuracy"),
-        "by_family": {k.split("/")[-1]: v for k, v in last.items() if k.startswith("eval/accuracy/")},
-        # training-time health of the variant's GRPO steps (None for sft_only)
-        "expert_adv_zero_frac": mean_of("stream/off/adv_zero_frac"),
-        "on_tool_share": mean_of("stream/on/tool_share"),
-        "on_accuracy_with_tool": mean_of("stream/on/accuracy_with_tool"),
-        "on_best_iou": mean_of("stream/on/reward/best_iou"),
-        "presence": last.get("eval/accuracy/presence"),
-    }
+    run_dir = Path(config.run_dir)
+    latest = latest_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    if latest is not None:
+        check_same_config(latest, config.model_dump(mode="json"))
+    start = checkpoint_step(run_dir) if latest is not None else 0
+    if start >= config.total_steps and (run_dir / "final" / "config.json").is_file():
+        return 0
+    if budget is not None and budget <= 0:
+        return 0
+    cpu, wall = time.process_time(), time.perf_counter()
+    try:
+        result = train(config, max_steps=budget)
+    finally:  # an interrupted call (Ctrl-C, SIGTERM) still counts the CPU it spent
+        add_cpu(run_dir, time.process_time() - cpu, time.perf_counter() - wall)
+    return result.steps - start
 
 
-def _mean_std(values: list[float]) -> str:
+def stage_done(config: Any) -> bool:
+    """Whether the stage reached its last step and saved its model."""
+    run_dir = Path(config.run_dir)
+    return (run_dir / "final" / "config.json").is_file() and checkpoint_step(run_dir) >= config.total_steps
+
+
+# ================================================================================================ rows
+
+
+def window_mean(rows: list[dict[str, Any]], key: str, low: int, high: int) -> float | None:
+    """Mean of ``key`` over the logged rows with ``low < step <= high``."""
+    values = [r[key] for r in rows if low < r["step"] <= high and r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def eval_rows(run_dir: Path, warm: str, seed: int, arm: str) -> list[dict[str, Any]]:
+    """One row per evaluation point of an arm that its latest checkpoint covers (later rows may be redone)."""
+    from medeyes.training.metrics import read_metrics
+
+    if not (run_dir / "checkpoints").is_dir():
+        return []
+    covered = checkpoint_step(run_dir)
+    metrics = read_metrics(run_dir)
+    out, previous = [], 0
+    for row in (r for r in metrics if "eval/accuracy" in r and r["step"] <= covered):
+        point = {"warm": warm, "seed": seed, "arm": arm, "step": row["step"]}
+        point.update({name: row.get(key) for name, key in METRICS.items()})
+        point.update({name: window_mean(metrics, key, previous, row["step"]) for name, key in MECHANISM.items()})
+        point["blind_accuracy"] = row.get("eval/blind_accuracy")
+        out.append(point)
+        previous = row["step"]
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The evaluation rows of ``path``, one per key (a repeated key keeps its first row; a torn line is skipped)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows.setdefault(row_key(row), row)
+    return list(rows.values())
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies an evaluation row: warm start, seed, arm, step."""
+    return row["warm"], row["seed"], row["arm"], row["step"]
+
+
+def append_missing(path: Path, rows: list[dict[str, Any]]) -> int:
+    """Append the rows whose key ``path`` does not hold yet; how many were appended."""
+    have = {row_key(r) for r in read_rows(path)}
+    new = [r for r in rows if row_key(r) not in have]
+    if new:
+        with path.open("a") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in new)
+    return len(new)
+
+
+def arm_dirs(runs: Path) -> list[tuple[str, int, str, Path]]:
+    """Every ``<runs>/<warm>/seed<s>/<arm>`` run directory: (warm, seed, arm, path)."""
+    found = []
+    for warm in WARM_STARTS:
+        for seed_dir in sorted((runs / warm).glob("seed*")):
+            for arm in ARMS:
+                if (seed_dir / arm / "metrics.jsonl").is_file():
+                    found.append((warm, int(seed_dir.name[4:]), arm, seed_dir / arm))
+    return found
+
+
+# ================================================================================================ report
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom.
+
+    >>> round(t_quantile(2), 3), round(t_quantile(30), 3)
+    (4.303, 2.042)
+    """
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+    if df in table:
+        return table[df]
+    z = 1.959964  # Cornish-Fisher, two terms: within 0.002 of the exact value for df > 10
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def t_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean over seeds (None with fewer than two)."""
+    if len(values) < 2:
+        return None
+    half = t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
+
+
+def wilson(p: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``p`` over ``n`` trials.
+
+    >>> tuple(round(v, 3) for v in wilson(0.5, 100))
+    (0.404, 0.596)
+    """
+    z = 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def cell(values: list[float | None], trials: int | None = None) -> str:
+    """``mean [t-CI] min`` over seeds, plus the Wilson interval over pooled episodes when ``trials`` is given."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    mean = statistics.fmean(values)
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {std:.3f}"
+    text = f"{statistics.fmean(values):.3f}"
+    interval = t_interval(values)
+    text += f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+    text += f" min {min(values):.3f}" if len(values) > 1 else ""
+    if trials:
+        low, high = wilson(statistics.fmean(values), trials * len(values))
+        text += f" (pooled {low:.3f}-{high:.3f})"
+    return text
 
 
-def write_table(rows: list[dict[str, Any]], path: Path, header: str) -> None:
-    """Markdown tables, one per warm start: mean ± std over seeds of held-out numbers and GRPO health."""
-    lines = [header]
+def presence_cases(preset: str, start: int, cases: int) -> int:
+    """How many of the held-out cases ask the presence question (the denominator of presence accuracy)."""
+    from medeyes.training.config import PRESETS
+    from medeyes_env.sources import open_cases
+
+    data = PRESETS[preset]()
+    source = open_cases(data["data"], data.get("data_options", {}))
+    return sum(source.case("test", i).meta.get("family") == "presence" for i in range(start, start + cases))
+
+
+def cpu_hours(runs: Path) -> dict[str, float]:
+    """CPU-hours recorded in the run directories under ``runs``: arms, shared stages (ground, SFT), total."""
+    arms = shared = 0.0
+    for path in runs.rglob(CPU_FILE):
+        seconds = cpu_record(path.parent)["cpu_seconds"]
+        if path.parent.name in ("ground", "sft"):
+            shared += seconds
+        else:
+            arms += seconds
+    return {"arms": arms / 3600, "shared": shared / 3600, "total": (arms + shared) / 3600}
+
+
+def table_lines(rows: list[dict[str, Any]], args: argparse.Namespace, warm: str) -> list[str]:
+    """The markdown table of one warm start: each arm at its last step, over the seeds that reached it."""
+    n_presence = presence_cases(args.preset, args.eval_start, args.eval_cases)
+    lines = [
+        "",
+        f"## Warm start: {warm}, after {args.grpo_steps} steps",
+        "",
+        "| arm | seeds | accuracy | presence | IoU, presence questions | tool steps | expert rows with advantage 0 "
+        "| on-policy tool share | accuracy at step 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        final = [r for r in rows if r["warm"] == warm and r["arm"] == arm and r["step"] == args.grpo_steps]
+        start = [r for r in rows if r["warm"] == warm and r["arm"] == arm and r["step"] == 0]
+        if not final:
+            continue
+        final.sort(key=lambda r: r["seed"])
+        lines.append(
+            f"| {arm} | {','.join(str(r['seed']) for r in final)} "
+            f"| {cell([r['accuracy'] for r in final], args.eval_cases)} "
+            f"| {cell([r['presence'] for r in final], n_presence)} "
+            f"| {cell([r['iou_presence'] for r in final])} | {cell([r['tool_steps'] for r in final])} "
+            f"| {cell([r['expert_adv_zero_run'] for r in final])} | {cell([r['on_tool_share_run'] for r in final])} "
+            f"| {cell([r['accuracy'] for r in start])} |"
+        )
+    unfinished = sorted(
+        {(r["arm"], r["seed"]) for r in rows if r["warm"] == warm}
+        - {(r["arm"], r["seed"]) for r in rows if r["warm"] == warm and r["step"] == args.grpo_steps}
+    )
+    if unfinished:
+        lines += ["", "Not finished yet (left out): " + ", ".join(f"{a} seed {s}" for a, s in unfinished) + "."]
+    return lines
+
+
+def with_run_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``<mechanism>_run``: the mechanism's mean over every GRPO step up to the row (window means, weighted)."""
+    out = []
+    for row in rows:
+        mine = sorted(
+            (r for r in rows if r["warm"] == row["warm"] and r["seed"] == row["seed"] and r["arm"] == row["arm"]),
+            key=lambda r: r["step"],
+        )
+        extra, previous = {}, 0
+        for name in MECHANISM:
+            pairs, previous = [], 0
+            for r in (r for r in mine if r["step"] <= row["step"]):
+                if r.get(name) is not None:
+                    pairs.append((r[name], r["step"] - previous))
+                previous = r["step"]
+            weight = sum(w for _, w in pairs)
+            extra[f"{name}_run"] = sum(v * w for v, w in pairs) / weight if weight else None
+        out.append({**row, **extra})
+    return out
+
+
+def write_report(args: argparse.Namespace) -> None:
+    """``<out>/ablation_table.md`` and the curves from every arm's rows; print the table and the CPU-hours."""
+    for warm, seed, arm, run_dir in arm_dirs(args.runs):
+        append_missing(args.out / EVALS_FILE, eval_rows(run_dir, warm, seed, arm))
+    rows = with_run_means(read_rows(args.out / EVALS_FILE))
+    hours = cpu_hours(args.runs)
+    blind = next((r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None), None)
+    lines = [
+        "# Ablation (experiments/ablation.py)",
+        "",
+        f"Preset `{args.preset}`; held-out {check_eval_range(args.eval_start, args.eval_cases)} of the test split, "
+        f"greedy. Each cell: mean over seeds [95% t-interval over seeds] min over seeds; accuracy and presence also "
+        "give a Wilson 95% interval over the pooled episodes (seeds x cases, as if independent). Mechanism columns: "
+        "mean over every GRPO step of the run (from metrics.jsonl). `dual` uses the preset's objective "
+        f"(advantage_mode `{preset_advantage_mode(args.preset)}`).",
+        "",
+        f"CPU-hours recorded: {hours['arms']:.2f} in arms, {hours['shared']:.2f} in shared ground and SFT stages, "
+        f"{hours['total']:.2f} in all.",
+    ]
+    if blind is not None:
+        lines.append(f"Blind majority-answer baseline on these cases: {blind:.3f}.")
     for warm in WARM_STARTS:
-        lines += [
-            "",
-            f"## Warm start: {warm}",
-            "",
-            "| variant | seeds | held-out accuracy | presence | IoU | tool steps | parse rate | accuracy at start "
-            "| expert rows with advantage 0 | on-policy tool share | on-policy best IoU |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for variant in VARIANTS:
-            mine = [r for r in rows if r["variant"] == variant and r.get("warm", "expert") == warm]
-            if not mine:
-                continue
-            lines.append(
-                f"| {variant} | {','.join(str(r['seed']) for r in mine)} | "
-                f"{_mean_std([r['accuracy'] for r in mine])} | "
-                f"{_mean_std([r.get('presence') for r in mine])} | "
-                f"{_mean_std([r['iou'] for r in mine])} | {_mean_std([r['steps'] for r in mine])} | "
-                f"{_mean_std([r.get('parse_rate') for r in mine])} | "
-                f"{_mean_std([r['start_accuracy'] for r in mine])} | "
-                f"{_mean_std([r.get('expert_adv_zero_frac') for r in mine])} | "
-                f"{_mean_std([r.get('on_tool_share') for r in mine])} | "
-                f"{_mean_std([r.get('on_best_iou') for r in mine])} |"
-            )
-    blind = [r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None]
-    if blind:
-        lines += ["", f"Blind majority-answer baseline (format-perfect, ignores the image): {blind[0]:.3f}."]
-    path.write_text("\n".join(lines) + "\n")
+        if any(r["warm"] == warm for r in rows):
+            lines += table_lines(rows, args, warm)
+            for name in [*METRICS, *MECHANISM]:
+                plot_curves([r for r in rows if r["warm"] == warm], name, args.out / f"ablation_{warm}_{name}.png")
+    text = "\n".join(lines) + "\n"
+    (args.out / "ablation_table.md").write_text(text)
+    print(text, flush=True)
+    print(f"CPU-hours used: {hours['total']:.3f} (arms {hours['arms']:.3f}, shared stages {hours['shared']:.3f})")
 
 
-def plot_all(rows: list[dict[str, Any]], out: Path) -> None:
-    """docs/ablation_curves.png (accuracy, expert warm start) and one PNG per warm start and curve."""
-    plot_curves([r for r in rows if r.get("warm", "expert") == "expert"], out / "ablation_curves.png")
-    for warm in WARM_STARTS:
-        mine = [r for r in rows if r.get("warm", "expert") == warm]
-        for name in CURVE_KEYS:
-            plot_curves(mine, out / f"ablation_{warm}_{name}.png", name, f"{name} ({warm} warm start)")
+def preset_advantage_mode(preset: str) -> str:
+    """The preset's objective.advantage_mode (what the ``dual`` arm runs)."""
+    from medeyes.training.config import preset as load_preset
+
+    return str(load_preset(preset).objective.advantage_mode)
 
 
-def plot_curves(
-    rows: list[dict[str, Any]], path: Path, metric: str = "accuracy", title: str = "held-out accuracy"
-) -> None:
-    """A held-out curve against GRPO step, mean over seeds per variant, drawn with Pillow (no matplotlib)."""
+def plot_curves(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """``metric`` against GRPO step per arm: mean over seeds, with a min-max bar per point (Pillow)."""
     from PIL import Image, ImageDraw
 
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for variant in VARIANTS:
-        mine = [r.get("curves", {}).get(metric, r["curve"] if metric == "accuracy" else []) for r in rows]
-        mine = [c for c, r in zip(mine, rows, strict=True) if r["variant"] == variant and c]
-        if not mine:
-            continue
-        steps = sorted({s for curve in mine for s, _ in curve})
-        curves[variant] = [(s, statistics.fmean(v for curve in mine for t, v in curve if t == s)) for s in steps]
-    width, height, left, right, top, bottom = 900, 520, 70, 200, 40, 60
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    curves: dict[str, list[tuple[int, float, float, float]]] = {}
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm and r.get(metric) is not None]
+        points = []
+        for step in sorted({r["step"] for r in mine}):
+            values = [r[metric] for r in mine if r["step"] == step]
+            points.append((step, statistics.fmean(values), min(values), max(values)))
+        if points:
+            curves[arm] = points
+    width, height, left, right, top, bottom = 900, 520, 70, 170, 40, 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    what = (
+        f"held-out {metric}" if metric in METRICS else f"training {metric} (mean over the steps since the last point)"
+    )
+    draw.text((left, 12), f"{what} vs. GRPO step; mean over seeds, bar: min-max", fill="black")
     if not curves:
         image.save(path)
         return
-    xs = [s for c in curves.values() for s, _ in c]
-    ys = [v for c in curves.values() for _, v in c]
-    blind = next((r["blind_accuracy"] for r in rows if r.get("blind_accuracy") is not None), None)
-    if metric != "accuracy":
-        blind = None
-    if blind is not None:
-        ys.append(blind)
-    x0, x1 = min(xs), max(xs) or 1
-    y0, y1 = max(0.0, min(ys) - 0.05), min(1.0, max(ys) + 0.05)
-    if y1 - y0 < 0.1:
-        y1 = y0 + 0.1
+    xs = [p[0] for c in curves.values() for p in c]
+    ys = [v for c in curves.values() for p in c for v in p[1:]]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1)
 
     def px(step: float, value: float) -> tuple[float, float]:
-        x = left + (step - x0) / max(1e-9, x1 - x0) * (width - left - right)
-        y = height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom)
-        return x, y
+        x = left + (step - x0) / (x1 - x0) * (width - left - right)
+        return x, height - bottom - (value - y0) / (y1 - y0) * (height - top - bottom)
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for i in range(6):
         value = y0 + (y1 - y0) * i / 5
-        _, y = px(x0, value)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((8, y - 6), f"{value:.2f}", fill="black")
+        draw.text((8, px(x0, value)[1] - 6), f"{value:.2f}", fill="black")
     for step in sorted(set(xs)):
-        x, _ = px(step, y0)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 6, height - bottom + 8), f"{int(step)}", fill="black")
-    draw.text((left, 12), f"Held-out {title} vs. steps after the warm start (mean over seeds)", fill="black")
-    draw.text((width // 2 - 60, height - 22), "optimizer steps", fill="black")
-    if blind is not None:
-        a, b = px(x0, blind), px(x1, blind)
-        for k in range(0, int(b[0] - a[0]), 12):
-            draw.line([a[0] + k, a[1], a[0] + k + 6, a[1]], fill="gray")
-        draw.text((width - right + 10, a[1] - 6), "blind baseline", fill="gray")
-    for i, (variant, curve) in enumerate(curves.items()):
-        colour = colours[i % len(colours)]
-        points = [px(s, v) for s, v in curve]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        ly = top + 18 * i
-        draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=3)
-        draw.text((width - right + 36, ly), variant, fill="black")
+        draw.text((px(step, y0)[0] - 6, height - bottom + 8), str(step), fill="black")
+    draw.text((width // 2 - 40, height - 22), "GRPO step", fill="black")
+    for i, (arm, points) in enumerate(curves.items()):
+        colour = colours[list(ARMS).index(arm) % len(colours)]  # one colour per arm in every plot
+        line = [px(s, m) for s, m, _, _ in points]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for step, _, low, high in points:
+            draw.line([px(step, low), px(step, high)], fill=colour, width=1)
+        draw.line([width - right + 10, top + 18 * i + 6, width - right + 30, top + 18 * i + 6], fill=colour, width=3)
+        draw.text((width - right + 36, top + 18 * i), arm, fill="black")
     image.save(path)
 
 
-def main() -> None:
-    """Run the ablation (resumable) and write docs/ablation.md, docs/ablation_runs.jsonl, docs/ablation_curves.png."""
+# ================================================================================================ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (defaults: item 5 of issue 20)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu-default", choices=["cpu-default", "tiny"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument(
-        "--sft-steps", type=int, default=None, help="SFT steps of the warm start (default: cpu-default's)."
-    )
-    parser.add_argument("--ground-steps", type=int, default=None, help="Ground steps (default: cpu-default's).")
-    parser.add_argument("--warm-starts", nargs="+", default=list(WARM_STARTS), choices=list(WARM_STARTS))
-    parser.add_argument("--grpo-steps", type=int, default=8, help="Steps of every variant after the warm start.")
-    parser.add_argument("--eval-every", type=int, default=4)
-    parser.add_argument("--prompts-per-step", type=int, default=2, help="GRPO cases per step (G_on=8, G_off=4 each).")
-    parser.add_argument("--eval-cases", type=int, default=64)
+    parser.add_argument("--arms", nargs="+", default=ITEM5_ARMS, choices=list(ARMS))
+    parser.add_argument("--warm-starts", nargs="+", default=["format"], choices=list(WARM_STARTS))
+    parser.add_argument("--grpo-steps", type=int, default=200, help="GRPO (or SFT) steps of every arm.")
+    parser.add_argument("--eval-every", type=int, default=25, help="Held-out evaluation every this many steps.")
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="Arm checkpoints; must divide --eval-every.")
+    parser.add_argument("--eval-start", type=int, default=20000, help="First held-out test case.")
+    parser.add_argument("--eval-cases", type=int, default=200, help="Held-out test cases per evaluation.")
+    parser.add_argument("--prompts-per-step", type=int, default=2, help="GRPO cases per step (0: the preset's).")
+    parser.add_argument("--ground-steps", type=int, default=None, help="Ground steps (default: the preset's).")
+    parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the warm start (the preset's).")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs")
-    parser.add_argument("--report-only", action="store_true", help="Rebuild table and plot from finished runs.")
-    args = parser.parse_args()
+    parser.add_argument("--max-steps", type=int, default=None, help="Stop after this many optimizer steps now.")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation5")
+    parser.add_argument("--out", type=Path, default=None, help="Report folder (default: <runs>/report).")
+    parser.add_argument("--report-only", action="store_true", help="Only the table, curves and CPU-hours.")
+    args = parser.parse_args(argv)
+    if args.eval_every < 1 or args.checkpoint_every < 1 or args.grpo_steps < 1:
+        parser.error("--eval-every, --checkpoint-every and --grpo-steps must be at least 1")
+    if args.eval_every % args.checkpoint_every:
+        parser.error(f"--checkpoint-every {args.checkpoint_every} must divide --eval-every {args.eval_every}")
+    args.out = args.out or args.runs / "report"
+    return args
 
-    from medeyes.training.config import build_config
 
+def main(argv: list[str] | None = None) -> None:
+    """Run what is left of the ablation (or only report); a MedEyes error is one line and exit code 2."""
+    from medeyes_env.errors import MedEyesError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except MedEyesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run every stage left (within ``--max-steps``), then write the table and the curves."""
     args.out.mkdir(parents=True, exist_ok=True)
-    rows_path = args.out / "ablation_runs.jsonl"
-    rows: list[dict[str, Any]] = []
-    if rows_path.exists():
-        rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    if args.report_only:  # re-read every finished run's metrics (adds fields older rows lack)
-        from types import SimpleNamespace
-
-        rebuilt = []
-        for row in rows:
-            fresh = run_one(row["run"], SimpleNamespace(run_dir=Path(row["run_dir"])))
-            keep = {"variant": row["variant"], "seed": row["seed"], "seconds": row["seconds"]}
-            rebuilt.append({**fresh, **keep, "warm": row.get("warm", "expert")})
-        rows = rebuilt
-    shared = base_config(args)
-    header = (
-        f"# Ablation on the phantom look benchmark (CPU scale)\n\nTiny Idefics3 (random init); warm start: "
-        f"{shared['ground']['steps']} ground steps, then {args.sft_steps or shared['sft']['steps']} SFT steps on the "
-        f"expert's or on random-box demonstrations; then {args.grpo_steps} steps per variant; held-out accuracy on "
-        f"{args.eval_cases} test cases (greedy), mean ± std over seeds. Produced by `python experiments/ablation.py`."
-        "\n\nExpert advantages: `dual_paper` uses the paper's per-stream statistics; every other dual-stream "
-        "variant inherits the CPU default's LUFFY-style baseline (`on_baseline`, shaping on), so the expert-data "
-        "ablations (no_cvs, no_grn, scan_only, drill_only) compare against `dual_luffy`."
-    )
-    todo = [] if args.report_only else [(seed, warm) for seed in args.seeds for warm in args.warm_starts]
-    for seed, warm_name in todo:
-        base = base_config(args)
-        # the ground stage does not depend on the warm start: train it once per seed, then SFT from it
-        ground_steps = base["ground"]["steps"]
-        seeing = build_config(
-            base,
-            {
-                "seed": seed,
-                "stages": ["ground"],
-                "eval.every": ground_steps,  # one evaluation at the end (with held-out grounding)
-                "checkpoint_every": 100,
-                "run_dir": str(args.runs / f"seed{seed}" / "ground"),
-            },
-        )
-        run_one(f"seed{seed}/ground", seeing)
-        warm_overrides: dict[str, Any] = {
-            "seed": seed,
-            "model": str(seeing.run_dir / "final"),
-            "stages": ["sft"],
-            "eval.every": args.sft_steps or base["sft"]["steps"],
-            "checkpoint_every": 100,
-            "run_dir": str(args.runs / warm_name / f"seed{seed}" / "sft"),
-            **WARM_STARTS[warm_name],
-        }
-        if args.sft_steps is not None:
-            warm_overrides["sft.steps"] = args.sft_steps
-        warm = build_config(base, warm_overrides)
-        run_one(f"{warm_name}/seed{seed}/sft", warm)
-        warm_model = str(warm.run_dir / "final")
-        for variant in args.variants:
-            if any(
-                r["variant"] == variant and r["seed"] == seed and r.get("warm", "expert") == warm_name for r in rows
-            ):
-                continue
-            overrides: dict[str, Any] = {
-                "seed": seed,
-                "model": warm_model,
-                "stages": ["grpo"] if variant != "sft_only" else ["sft"],
-                "grpo.steps": args.grpo_steps,
-                "sft.steps": args.grpo_steps,
-                "run_dir": str(args.runs / warm_name / f"seed{seed}" / variant),
-            }
-            if variant == "sft_only":  # continues the warm start's own SFT data; the GRPO arms use their expert
-                overrides.update(WARM_STARTS[warm_name])
-            overrides.update({k: v for k, v in VARIANTS[variant].items() if k != "stages"})
-            config = build_config(base, overrides)
-            result = run_one(f"{warm_name}/seed{seed}/{variant}", config)
-            result.update(variant=variant, seed=seed, warm=warm_name)
-            rows.append(result)
-            with rows_path.open("a") as handle:
-                handle.write(json.dumps(result) + "\n")
-            write_table(rows, args.out / "ablation.md", header)
-            plot_all(rows, args.out)
-            print(
-                f"{warm_name} seed {seed} {variant}: accuracy {result['accuracy']} ({result['seconds']:.0f} s)",
-                flush=True,
-            )
-    write_table(rows, args.out / "ablation.md", header)
-    plot_all(rows, args.out)
+    print(f"held-out: {check_eval_range(args.eval_start, args.eval_cases)}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run_stage's finally records the CPU spent
+    budget = args.max_steps
+    todo = [] if args.report_only else [(s, w) for s in args.seeds for w in args.warm_starts]
+    for seed, warm in todo:
+        for name, config in stage_configs(args, seed, warm):
+            ran = run_stage(config, budget)
+            budget = None if budget is None else budget - ran
+            if not stage_done(config):
+                print(f"{name}: stopped at step {checkpoint_step(Path(config.run_dir))} (--max-steps spent)")
+                write_report(args)
+                return
+            arm = name.split("/")[-1]
+            if arm in ARMS:
+                rows = eval_rows(Path(config.run_dir), warm, seed, arm)
+                append_missing(args.out / EVALS_FILE, rows)
+                cpu = cpu_record(Path(config.run_dir))["cpu_seconds"]
+                print(f"{name}: done, accuracy {rows[-1]['accuracy']:.3f} ({cpu:.0f} CPU-s)", flush=True)
+    write_report(args)
 
 
 if __name__ == "__main__":
