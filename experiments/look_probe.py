@@ -15,7 +15,10 @@ Probes (128 px views, 512 px phantom images of the ``look`` preset: one round ob
   the ``loc`` box format); scored by hit rate (the object's centre lies inside the predicted box, so a
   drill there shows it) and mean IoU with the object's box;
 - ``c``: lesion or mimic, from the drill view of the object (what the drill shows the policy);
-- ``c_overview``: lesion or mimic from the overview only (must stay at chance: looking is necessary).
+- ``c_overview``: lesion or mimic from the overview only (must stay at chance: looking is necessary);
+- ``c_scan1`` / ``c_scan5``: lesion or mimic from a scan montage of the object alone, or of the object among
+  four other boxes of its size in random order (``--scan-detail``: the environment's ``scan_detail``). With
+  ``overview`` tiles both must stay at chance: a scan localises, only a drill tells the two apart.
 
     python experiments/look_probe.py                         # every candidate and probe, 60 s each
     python experiments/look_probe.py --candidates vlm --probes b --vlm-preset '{"scale_factor": 1}'
@@ -50,7 +53,14 @@ def _objects(scene: Any) -> list[Any]:
 
 
 def make_data(
-    probe: str, n: int, split: str, view: int, seed: int, drill_min_side: int = 64, phantom: dict | None = None
+    probe: str,
+    n: int,
+    split: str,
+    view: int,
+    seed: int,
+    drill_min_side: int = 64,
+    phantom: dict | None = None,
+    scan_detail: str = "overview",
 ) -> list[Example]:
     """Render ``n`` examples of ``probe`` from the phantom ``look`` preset."""
     from medeyes_env import views
@@ -73,6 +83,20 @@ def make_data(
                 continue
             box = objects[0].box(scene.size) if objects else (0.0, 0.0, 1.0, 1.0)
             out.append(Example(views.overview(image, view), label, box))
+        elif probe in ("c_scan1", "c_scan5"):  # a scan montage that shows the object (among others)
+            if not objects:
+                continue
+            box = objects[0].box(scene.size)
+            boxes = [tuple(np.asarray(box) + rng.uniform(-12, 12, size=4))]
+            side = box[2] - box[0]
+            while probe == "c_scan5" and len(boxes) < 5:
+                x, y = rng.uniform(0, scene.size - side, size=2)
+                boxes.append((x, y, x + side, y + side))
+            order = rng.permutation(len(boxes))
+            shown, _ = views.scan_view(
+                image, [boxes[i] for i in order], view, drill_min_side, "montage", detail=scan_detail
+            )
+            out.append(Example(shown, label, tuple(box)))
         else:  # c: the drill view of the object, its box jittered like a policy's drill
             box = np.asarray(objects[0].box(scene.size)) + rng.uniform(-12, 12, size=4)
             shown, _ = views.drill_view(image, box.tolist(), view, drill_min_side)
@@ -207,6 +231,8 @@ class VLMProbe:
         "b": "Where is the round object? Give its box.",
         "c": "Is there a lesion?",
         "c_overview": "Is there a lesion?",
+        "c_scan1": "Is there a lesion?",
+        "c_scan5": "Is there a lesion?",
     }
 
     def __init__(self, model: Any, processor: Any, probe: str) -> None:
@@ -419,6 +445,7 @@ def run(candidate: str, probe: str, data: dict[str, tuple], args: argparse.Names
         "vision_lr_mult": args.vision_lr_mult,
         "phantom": args.phantom,
         "drill_min_side": args.drill_min_side,
+        "scan_detail": args.scan_detail if probe.startswith("c_scan") else None,
     }
     if probe == "b":
         targets = np.array([loc_classes(e.box) for e in train])
@@ -484,6 +511,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drill-min-side", type=int, default=64, help="Smallest region a drill shows (env).")
     parser.add_argument("--phantom", default="{}", help="JSON overrides of the phantom look preset.")
+    parser.add_argument("--scan-detail", choices=["overview", "full"], default="overview", help="c_scan* tiles.")
     parser.add_argument("--out", default=None, help="Append one JSON line per result here.")
     args = parser.parse_args()
 
@@ -496,7 +524,7 @@ def main() -> None:
     data: dict[str, tuple] = {}
     for probe in probes:
         data[probe] = tuple(
-            make_data(probe, n, split, 128, seed, args.drill_min_side, json.loads(args.phantom))
+            make_data(probe, n, split, 128, seed, args.drill_min_side, json.loads(args.phantom), args.scan_detail)
             for n, split, seed in ((args.train, "train", 0), (args.test, "test", 1))
         )
     rows = []

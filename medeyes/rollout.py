@@ -31,6 +31,7 @@ from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, Traj
 from medeyes_env.cases import Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
+from medeyes_env.rewards import box_iou
 from medeyes_env.sources import CaseSource, open_source
 
 
@@ -366,6 +367,10 @@ def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: RecordSi
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+HIT_IOU = 0.1
+"""A drill reached a region when its shown box overlaps the region's box by more than this IoU."""
+
+
 class RolloutSummary(BaseModel):
     """What a run achieved; ``medeyes rollout --summary-json`` writes this."""
 
@@ -396,12 +401,50 @@ class RolloutSummary(BaseModel):
     path_diversity: float | None = Field(
         default=None, description="Mean share of distinct action sequences among a case's trajectories (N >= 2)."
     )
+    first_drill_hit_share: float | None = Field(
+        default=None,
+        description="Share of drilled episodes with gold boxes whose first drill reached a gold region "
+        f"(IoU > {HIT_IOU} of the shown box).",
+    )
+    looking_episodes: int = Field(default=0, description="Drilled episodes with gold boxes (the denominator above).")
+    tool_steps_first_hit: float | None = Field(
+        default=None, description="Mean tool steps of those episodes when the first drill hit."
+    )
+    tool_steps_first_miss: float | None = Field(
+        default=None, description="Mean tool steps of those episodes when the first drill missed."
+    )
+    redrill_after_miss: float | None = Field(
+        default=None, description="Share of first-drill misses that drilled again (progressive looking)."
+    )
     seconds: float | None = Field(default=None, description="Wall-clock seconds of the run.")
     trajectories_per_second: float | None = Field(default=None, description="Episodes per wall-clock second.")
 
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
+
+
+def _looking(records: list[TrajectoryRecord]) -> dict[str, Any]:
+    """Where the first drill landed and what followed: tool steps after a hit or a miss, re-drills after a miss."""
+    hit_steps: list[float] = []
+    miss_steps: list[float] = []
+    redrills: list[float] = []
+    for record in records:
+        drills = [s for s in record.steps if s.action is not None and s.action.name == "drill" and s.shown_boxes]
+        if not record.gold_boxes or not drills:
+            continue
+        hit = max(box_iou(drills[0].shown_boxes[0], gold) for gold in record.gold_boxes) > HIT_IOU
+        (hit_steps if hit else miss_steps).append(float(record.tool_steps))
+        if not hit:
+            redrills.append(float(len(drills) > 1))
+    n = len(hit_steps) + len(miss_steps)
+    return {
+        "first_drill_hit_share": len(hit_steps) / n if n else None,
+        "looking_episodes": n,
+        "tool_steps_first_hit": _mean(hit_steps) if hit_steps else None,
+        "tool_steps_first_miss": _mean(miss_steps) if miss_steps else None,
+        "redrill_after_miss": _mean(redrills) if redrills else None,
+    }
 
 
 def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> RolloutSummary:
@@ -455,6 +498,7 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
         scan_share=scans / n if n else 0.0,
         drill_share=drills / n if n else 0.0,
         path_diversity=_mean(multi) if multi else None,
+        **_looking(records),
         seconds=seconds,
         trajectories_per_second=(n / seconds) if seconds else None,
     )

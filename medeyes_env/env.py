@@ -93,6 +93,12 @@ class EnvConfig(BaseModel):
     scan_mode: Literal["montage", "outline"] = Field(
         default="montage", description="montage: a grid of zoomed crops; outline: the overview with boxes drawn."
     )
+    scan_detail: Literal["overview", "full"] = Field(
+        default="overview",
+        description="What a scan montage tile may show: overview (tiles cut from the overview, so a scan "
+        "localises and only a drill shows full-resolution detail) or full (tiles zoomed from the original: a "
+        "one-box scan is then a drill in all but name).",
+    )
     zoom_filter: Literal["bilinear", "nearest"] = Field(
         default="bilinear",
         description="Filter that magnifies drill and scan regions: bilinear (smooth) or nearest (each original "
@@ -363,7 +369,13 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             )
             return view, [shown_box], f"Zoomed into region {self._fmt_box(shown_box)} at full resolution."
         view, shown = views.scan_view(
-            self._pixels, action.boxes, cfg.view_size, cfg.drill_min_side, cfg.scan_mode, _FILTERS[cfg.zoom_filter]
+            self._pixels,
+            action.boxes,
+            cfg.view_size,
+            cfg.drill_min_side,
+            cfg.scan_mode,
+            _FILTERS[cfg.zoom_filter],
+            cfg.scan_detail,
         )
         listing = "; ".join(f"{i + 1}: {self._fmt_box(b)}" for i, b in enumerate(shown))
         layout = "side by side, numbered" if cfg.scan_mode == "montage" else "outlined on the overview"

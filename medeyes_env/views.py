@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from medeyes_env.cases import Box
+from medeyes_env.rewards import box_iou
 
 SCAN_COLOURS = ((255, 196, 0), (0, 200, 255), (255, 80, 200), (120, 255, 120), (255, 120, 60))
 DRILL_COLOUR = (255, 60, 60)
@@ -65,6 +66,15 @@ def to_letterbox(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], 
         (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
         for x1, y1, x2, y2 in boxes
     ]
+
+
+def mirrored_boxes(boxes: Sequence[Box], width: float, min_iou: float = 0.1) -> list[Box]:
+    """The left-right mirror of each box, leaving out a mirror that overlaps any of ``boxes`` (IoU > ``min_iou``).
+
+    What a reader who compares both sides looks at besides a finding: the same place on the other side.
+    """
+    mirrored = [(width - x2, y1, width - x1, y2) for x1, y1, x2, y2 in boxes]
+    return [m for m in mirrored if not any(box_iou(m, b) > min_iou for b in boxes)]
 
 
 def letterbox(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> Image.Image:
@@ -126,13 +136,20 @@ def scan_view(
     min_side: float,
     mode: str = "montage",
     resample: Image.Resampling = Image.Resampling.BILINEAR,
+    detail: str = "overview",
 ) -> tuple[Image.Image, list[Box]]:
     """Show several candidate regions at once; returns the view and the boxes shown.
 
-    ``montage``: a grid of the regions' zoomed crops, each framed in its colour and
-    numbered, so a small model can compare candidates at a resolution where a
-    finding is visible (FEASIBILITY.md: localisation as a choice, not a regression).
-    ``outline``: the overview with the regions outlined and numbered.
+    ``montage``: a grid of the regions' crops, each framed in its colour and numbered,
+    so a small model can compare candidates side by side (FEASIBILITY.md: localisation
+    as a choice, not a regression). ``outline``: the overview with the regions outlined
+    and numbered.
+
+    ``detail`` bounds what a montage tile may show. ``overview`` (the split the method
+    relies on): each tile is cut from the overview, so a scan shows no detail the first
+    view did not, whatever the number of boxes; a lesion and a lookalike that differ only
+    at full resolution look alike, and only a drill tells them apart. ``full``: tiles are
+    zoomed from the original image, so a scan of one small box is a drill in all but name.
     """
     shown = [expand_to_min_side(box, min_side, image.size) for box in boxes]
     if mode == "outline":
@@ -141,13 +158,18 @@ def scan_view(
         return draw_boxes(view, scaled, colours=SCAN_COLOURS, numbered=True), shown
     if mode != "montage":
         raise ValueError(f"scan mode must be 'montage' or 'outline', got {mode!r}")
+    if detail not in ("overview", "full"):
+        raise ValueError(f"scan detail must be 'overview' or 'full', got {detail!r}")
+    source, cut = image, shown
+    if detail == "overview":
+        source, cut = overview(image, size), to_letterbox(shown, image.size, size)
     columns = math.ceil(math.sqrt(len(shown)))
     rows = math.ceil(len(shown) / columns)
     tile = size // max(columns, rows)
     canvas = Image.new("RGB", (size, size))
-    for index, box in enumerate(shown):
+    for index, box in enumerate(cut):
         row, column = divmod(index, columns)
-        tile_image = zoom(image, box, tile, resample)
+        tile_image = zoom(source, box, tile, resample)
         tile_image = draw_boxes(tile_image, [(0, 0, tile - 1, tile - 1)], colours=[SCAN_COLOURS[index % 5]])
         ImageDraw.Draw(tile_image).text((3, 1), str(index + 1), fill=SCAN_COLOURS[index % 5])
         canvas.paste(tile_image, (column * tile + (size - columns * tile) // 2, row * tile + (size - rows * tile) // 2))

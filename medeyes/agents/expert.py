@@ -329,7 +329,9 @@ class ExpertAgent:
             state.refine, state.mode = True, "drill"
         else:
             state.refine = False
-            state.mode = "drill" if cfg.mode == "drill_only" else "scan"
+            candidates_left = any(r.drilled is None for r in state.regions)
+            next_candidate = cfg.low_gain == "next" and candidates_left
+            state.mode = "drill" if cfg.mode == "drill_only" or next_candidate else "scan"
         return Action.drill(_round_box(box)), text
 
     def _answer(self, context: EpisodeContext, state: GRNState, narrator: Narrator, prefix: str) -> str:

@@ -31,6 +31,12 @@ class ExpertConfig(BaseModel):
     xi: float = Field(default=0.85, ge=0.0, le=1.0, description="Answer once a drilled confidence reaches xi (0.85).")
     n_expert: int = Field(default=6, ge=1, le=64, description="Trajectories drawn per case (paper 6).")
     keep_only_correct: bool = Field(default=True, description="Store only trajectories whose answer is correct.")
+    low_gain: Literal["scan", "next"] = Field(
+        default="scan",
+        description="After a drill that gained less than delta: scan again (the paper as written), or drill the "
+        "next candidate of the last scan while one is left undrilled (ours: a reader who found nothing in one "
+        "candidate looks at the other one the scan showed, without a new scan turn).",
+    )
     presence_threshold: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Final confidence at which a region counts as abnormal (ours)."
     )

@@ -25,10 +25,12 @@ from medeyes.agents.base import Agent
 from medeyes.cli.common import console, friendly_errors, safe
 from medeyes.rollout import RolloutConfig, RolloutResult, RolloutSummary, producer_of, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore
+from medeyes.trajectories.settings import EpisodeSettings, episode_settings
 from medeyes_env.cases import SPLITS
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
+from medeyes_env.sources import CaseSource, open_source
 
 
 class AgentSpec(BaseModel):
@@ -143,6 +145,15 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
             n = summary.iou_episodes_by_family[family]
             table.add_row(f"  IoU / family {safe(family)}", f"{iou:.3f} (n={n})")
     table.add_row("mean tool steps", f"{summary.mean_steps:.2f}")
+    if summary.first_drill_hit_share is not None:
+        table.add_row(
+            "  first drill reached gold", f"{summary.first_drill_hit_share:.3f} (n={summary.looking_episodes})"
+        )
+        for label, value in (("hit", summary.tool_steps_first_hit), ("missed", summary.tool_steps_first_miss)):
+            if value is not None:
+                table.add_row(f"  tool steps when it {label}", f"{value:.2f}")
+        if summary.redrill_after_miss is not None:
+            table.add_row("  drilled again after a miss", f"{summary.redrill_after_miss:.3f}")
     table.add_row("mean reward", f"{summary.mean_reward:.3f}")
     for name in (*REWARD_COMPONENTS, *METRIC_COMPONENTS):
         if name in summary.mean_components:
@@ -156,14 +167,18 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
     return table
 
 
-def _training_setting(path: Path) -> tuple[Any, EnvConfig]:
-    """The case source (with its data options) and environment settings of a training run's config."""
+def _training_setting(path: Path) -> tuple[CaseSource, EnvConfig, str]:
+    """The case source (with its data options), environment settings and data spec of a training run's config.
+
+    The spec is the config's ``data``, followed by its ``data_options`` as JSON when it has any.
+    """
     from medeyes.training.config import TrainConfig
     from medeyes_env.sources import open_cases
 
     config_file = path / "config.yaml" if path.is_dir() else path
     config = TrainConfig.from_yaml(config_file)
-    return open_cases(config.data, config.data_options), config.env
+    options = f" {json.dumps(config.data_options, sort_keys=True, default=str)}" if config.data_options else ""
+    return open_cases(config.data, config.data_options), config.env, config.data + options
 
 
 @friendly_errors
@@ -233,8 +248,11 @@ def rollout(
     if keep_only_correct is None:  # the expert's own setting, and only when there is a store to keep them in
         config = getattr(built, "config", None)
         keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
-    source, env = _training_setting(train_config) if train_config else (data, EnvConfig(max_steps=max_steps))
-    data = getattr(source, "name", data)
+    if train_config:
+        source, env, spec = _training_setting(train_config)
+    else:
+        source, env, spec = open_source(data), EnvConfig(max_steps=max_steps), data
+    data = source.name
     rollout_config = RolloutConfig(
         split=split,  # type: ignore[arg-type]
         n=n,
@@ -245,7 +263,10 @@ def rollout(
         keep_only_correct=keep_only_correct,
         env=env,
     )
-    store = _open_store(out, built)
+    # What an episode is besides the agent and the seed (the number of samples and the filter are not: they pick
+    # which episodes are played and kept). A store of other settings is refused, naming the field.
+    settings = episode_settings(spec, source, rollout_config.split, env) if out is not None else None
+    store = _open_store(out, built, settings)
     result = _run_with_progress(built, source, rollout_config, store, f"{agent} on {data}/{split}", quiet)
     summary = summarize(result.records, result.seconds)
     label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
@@ -264,11 +285,11 @@ def _agent_options(items: list[str] | None) -> dict[str, str]:
     return options
 
 
-def _open_store(out: Path | None, agent: Any) -> TrajectoryStore | None:
+def _open_store(out: Path | None, agent: Any, settings: EpisodeSettings | None) -> TrajectoryStore | None:
     """The run directory's store (None without ``--out``); says so when it cut off a torn last line."""
     if out is None:
         return None
-    store = TrajectoryStore(out, producer=producer_of(agent))
+    store = TrajectoryStore(out, producer=producer_of(agent), settings=settings)
     if store.torn_path is not None:
         console.print(
             f"[yellow]moved[/] a torn last line ({store.repaired} bytes) of {safe(store.records_path)} "

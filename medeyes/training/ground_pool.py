@@ -38,6 +38,7 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
             config.ground.what_share,
             config.ground.system_prompt,
             config.ground.empty_share,
+            config.ground.bilateral,
         )
     return pool
 

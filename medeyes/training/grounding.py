@@ -55,6 +55,7 @@ def grounding_examples(
     system_prompt: bool = False,
     as_turns: bool = False,
     empty_share: float = 0.0,
+    bilateral: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
 
@@ -80,9 +81,12 @@ def grounding_examples(
     )
     examples: list[tuple[list[dict[str, Any]], str]] = []
     if "where" in tasks:
-        answer = ", ".join(env.box_format.encode(box, image.size) for box, _ in objects) or "none"
-        if as_turns and objects:
-            answer = _turn(Action.scan(*(box for box, _ in objects)), env, image.size)
+        where = [box for box, _ in objects]
+        if bilateral:
+            where = sorted([*where, *views.mirrored_boxes(where, image.size[0])], key=lambda b: (b[0], b[1]))
+        answer = ", ".join(env.box_format.encode(box, image.size) for box in where) or "none"
+        if as_turns and where:
+            answer = _turn(Action.scan(*where), env, image.size)
         examples.append((_messages(system, views.overview(image, env.view_size), WHERE_QUESTION, answer), answer))
     if "what" in tasks and objects and rng.random() < what_share:
         box, label = objects[int(rng.integers(len(objects)))]
@@ -169,12 +173,13 @@ def shaped_examples(
     what_share: float = 1.0,
     system_prompt: bool = False,
     empty_share: float = 0.0,
+    bilateral: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case in ``shape`` (``ground.shape``): the one place that dispatches on it."""
     if shape == "episode":
         return episode_grounding_examples(case, env, tasks, rng, jitter, what_share)
     turns = shape == "turns"
-    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, turns, empty_share)
+    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, turns, empty_share, bilateral)
 
 
 def _turn(action: Action, env: EnvConfig, size: tuple[int, int]) -> str:

@@ -84,6 +84,12 @@ class GroundConfig(BaseModel):
         "drill view) answered no: a policy that drills beside the object otherwise reads the empty view as a "
         "lesion (docs/learn_to_look.md section 9). Not in episode-shaped grounding.",
     )
+    bilateral: bool = Field(
+        default=False,
+        description="Where-targets also name each candidate's left-right mirror (listed left to right), as the "
+        "bilateral oracle's scan does (expert.oracle_options.bilateral): the scan then names both sides and the "
+        "drills tell which holds the object. Not in episode-shaped grounding.",
+    )
     shape: GroundShape = Field(
         default="probe",
         description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "

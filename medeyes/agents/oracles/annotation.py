@@ -15,7 +15,7 @@ from medeyes.agents.oracles.base import ScoredRegion, _clip01, _rng
 from medeyes_env.cases import AnswerType, Box, Case
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import box_iou, normalize_answer
-from medeyes_env.views import clamp_box, expand_to_min_side
+from medeyes_env.views import clamp_box, expand_to_min_side, mirrored_boxes
 
 
 class AnnotationOracleConfig(BaseModel):
@@ -37,6 +37,12 @@ class AnnotationOracleConfig(BaseModel):
         description="The case's lookalikes (normal structures that resemble a finding, e.g. phantom mimics): "
         "ignore them, or propose each in every scan with a gold region's confidence, as a detector that "
         "cannot tell them apart at scan resolution would (the drill then tells them apart).",
+    )
+    bilateral: bool = Field(
+        default=False,
+        description="Also propose the left-right mirror of every gold region and lookalike, with a gold region's "
+        "scan confidence: a detector that finds the round object but confuses the sides, as a reader who "
+        "compares both sides looks at both. A drill there shows what is really there (drill_false when empty).",
     )
     scan_true: float = Field(default=0.62, ge=0.0, le=1.0, description="Mean scan confidence of a gold region.")
     scan_false: float = Field(default=0.42, ge=0.0, le=1.0, description="Mean scan confidence of a distractor.")
@@ -141,6 +147,12 @@ class AnnotationOracle:
             if rng.random() < cfg.miss_rate:
                 continue
             box, extent = self._jitter(lookalike.box, size, rng)
+            found.append(ScoredRegion(box, _clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
+        objects = [r.box for r in (*case.regions, *case.lookalikes)]
+        for box in mirrored_boxes(objects, size[0]) if cfg.bilateral else ():
+            if rng.random() < cfg.miss_rate:
+                continue
+            box, extent = self._jitter(box, size, rng)
             found.append(ScoredRegion(box, _clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
         for site in self._distractor_sites(image, case):
             if rng.random() < cfg.miss_rate:
