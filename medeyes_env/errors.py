@@ -33,3 +33,7 @@ class ConfigError(MedEyesError, ValueError):
 
 class RecordError(MedEyesError, ValueError):
     """A stored record (trajectory, checkpoint) is malformed or of an unknown version."""
+
+
+class StoreMismatchError(RecordError):
+    """A trajectory store holds episodes of another agent, dataset or setting than the run resuming it."""

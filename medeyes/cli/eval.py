@@ -15,14 +15,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from medeyes.cli.common import console, friendly_errors, safe
+from medeyes.cli.counterfactual import CounterfactualOption, eval_counterfactual_config, run_counterfactual_command
 from medeyes.cli.rollout import AgentSpec, _training_setting, build_agent
 from medeyes.evaluation import EvalConfig, EvalReport, evaluate
+from medeyes.evaluation.run import Dataset
 from medeyes.evaluation.scores import PAPER_MODEL, DatasetScores, Interval
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.cases import SPLITS
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
-from medeyes_env.sources import CaseSource, open_source
+from medeyes_env.sources import open_source
 
 TABLE_WIDTH = 118
 """Columns the table is printed in at least (wider terminals get their width)."""
@@ -48,7 +50,9 @@ def _type_rows(scores: DatasetScores) -> list[tuple[str, int, Interval | None]]:
         if kind.answer_type == "open":
             rows += [("open recall", kind.n, kind.recall), ("open exact", kind.n, kind.accuracy)]
         else:
-            rows.append(({"choice": "multi-choice"}.get(kind.answer_type, kind.answer_type), kind.n, kind.accuracy))
+            rows.append(
+                (safe({"choice": "multi-choice"}.get(kind.answer_type, kind.answer_type)), kind.n, kind.accuracy)
+            )
     return rows
 
 
@@ -89,27 +93,26 @@ def _options(agent_opt: list[str] | None) -> dict[str, str]:
     return options
 
 
-def _training_run(path: Path) -> tuple[CaseSource, EnvConfig, Path | None]:
+def _training_run(path: Path) -> tuple[Dataset, EnvConfig, Path | None]:
     """A training run's cases (with its data options), environment settings and final model (``RUN/final``)."""
     config_file = path / "config.yaml" if path.is_dir() else path
     if not config_file.is_file():
         raise ConfigError(
             f"--train-config: no training config at {config_file}; pass a run directory or its config.yaml"
         )
-    source, env = _training_setting(config_file)
+    source, env, spec = _training_setting(config_file)
     final = config_file.parent / "final"
-    return source, env, final if final.is_dir() else None
+    return Dataset(source.name, spec, source), env, final if final.is_dir() else None
 
 
-def _sources(data: list[str], fallback: CaseSource | None) -> list[tuple[str, CaseSource]]:
+def _sources(data: list[str], fallback: Dataset | None) -> list[Dataset]:
     """Open every ``--data`` spec (none: the training run's cases, else phantom); labelled by source name."""
     opened = [(spec, open_source(spec)) for spec in data]
     if not opened:
-        source = fallback or open_source("phantom")
-        opened = [(source.name, source)]
+        return [fallback or Dataset("phantom", "phantom", open_source("phantom"))]
     names = [source.name for _, source in opened]
     # Two specs of one source (phantom:easy, phantom:hard) are told apart by their spec.
-    return [(source.name if names.count(source.name) == 1 else spec, source) for spec, source in opened]
+    return [Dataset(source.name if names.count(source.name) == 1 else spec, spec, source) for spec, source in opened]
 
 
 class _Bar:
@@ -162,13 +165,14 @@ def eval_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON here.")] = None,
     seed: Annotated[int, typer.Option(help="Run seed.")] = 0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    counterfactual: CounterfactualOption = None,
 ) -> None:
     """Score an agent on benchmark datasets: accuracy per answer type with 95% CIs, grounding, tool steps."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if tools not in ("on", "off", "both"):
         raise ConfigError(f"--tools must be on, off or both, got {tools!r}")
-    fallback: CaseSource | None = None
+    fallback: Dataset | None = None
     env = EnvConfig()
     if train_config is not None:
         fallback, env, final = _training_run(train_config)
@@ -186,6 +190,11 @@ def eval_command(
     config = EvalConfig(split=split, limit=limit, tools=tools, parallel=parallel, seed=seed, env=env)  # type: ignore[arg-type]
     sources = _sources(data or [], fallback)
     label = f"policy ({spec.model})" if agent == "policy" else agent
+    if counterfactual is not None:  # every arm plays the tools-on episodes; docs/eval.md "Does the answer follow..."
+        pairs = [(dataset.label, dataset.source) for dataset in sources]
+        run_counterfactual_command(built, pairs, eval_counterfactual_config(config), counterfactual, out, label, quiet,
+                                   json_path)  # fmt: skip
+        return
     report = _run(built, sources, config, out, label, quiet)
     # A table this wide wraps into noise at 80 columns; rich cannot print wider than its console.
     Console(emoji=False, width=max(console.width, TABLE_WIDTH)).print(report_table(report))
@@ -196,7 +205,7 @@ def eval_command(
         console.print(f"figures written to {safe(json_path)}")
 
 
-def _run(agent: Any, sources: list[tuple[str, CaseSource]], config: EvalConfig, out: Path | None, label: str,
+def _run(agent: Any, sources: list[Dataset], config: EvalConfig, out: Path | None, label: str,
          quiet: bool) -> EvalReport:  # fmt: skip
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet, transient=True) as progress:

@@ -3,7 +3,8 @@
 A run directory holds::
 
     run/
-      run.json              who produced the records (written once; a resume must match it)
+      run.json              who produced the records and what defines an episode (written once; a resume
+                            must match both: see medeyes.trajectories.settings)
       trajectories.jsonl    one TrajectoryRecord per line, appended atomically
       images/<sha256>.png   every observation image, stored once by the hash of its pixels
 

@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal, Protocol, runtime_checkable
+import math
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from medeyes_env.cases import Box
 from medeyes_env.errors import RecordError
 from medeyes_env.protocol import Action
+from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
 from medeyes_env.strict_json import BadInput, loads
 
 SCHEMA_VERSION = 1
 """Version of :class:`TrajectoryRecord`; readers refuse any other."""
+
+UNIT_COMPONENTS = frozenset((*REWARD_COMPONENTS, *METRIC_COMPONENTS))
+"""Reward components and metrics that lie in [0, 1] (every one :func:`~medeyes_env.rewards.score_episode` makes)."""
+
+
+def _finite_box(box: Box) -> Box:
+    if not all(math.isfinite(value) for value in box):
+        raise ValueError(f"box {list(box)} has a coordinate that is not a finite number")
+    return box
+
+
+FiniteBox = Annotated[Box, AfterValidator(_finite_box)]
+
+
+def _unit_components(components: dict[str, float]) -> dict[str, float]:
+    """Refuse a known component outside [0, 1]: a stored 7.0 accuracy would be scored as 700%."""
+    for name, value in components.items():
+        if name in UNIT_COMPONENTS and not 0.0 <= value <= 1.0:
+            raise ValueError(f"reward_components.{name} is {value}, outside [0, 1]")
+    return components
+
+
+Components = Annotated[dict[str, FiniteFloat], AfterValidator(_unit_components)]
 
 
 class ImageStore(Protocol):
@@ -70,7 +95,7 @@ class StepRecord(BaseModel):
     observation_image: str | None = Field(
         default=None, description="sha256 of the view returned after this turn (images/<hash>.png); None at the end."
     )
-    reward_components: dict[str, float] = Field(
+    reward_components: Components = Field(
         default_factory=dict, description="Every reward component on the episode so far, after this turn."
     )
     token_ids: list[int] | None = Field(default=None, description="Generated token ids, when the agent has them.")
@@ -109,10 +134,10 @@ class TrajectoryRecord(BaseModel):
     sample_index: int = Field(default=0, ge=0, description="Which of the case's trajectories this is (0..N-1).")
     seed: int | None = Field(default=None, description="Seed the environment was reset with.")
     question: str = Field(description="The case's question.")
-    answer_type: str = Field(description="closed, choice or open.")
+    answer_type: Literal["closed", "open", "choice"] = Field(description="closed, choice or open.")
     options: list[str] = Field(default_factory=list, description="Choices of a CHOICE question.")
     gold_answer: str = Field(description="The case's gold answer.")
-    gold_boxes: list[Box] = Field(default_factory=list, description="Gold region boxes, original-image pixels.")
+    gold_boxes: list[FiniteBox] = Field(default_factory=list, description="Gold region boxes, original-image pixels.")
     family: str | None = Field(default=None, description="Question family (meta['family']) when the source has one.")
     image_size: tuple[int, int] = Field(description="(width, height) of the original image.")
     original_image: str | None = Field(default=None, description="sha256 of the original image, when stored.")
@@ -123,10 +148,10 @@ class TrajectoryRecord(BaseModel):
     final_answer: str | None = Field(default=None, description="The answer given; None when truncated.")
     terminated: bool = Field(default=False, description="The episode ended with an answer.")
     truncated: bool = Field(default=False, description="The episode ran out of turns.")
-    reward: float = Field(
+    reward: FiniteFloat = Field(
         default=0.0, description="Total episode reward: the sum of what env.step returned (malformed penalties in)."
     )
-    reward_components: dict[str, float] = Field(default_factory=dict, description="Final reward components.")
+    reward_components: Components = Field(default_factory=dict, description="Final reward components.")
     producer: Producer = Field(description="What produced the turns.")
     timings: Timings = Field(default_factory=Timings, description="Where the time went.")
     error: str | None = Field(default=None, description="Why the episode failed, if the agent or env raised.")

@@ -20,8 +20,9 @@ from medeyes.trajectories.records import (
     image_digest,
     parse_record,
 )
+from medeyes.trajectories.settings import EpisodeSettings, check_settings
 from medeyes_env.cases import MAX_IMAGE_PIXELS
-from medeyes_env.errors import RecordError
+from medeyes_env.errors import RecordError, StoreMismatchError
 from medeyes_env.strict_json import BadInput, decode, load_file, loads
 
 RECORDS_FILE = "trajectories.jsonl"
@@ -41,7 +42,12 @@ class TrajectoryStore:
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], producer: Producer | None = None, *, read_only: bool = False
+        self,
+        root: str | os.PathLike[str],
+        producer: Producer | None = None,
+        *,
+        settings: EpisodeSettings | None = None,
+        read_only: bool = False,
     ) -> None:
         """Open (or create) the run directory ``root``.
 
@@ -49,6 +55,8 @@ class TrajectoryStore:
             root: the run directory.
             producer: when given, ``run.json`` must name the same producer (written on first use), so a
                 resumed run never mixes two agents' trajectories.
+            settings: when given, ``run.json`` must hold the same episode settings (data, dataset digest,
+                environment, scoring; written on first use); a store with records but no settings is refused.
             read_only: open an existing run for reading: no directories made, no repair, no writes.
 
         """
@@ -70,8 +78,8 @@ class TrajectoryStore:
             self.repaired = self._repair_torn_tail()
         self._ids: set[str] = set(self._scan_ids())
         self._known_images: set[str] = set()
-        if producer is not None:
-            self._check_producer(producer)
+        if producer is not None or settings is not None:
+            self._check_run(producer, settings)
 
     # -- paths ---------------------------------------------------------------------------------------
 
@@ -171,6 +179,11 @@ class TrajectoryStore:
 
     def records(self) -> Iterator[TrajectoryRecord]:
         """Every stored record, in file order (a torn last line of a run still being written is skipped)."""
+        for _, record in self.located_records():
+            yield record
+
+    def located_records(self) -> Iterator[tuple[str, TrajectoryRecord]]:
+        """Every stored record with its ``FILE:LINE``, in file order."""
         if self.records_path.exists():
             yield from _iter_records(self.records_path)
 
@@ -197,19 +210,34 @@ class TrajectoryStore:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _check_producer(self, producer: Producer) -> None:
+    def _check_run(self, producer: Producer | None, settings: EpisodeSettings | None) -> None:
+        """Refuse a run of another producer or other settings; record what ``run.json`` does not hold yet."""
         info = self.run_info()
-        wanted = producer.model_dump(mode="json")
-        if info is None:
-            if not self.read_only:
-                self.write_run_info({"schema_version": SCHEMA_VERSION, "producer": wanted})
-            return
-        stored = info.get("producer")
-        if stored != wanted:
-            raise RecordError(
-                f"{self.root} holds trajectories of another producer ({_short(stored)}), not {_short(wanted)}; "
-                "resume only with the same agent and configuration, or pass a new output directory"
-            )
+        stored = info or {}
+        missing: dict[str, Any] = {} if info is not None else {"schema_version": SCHEMA_VERSION}
+        if producer is not None:
+            wanted = producer.model_dump(mode="json")
+            if info is None:
+                missing["producer"] = wanted
+            elif stored.get("producer") != wanted:
+                raise StoreMismatchError(
+                    f"{self.root} holds trajectories of another producer ({_short(stored.get('producer'))}), not "
+                    f"{_short(wanted)}; resume only with the same agent and configuration, or pass a new output "
+                    "directory"
+                )
+        if settings is not None:
+            if "settings" in stored:
+                check_settings(self.root, stored["settings"], settings)
+            elif self._ids:
+                raise StoreMismatchError(
+                    f"{self.root / RUN_FILE} records no episode settings (the store was written before MedEyes "
+                    f"recorded them), so its {len(self._ids)} episode(s) cannot be matched to this run's data and "
+                    "settings; pass a new output directory"
+                )
+            else:
+                missing["settings"] = settings.model_dump(mode="json")
+        if missing and not self.read_only:
+            self.write_run_info({**stored, **missing})
 
     def _repair_torn_tail(self) -> int:
         """Complete a last record that lost only its newline; move an unparseable last line to ``.torn``."""
@@ -296,19 +324,19 @@ def _lines(path: Path) -> Iterator[tuple[str, bytes, bool]]:
                 yield f"{path}:{number}", raw, not raw.endswith(b"\n")
 
 
-def _iter_records(path: Path) -> Iterator[TrajectoryRecord]:
-    """Records of a JSONL file; a last line that does not parse (torn or being written) is skipped."""
+def _iter_records(path: Path) -> Iterator[tuple[str, TrajectoryRecord]]:
+    """``(FILE:LINE, record)`` of a JSONL file; a last line that does not parse (torn or being written) is skipped."""
     for where, raw, tail in _lines(path):
         if tail:
             record = _tail_record(raw, where)
             if record is not None:
-                yield record
+                yield where, record
             return
         try:
             text = decode(raw)
         except BadInput as exc:
             raise RecordError(f"{where}: {exc}") from None
-        yield parse_record(text, where)
+        yield where, parse_record(text, where)
 
 
 def _short(producer: Any) -> str:
@@ -344,4 +372,4 @@ def read_records(path: str | os.PathLike[str]) -> list[TrajectoryRecord]:
         path = path / RECORDS_FILE
     if not path.is_file():
         raise RecordError(f"no trajectories at {path}; pass a run directory (with {RECORDS_FILE}) or a .jsonl file")
-    return list(_iter_records(path))
+    return [record for _, record in _iter_records(path)]

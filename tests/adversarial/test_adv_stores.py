@@ -119,3 +119,74 @@ def test_bad_run_json_is_a_named_error(tmp_path, content, message):
     (tmp_path / "run" / "run.json").write_bytes(content)
     with pytest.raises(RecordError, match=message):
         TrajectoryStore(tmp_path / "run", producer=PRODUCER)
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from medeyes.cli.app import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())
+
+
+EVAL = ("eval", "--limit", "4", "--quiet")
+
+
+def _edit_first_record(out, edit) -> str:
+    """Apply ``edit`` to the first stored record of the eval store under ``out``; return the file's path."""
+    (path,) = (out / "tools_on").rglob("trajectories.jsonl")
+    first, *rest = path.read_text().splitlines(keepends=True)
+    data = json.loads(first)
+    edit(data)
+    path.write_text(json.dumps(data) + "\n" + "".join(rest))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["reward_components"].update(accuracy=7.0), "reward_components.accuracy is 7.0, outside [0, 1]"),
+        (lambda r: r["reward_components"].update(best_iou=9.0), "reward_components.best_iou is 9.0, outside [0, 1]"),
+        (lambda r: r.update(reward=float("inf")), "reward: Input should be a finite number"),
+        (lambda r: r["reward_components"].update(accuracy=float("nan")), "reward_components.accuracy: Input should be a finite number"),
+        (lambda r: r.update(answer_type="[/]"), "answer_type: Input should be 'closed', 'open' or 'choice'"),
+        (lambda r: r.update(final_answer="certainly not this"), "reward_components.accuracy is 1.0 in the store, but the stored answer and boxes score 0.0"),
+        (lambda r: r.update(gold_boxes=[[0, 0, 1024, 1024]]), "gold_boxes is [[0.0, 0.0, 1024.0, 1024.0]] in the store, but case 'phantom/test/"),
+        (lambda r: r.update(steps=r["steps"][:1] * 9 + r["steps"][-1:]), "steps: 9 tool turns, more than max_steps=4"),
+    ],
+    ids=["accuracy-700%", "iou-9", "inf-reward", "nan-accuracy", "markup-answer-type", "answer-swapped", "gold-moved", "steps"],
+)  # fmt: skip
+def test_a_tampered_eval_record_is_refused_naming_file_line_and_field(tmp_path, edit, message):
+    """Before: 700% accuracy, IoU 9.0, an infinite reward were scored as stored, and '[/]' crashed the table."""
+    out = tmp_path / "eval"
+    code, output = _cli(*EVAL, "--out", str(out))
+    assert code == 0, output
+    path = _edit_first_record(out, edit)
+    code, output = _cli(*EVAL, "--out", str(out))
+    assert code == 2, output
+    assert f"error: {path}:1" in output and message in output
+
+
+def test_a_rollout_store_of_another_dataset_is_refused(tmp_path):
+    """Case ids are positional (phantom/test/000000 in every preset): resuming used to skip the hard cases."""
+    out = str(tmp_path / "run")
+    code, output = _cli("rollout", "--data", "phantom:easy", "--n", "2", "--samples", "1", "--out", out, "--quiet")
+    assert code == 0, output
+    code, output = _cli("rollout", "--data", "phantom:hard", "--n", "2", "--samples", "1", "--out", out, "--quiet")
+    assert code == 2, output  # before: "skipped 2 already there", the easy episodes summarised as hard ones
+    assert "data: stored 'phantom:easy', this run 'phantom:hard'" in output
+    code, output = _cli("rollout", "--data", "phantom:easy", "--n", "4", "--samples", "1", "--out", out, "--quiet")
+    assert code == 0 and "stored 2 trajectories" in output and "skipped 2 already there" in output, output
+
+
+def test_a_store_without_recorded_settings_is_refused(tmp_path):
+    """A store written before settings were recorded cannot be matched to a dataset: refused, not trusted."""
+    args = ("rollout", "--n", "1", "--samples", "1", "--out", str(tmp_path / "run"), "--quiet")
+    code, output = _cli(*args)
+    assert code == 0, output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "settings"}))
+    code, output = _cli(*args)
+    assert code == 2, output
+    assert "run.json records no episode settings" in output
