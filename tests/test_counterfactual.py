@@ -7,16 +7,20 @@ the case's boxes, so it always looks at the object, and reads only what the dril
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import Result
 from PIL import Image
+from typer.testing import CliRunner
 
 from medeyes.agents.base import EpisodeContext, TurnOutput
 from medeyes.agents.expert import make_expert
 from medeyes.agents.random_agent import RandomAgent
+from medeyes.cli.app import app
 from medeyes.evaluation.counterfactual import (
     ARMS,
     BLANK_GREY,
@@ -230,3 +234,48 @@ def test_a_source_that_cannot_swap_reports_the_swap_arms_not_available() -> None
     assert not arms["swap"].available and not arms["drill_swap"].available
     assert "cannot render a class swap" in arms["swap"].note
     assert arms["blank"].available and arms["blank"].episodes == 3
+
+
+# -- through the CLI ------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_rollout_counterfactual_prints_every_arm_writes_json_and_resumes(tmp_path: Path) -> None:
+    args = ("rollout", "--agent", "random", "--data", "phantom:look", "--n", "4", "--counterfactual", "all")
+    first = _cli(*args, "--out", str(tmp_path), "--quiet")
+    assert first.exit_code == 0, first.output
+    for arm in ARMS:
+        assert f"│ {arm} " in first.output
+    (report,) = json.loads((tmp_path / "counterfactual.json").read_text())
+    assert [arm["arm"] for arm in report["arms"]] == list(ARMS) and report["n"] == 4
+    assert sorted(p.name for p in (tmp_path / "counterfactual" / "phantom").iterdir()) == sorted(ARMS)
+    again = _cli(*args, "--out", str(tmp_path), "--quiet")
+    assert "0 episodes played" in again.output and "20 read back from the stores" in again.output
+    assert json.loads((tmp_path / "counterfactual.json").read_text())[0]["arms"] == report["arms"]
+
+
+def test_eval_counterfactual_takes_a_comma_list_and_says_where_a_source_cannot_swap(tmp_path: Path) -> None:
+    path = tmp_path / "cf.json"
+    args = ("eval", "--agent", "expert", "--data", "phantom:look", "--data", "samples", "--limit", "3")
+    result = _cli(*args, "--counterfactual", "swap,blank", "--json", str(path), "--quiet")
+    assert result.exit_code == 0, result.output
+    look, samples = json.loads(path.read_text())
+    assert [arm["arm"] for arm in look["arms"]] == ["real", "blank", "swap"]
+    assert look["arms"][2]["available"] and not samples["arms"][2]["available"]
+    assert "not renderable" in result.output
+
+
+def test_an_unknown_arm_is_one_red_line_naming_the_choices() -> None:
+    result = _cli("rollout", "--agent", "random", "--n", "2", "--counterfactual", "blank,swop")
+    assert result.exit_code == 2
+    assert "--counterfactual takes 'all' or a comma list of real, blank, shuffle, swap, drill_swap" in result.output
+
+
+def test_the_tiny_policy_plays_every_arm_greedily() -> None:
+    args = ("rollout", "--agent", "policy", "--model", "tiny", "--data", "phantom:look", "--n", "2")
+    result = _cli(*args, "--max-new-tokens", "16", "--temperature", "0", "--counterfactual", "all", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert all(f"│ {arm} " in result.output for arm in ARMS) and "10 episodes played" in result.output

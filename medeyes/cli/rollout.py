@@ -23,6 +23,8 @@ from rich.table import Table
 
 from medeyes.agents.base import Agent
 from medeyes.cli.common import console, friendly_errors, safe
+from medeyes.cli.counterfactual import CounterfactualOption, run_counterfactual_command
+from medeyes.evaluation.counterfactual import CounterfactualConfig
 from medeyes.rollout import RolloutConfig, RolloutResult, RolloutSummary, producer_of, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore
 from medeyes.trajectories.settings import EpisodeSettings, episode_settings
@@ -228,6 +230,7 @@ def rollout(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    counterfactual: CounterfactualOption = None,
 ) -> None:
     """Run an agent on cases of a data source; store trajectories and print accuracy, IoU, steps and rewards."""
     if split not in SPLITS:
@@ -253,6 +256,12 @@ def rollout(
     else:
         source, env, spec = open_source(data), EnvConfig(max_steps=max_steps), data
     data = source.name
+    label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
+    if counterfactual is not None:  # the same episodes under each image arm (docs/eval.md), not the plain run
+        arms = CounterfactualConfig(split=split, start=start, n=n, samples_per_case=samples or 1, seed=seed,  # type: ignore[arg-type]
+                                    batch_size=batch_size, env=env)  # fmt: skip
+        run_counterfactual_command(built, [(data, source)], lambda _: arms, counterfactual, out, label, quiet)
+        return
     rollout_config = RolloutConfig(
         split=split,  # type: ignore[arg-type]
         n=n,
@@ -269,7 +278,6 @@ def rollout(
     store = _open_store(out, built, settings)
     result = _run_with_progress(built, source, rollout_config, store, f"{agent} on {data}/{split}", quiet)
     summary = summarize(result.records, result.seconds)
-    label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
     console.print(summary_table(summary, f"{label} on {data}/{split}"))
     _report(result, summary, store, keep_only_correct, summary_json)
 
