@@ -8,6 +8,7 @@ the case's boxes, so it always looks at the object, and reads only what the dril
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,14 @@ def test_the_tiny_policy_plays_every_arm_greedily() -> None:
     result = _cli(*args, "--max-new-tokens", "16", "--temperature", "0", "--counterfactual", "all", "--quiet")
     assert result.exit_code == 0, result.output
     assert all(f"│ {arm} " in result.output for arm in ARMS) and "10 episodes played" in result.output
+
+
+def test_a_real_store_passed_off_as_another_arm_is_refused(tmp_path: Path) -> None:
+    """Each arm has its own store, and the arm is part of its settings: real's episodes never count as blank's."""
+    args = ("rollout", "--agent", "random", "--data", "phantom:look", "--n", "2", "--out", str(tmp_path), "--quiet")
+    assert _cli(*args, "--counterfactual", "real").exit_code == 0
+    root = tmp_path / "counterfactual" / "phantom"
+    shutil.copytree(root / "real", root / "blank")
+    result = _cli(*args, "--counterfactual", "blank")
+    assert result.exit_code == 2
+    assert "holds episodes of other settings: options.counterfactual: stored 'real', this run 'blank'" in result.output

@@ -21,8 +21,9 @@ named, normalised open text). For ``swap`` and ``drill_swap``: among presence ep
 swap turns over (yes->no: lesion->mimic; no->yes: mimic->lesion) and whose looks reached the object (see
 :func:`reached`), the share whose answer follows the swapped object, with n for each direction.
 
-Each arm has its own trajectory store (``OUT/counterfactual/DATASET/ARM``), so a stored episode of one arm
-is never read back as another's.
+Each arm has its own trajectory store (``OUT/counterfactual/DATASET/ARM``) whose settings
+(:mod:`medeyes.trajectories.settings`) name the arm besides the data, split and environment, so a stored
+episode of one arm is never read back as another's, and a rerun with other settings is refused.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medeyes.agents.base import Agent
 from medeyes.rollout import RolloutConfig, producer_of, run_rollout, trajectory_id
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
+from medeyes.trajectories.settings import episode_settings
 from medeyes_env.cases import AnswerType, Box, Case, Split
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
@@ -230,7 +232,7 @@ def run_counterfactuals(
     for arm in arms:
         if arm in ("swap", "drill_swap") and not isinstance(source, ClassSwapSource):
             continue
-        store = None if out is None else _store(out, dataset, arm, agent)
+        store = None if out is None else _store(out, dataset, source, arm, agent, config)
         played, back = _play(agent, source, arm, config, store, cases, listener)
         records[arm] = {r.trajectory_id: r for r in [*back, *played]}
         run, resumed = run + len(played), resumed + len(back)
@@ -241,9 +243,13 @@ def run_counterfactuals(
     )  # fmt: skip
 
 
-def _store(out: Path, dataset: str, arm: str, agent: Agent) -> TrajectoryStore:
+def _store(
+    out: Path, dataset: str, source: CaseSource, arm: Arm, agent: Agent, config: CounterfactualConfig
+) -> TrajectoryStore:
+    """The arm's own store; its settings name the arm too, so no stored episode is read back as another arm's."""
     folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("._") or "data"
-    return TrajectoryStore(out / "counterfactual" / folder / arm, producer=producer_of(agent))
+    settings = episode_settings(dataset, source, config.split, config.env, counterfactual=arm)
+    return TrajectoryStore(out / "counterfactual" / folder / arm, producer=producer_of(agent), settings=settings)
 
 
 def _play(
