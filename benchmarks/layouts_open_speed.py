@@ -81,11 +81,12 @@ def measure(spec: str) -> dict[str, float]:
     """Open ``spec`` in this process and measure (run in a subprocess by :func:`main`)."""
     from PIL import Image
 
-    import medeyes_env.sources.cxr  # noqa: F401 - imports loaded before the baseline
-    import medeyes_env.sources.parquet as parquet
+    import medeyes_env.sources.cxr
+    import medeyes_env.sources.parquet  # noqa: F401 - both loaded before the baseline
     from medeyes_env.sources import open_source
+    from medeyes_env.sources.parquet_files import pyarrow_parquet
 
-    parquet._parquet()
+    pyarrow_parquet()
     decoded = 0
     load = Image.Image.load
 

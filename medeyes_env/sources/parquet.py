@@ -7,8 +7,9 @@ Spec strings (``open_source``), each with the shared options ``?skip_bad=1``:
 - ``mmmu:/data/MMMU``: MMMU's Health & Medicine subjects (:func:`load_mmmu`);
   ``?subjects=Pharmacy,Clinical_Medicine`` picks some.
 
-Lazy: opening reads only the text columns; an image's bytes are read (one row group at a time, the last
-few cached) and decoded when its case's image is loaded, so opening 100k questions decodes no image.
+Lazy: opening reads only the text columns; an image's bytes are read (one cell at a time, from the row
+groups read last) and decoded when its case's image is loaded, so opening 100k questions decodes no image.
+Files are read within the bounds of :mod:`medeyes_env.sources.parquet_files` (rows, text and image bytes).
 Needs ``pyarrow`` (``pip install 'medeyes[parquet]'``), imported on first use. A corrupt or unreadable
 file is refused naming it; a bad row names ``FILE row N`` (or is skipped and counted with ``skip_bad``).
 """
@@ -21,8 +22,6 @@ import io
 import math
 import os
 import re
-from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from PIL import Image
 from medeyes_env.cases import SPLITS, AnswerType, Case, Split, decode_8bit, load_image_file, safe_join
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
+from medeyes_env.sources.parquet_files import ImageCells, read_text_columns
 from medeyes_env.sources.rows import (
     RowSource,
     _Collector,
@@ -60,18 +60,7 @@ MMMU_HEALTH_SUBJECTS = (
 MMMU_IMAGE_COLUMNS = tuple(f"image_{k}" for k in range(1, 8))
 MAX_OPTIONS_CHARS = 20_000
 """Longest MMMU ``options`` string parsed (a list literal of a few answers)."""
-ROW_GROUPS_CACHED = 4
 _IMAGE_TAG = re.compile(r"<image (\d+)>")
-
-
-def _parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ModuleNotFoundError:
-        raise SourceError(
-            "reading parquet datasets needs pyarrow: pip install 'medeyes[parquet]' (or pip install pyarrow)"
-        ) from None
-    return pq
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +88,7 @@ class ParquetSource(RowSource[_PqRow]):
         """Wrap rows already validated by a loader; ``collector`` holds the skipped-row messages and count."""
         super().__init__(name, root, rows, collector.skipped, collector.n_skipped)
         self.files = files
-        self._starts: dict[int, list[int]] = {}
-        self._cache: OrderedDict[tuple[int, int, str], list[Any]] = OrderedDict()
+        self._cells = ImageCells()
 
     def _case(self, row: _PqRow, split: Split, index: int) -> Case:
         """The row's Case; its image is decoded when loaded."""
@@ -121,33 +109,13 @@ class ParquetSource(RowSource[_PqRow]):
     def image(self, row: _PqRow) -> Image.Image:
         """Decode one row's image (bytes in the file, or a relative ``path`` under the dataset directory)."""
         where = f"{self.files[row.file]} row {row.row} column {row.column!r}"
-        value = self._cell(row)
+        value = self._cells.cell(self.files[row.file], row.row, row.column, where)
         data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
         if data is None and path:
             return load_image_file(safe_join(self.root, str(path)))
         if not isinstance(data, bytes) or not data:
             raise ImageLoadError(f"{where}: no image bytes")
         return decode_image(data, where)
-
-    def _cell(self, row: _PqRow) -> Any:
-        path = self.files[row.file]
-        if row.file not in self._starts:
-            metadata = _parquet().ParquetFile(path).metadata
-            sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-            self._starts[row.file] = [sum(sizes[:i]) for i in range(len(sizes))]
-        starts = self._starts[row.file]
-        group = bisect_right(starts, row.row) - 1
-        key = (row.file, group, row.column)
-        if key not in self._cache:
-            try:
-                table = _parquet().ParquetFile(path).read_row_group(group, columns=[row.column])
-            except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
-                raise ImageLoadError(f"{path}: cannot read row group {group}: {exc}") from None
-            self._cache[key] = table.column(0).to_pylist()
-            while len(self._cache) > ROW_GROUPS_CACHED:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return self._cache[key][row.row - starts[group]]
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
@@ -173,23 +141,6 @@ def _split_parquets(root: Path, names: Mapping[Split, tuple[str, ...]]) -> dict[
                 if files and split not in found:
                     found[split] = files
     return found
-
-
-def read_text_columns(
-    path: Path, wanted: tuple[str, ...], required: tuple[str, ...]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The ``wanted`` columns present in ``path`` as row dicts, and every column name; names a bad file."""
-    pq = _parquet()
-    try:
-        handle = pq.ParquetFile(path)
-        names = handle.schema_arrow.names
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise SourceError(f"{path}: missing column(s) {', '.join(missing)}; it has {', '.join(names)}")
-        # "image_2.path" reads one struct field: whether the image is there, without its bytes.
-        return handle.read(columns=[c for c in wanted if c.partition(".")[0] in names]).to_pylist(), names
-    except (OSError, ValueError) as exc:  # ArrowInvalid (not a parquet file, truncated) is a ValueError
-        raise SourceError(f"{path}: not a readable parquet file ({exc})") from None
 
 
 def _text(record: Mapping[str, Any], key: str) -> str:
@@ -235,13 +186,15 @@ def load_hf_parquet(dataset: str, path: str | os.PathLike[str], skip_bad: bool =
     for split, paths in found.items():
         for path_ in paths:
             files.append(path_)
-            records, names = read_text_columns(path_, HF_TEXT_COLUMNS, ("question", "answer"))
+            names, records = read_text_columns(path_, HF_TEXT_COLUMNS, ("question", "answer"))
             image_column = _image_column(path_, names)
-            for number, record in enumerate(records):
-                if str(record.get("q_lang") or "en").strip().lower() != "en":
-                    not_english += 1
-                    continue
+            for number, record in records:
                 with collector.row(f"{path_} row {number}"):
+                    if isinstance(record, SourceError):
+                        raise record
+                    if str(record.get("q_lang") or "en").strip().lower() != "en":
+                        not_english += 1
+                        continue
                     rows[split].append(_hf_row(dataset, record, len(files) - 1, number, image_column))
     source = ParquetSource(dataset, root, files, rows, collector)
     if not_english:
@@ -330,9 +283,11 @@ def load_mmmu(
             for path_ in paths:
                 files.append(path_)
                 more = tuple(f"{c}.path" for c in MMMU_IMAGE_COLUMNS[1:])  # struct nulls only: no image bytes read
-                records, _ = read_text_columns(path_, MMMU_TEXT_COLUMNS + more, ("id", "question", "answer", "image_1"))
-                for number, record in enumerate(records):
+                _, records = read_text_columns(path_, MMMU_TEXT_COLUMNS + more, ("id", "question", "answer", "image_1"))
+                for number, record in records:
                     with collector.row(f"{path_} row {number}"):
+                        if isinstance(record, SourceError):
+                            raise record
                         row = _mmmu_row(record, subject, len(files) - 1, number)
                         if isinstance(row, str):
                             excluded[row] += 1

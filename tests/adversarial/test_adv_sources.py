@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -262,3 +263,85 @@ def test_malformed_mmmu_options_are_named_with_file_and_row_or_skipped(tmp_path,
 def test_mmmu_image_tag_other_than_1_is_a_multi_image_question_whatever_its_digits(tmp_path, tag):
     source = open_source(f"mmmu:{_mmmu(tmp_path, question=f'Which of {tag} and <image 1>?')}")
     assert (source.size("validation"), source.excluded) == (2, {"multi_image": 1})
+
+
+# ------------------------------------------------------------------------------------------- parquet bounds
+
+
+def _hf_parquet(tmp_path: Path, question, image=None, rows: int = 3) -> Path:
+    """A VQA-RAD Hub export whose ``question`` column is the pyarrow array ``question`` (``rows`` rows)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from tests.layouts import png_bytes
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    if image is None:
+        image = pa.array([{"bytes": png_bytes(i), "path": None} for i in range(rows)], type=struct)
+    answer = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array(["yes"]))
+    (tmp_path / "data").mkdir()
+    table = pa.table({"image": image, "question": question, "answer": answer})
+    pq.write_table(table, tmp_path / "data" / "test-00000-of-00001.parquet", row_group_size=1 << 20)
+    return tmp_path
+
+
+def _repeated(pa, text, rows: int):
+    """``rows`` cells of ``text`` stored once (dictionary-encoded): small on disk, large once expanded."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([text], type=pa.binary()))
+
+
+def test_parquet_file_with_more_rows_than_the_limit_is_refused_from_its_metadata(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    rows = 1_000_001  # 3,000,000 such rows took 1.9 GB to open
+    nulls = pa.nulls(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    root = _hf_parquet(tmp_path, _repeated(pa, b"Is there a nodule?", rows), nulls, rows)
+    with pytest.raises(SourceError, match=r"test-00000-of-00001.parquet: 1,000,001 rows, above the 1,000,000-row"):
+        open_source(f"vqa_rad_hf:{root}?skip_bad=1")
+
+
+def test_parquet_text_cell_over_the_cap_is_a_named_row_error_or_skipped(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    root = _hf_parquet(tmp_path, pa.array(["Is there a nodule?", "x" * 100_000, "Is it CT?"]))
+    message = r"test-00000-of-00001.parquet row 1: field 'question' is 100,000 bytes, above the 65,536-byte limit"
+    with pytest.raises(SourceError, match=message):
+        open_source(f"vqa_rad_hf:{root}")
+    source = open_source(f"vqa_rad_hf:{root}?skip_bad=1")
+    assert (source.size("test"), source.n_skipped) == (2, 1)
+
+
+def test_parquet_text_column_that_expands_past_the_limit_is_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    root = _hf_parquet(tmp_path, _repeated(pa, b"x" * 60_000, 1_200), rows=1_200)  # 72 MB once expanded
+    assert (root / "data" / "test-00000-of-00001.parquet").stat().st_size < 300_000
+    message = r"test-00000-of-00001.parquet: column 'question' holds more than 67,108,864 bytes of text"
+    with pytest.raises(SourceError, match=message):
+        open_source(f"vqa_rad_hf:{root}?skip_bad=1")
+
+
+def test_parquet_image_cell_over_the_cap_is_named_and_its_neighbours_load(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    from medeyes_env.sources import parquet_files
+    from tests.layouts import png_bytes
+
+    monkeypatch.setattr(parquet_files, "MAX_IMAGE_CELL_BYTES", 100_000)  # 64 MB in use: small here, a light test
+    cells = pa.array([png_bytes(0), b"\x89PNG" + b"\x00" * 100_000, png_bytes(2)], type=pa.binary())
+    struct = pa.StructArray.from_arrays([cells, pa.nulls(3, pa.string())], names=["bytes", "path"])
+    source = open_source(f"vqa_rad_hf:{_hf_parquet(tmp_path, pa.array(['a?', 'b?', 'c?']), struct)}")
+    message = r"parquet row 1 column 'image': 100,004 image bytes, above the 100,000-byte limit of an image cell"
+    with pytest.raises(ImageLoadError, match=message):
+        source.case("test", 1).load_image()
+    assert source.case("test", 2).load_image().size == (64, 48)
+
+
+def test_parquet_row_group_of_images_over_the_limit_is_refused_from_its_metadata(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    from medeyes_env.sources import parquet_files
+    from tests.layouts import png_bytes
+
+    # 256 MB in use: a 1 kB file whose one row group held 200 images of 5 MB ran out of memory on the first image
+    monkeypatch.setattr(parquet_files, "MAX_IMAGE_GROUP_BYTES", 100_000)
+    cells = pa.array([png_bytes(0), b"\x00" * 100_000, png_bytes(2)], type=pa.binary())
+    source = open_source(f"vqa_rad_hf:{_hf_parquet(tmp_path, pa.array(['a?', 'b?', 'c?']), cells)}")
+    message = r"test-00000-of-00001.parquet: row group 0 of column 'image' is 1\d\d,\d\d\d bytes uncompressed, above"
+    with pytest.raises(ImageLoadError, match=message):
+        source.case("test", 0).load_image()
