@@ -100,7 +100,8 @@ def start_server(max_sessions: int) -> tuple[subprocess.Popen, str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "medeyes.cli.app", "serve", "--port", str(port)]
-    command += ["--max-sessions", str(max_sessions), "--idle-timeout", "0"]
+    # --eval: real case ids on the wire (without it they are opaque), so each episode is checked by its case.
+    command += ["--max-sessions", str(max_sessions), "--idle-timeout", "0", "--eval"]
     env = {k: v for k, v in os.environ.items() if k != "MEDEYES_SERVE_TOKEN"}
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"

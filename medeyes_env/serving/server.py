@@ -1,33 +1,37 @@
-"""``medeyes serve``: MedEyes as an OpenEnv server, built with OpenEnv's own ``create_app``.
+"""``medeyes serve``: MedEyes as an OpenEnv server, built with OpenEnv's own ``create_fastapi_app``.
 
 Routes are OpenEnv's: ``WS /ws`` (one stateful episode per connection: reset, step, state, close),
-and ``POST /reset``, ``POST /step``, ``GET /state``, ``GET /schema``, ``GET /health``. Plain HTTP
-``/reset`` and ``/step`` are stateless upstream (each builds a fresh environment), so episodes go
-over the socket.
+and ``POST /reset``, ``POST /step``, ``GET /state``, ``GET /schema``, ``GET /metadata``, ``GET /health``.
+Plain HTTP ``/reset`` and ``/step`` are stateless upstream (each builds a fresh environment), so
+episodes go over the socket. OpenEnv's MCP routes (``/mcp``), task routes and web interface
+(``ENABLE_WEB_INTERFACE``) are not served.
 
-What this module adds around ``create_app``:
+What this module adds around OpenEnv's app (the checks themselves are in :mod:`.guard`):
 
 - concurrent sessions (``max_sessions``, at least a generation batch) with an idle timeout;
 - request size limits: HTTP bodies over ``max_request_bytes`` get 413, WebSocket frames over it
   close the socket with code 1009, action text over :data:`~medeyes_env.serving.wire.MAX_ACTION_CHARS`
   gets a validation error frame;
 - an optional bearer token on every route but ``/health`` (HTTP 401; a WebSocket is refused with 403);
-- no gold answers or boxes on the wire unless ``include_gold`` (``medeyes serve --eval``).
+  without one the server binds to loopback only and answers only loopback ``Host`` names;
+- no ``Origin`` (no browser page) unless allowed; a connection cap and deadlines for headers and messages;
+- no gold answers or boxes, and opaque case ids, on the wire unless ``include_gold`` (``medeyes serve --eval``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import hmac
-import json
+import os
+import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gymnasium as gym
-from openenv.core.env_server.http_server import create_app
+from openenv.core.env_server.http_server import create_fastapi_app
 from openenv.core.env_server.interfaces import Environment
 from openenv.core.env_server.types import ConcurrencyConfig, EnvironmentMetadata
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,6 +40,7 @@ from medeyes_env.cases import Split
 from medeyes_env.env import MedEyesEnv
 from medeyes_env.errors import ConfigError
 from medeyes_env.registration import ENV_IDS
+from medeyes_env.serving.guard import ROUTES, RequestGuard, is_loopback, limited_h11
 from medeyes_env.serving.wire import MedEyesAction, MedEyesObservation, MedEyesState, encode_image
 
 _COMPONENTS = ("accuracy", "grammar", "diversity", "grounding", "tool", "token_recall", "best_iou")
@@ -53,7 +58,9 @@ class ServeConfig(BaseModel):
     env_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="EnvConfig fields passed to the environment, e.g. {'max_steps': 3}."
     )
-    host: str = Field(default="127.0.0.1", description="Interface to bind; 0.0.0.0 exposes it to the network.")
+    host: str = Field(
+        default="127.0.0.1", description="Interface to bind; anything but loopback (e.g. 0.0.0.0) needs a token."
+    )
     port: int = Field(default=8765, ge=0, le=65535, description="TCP port (0 picks a free one).")
     max_sessions: int = Field(
         default=64, ge=1, le=4096, description="Concurrent WebSocket sessions (at least a generation batch)."
@@ -65,18 +72,50 @@ class ServeConfig(BaseModel):
         default=1 << 20, ge=4096, description="Largest HTTP body or WebSocket frame; larger is refused."
     )
     token: str | None = Field(
-        default=None, min_length=8, description="Bearer token every request but /health must carry; None: no check."
+        default=None,
+        min_length=8,
+        repr=False,
+        description="Bearer token every request but /health must carry; None: no check, loopback only.",
     )
     include_gold: bool = Field(
-        default=False, description="Send gold answers and boxes in observations (evaluation only)."
+        default=False, description="Send gold answers, gold boxes and the real case ids (evaluation only)."
+    )
+    allow_origins: list[str] = Field(
+        default_factory=list,
+        description="Origin headers accepted (e.g. 'http://localhost:3000'); a request with any other is refused.",
+    )
+    handshake_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A connection must finish its request headers, and a WebSocket send its first message, "
+        "within this many seconds, or it is closed.",
+    )
+    max_connections: int | None = Field(
+        default=None, ge=1, description="Open connections at most (HTTP and WebSocket); None: max_sessions + 64."
     )
 
     @model_validator(mode="after")
-    def _known_env(self) -> ServeConfig:
+    def _checked(self) -> ServeConfig:
         if self.env_id not in ENV_IDS:
             known = ", ".join(sorted(ENV_IDS))
             raise ValueError(f"env_id {self.env_id!r} is not a MedEyes id; use one of: {known}")
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no token is set: anyone on the network could "
+                "play sessions and read the images (and the gold with --eval); set a token, or bind 127.0.0.1"
+            )
+        if self.connection_cap < self.max_sessions:
+            raise ValueError(
+                f"max_connections ({self.max_connections}) is below max_sessions ({self.max_sessions}): "
+                "every session holds a connection; raise max_connections"
+            )
         return self
+
+    @property
+    def connection_cap(self) -> int:
+        """Open connections at most: ``max_connections``, or ``max_sessions`` + 64 for HTTP beside the sockets."""
+        return self.max_connections if self.max_connections is not None else self.max_sessions + 64
 
 
 class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState]):
@@ -89,9 +128,10 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
 
     SUPPORTS_CONCURRENT_SESSIONS = True  # each session owns its own MedEyesEnv; nothing is shared
 
-    def __init__(self, config: ServeConfig | None = None) -> None:
+    def __init__(self, config: ServeConfig | None = None, id_key: bytes | None = None) -> None:
         super().__init__()
         self.config = config or ServeConfig()
+        self.id_key = id_key or secrets.token_bytes(32)
         self.env = make_env(self.config)
         self._state = MedEyesState()
         self._question = ""
@@ -108,12 +148,12 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         self._check_open()
         if kwargs:
             raise ValueError(f"unknown reset arguments {sorted(kwargs)}; use seed, episode_id or case_index")
-        if case_index is not None and (not isinstance(case_index, int) or case_index < 0):
+        if case_index is not None and (type(case_index) is not int or case_index < 0):  # True is not an index
             raise ValueError(f"case_index must be a non-negative int, got {case_index!r}")
         options = {"case_index": case_index} if case_index is not None else None
         obs, info = self.env.reset(seed=seed, options=options)
         self._question = obs["text"]  # at reset the text is the question with its answer instructions
-        self._state = MedEyesState(episode_id=episode_id, step_count=0, case_id=info["case_id"])
+        self._state = MedEyesState(episode_id=episode_id, step_count=0, case_id=self.public_id(info["case_id"]))
         return self._observation(obs, info, reward=None, terminated=False, truncated=False)
 
     def step(self, action: MedEyesAction, timeout_s: float | None = None, **kwargs: Any) -> MedEyesObservation:
@@ -129,6 +169,16 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
             update={"step_count": info["step"], "done": done, "reward_total": info.get("reward_total")}
         )
         return self._observation(obs, info, reward=reward, terminated=terminated, truncated=truncated)
+
+    def public_id(self, case_id: str) -> str:
+        """The id clients see: the case's own with ``include_gold``, else an HMAC of it under this server's key.
+
+        Case ids name answers (``samples/<image>/<question>``) or the draw that makes a phantom, so without
+        ``--eval`` they travel opaque: ``case-`` and 20 hex digits, the same for one case on one server.
+        """
+        if self.config.include_gold:
+            return case_id
+        return "case-" + hmac.new(self.id_key, case_id.encode(), hashlib.sha256).hexdigest()[:20]
 
     @property
     def state(self) -> MedEyesState:
@@ -169,7 +219,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
             text=obs["text"],
             question=self._question,
             system_prompt=env.system_prompt() if info["step"] == 0 else "",
-            case_id=info["case_id"],
+            case_id=self.public_id(info["case_id"]),
             image_size=tuple(info["image_size"]),
             step=info["step"],
             terminated=terminated,
@@ -196,98 +246,78 @@ def make_env(config: ServeConfig) -> MedEyesEnv:
         raise ConfigError(f"cannot build {config.env_id} with {kwargs}: {exc}") from exc
 
 
+IGNORED_VARIABLES = {
+    "ENABLE_WEB_INTERFACE": "OpenEnv's web interface plays one environment shared by every client",
+    "OPENENV_MODE": "the mode is always simulation (reset and step over the socket)",
+}
+
+
+def ignored_environment() -> list[str]:
+    """One line for each OpenEnv environment variable that is set here and that ``medeyes serve`` ignores."""
+    set_here = [name for name in IGNORED_VARIABLES if os.environ.get(name)]
+    return [f"{name}={os.environ[name]} is ignored: {IGNORED_VARIABLES[name]}" for name in set_here]
+
+
 def build_app(config: ServeConfig | None = None) -> Any:
-    """The FastAPI app: OpenEnv's ``create_app`` wrapped in the token and size guard."""
+    """The FastAPI app: OpenEnv's ``create_fastapi_app`` with :data:`~.guard.ROUTES` only, behind the guard.
+
+    ``create_fastapi_app`` rather than ``create_app``: the latter reads ``ENABLE_WEB_INTERFACE`` and then
+    serves ``/web`` routes on one environment that every client shares.
+    """
     config = config or ServeConfig()
     make_env(config).close()  # fail at start-up, not in the first session, on a bad env config
-    app = create_app(
-        functools.partial(MedEyesOpenEnv, config),
+    app = create_fastapi_app(
+        _session_factory(config, secrets.token_bytes(32)),
         MedEyesAction,
         MedEyesObservation,
-        env_name="medeyes",
         concurrency_config=ConcurrencyConfig(
             max_concurrent_envs=config.max_sessions, session_timeout=config.idle_timeout_s
         ),
+        env_name="medeyes",
         state_cls=MedEyesState,
         mode="simulation",
     )
-    app.add_middleware(RequestGuard, token=config.token, max_request_bytes=config.max_request_bytes)
+    # OpenEnv's MCP routes make sessions the idle reaper never frees, and its task routes are not MedEyes'.
+    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) in ROUTES]
+    app.add_middleware(
+        RequestGuard,
+        token=config.token,
+        max_request_bytes=config.max_request_bytes,
+        allow_origins=config.allow_origins,
+        handshake_timeout_s=config.handshake_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
+    )
     return app
 
 
-def serve(config: ServeConfig) -> None:
-    """Run the server until interrupted (uvicorn; frames over ``max_request_bytes`` close with 1009)."""
+def _session_factory(config: ServeConfig, id_key: bytes) -> Callable[[], MedEyesOpenEnv]:
+    # A named function: OpenEnv puts the factory's name in FACTORY_ERROR frames, and a partial's repr
+    # would show the config (paths of the data).
+    def medeyes_session() -> MedEyesOpenEnv:
+        return MedEyesOpenEnv(config, id_key)
+
+    return medeyes_session
+
+
+def uvicorn_config(config: ServeConfig) -> Any:
+    """The uvicorn settings for ``config``: the app, the frame limit, the connection cap and header deadline."""
     import uvicorn
 
-    uvicorn.run(
+    return uvicorn.Config(
         build_app(config),
         host=config.host,
         port=config.port,
+        http=limited_h11(config.connection_cap, config.handshake_timeout_s),
         ws_max_size=config.max_request_bytes,
         log_level="warning",
     )
 
 
-class RequestGuard:
-    """ASGI middleware: bearer token on every route but ``/health``, and a cap on HTTP body size.
+def serve(config: ServeConfig) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
 
-    Pure ASGI rather than Starlette's ``BaseHTTPMiddleware`` because that one never sees WebSockets.
-    """
-
-    OPEN_PATHS = frozenset({"/health"})
-
-    def __init__(self, app: Any, token: str | None, max_request_bytes: int) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
-        self.max_request_bytes = max_request_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Refuse what fails the checks; pass everything else through unchanged."""
-        kind = scope["type"]
-        if kind not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        if self.expected is not None and scope.get("path") not in self.OPEN_PATHS:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # constant time: the token is a secret
-                if kind == "websocket":
-                    await send({"type": "websocket.close", "code": 1008, "reason": "missing or wrong bearer token"})
-                else:
-                    await _json_error(send, 401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'")
-                return
-        if kind == "http":
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_request_bytes):
-                await _json_error(send, 413, f"request body over {self.max_request_bytes} bytes")
-                return
-            receive = _capped(receive, self.max_request_bytes)
-        await self.app(scope, receive, send)
-
-
-def _capped(receive: Any, limit: int) -> Any:
-    """Wrap ``receive`` so a chunked body that grows past ``limit`` is cut off (no Content-Length to trust)."""
-    seen = 0
-
-    async def wrapped() -> dict[str, Any]:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                # Starlette turns a disconnect into ClientDisconnect: the request ends, the server stays up.
-                return {"type": "http.disconnect"}
-        return message
-
-    return wrapped
-
-
-async def _json_error(send: Any, status: int, message: str) -> None:
-    body = json.dumps({"detail": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    uvicorn.Server(uvicorn_config(config)).run()
 
 
 @contextlib.contextmanager
@@ -299,15 +329,7 @@ def background_server(config: ServeConfig | None = None) -> Iterator[str]:
     import uvicorn
 
     config = config or ServeConfig(port=0)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(config),
-            host=config.host,
-            port=config.port,
-            ws_max_size=config.max_request_bytes,
-            log_level="warning",
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(config))
     thread = threading.Thread(target=server.run, name="medeyes-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
