@@ -91,12 +91,22 @@ def serve(
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid serve settings: {problems}") from exc
     auth = f"bearer token from ${token_name}" if token else "no token, loopback names only"
-    gold = "GOLD ANSWERS AND CASE IDS ON THE WIRE (--eval)" if eval_mode else "no gold on the wire, opaque case ids"
+    _announce(config, auth)
+    run_server(config)
+
+
+def _announce(config: Any, auth: str) -> None:
+    """The start-up line: what is served where, to whom, and whether gold is on the wire."""
+    gold = (
+        "GOLD ANSWERS AND CASE IDS ON THE WIRE (--eval)"
+        if config.include_gold
+        else "no gold on the wire, opaque case ids"
+    )
+    where = f"ws://{config.host}:{config.port}/ws"
     console.print(
-        safe(f"medeyes serve: {env} on ws://{host}:{port}/ws ({max_sessions} sessions, {auth}, {gold})"),
+        safe(f"medeyes serve: {config.env_id} on {where} ({config.max_sessions} sessions, {auth}, {gold})"),
         highlight=False,
     )
-    run_server(config)
 
 
 def _token(token_env: str | None) -> tuple[str, str | None]:

@@ -191,6 +191,10 @@ def test_case_ids_are_opaque_without_eval(env_id):
                 frames.append(json.loads(ws.recv(timeout=30))["data"]["observation"]["case_id"])
             ws.send(json.dumps({"type": "state"}))
             state = json.loads(ws.recv(timeout=30))["data"]
+            ws.send(json.dumps({"type": "reset", "data": {"case_index": True}}))  # a bool is not an index
+            assert (
+                json.loads(ws.recv(timeout=30))["data"]["message"] == "case_index must be a non-negative int, got True"
+            )
     first, other = frames[:3], frames[3:]
     assert all(re.fullmatch(r"case-[0-9a-f]{20}", case_id) for case_id in frames), frames
     assert first[0] == first[2] != first[1]  # stable within a server: episodes of a case group together
