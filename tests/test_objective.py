@@ -23,6 +23,11 @@ from medeyes.training.shaping import curiosity_bonus, flat_groups
 F = torch.float32
 
 
+def paper_config(**overrides) -> ObjectiveConfig:
+    """The objective with the paper's per-stream statistics (the default is on_baseline since issue 20)."""
+    return ObjectiveConfig(**{"advantage_mode": "per_stream", **overrides})
+
+
 def t(*xs: float) -> torch.Tensor:
     return torch.tensor(xs, dtype=F)
 
@@ -48,9 +53,9 @@ def assert_tensor(x: torch.Tensor, expected) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_config_defaults_are_the_papers():
+def test_config_defaults_are_the_papers_except_the_expert_baseline():
     c = ObjectiveConfig()
-    assert c.advantage_mode == "per_stream"
+    assert c.advantage_mode == "on_baseline"  # the paper's per_stream zeroes the expert stream (sigma_off = 0)
     assert (c.eps, c.clip_eps, c.clip_high, c.shaping_gamma, c.sigma_floor) == (1e-6, 0.2, 0.2, 0.1, 0.1)
     assert c.scale_by_std and c.std_unbiased
     assert not c.off_policy_shaping and not c.clip_off_policy
@@ -65,19 +70,19 @@ def test_config_defaults_are_the_papers():
 )
 def test_config_rejects_bad_values(kwargs):
     with pytest.raises(ValidationError):
-        ObjectiveConfig(**kwargs)
+        paper_config(**kwargs)
 
 
 def test_config_rejects_unknown_field():
     with pytest.raises(ValidationError, match=r"Extra inputs are not permitted"):
-        ObjectiveConfig(clip_range=0.2)
+        paper_config(clip_range=0.2)
 
 
 def test_config_cross_field_rule_names_the_fix():
     with pytest.raises(ValidationError, match=r"sigma_floor=0 and eps=0 divides by zero .* set sigma_floor > 0"):
-        ObjectiveConfig(advantage_mode="on_baseline", sigma_floor=0.0, eps=0.0)
-    ObjectiveConfig(advantage_mode="on_baseline", sigma_floor=0.0, eps=1e-6)  # allowed
-    ObjectiveConfig(advantage_mode="per_stream", eps=0.0)  # allowed: flat groups are exactly 0, never 0/0
+        paper_config(advantage_mode="on_baseline", sigma_floor=0.0, eps=0.0)
+    paper_config(advantage_mode="on_baseline", sigma_floor=0.0, eps=1e-6)  # allowed
+    paper_config(advantage_mode="per_stream", eps=0.0)  # allowed: flat groups are exactly 0, never 0/0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ S3 = 1 / math.sqrt(3)  # unbiased std of [1, 0, 1, 0] is sqrt(1/3)
 
 
 def test_per_stream_unbiased_std():
-    adv, stats = compute_advantages(R, G, E, ObjectiveConfig(eps=0.0))
+    adv, stats = compute_advantages(R, G, E, paper_config(eps=0.0))
     # on: 0.5 / sqrt(1/3) = 0.8660; expert [1, 0]: 0.5 / sqrt(0.5) = 0.7071; group 1 flat -> 0
     h = 0.5 / S3
     assert adv.tolist() == approx([h, -h, h, -h, 0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5), 0, 0, 0])
@@ -107,26 +112,26 @@ def test_per_stream_unbiased_std():
 
 
 def test_per_stream_population_std():
-    adv, _ = compute_advantages(R, G, E, ObjectiveConfig(eps=0.0, std_unbiased=False))
+    adv, _ = compute_advantages(R, G, E, paper_config(eps=0.0, std_unbiased=False))
     assert adv.tolist() == approx([1, -1, 1, -1, 1, -1, 0, 0, 0])
 
 
 def test_per_stream_eps_is_added_to_sigma():
-    adv, _ = compute_advantages(R, G, E, ObjectiveConfig(eps=0.01, std_unbiased=False))
+    adv, _ = compute_advantages(R, G, E, paper_config(eps=0.01, std_unbiased=False))
     assert adv[0].item() == approx(0.5 / 0.51)
 
 
 def test_sigma_zero_gives_exact_zero_not_rounding_noise():
     # 0.1 + 0.2 three times: the float mean is not bit-identical to the values, (R - mu) / eps would be ~1e-11.
     x = 0.1 + 0.2
-    adv, stats = compute_advantages(t(x, x, x), ids(0, 0, 0), flags(1, 1, 1), ObjectiveConfig())
+    adv, stats = compute_advantages(t(x, x, x), ids(0, 0, 0), flags(1, 1, 1), paper_config())
     assert adv.tolist() == [0.0, 0.0, 0.0]
     assert stats["stream/off/sigma_zero_groups"] == 1.0
     assert stats["stream/off/adv_zero_frac"] == 1.0
 
 
 def test_single_expert_per_group_is_sigma_zero():
-    adv, stats = compute_advantages(t(1, 0, 1, 0.7), ids(0, 0, 0, 1), flags(0, 0, 1, 1), ObjectiveConfig())
+    adv, stats = compute_advantages(t(1, 0, 1, 0.7), ids(0, 0, 0, 1), flags(0, 0, 1, 1), paper_config())
     assert adv[2:].tolist() == [0.0, 0.0]
     assert stats["stream/off/sigma_zero_groups"] == 2.0
 
@@ -136,7 +141,7 @@ def test_on_baseline_uses_on_policy_stats_with_floor():
     r = t(1, 0, 1, 0, 1, 0.75, 0, 0, 1)
     g = ids(0, 0, 0, 0, 0, 0, 1, 1, 1)
     e = flags(0, 0, 0, 0, 1, 1, 0, 0, 1)
-    cfg = ObjectiveConfig(advantage_mode="on_baseline", eps=0.0, std_unbiased=False)
+    cfg = paper_config(advantage_mode="on_baseline", eps=0.0, std_unbiased=False)
     adv, stats = compute_advantages(r, g, e, cfg)
     # expert: (1 - .5)/.5 = 1, (.75 - .5)/.5 = .5; g1 expert: (1 - 0) / max(0, 0.1) = 10; flat on rows -> 0
     assert adv.tolist() == approx([1, -1, 1, -1, 1.0, 0.5, 0, 0, 10.0])
@@ -148,7 +153,7 @@ def test_on_baseline_uses_on_policy_stats_with_floor():
 
 def test_on_baseline_group_without_on_policy_rows_is_zero_and_counted():
     adv, stats = compute_advantages(
-        t(1, 0, 1, 0.5), ids(0, 0, 0, 7), flags(0, 0, 1, 1), ObjectiveConfig(advantage_mode="on_baseline")
+        t(1, 0, 1, 0.5), ids(0, 0, 0, 7), flags(0, 0, 1, 1), paper_config(advantage_mode="on_baseline")
     )
     assert adv[3].item() == 0.0
     assert stats["stream/off/no_baseline_groups"] == 1.0
@@ -156,7 +161,7 @@ def test_on_baseline_group_without_on_policy_rows_is_zero_and_counted():
 
 def test_batch_floor_pools_all_expert_rows():
     # expert rows over both groups: [1, 0, 1, 1, 1], mean .8, unbiased std sqrt(.2)
-    adv, _ = compute_advantages(R, G, E, ObjectiveConfig(advantage_mode="batch_floor", eps=0.0))
+    adv, _ = compute_advantages(R, G, E, paper_config(advantage_mode="batch_floor", eps=0.0))
     s = math.sqrt(0.2)
     assert adv[4:].tolist() == approx([0.2 / s, -0.8 / s, 0.2 / s, 0.2 / s, 0.2 / s])
     assert adv[:4].tolist() == approx([0.5 / S3, -0.5 / S3, 0.5 / S3, -0.5 / S3])  # on rows as per_stream
@@ -164,7 +169,7 @@ def test_batch_floor_pools_all_expert_rows():
 
 def test_batch_floor_floors_a_small_sigma():
     # experts 0.5 and 0.52 in different groups: pop std 0.01 < floor 0.1 -> +-0.01 / 0.1
-    cfg = ObjectiveConfig(advantage_mode="batch_floor", eps=0.0, std_unbiased=False)
+    cfg = paper_config(advantage_mode="batch_floor", eps=0.0, std_unbiased=False)
     adv, _ = compute_advantages(t(0.5, 0.52), ids(0, 1), flags(1, 1), cfg)
     assert adv.tolist() == approx([-0.1, 0.1], rel=1e-4)
     adv, _ = compute_advantages(t(0.5, 0.5), ids(0, 1), flags(1, 1), cfg)
@@ -172,7 +177,7 @@ def test_batch_floor_floors_a_small_sigma():
 
 
 def test_joint_pools_both_streams_of_a_group():
-    adv, _ = compute_advantages(R, G, E, ObjectiveConfig(advantage_mode="joint", eps=0.0))
+    adv, _ = compute_advantages(R, G, E, paper_config(advantage_mode="joint", eps=0.0))
     s = math.sqrt(1.5 / 5)  # g0 = [1, 0, 1, 0, 1, 0]
     assert adv.tolist() == approx([0.5 / s, -0.5 / s] * 3 + [0, 0, 0])
 
@@ -182,7 +187,7 @@ def test_no_std_scaling_is_reward_minus_mean(mode):
     r = t(1, 0, 1, 0, 1, 0.5, 1, 1)
     g = ids(0, 0, 0, 0, 0, 0, 1, 1)
     e = flags(0, 0, 0, 0, 1, 1, 1, 1)
-    adv, _ = compute_advantages(r, g, e, ObjectiveConfig(advantage_mode=mode, scale_by_std=False))
+    adv, _ = compute_advantages(r, g, e, paper_config(advantage_mode=mode, scale_by_std=False))
     off = {
         "per_stream": [0.25, -0.25, 0, 0],  # vs own mean .75; g1 flat
         "on_baseline": [0.5, 0.0, 0, 0],  # vs mu_on .5; g1 has no on rows
@@ -197,22 +202,22 @@ def test_group_ids_may_be_any_integers_in_any_order():
     perm = torch.tensor([8, 3, 0, 5, 1, 7, 2, 6, 4])
     relabel = {0: 1234, 1: -5}
     g = torch.tensor([relabel[int(x)] for x in G[perm]], dtype=torch.long)
-    adv, _ = compute_advantages(R[perm], g, E[perm], ObjectiveConfig())
-    ref, _ = compute_advantages(R, G, E, ObjectiveConfig())
+    adv, _ = compute_advantages(R[perm], g, E[perm], paper_config())
+    ref, _ = compute_advantages(R, G, E, paper_config())
     assert adv.tolist() == approx(ref[perm].tolist())
 
 
 def test_empty_stream_and_empty_batch_stats():
-    adv, stats = compute_advantages(t(1, 0), ids(0, 0), flags(0, 0), ObjectiveConfig(advantage_mode="batch_floor"))
+    adv, stats = compute_advantages(t(1, 0), ids(0, 0), flags(0, 0), paper_config(advantage_mode="batch_floor"))
     assert stats["stream/off/samples"] == 0.0 and stats["stream/off/groups"] == 0.0
     assert "stream/off/adv_mean" not in stats
     assert all(math.isfinite(v) for v in stats.values())
-    adv, stats = compute_advantages(t(), ids(), flags(), ObjectiveConfig())
+    adv, stats = compute_advantages(t(), ids(), flags(), paper_config())
     assert adv.shape == (0,) and stats["stream/on/samples"] == 0.0
 
 
 def test_advantage_input_errors_name_the_problem():
-    cfg = ObjectiveConfig()
+    cfg = paper_config()
     with pytest.raises(TypeError, match=r"group_ids must be a long \(int64\) tensor, got dtype torch.int32; use .long"):
         compute_advantages(t(1, 0), torch.tensor([0, 0], dtype=torch.int32), flags(0, 0), cfg)
     with pytest.raises(TypeError, match="is_expert must be a bool tensor"):
@@ -266,7 +271,7 @@ def test_flat_groups_judge_on_policy_rewards_only():
         True, True, True, False, False, False, False, True, True, True
     ]  # fmt: skip
     # the same groups get on-policy advantage exactly 0
-    adv, _ = compute_advantages(rewards, groups, expert, ObjectiveConfig())
+    adv, _ = compute_advantages(rewards, groups, expert, paper_config())
     on_flat = flat_groups(rewards, groups, expert) & ~expert
     assert (adv[on_flat] == 0).all()
     assert flat_groups(t(), ids(), flags()).shape == (0,)
@@ -289,7 +294,7 @@ def run_loss(lp, old, adv, mask, expert, cfg, **kw):
 def one_on_row(ratio: float, a: float, cfg=None):
     old = t(-1.0, -2.0)[None]
     lp = old + math.log(ratio)
-    return run_loss(lp, old, t(a), torch.ones(1, 2), flags(0), cfg or ObjectiveConfig())
+    return run_loss(lp, old, t(a), torch.ones(1, 2), flags(0), cfg or paper_config())
 
 
 def test_on_policy_unclipped():
@@ -320,14 +325,14 @@ def test_on_policy_clipping(ratio, a, loss, grad, frac_key):
 
 def test_asymmetric_clip_high():
     assert one_on_row(1.25, 1.0)[0] == approx(-1.2)
-    assert one_on_row(1.25, 1.0, ObjectiveConfig(clip_eps_high=0.3))[0] == approx(-1.25)
-    assert one_on_row(0.7, -1.0, ObjectiveConfig(clip_eps_high=0.3))[0] == approx(0.8)  # low side still 0.2
+    assert one_on_row(1.25, 1.0, paper_config(clip_eps_high=0.3))[0] == approx(-1.25)
+    assert one_on_row(0.7, -1.0, paper_config(clip_eps_high=0.3))[0] == approx(0.8)  # low side still 0.2
 
 
 def test_expert_rows_use_pi_theta_and_ignore_old_logprobs():
     lp = torch.log(t(0.5))[None]
     for old in (t(0.0)[None], t(float("nan"))[None], t(-100.0)[None]):
-        loss, grad, m = run_loss(lp, old, t(2.0), torch.ones(1, 1), flags(1), ObjectiveConfig())
+        loss, grad, m = run_loss(lp, old, t(2.0), torch.ones(1, 1), flags(1), paper_config())
         assert loss == approx(-1.0)  # -rho * A = -0.5 * 2
         assert_tensor(grad, [[-1.0]])  # d(-A e^lp)/dlp = -A rho
         assert m["stream/off/rho_mean"] == approx(0.5)
@@ -335,7 +340,7 @@ def test_expert_rows_use_pi_theta_and_ignore_old_logprobs():
 
 
 def test_expert_shaping_value_and_gradient():
-    cfg = ObjectiveConfig(off_policy_shaping=True)
+    cfg = paper_config(off_policy_shaping=True)
     loss, grad, m = run_loss(torch.log(t(0.5))[None], t(0.0)[None], t(2.0), torch.ones(1, 1), flags(1), cfg)
     assert loss == approx(-2 * 0.5 / 0.6)
     assert grad.item() == approx(-2 * 0.1 * 0.5 / 0.6**2)  # -A * gamma rho / (rho + gamma)^2
@@ -346,25 +351,23 @@ def test_expert_shaping_value_and_gradient():
 def test_shaping_gradient_matches_hand_derivative_over_rho(gamma):
     rho = t(1e-4, 0.01, 0.05, 0.1, 0.3, 0.9, 0.999)
     a = -1.5
-    cfg = ObjectiveConfig(off_policy_shaping=True, shaping_gamma=gamma, aggregation="token_mean")
+    cfg = paper_config(off_policy_shaping=True, shaping_gamma=gamma, aggregation="token_mean")
     n = rho.numel()
     _, grad, _ = run_loss(torch.log(rho)[None], torch.zeros(1, n), t(a), torch.ones(1, n), flags(1), cfg)
     hand = -a * gamma * rho / (rho + gamma) ** 2 / n
     assert grad[0].tolist() == approx(hand.tolist(), rel=1e-4)
     # unshaped: -A rho / n, vanishing for rare tokens; shaped peaks at rho = gamma
-    _, grad_raw, _ = run_loss(
-        torch.log(rho)[None], torch.zeros(1, n), t(a), torch.ones(1, n), flags(1), ObjectiveConfig()
-    )
+    _, grad_raw, _ = run_loss(torch.log(rho)[None], torch.zeros(1, n), t(a), torch.ones(1, n), flags(1), paper_config())
     assert grad_raw[0].tolist() == approx((-a * rho / n).tolist(), rel=1e-4)
     assert int(grad[0].abs().argmax()) == int((rho - gamma).abs().argmin())
 
 
 def test_clip_off_policy_only_zeroes_low_probability_negative_tokens():
     lp = torch.log(t(0.5))[None]
-    off = ObjectiveConfig(clip_off_policy=True)
+    off = paper_config(clip_off_policy=True)
     loss, grad, m = run_loss(lp, t(0.0)[None], t(-1.0), torch.ones(1, 1), flags(1), off)
     assert loss == approx(0.8) and grad.item() == 0.0 and m["stream/off/clip_frac"] == 1.0
-    loss, grad, m = run_loss(lp, t(0.0)[None], t(-1.0), torch.ones(1, 1), flags(1), ObjectiveConfig())
+    loss, grad, m = run_loss(lp, t(0.0)[None], t(-1.0), torch.ones(1, 1), flags(1), paper_config())
     assert loss == approx(0.5) and grad.item() == approx(0.5) and m["stream/off/clip_frac"] == 0.0
     loss, grad, _ = run_loss(lp, t(0.0)[None], t(1.0), torch.ones(1, 1), flags(1), off)
     assert loss == approx(-0.5) and grad.item() == approx(-0.5)  # positive advantage: unaffected
@@ -375,8 +378,8 @@ def test_aggregations_differ_on_unequal_lengths():
     lp = torch.zeros(2, 3)
     mask = torch.tensor([[1, 0, 0], [1, 1, 1]], dtype=F)
     args = (lp, lp.clone(), t(-1.0, -3.0), mask, flags(0, 0))
-    seq, g_seq, _ = run_loss(*args, ObjectiveConfig())
-    tok, g_tok, _ = run_loss(*args, ObjectiveConfig(aggregation="token_mean"))
+    seq, g_seq, _ = run_loss(*args, paper_config())
+    tok, g_tok, _ = run_loss(*args, paper_config(aggregation="token_mean"))
     assert seq == approx((1 + 3) / 2)
     assert tok == approx((1 + 3 * 3) / 4)
     assert_tensor(g_seq, [[0.5, 0, 0], [0.5, 0.5, 0.5]])  # d/dlogp of -rA/(n_i * rows): 1/2, 3/(3*2)
@@ -387,13 +390,13 @@ def test_kl_k3_value_gradient_and_coefficient():
     lp = t(-1.0, -2.0)[None]
     ref = lp + math.log(2.0)  # ref - lp = log 2: k3 = 2 - log 2 - 1
     k3 = 1 - math.log(2.0)
-    cfg = ObjectiveConfig(kl_coef=0.5)
+    cfg = paper_config(kl_coef=0.5)
     loss, grad, m = run_loss(lp, lp.clone(), t(0.0), torch.ones(1, 2), flags(0), cfg, ref_logprobs=ref)
     assert m["loss/kl"] == approx(k3) and m["loss/policy"] == approx(0.0)
     assert loss == approx(0.5 * k3) and m["loss/total"] == approx(0.5 * k3)
     assert_tensor(grad, [[0.5 * (1 - 2) / 2] * 2])  # d k3 / d lp = 1 - e^(ref - lp)
     # kl_coef = 0: reported, not added; identical policies: 0
-    loss, _, m = run_loss(lp, lp.clone(), t(0.0), torch.ones(1, 2), flags(0), ObjectiveConfig(), ref_logprobs=ref)
+    loss, _, m = run_loss(lp, lp.clone(), t(0.0), torch.ones(1, 2), flags(0), paper_config(), ref_logprobs=ref)
     assert loss == approx(0.0) and m["loss/kl"] == approx(k3)
     assert run_loss(lp, lp.clone(), t(0.0), torch.ones(1, 2), flags(0), cfg, ref_logprobs=lp)[2]["loss/kl"] == 0.0
 
@@ -401,16 +404,16 @@ def test_kl_k3_value_gradient_and_coefficient():
 def test_kl_or_entropy_coef_without_tensor_is_an_error():
     args = (torch.zeros(1, 1), torch.zeros(1, 1), t(0.0), torch.ones(1, 1), flags(0))
     with pytest.raises(ValueError, match=r"kl_coef=0.1 > 0 needs ref_logprobs"):
-        dual_stream_loss(*args, ObjectiveConfig(kl_coef=0.1))
+        dual_stream_loss(*args, paper_config(kl_coef=0.1))
     with pytest.raises(ValueError, match=r"entropy_coef=0.01 > 0 needs entropy"):
-        dual_stream_loss(*args, ObjectiveConfig(entropy_coef=0.01))
+        dual_stream_loss(*args, paper_config(entropy_coef=0.01))
 
 
 def test_entropy_bonus():
     lp = torch.zeros(1, 3)
     ent = t(1.0, 3.0, 99.0)[None].requires_grad_(True)
     mask = t(1, 1, 0)[None]
-    loss, m = dual_stream_loss(lp, lp, t(0.0), mask, flags(0), ObjectiveConfig(entropy_coef=0.01), entropy=ent)
+    loss, m = dual_stream_loss(lp, lp, t(0.0), mask, flags(0), paper_config(entropy_coef=0.01), entropy=ent)
     loss.backward()
     assert loss.item() == approx(-0.01 * 2.0)
     assert m["entropy/mean"] == approx(2.0) and m["loss/entropy"] == approx(2.0)
@@ -420,7 +423,7 @@ def test_entropy_bonus():
 def test_only_on_policy_rows_and_only_expert_rows():
     lp = torch.log(t(0.5, 0.25))[None].repeat(2, 1)
     for expert, present, absent in ((flags(0, 0), "on", "off"), (flags(1, 1), "off", "on")):
-        loss, grad, m = run_loss(lp, lp.clone(), t(1.0, -1.0), torch.ones(2, 2), expert, ObjectiveConfig())
+        loss, grad, m = run_loss(lp, lp.clone(), t(1.0, -1.0), torch.ones(2, 2), expert, paper_config())
         assert math.isfinite(loss) and torch.isfinite(grad).all()
         assert m[f"stream/{absent}/rows"] == 0.0 and m[f"stream/{absent}/tokens"] == 0.0
         assert f"stream/{absent}/adv_mean" not in m and f"stream/{present}/pg_loss" in m
@@ -437,7 +440,7 @@ def test_empty_mask_rows_and_padding_do_not_leak():
     mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     for expert in (flags(0, 1), flags(1, 0), flags(1, 1)):
         for agg in ("seq_mean_token_mean", "token_mean"):
-            cfg = ObjectiveConfig(aggregation=agg, kl_coef=0.1, entropy_coef=0.01)
+            cfg = paper_config(aggregation=agg, kl_coef=0.1, entropy_coef=0.01)
             loss, grad, m = run_loss(lp, old, t(1.0, 5.0), mask, expert, cfg, ref_logprobs=ref, entropy=ent)
             pg = -1.0 if not expert[0] else -0.5  # ratio 1 vs rho 0.5, A = 1, one token
             assert loss == approx(pg - 0.01 * 0.7)  # the empty row does not dilute the mean
@@ -447,7 +450,7 @@ def test_empty_mask_rows_and_padding_do_not_leak():
 
 def test_all_empty_mask_gives_zero_loss_with_a_graph():
     lp = torch.full((2, 3), float("nan"))
-    loss, grad, m = run_loss(lp, lp, t(1.0, -1.0), torch.zeros(2, 3), flags(0, 1), ObjectiveConfig())
+    loss, grad, m = run_loss(lp, lp, t(1.0, -1.0), torch.zeros(2, 3), flags(0, 1), paper_config())
     assert loss == 0.0 and grad.abs().sum() == 0
     assert m["stream/on/tokens"] == 0.0 and m["stream/off/tokens"] == 0.0
 
@@ -455,11 +458,11 @@ def test_all_empty_mask_gives_zero_loss_with_a_graph():
 def test_loss_input_errors():
     z = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"loss_mask has shape \(2, 2\) but logprobs has \(2, 3\)"):
-        dual_stream_loss(z, z, t(0, 0), torch.ones(2, 2), flags(0, 0), ObjectiveConfig())
+        dual_stream_loss(z, z, t(0, 0), torch.ones(2, 2), flags(0, 0), paper_config())
     with pytest.raises(ValueError, match=r"advantages has shape \(3,\); it must be \[B\] = \(2,\)"):
-        dual_stream_loss(z, z, t(0, 0, 0), z, flags(0, 0), ObjectiveConfig())
+        dual_stream_loss(z, z, t(0, 0, 0), z, flags(0, 0), paper_config())
     with pytest.raises(TypeError, match="is_expert must be a bool tensor"):
-        dual_stream_loss(z, z, t(0, 0), z, ids(0, 0), ObjectiveConfig())
+        dual_stream_loss(z, z, t(0, 0), z, ids(0, 0), paper_config())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -595,7 +598,7 @@ def random_batch(rng: random.Random):
     list(itertools.product(["per_stream", "on_baseline", "batch_floor", "joint"], [True, False], [True, False])),
 )
 def test_advantages_match_plain_loop_reference(mode, unbiased, scale):
-    cfg = ObjectiveConfig(advantage_mode=mode, std_unbiased=unbiased, scale_by_std=scale)
+    cfg = paper_config(advantage_mode=mode, std_unbiased=unbiased, scale_by_std=scale)
     rng = random.Random(f"{mode}-{unbiased}-{scale}")  # str seeds are deterministic (not hash())
     for _ in range(5):
         r, g, e = random_batch(rng)
@@ -659,7 +662,7 @@ def ref_loss(lp, old, adv, mask, expert, c: ObjectiveConfig, ref=None, ent=None)
     ],
 )
 def test_loss_matches_plain_loop_reference(agg, shaping, clip_off, clip_high, kl, ent):
-    cfg = ObjectiveConfig(
+    cfg = paper_config(
         aggregation=agg,
         off_policy_shaping=shaping,
         clip_off_policy=clip_off,

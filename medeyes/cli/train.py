@@ -141,7 +141,7 @@ def config_rows(model: BaseModel, prefix: str = "") -> list[tuple[str, str, str]
 
     >>> from medeyes.training.objective_config import ObjectiveConfig
     >>> config_rows(ObjectiveConfig())[0][:2]
-    ('advantage_mode', '"per_stream"')
+    ('advantage_mode', '"on_baseline"')
     """
     rows = []
     for name, info in type(model).model_fields.items():
