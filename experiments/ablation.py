@@ -84,18 +84,24 @@ MECHANISM = {"expert_adv_zero": "stream/off/adv_zero_frac", "on_tool_share": "st
 # ================================================================================================ configs
 
 
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The preset's task with the ablation's budget and held-out range."""
+def base_config(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    """The preset's task with the ablation's held-out range and the budget of ``stage`` and the stages before it.
+
+    A later stage's options stay out of an earlier stage's config, so the ground and SFT stages of one ``--runs``
+    serve arms of any ``--grpo-steps`` or ``--prompts-per-step`` (every checkpoint refuses a config not its own).
+    """
     from medeyes.training.config import PRESETS
 
     data = PRESETS[args.preset]()
     data.update(progress=False, tensorboard=False, threads=args.threads, log_every=1)
     data["eval"] = {**data["eval"], "start": args.eval_start, "cases": args.eval_cases, "every": args.eval_every}
-    data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step or data["grpo"]["prompts_per_step"]}
-    for stage in ("ground", "sft"):
-        steps = getattr(args, f"{stage}_steps")
-        if steps is not None:
-            data[stage] = {**data[stage], "steps": steps}
+    order = ["ground", "sft", "grpo"]
+    for earlier in order[: order.index(stage) + 1]:
+        steps = getattr(args, f"{earlier}_steps", None)
+        if earlier != "grpo" and steps is not None:
+            data[earlier] = {**data[earlier], "steps": steps}
+    if stage == "grpo" and args.prompts_per_step:
+        data["grpo"] = {**data["grpo"], "prompts_per_step": args.prompts_per_step}
     return data
 
 
@@ -103,13 +109,15 @@ def stage_configs(args: argparse.Namespace, seed: int, warm: str) -> list[tuple[
     """``(name, TrainConfig)`` in run order: the seed's ground stage, the warm start's SFT, then each arm."""
     from medeyes.training.config import build_config
 
-    base = base_config(args)
+    bases = {stage: base_config(args, stage) for stage in ("ground", "sft", "grpo")}
     ground_dir, sft_dir = args.runs / f"seed{seed}" / "ground", args.runs / warm / f"seed{seed}" / "sft"
     shared = {"seed": seed, "checkpoint_every": 100}
-    ground = {**shared, "stages": ["ground"], "eval.every": base["ground"]["steps"], "run_dir": str(ground_dir)}
-    sft = {**shared, "model": str(ground_dir / "final"), "stages": ["sft"], "run_dir": str(sft_dir)}
-    sft.update({"eval.every": base["sft"]["steps"], **WARM_STARTS[warm]})
-    out = [(f"seed{seed}/ground", build_config(base, ground)), (f"{warm}/seed{seed}/sft", build_config(base, sft))]
+    ground = {**shared, "stages": ["ground"], "eval.every": bases["ground"]["ground"]["steps"]}
+    sft = {**shared, "model": str(ground_dir / "final"), "stages": ["sft"], "eval.every": bases["sft"]["sft"]["steps"]}
+    out = [
+        (f"seed{seed}/ground", build_config(bases["ground"], {**ground, "run_dir": str(ground_dir)})),
+        (f"{warm}/seed{seed}/sft", build_config(bases["sft"], {**sft, "run_dir": str(sft_dir), **WARM_STARTS[warm]})),
+    ]
     for arm in args.arms:
         overrides: dict[str, Any] = {
             "seed": seed,
@@ -123,7 +131,7 @@ def stage_configs(args: argparse.Namespace, seed: int, warm: str) -> list[tuple[
         if arm == "sft_only":  # continues the warm start's own SFT data; the GRPO arms use their expert
             overrides.update(WARM_STARTS[warm])
         overrides.update({k: v for k, v in ARMS[arm].items() if k != "stages"})
-        out.append((f"{warm}/seed{seed}/{arm}", build_config(base, overrides)))
+        out.append((f"{warm}/seed{seed}/{arm}", build_config(bases["grpo"], overrides)))
     return out
 
 
@@ -243,12 +251,18 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 
 def append_missing(path: Path, rows: list[dict[str, Any]]) -> int:
-    """Append the rows whose key ``path`` does not hold yet; how many were appended."""
-    have = {row_key(r) for r in read_rows(path)}
-    new = [r for r in rows if row_key(r) not in have]
-    if new:
-        with path.open("a") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in new)
+    """Append the rows whose key ``path`` does not hold yet; how many were appended.
+
+    Under a file lock: processes running other seeds beside this one append to the same file.
+    """
+    from filelock import FileLock
+
+    with FileLock(f"{path}.lock"):
+        have = {row_key(r) for r in read_rows(path)}
+        new = [r for r in rows if row_key(r) not in have]
+        if new:
+            with path.open("a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in new)
     return len(new)
 
 
