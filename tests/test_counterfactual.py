@@ -291,3 +291,17 @@ def test_a_real_store_passed_off_as_another_arm_is_refused(tmp_path: Path) -> No
     result = _cli(*args, "--counterfactual", "blank")
     assert result.exit_code == 2
     assert "holds episodes of other settings: options.counterfactual: stored 'real', this run 'blank'" in result.output
+
+
+def test_a_tampered_arm_record_is_refused_naming_file_line_and_field(tmp_path: Path) -> None:
+    """A counterfactual store is read back only after the eval store's check: components as the answer scores."""
+    args = ("rollout", "--agent", "random", "--data", "phantom:look", "--n", "2", "--out", str(tmp_path), "--quiet")
+    assert _cli(*args, "--counterfactual", "swap").exit_code == 0
+    path = tmp_path / "counterfactual" / "phantom" / "swap" / "trajectories.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["reward_components"]["accuracy"] = 1.0 - record["reward_components"]["accuracy"]
+    path.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    result = _cli(*args, "--counterfactual", "swap")
+    assert result.exit_code == 2
+    assert "trajectories.jsonl:1: reward_components.accuracy" in result.output

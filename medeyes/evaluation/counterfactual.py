@@ -39,6 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent
+from medeyes.evaluation.run import verify_record
 from medeyes.rollout import RolloutConfig, producer_of, run_rollout, trajectory_id
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes.trajectories.settings import episode_settings
@@ -261,10 +262,15 @@ def _play(
     cases: dict[str, int],
     listener: Listener | None,
 ) -> tuple[list[TrajectoryRecord], list[TrajectoryRecord]]:
-    """One arm's episodes: those played now and those read back from its store."""
+    """One arm's episodes: those played now and those read back from its store (each checked as eval does)."""
     wanted = {trajectory_id(case_id, config.seed, k) for case_id in cases for k in range(config.samples_per_case)}
-    back = [r for r in store.records() if r.trajectory_id in wanted] if store is not None else []
-    back = list({r.trajectory_id: r for r in back}.values())
+    shown = _ArmSource(source, arm, config)
+    found: dict[str, TrajectoryRecord] = {}
+    for where, record in store.located_records() if store is not None else ():
+        if record.trajectory_id in wanted and record.trajectory_id not in found:
+            verify_record(record, shown.case(config.split, cases[record.case_id]), config.env, where)
+            found[record.trajectory_id] = record
+    back = list(found.values())
     total = len(wanted)
     if listener is not None:
         listener(arm, len(back), total)
@@ -274,7 +280,6 @@ def _play(
         split=config.split, n=config.n, start=config.start, samples_per_case=config.samples_per_case,
         batch_size=config.batch_size, seed=config.seed, store_images=config.store_images, env=config.env,
     )  # fmt: skip
-    shown = _ArmSource(source, arm, config)
     progress = None if listener is None else (lambda done, _: listener(arm, len(back) + done, total))
     result = run_rollout(agent, shown, rollout, store=store, progress=progress, reset_options=shown.reset_options)
     return result.records, back
