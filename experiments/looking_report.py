@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -79,6 +80,8 @@ def store_figures(store_dir: Path, data: str) -> dict[str, float]:
         "lesion_cases": mean(presence, "correct", lambda r: r["lesion"]),
         "mimic_only": mean(presence, "correct", lambda r: not r["lesion"]),
         "iou_presence_lesion": mean(presence, "iou", lambda r: r["lesion"]),
+        "iou_presence_lesion_sd": float(np.std([r["iou"] for r in presence if r["lesion"]] or [math.nan])),
+        "lesion_n": sum(1 for r in presence if r["lesion"]),
         "tool_steps": float(np.mean(steps)),
         "tool_steps_presence": mean(presence, "drills") + 1.0,
         "first_drill_reached": mean(presence, "first_reached", lambda r: r["drills"] > 0),
