@@ -130,3 +130,21 @@ def test_bilateral_where_targets_name_both_sides_left_to_right():
     mirror = (size[0] - mimic[2], mimic[1], size[0] - mimic[0], mimic[3])
     assert len(one) == 1 and len(two) == 2 and two[0][0] < two[1][0]
     assert max(box_iou(b, mimic) for b in two) > 0.4 and max(box_iou(b, mirror) for b in two) > 0.4
+
+
+@pytest.mark.parametrize("answer", ["yes", "no"])
+def test_what_pairs_show_both_drilled_sides_and_answer_for_the_object(answer):
+    pytest.importorskip("torch")
+    from medeyes.training.grounding import grounding_examples
+
+    case = _case(answer)
+    orders = set()
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        (messages, text), *_ = grounding_examples(case, LOOK, ("what",), rng, 0.1, as_turns=True, what_pairs=True)
+        images = [part["image"] for part in messages[0]["content"] if part["type"] == "image"]
+        assert len(images) == 2 and f"<answer>{answer}</answer>" in text
+        # the object's drill view differs from the empty side's: one of them holds the round object
+        spread = [np.asarray(image.convert("L"), dtype=float).std() for image in images]
+        orders.add(int(np.argmax(spread)))
+    assert orders == {0, 1}  # the object's view comes first or second

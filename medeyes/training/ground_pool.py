@@ -39,6 +39,7 @@ def build_ground_pool(config: TrainConfig, source: CaseSource) -> list[tuple[lis
             config.ground.system_prompt,
             config.ground.empty_share,
             config.ground.bilateral,
+            config.ground.what_pairs,
         )
     return pool
 

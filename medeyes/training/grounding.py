@@ -56,8 +56,12 @@ def grounding_examples(
     as_turns: bool = False,
     empty_share: float = 0.0,
     bilateral: bool = False,
+    what_pairs: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case as ``(messages, answer)``; images as the environment shows them.
+
+    ``what_pairs``: a what-example shows the candidate's drill view and the drill view of the same box on the
+    other side (empty tissue), in random order, as a policy that drilled both sides has them before it answers.
 
     A where-example always; a what-example with probability ``what_share`` (reading a crop is learned from
     fewer examples than placing a box). ``as_turns`` writes the answers as the episode's own turns (the scan
@@ -94,7 +98,8 @@ def grounding_examples(
         if clamped is not None:
             view, _ = views.drill_view(image, clamped, env.view_size, env.drill_min_side)
             answer = _turn(Action.final_answer(label), env, image.size) if as_turns else label
-            examples.append((_messages(system, view, WHAT_QUESTION, answer), answer))
+            shown = _with_other_side(view, clamped, objects, image, env, rng) if what_pairs else view
+            examples.append((_messages(system, shown, WHAT_QUESTION, answer), answer))
     # drawn only when asked for, so a run without it keeps the same random draws
     if "what" in tasks and objects and empty_share > 0 and rng.random() < empty_share:
         empty = _empty_box([box for box, _ in objects], image.size, rng)
@@ -103,6 +108,17 @@ def grounding_examples(
             answer = _turn(Action.final_answer("no"), env, image.size) if as_turns else "no"
             examples.append((_messages(system, view, WHAT_QUESTION, answer), answer))
     return examples
+
+
+def _with_other_side(
+    view: Any, box: Box, objects: list[tuple[Box, str]], image: Any, env: EnvConfig, rng: np.random.Generator
+) -> Any:
+    """``view`` and the drill view of ``box``'s mirror, in random order; ``view`` alone if the mirror holds an object."""
+    mirror = views.mirrored_boxes([box], image.size[0])
+    if not mirror or any(box_iou(mirror[0], other) > 0.0 for other, _ in objects):
+        return view
+    other, _ = views.drill_view(image, mirror[0], env.view_size, env.drill_min_side)
+    return [view, other] if rng.random() < 0.5 else [other, view]
 
 
 def _empty_box(objects: list[Box], size: tuple[int, int], rng: np.random.Generator, tries: int = 20) -> Box | None:
@@ -174,12 +190,15 @@ def shaped_examples(
     system_prompt: bool = False,
     empty_share: float = 0.0,
     bilateral: bool = False,
+    what_pairs: bool = False,
 ) -> list[tuple[list[dict[str, Any]], str]]:
     """The grounding examples of one case in ``shape`` (``ground.shape``): the one place that dispatches on it."""
     if shape == "episode":
         return episode_grounding_examples(case, env, tasks, rng, jitter, what_share)
     turns = shape == "turns"
-    return grounding_examples(case, env, tasks, rng, jitter, what_share, system_prompt, turns, empty_share, bilateral)
+    return grounding_examples(
+        case, env, tasks, rng, jitter, what_share, system_prompt, turns, empty_share, bilateral, what_pairs
+    )
 
 
 def _turn(action: Action, env: EnvConfig, size: tuple[int, int]) -> str:
@@ -199,10 +218,12 @@ def _with_answer(messages: list[dict[str, Any]], answer: str) -> list[dict[str, 
 
 
 def _messages(system: str | None, image: Any, question: str, answer: str) -> list[dict[str, Any]]:
+    """One user turn with ``image`` (one image, or a list shown in order) and ``question``, then ``answer``."""
     opening = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    shown = [{"type": "image", "image": one} for one in (image if isinstance(image, list) else [image])]
     return [
         *opening,
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+        {"role": "user", "content": [*shown, {"type": "text", "text": question}]},
         {"role": "assistant", "content": [{"type": "text", "text": answer}]},
     ]
 

@@ -90,6 +90,12 @@ class GroundConfig(BaseModel):
         "bilateral oracle's scan does (expert.oracle_options.bilateral): the scan then names both sides and the "
         "drills tell which holds the object. Not in episode-shaped grounding.",
     )
+    what_pairs: bool = Field(
+        default=False,
+        description="Each what-example shows the candidate's drill view and the same box's drill view on the other "
+        "side (empty tissue), in random order, answered by the candidate: what a policy that drilled both sides "
+        "has before it answers. Not in episode-shaped grounding.",
+    )
     shape: GroundShape = Field(
         default="probe",
         description="probe: one image, a grounding question, a bare answer; turns: the same short examples, "
