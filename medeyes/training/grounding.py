@@ -113,7 +113,7 @@ def grounding_examples(
 def _with_other_side(
     view: Any, box: Box, objects: list[tuple[Box, str]], image: Any, env: EnvConfig, rng: np.random.Generator
 ) -> Any:
-    """``view`` and the drill view of ``box``'s mirror, in random order; ``view`` alone if the mirror holds an object."""
+    """``view`` and the drill view of ``box``'s mirror in random order; ``view`` alone if the mirror holds an object."""
     mirror = views.mirrored_boxes([box], image.size[0])
     if not mirror or any(box_iou(mirror[0], other) > 0.0 for other, _ in objects):
         return view
