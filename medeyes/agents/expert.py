@@ -17,7 +17,8 @@ One turn of GRN (``t`` tool turns taken, ``T = min(T_max, env max_steps)``):
    ``p0``; greedy argmax without CVS); drill it and read ``c_{t+1}(r_i)`` from the oracle. The information
    gain ``dc = (c_{t+1} - c_t) / (c_t + eps)`` decides the next mode: ``dc >= delta`` keeps drilling, into the
    sub-region of ``r_i`` (one of five sub-boxes, ``sub_region_scale`` of its side, chosen by CVS over the
-   oracle's confidences in the view already at hand) -- else back to ``scan``.
+   oracle's confidences in the view already at hand) -- else back to ``scan`` (with ``low_gain="next"``: on to
+   the next undrilled candidate of the last scan, without a new scan turn).
 
 Ablations (``ExpertConfig.mode``): ``full`` (the above), ``scan_only`` (every tool turn is a scan; evidence is
 the scans' confidences, averaged over repeated looks), ``drill_only`` (no scan turns: the oracle's candidates
