@@ -74,7 +74,7 @@ def test_rollout_plays_the_setting_a_training_config_names(tmp_path, monkeypatch
         assert record.image_size == (256, 256)  # the tiny preset's data_options
         assert record.family in ("presence", "modality")
         assert record.system_prompt.startswith("Examine the 256 x 256 image")  # instructions=brief
-        assert "At most 3 turns" in record.system_prompt  # its env.max_steps=2, not the CLI default of 4
+        assert "At most 4 turns" in record.system_prompt  # its env.max_steps=3, not the CLI default of 4
 
 
 def test_rollout_refuses_a_missing_training_config(tmp_path):

@@ -136,8 +136,8 @@ def stream_advantages(
 
     >>> adv, _ = stream_advantages(torch.tensor([0.0, 1.0, 1.0, 1.0]), torch.tensor([False, False, True, True]),
     ...                            4, ObjectiveConfig())
-    >>> [round(a, 3) for a in adv.tolist()]
-    [-0.707, 0.707, 0.0, 0.0]
+    >>> [round(a, 3) for a in adv.tolist()]  # on_baseline: expert rows against the on-policy mean and std
+    [-0.707, 0.707, 0.707, 0.707]
     """
     n = int(n_samples_per_prompt)
     if n < 1 or rewards.numel() % n:
