@@ -21,8 +21,8 @@ from medeyes.trajectories.records import (
     parse_record,
 )
 from medeyes.trajectories.settings import EpisodeSettings, check_settings
-from medeyes_env.cases import MAX_IMAGE_PIXELS
-from medeyes_env.errors import RecordError, StoreMismatchError
+from medeyes_env.cases import MAX_IMAGE_PIXELS, check_image_size
+from medeyes_env.errors import ImageLoadError, RecordError, StoreMismatchError
 from medeyes_env.strict_json import BadInput, decode, load_file, loads
 
 RECORDS_FILE = "trajectories.jsonl"
@@ -201,10 +201,13 @@ class TrajectoryStore:
                     raise RecordError(
                         f"{path}: {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,}-pixel limit of a stored image"
                     )
+                check_image_size(image, f"stored image {path}")  # decoded bytes, from the header: before decoding
                 image.load()
                 return image.convert("RGB")
         except RecordError:
             raise
+        except ImageLoadError as exc:
+            raise RecordError(str(exc)) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise RecordError(f"{path}: cannot read the stored image ({exc})") from None
 

@@ -111,7 +111,7 @@ def test_scan_with_more_boxes_than_the_montage_has_pixels_for(tmp_path):
     assert view.size == (16, 16) and len(shown) == 500
 
 
-def _float_tiff_header(path, width: int, height: int) -> None:
+def float_tiff_header(path, width: int, height: int) -> None:
     """An uncompressed float32 TIFF whose header declares ``width`` x ``height`` but holds 16 bytes of pixels."""
     import struct
 
@@ -125,11 +125,11 @@ def _float_tiff_header(path, width: int, height: int) -> None:
 
 def test_image_whose_decoded_bytes_exceed_the_limit_is_refused_from_its_header(tmp_path):
     # 8000 x 8000 float32 is under the 64 Mpx limit, but 256 MB decoded (it peaked at 3.5 GB while loading)
-    _float_tiff_header(tmp_path / "huge.tif", 8000, 8000)
+    float_tiff_header(tmp_path / "huge.tif", 8000, 8000)
     assert (tmp_path / "huge.tif").stat().st_size < 200
     message = r"huge.tif is 8000x8000 F \(4 bytes a pixel\): 256,000,000 bytes decoded, above the 192,000,000-byte"
     with pytest.raises(ImageLoadError, match=message):
         load_image_file(tmp_path / "huge.tif")
-    _float_tiff_header(tmp_path / "small.tif", 64, 64)  # the same file, small: decoded, and its missing pixels named
+    float_tiff_header(tmp_path / "small.tif", 64, 64)  # the same file, small: decoded, and its missing pixels named
     with pytest.raises(ImageLoadError, match=r"cannot read image .*small.tif"):
         load_image_file(tmp_path / "small.tif")

@@ -10,6 +10,7 @@ from PIL import Image
 
 from medeyes.trajectories import Producer, TrajectoryRecord, TrajectoryStore, read_records
 from medeyes_env.errors import RecordError
+from tests.adversarial.test_adv_images import float_tiff_header
 
 PRODUCER = Producer(kind="other", name="test")
 
@@ -95,8 +96,9 @@ def test_out_of_range_box_number_is_a_named_error(tmp_path):
         (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnot really"), r"\.png: cannot read the stored image"),
         (lambda p: p.mkdir(), r"\.png: not an image file \(a directory or special file\)"),
         (lambda p: Image.new("1", (9000, 9000)).save(p, format="PNG"), r"9000x9000 pixels, above the 64,000,000-pixel"),
+        (lambda p: float_tiff_header(p, 8000, 8000), r"256,000,000 bytes decoded, above the 192,000,000-byte limit"),
     ],
-    ids=["corrupt", "directory", "bomb"],
+    ids=["corrupt", "directory", "bomb", "decoded-bytes"],
 )
 def test_bad_image_under_a_valid_hash_is_a_named_error(tmp_path, make, message):
     store, _ = _store(tmp_path)
@@ -190,3 +192,16 @@ def test_a_store_without_recorded_settings_is_refused(tmp_path):
     code, output = _cli(*args)
     assert code == 2, output
     assert "run.json records no episode settings" in output
+
+
+def test_a_served_image_over_the_decoded_byte_limit_is_refused_before_decoding(tmp_path):
+    """The client decodes what a server sends with the same limits as a dataset image (pixels and decoded bytes)."""
+    import base64
+
+    pytest.importorskip("openenv")
+    from medeyes_env.serving.wire import DATA_URL_PREFIX, decode_image
+
+    float_tiff_header(tmp_path / "huge.tif", 8000, 8000)
+    url = DATA_URL_PREFIX + base64.b64encode((tmp_path / "huge.tif").read_bytes()).decode()
+    with pytest.raises(ValueError, match=r"256,000,000 bytes decoded, above the 192,000,000-byte limit"):
+        decode_image(url)
