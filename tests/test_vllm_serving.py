@@ -146,7 +146,9 @@ def test_expert_with_the_vlm_oracle_plays_phantom_episodes_against_the_server(se
     from medeyes.agents.oracles import VLMOracle, VLMOracleConfig
     from medeyes.rollout import RolloutConfig, run_rollout
 
-    oracle = VLMOracle(VLMOracleConfig(base_url=server.base_url, timeout_s=300, scan_max_tokens=48))
+    oracle = VLMOracle(
+        VLMOracleConfig(base_url=server.base_url, api_key=server.api_key, timeout_s=300, scan_max_tokens=48)
+    )
     expert = ExpertAgent(oracle, ExpertConfig(n_expert=1))
     result = run_rollout(expert, "phantom", RolloutConfig(n=2, samples_per_case=1, batch_size=2))
     assert len(result.records) == 2
