@@ -106,6 +106,7 @@ from __future__ import annotations
 import difflib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -213,24 +214,7 @@ class PhantomSource:
     def case(self, split: Split, index: int) -> Case:
         """The ``index``-th case of ``split``; cheap (the image is rendered when first loaded)."""
         scene, draft, meta = self._draw(split, index)
-        regions = tuple(
-            Region(box=lesion.box(scene.size), label=_LESION[scene.modality].split()[-1]) for lesion in scene.lesions
-        ) + tuple(Region(box=_extended_box(scene, f), label=f.kind) for f in scene.extended)
-        case = Case(
-            id=f"phantom/{split}/{index:06d}",
-            question=draft.question,
-            answer=draft.answer,
-            answer_type=draft.answer_type,
-            options=draft.options,
-            regions=regions,
-            lookalikes=tuple(Region(box=mimic.box(scene.size), label="mimic") for mimic in scene.mimics),
-            modality=scene.modality,
-            organ=_ORGAN[scene.modality],
-            source=self.name,
-            split=split,
-            image_size=(scene.size, scene.size),
-            meta=meta,
-        )
+        case = self._case_of(split, index, scene, draft, draft.answer, scene.lesions, scene.mimics, meta)
         return case.with_image_factory(partial(self.image, split, index))
 
     def scene(self, split: Split, index: int) -> PhantomScene:
@@ -280,10 +264,6 @@ class PhantomSource:
             answer = "yes" if lesions else "no"
         elif family == "count":
             answer = str(len(lesions))
-        label = _LESION[scene.modality].split()[-1]
-        regions = tuple(Region(box=f.box(scene.size), label=label) for f in lesions) + tuple(
-            Region(box=_extended_box(scene, f), label=f.kind) for f in scene.extended
-        )
         radii = [f.radius for f in lesions]
         meta.update(
             n_lesions=len(lesions),
@@ -293,7 +273,26 @@ class PhantomSource:
             stratum="extended" if scene.extended else size_stratum(radii, self.config),
             class_swapped=True,
         )
-        case = Case(
+        case = self._case_of(split, index, scene, draft, answer, lesions, mimics, meta)
+        return case.with_image_factory(partial(self._render, scene, swapped, split, index))
+
+    def _case_of(
+        self,
+        split: Split,
+        index: int,
+        scene: PhantomScene,
+        draft: _Draft,
+        answer: str,
+        lesions: Sequence[Focal],
+        mimics: Sequence[Focal],
+        meta: dict[str, str | int | float | bool],
+    ) -> Case:
+        """The case record of a drawn scene: ``lesions`` are its gold regions, ``mimics`` its lookalikes."""
+        label = _LESION[scene.modality].split()[-1]
+        regions = tuple(Region(box=f.box(scene.size), label=label) for f in lesions) + tuple(
+            Region(box=_extended_box(scene, f), label=f.kind) for f in scene.extended
+        )
+        return Case(
             id=f"phantom/{split}/{index:06d}",
             question=draft.question,
             answer=answer,
@@ -308,7 +307,6 @@ class PhantomSource:
             image_size=(scene.size, scene.size),
             meta=meta,
         )
-        return case.with_image_factory(partial(self._render, scene, swapped, split, index))
 
     def _render(self, scene: PhantomScene, focals: list[Focal], split: Split, index: int) -> Image.Image:
         """The scene with ``focals`` drawn, its noise from the case's own RNG (so one case, one noise)."""
