@@ -3,8 +3,9 @@
 Reads a trajectory store (``medeyes rollout --out DIR``, or one arm of ``--counterfactual``: ``DIR/counterfactual/
 <data>/real``) and the source's cases, and reports per run: overall, presence, lesion-case and mimic-only
 accuracy, mean best IoU on presence questions, tool steps, how often the first drill reached the image's
-round object (the lesion, or the mimic of a mimic-only case), how often the policy drilled again after a
-first drill that reached nothing, and presence accuracy split by whether any drill reached the object::
+round object (the lesion, or the mimic of a mimic-only case; the counterfactual report's ``reaches``), how
+often the policy drilled again after a first drill that reached nothing, and presence accuracy split by
+whether any drill reached the object::
 
     python experiments/looking_report.py runs/p1_dev/counterfactual/*/real --data phantom:look
 
@@ -21,18 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medeyes.evaluation.counterfactual import reaches
 from medeyes.trajectories import TrajectoryStore
 from medeyes_env.cases import Case
-from medeyes_env.rewards import box_iou
 from medeyes_env.sources import open_source
-
-REACH_IOU = 0.1
-
-
-def _reached(box: tuple[float, ...], target: tuple[float, ...]) -> bool:
-    cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
-    inside = box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
-    return box_iou(box, target) > REACH_IOU or inside
 
 
 def episode_row(record, case: Case) -> dict[str, float | bool | str]:
@@ -41,7 +34,7 @@ def episode_row(record, case: Case) -> dict[str, float | bool | str]:
     drills = [
         s.shown_boxes[0] for s in record.steps if s.action is not None and s.action.name == "drill" and s.shown_boxes
     ]
-    reached = [any(_reached(d, o) for o in objects) for d in drills]
+    reached = [any(reaches(d, o) for o in objects) for d in drills]
     return {
         "lesion": case.answer == "yes",
         "correct": record.reward_components.get("accuracy", 0.0) == 1.0,
