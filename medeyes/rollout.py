@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent, EpisodeContext, TurnOutput
 from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, TrajectoryRecord
-from medeyes_env.cases import Split
+from medeyes_env.cases import Box, Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
 from medeyes_env.rewards import box_iou
@@ -367,8 +367,19 @@ def _step(item: _Live, output: TurnOutput, agent_seconds: float, store: RecordSi
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-HIT_IOU = 0.1
-"""A drill reached a region when its shown box overlaps the region's box by more than this IoU."""
+REACH_IOU = 0.1
+"""A drill reached an object when its shown box has IoU above this with the object's box (or holds its centre)."""
+
+
+def reaches(shown: Box, target: Box) -> bool:
+    """Whether a drill that showed ``shown`` reached the object in ``target`` (IoU > :data:`REACH_IOU` or its centre).
+
+    >>> reaches((0, 0, 100, 100), (60, 60, 120, 120)), reaches((0, 0, 100, 100), (90, 90, 150, 150))
+    (True, False)
+    """
+    centre_x, centre_y = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
+    inside = shown[0] <= centre_x <= shown[2] and shown[1] <= centre_y <= shown[3]
+    return inside or box_iou(shown, target) > REACH_IOU
 
 
 class RolloutSummary(BaseModel):
@@ -404,7 +415,7 @@ class RolloutSummary(BaseModel):
     first_drill_hit_share: float | None = Field(
         default=None,
         description="Share of drilled episodes with gold boxes whose first drill reached a gold region "
-        f"(IoU > {HIT_IOU} of the shown box).",
+        "(:func:`reaches`: IoU above REACH_IOU, or the shown box holds the region's centre).",
     )
     looking_episodes: int = Field(default=0, description="Drilled episodes with gold boxes (the denominator above).")
     tool_steps_first_hit: float | None = Field(
@@ -433,7 +444,7 @@ def _looking(records: list[TrajectoryRecord]) -> dict[str, Any]:
         drills = [s for s in record.steps if s.action is not None and s.action.name == "drill" and s.shown_boxes]
         if not record.gold_boxes or not drills:
             continue
-        hit = max(box_iou(drills[0].shown_boxes[0], gold) for gold in record.gold_boxes) > HIT_IOU
+        hit = any(reaches(drills[0].shown_boxes[0], gold) for gold in record.gold_boxes)
         (hit_steps if hit else miss_steps).append(float(record.tool_steps))
         if not hit:
             redrills.append(float(len(drills) > 1))

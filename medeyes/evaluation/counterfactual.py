@@ -40,21 +40,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent
 from medeyes.evaluation.run import verify_record
-from medeyes.rollout import RolloutConfig, producer_of, run_rollout, trajectory_id
+from medeyes.rollout import REACH_IOU, RolloutConfig, producer_of, reaches, run_rollout, trajectory_id
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes.trajectories.settings import episode_settings
 from medeyes_env.cases import AnswerType, Box, Case, Split
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
-from medeyes_env.rewards import accuracy_reward, box_iou, normalize_answer
+from medeyes_env.rewards import accuracy_reward, normalize_answer
 from medeyes_env.sources import CaseSource
 
 Arm = Literal["real", "blank", "shuffle", "swap", "drill_swap"]
 ARMS: tuple[Arm, ...] = get_args(Arm)
 BLANK_GREY = 128
 """The grey level of every pixel of the ``blank`` arm's image."""
-REACH_IOU = 0.1
-"""A drill reached the object when its shown box has IoU above this with the object's box (or holds its centre)."""
 REACH_RULE = (
     f"a drill's shown box has IoU > {REACH_IOU} with the object's box or contains its centre (object: the real "
     "case's gold region for a lesion, its Case.lookalikes for a mimic)"
@@ -304,17 +302,6 @@ def answer_key(answer: str | None, case: Case) -> str | None:
         if accuracy_reward(answer, case.model_copy(update={"answer": gold})) == 1.0:
             return gold
     return "?" + normalize_answer(answer)
-
-
-def reaches(shown: Box, target: Box) -> bool:
-    """Whether a drill that showed ``shown`` reached the object in ``target`` (:data:`REACH_RULE`).
-
-    >>> reaches((0, 0, 100, 100), (60, 60, 120, 120)), reaches((0, 0, 100, 100), (90, 90, 150, 150))
-    (True, False)
-    """
-    centre_x, centre_y = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
-    inside = shown[0] <= centre_x <= shown[2] and shown[1] <= centre_y <= shown[3]
-    return inside or box_iou(shown, target) > REACH_IOU
 
 
 def reached(record: TrajectoryRecord, objects: Sequence[Box]) -> bool:
