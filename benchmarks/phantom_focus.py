@@ -37,8 +37,10 @@ import numpy as np
 from PIL import Image
 
 from medeyes_env import views
-from medeyes_env.sources import phantom_anatomy as anatomy
-from medeyes_env.sources.phantom import PRESETS, PhantomSource, lesion_site, organ_sdf
+from medeyes_env.sources.phantom.config import PRESETS
+from medeyes_env.sources.phantom.layout import lesion_site, organ_sdf
+from medeyes_env.sources.phantom.scene import LUMEN_SIGMA, lesion_profile, lumen
+from medeyes_env.sources.phantom.source import PhantomSource
 
 VIEW = 256
 CROP = 192
@@ -83,15 +85,15 @@ def _render_template(profile, reach: int, scale: float, zero_mean_within: float 
 def _lesion_template(radius: float, scale: float, modality: str) -> tuple[np.ndarray, int]:
     """Matched filter for a solid lesion of ``radius`` (zero mean over 2.6 radii) and its reach in view px."""
     reach = int(np.ceil(2.6 * radius * scale)) + 1
-    profile = partial(anatomy.lesion_profile, radius=radius, modality=modality)
+    profile = partial(lesion_profile, radius=radius, modality=modality)
     return _render_template(profile, reach, scale, 2.6 * radius), reach
 
 
 @lru_cache(maxsize=16)
 def _lumen_template(scale: float) -> np.ndarray:
     """Matched filter for the lumen a mimic adds to a bright lesion (its responses are > 0 on a mimic)."""
-    reach = int(np.ceil(4.0 * anatomy.LUMEN_SIGMA * scale)) + 1
-    return _render_template(lambda d: -anatomy.lumen(d), reach, scale, None)
+    reach = int(np.ceil(4.0 * LUMEN_SIGMA * scale)) + 1
+    return _render_template(lambda d: -lumen(d), reach, scale, None)
 
 
 def _z(score: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from medeyes_env import views
 from medeyes_env.cases import Case
 from medeyes_env.gallery import case_gallery
-from medeyes_env.sources.phantom import PRESETS, PhantomSource
+from medeyes_env.sources.phantom.config import PRESETS
+from medeyes_env.sources.phantom.source import PhantomSource
 
 WANTED = [
     ("xray", lambda c: c.meta["finding"] == "lung nodule" and c.meta["stratum"] == "small"),

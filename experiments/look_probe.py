@@ -64,7 +64,8 @@ def make_data(
 ) -> list[Example]:
     """Render ``n`` examples of ``probe`` from the phantom ``look`` preset."""
     from medeyes_env import views
-    from medeyes_env.sources.phantom import PRESETS, PhantomSource
+    from medeyes_env.sources.phantom.config import PRESETS
+    from medeyes_env.sources.phantom.source import PhantomSource
 
     config = PRESETS["look"].model_copy(update={"families": ("presence",), **(phantom or {})})
     if probe == "a":

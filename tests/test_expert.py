@@ -19,7 +19,7 @@ from medeyes_env.env import MedEyesEnv
 from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import parse_turn
 from medeyes_env.sources import open_source
-from medeyes_env.sources.phantom import FAMILIES
+from medeyes_env.sources.phantom.config import FAMILIES
 
 
 class ListSource:

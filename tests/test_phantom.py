@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from medeyes_env.cases import AnswerType
 from medeyes_env.errors import SourceError
 from medeyes_env.sources import available_sources, open_source
-from medeyes_env.sources import phantom_anatomy as anatomy
-from medeyes_env.sources.phantom import FAMILIES, PRESETS, PhantomConfig, PhantomSource
+from medeyes_env.sources.phantom.config import FAMILIES, PRESETS, PhantomConfig
+from medeyes_env.sources.phantom.scene import Focal, stamp_focal
+from medeyes_env.sources.phantom.source import PhantomSource
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_a_mimic_matches_its_lesion_when_downsampled_but_not_at_full_resolution(
             images = {}
             for kind in ("lesion", "mimic"):
                 canvas = np.zeros((64, 64), dtype=np.float32)
-                anatomy.stamp_focal(canvas, anatomy.Focal(32.0, 32.0, radius, 0.1, kind, "organ"), modality)
+                stamp_focal(canvas, Focal(32.0, 32.0, radius, 0.1, kind, "organ"), modality)
                 images[kind] = canvas
             small = {k: v.reshape(16, 4, 16, 4).mean(axis=(1, 3)) for k, v in images.items()}
             assert abs(images["lesion"].sum() - images["mimic"].sum()) < 0.05 * images["lesion"].sum()

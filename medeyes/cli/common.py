@@ -1,18 +1,24 @@
-"""Shared CLI plumbing: friendly errors, consoles, option types."""
+"""Shared CLI plumbing: friendly errors, consoles, option types, ``KEY=VALUE`` options, a run's setting."""
 
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from medeyes_env.errors import MedEyesError
+from medeyes_env.errors import ConfigError, MedEyesError
+
+if TYPE_CHECKING:
+    from medeyes_env.env import EnvConfig
+    from medeyes_env.sources import CaseSource
 
 # emoji=False: ":warning:" in a question or answer stays text (data must never turn into markup or emoji)
 console = Console(emoji=False)
@@ -67,3 +73,53 @@ def friendly_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_key_values(
+    items: list[str] | None, flag: str, *, yaml_values: bool = False, example: str = ""
+) -> dict[str, Any]:
+    """Repeated ``FLAG KEY=VALUE`` options as a dict (a later key wins); a malformed item is a :class:`ConfigError`.
+
+    Keys are stripped. Values are stripped text, or with ``yaml_values`` parsed as YAML the way a config file's
+    values are (``grpo.steps=100`` gives the int 100; an empty value is ``""``). ``example`` goes into the error,
+    e.g. ``grpo.steps=100``.
+
+    >>> parse_key_values(["xi=0.9", " mode = full "], "--agent-opt")
+    {'xi': '0.9', 'mode': 'full'}
+    >>> parse_key_values(["grpo.steps=100", "note="], "--set", yaml_values=True)
+    {'grpo.steps': 100, 'note': ''}
+    >>> parse_key_values(["grpo.steps"], "--set", example="grpo.steps=100")
+    Traceback (most recent call last):
+    ...
+    medeyes_env.errors.ConfigError: --set expects KEY=VALUE (e.g. grpo.steps=100), got 'grpo.steps'
+    """
+    from medeyes.safe_yaml import parse_yaml
+
+    hint = f" (e.g. {example})" if example else ""
+    pairs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} expects KEY=VALUE{hint}, got {item!r}")
+        key = key.strip()
+        if not yaml_values:
+            pairs[key] = value.strip()
+        else:  # the raw value: a YAML error's column counts from the value's first character
+            pairs[key] = parse_yaml(value, f"{flag} {key}") if value.strip() else ""
+    return pairs
+
+
+def training_setting(path: Path) -> tuple[CaseSource, EnvConfig, str]:
+    """The case source (with its data options), environment settings and data spec of a training run's config.
+
+    ``path`` is a run directory (its ``config.yaml``) or the config file itself; ``--train-config`` of
+    ``medeyes rollout`` and ``medeyes eval`` replays what the run trained on. The spec is the config's ``data``,
+    followed by its ``data_options`` as JSON when it has any.
+    """
+    from medeyes.training.config import TrainConfig
+    from medeyes_env.sources import open_cases
+
+    config_file = path / "config.yaml" if path.is_dir() else path
+    config = TrainConfig.from_yaml(config_file)
+    options = f" {json.dumps(config.data_options, sort_keys=True, default=str)}" if config.data_options else ""
+    return open_cases(config.data, config.data_options), config.env, config.data + options

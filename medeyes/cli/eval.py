@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medeyes.cli.common import console, friendly_errors, safe
+from medeyes.cli.common import console, friendly_errors, parse_key_values, safe, training_setting
 from medeyes.cli.counterfactual import CounterfactualOption, eval_counterfactual_config, run_counterfactual_command
-from medeyes.cli.rollout import AgentSpec, _training_setting, build_agent
+from medeyes.cli.rollout import AgentSpec, build_agent
 from medeyes.evaluation import EvalConfig, EvalReport, evaluate
 from medeyes.evaluation.run import Dataset
 from medeyes.evaluation.scores import PAPER_MODEL, DatasetScores, Interval
@@ -83,16 +83,6 @@ def report_table(report: EvalReport) -> Table:
     return table
 
 
-def _options(agent_opt: list[str] | None) -> dict[str, str]:
-    options: dict[str, str] = {}
-    for item in agent_opt or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = value.strip()
-    return options
-
-
 def _training_run(path: Path) -> tuple[Dataset, EnvConfig, Path | None]:
     """A training run's cases (with its data options), environment settings and final model (``RUN/final``)."""
     config_file = path / "config.yaml" if path.is_dir() else path
@@ -100,7 +90,7 @@ def _training_run(path: Path) -> tuple[Dataset, EnvConfig, Path | None]:
         raise ConfigError(
             f"--train-config: no training config at {config_file}; pass a run directory or its config.yaml"
         )
-    source, env, spec = _training_setting(config_file)
+    source, env, spec = training_setting(config_file)
     final = config_file.parent / "final"
     return Dataset(source.name, spec, source), env, final if final.is_dir() else None
 
@@ -179,7 +169,7 @@ def eval_command(
         model = model or (str(final) if final is not None else None)
     if max_steps is not None:
         env = env.model_copy(update={"max_steps": max_steps})
-    options = _options(agent_opt)
+    options = parse_key_values(agent_opt, "--agent-opt")
     if backend == "openai" and agent == "policy":
         options.setdefault("max_concurrency", str(parallel))
     spec = AgentSpec(

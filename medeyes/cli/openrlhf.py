@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from medeyes.cli.common import Preset, console, error_console, friendly_errors, safe
+from medeyes.cli.common import Preset, console, error_console, friendly_errors, parse_key_values, safe
 
 openrlhf_app = typer.Typer(
     name="openrlhf",
@@ -51,19 +51,6 @@ NodesOpt = Annotated[int | None, typer.Option(help="Nodes.")]
 GpusOpt = Annotated[int | None, typer.Option(help="GPUs per node.")]
 
 
-def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    from medeyes.safe_yaml import parse_yaml
-    from medeyes_env.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_yaml(value, f"{flag} {key.strip()}") if value.strip() else ""
-    return out
-
-
 def _build_config(
     config: Path | None,
     preset: Preset,
@@ -82,9 +69,9 @@ def _build_config(
 
     overrides = {k: v for k, v in {"model": model, "data": data, "run_dir": run_dir}.items() if v is not None}
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
-    overrides.update(_parse_pairs(set_, "--set"))
+    overrides.update(parse_key_values(set_, "--set", yaml_values=True, example="grpo.steps=200"))
     train = TrainConfig.from_yaml(config, overrides) if config else build_config(PRESETS[preset.value](), overrides)
-    launch = _parse_pairs(launch_set, "--launch-set")
+    launch = parse_key_values(launch_set, "--launch-set", yaml_values=True, example="vllm_tensor_parallel=2")
     flags = {"export_dir": export_dir, "nodes": nodes, "gpus_per_node": gpus_per_node}
     launch.update({k: v for k, v in flags.items() if v is not None})
     try:

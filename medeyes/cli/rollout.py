@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medeyes.agents.base import Agent
-from medeyes.cli.common import console, friendly_errors, safe
+from medeyes.cli.common import console, friendly_errors, parse_key_values, safe, training_setting
 from medeyes.cli.counterfactual import CounterfactualOption, run_counterfactual_command
 from medeyes.evaluation.counterfactual import CounterfactualConfig
 from medeyes.rollout import RolloutConfig, RolloutResult, RolloutSummary, producer_of, run_rollout, summarize
@@ -32,7 +32,7 @@ from medeyes_env.cases import SPLITS
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
-from medeyes_env.sources import CaseSource, open_source
+from medeyes_env.sources import open_source
 
 
 class AgentSpec(BaseModel):
@@ -169,20 +169,6 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
     return table
 
 
-def _training_setting(path: Path) -> tuple[CaseSource, EnvConfig, str]:
-    """The case source (with its data options), environment settings and data spec of a training run's config.
-
-    The spec is the config's ``data``, followed by its ``data_options`` as JSON when it has any.
-    """
-    from medeyes.training.config import TrainConfig
-    from medeyes_env.sources import open_cases
-
-    config_file = path / "config.yaml" if path.is_dir() else path
-    config = TrainConfig.from_yaml(config_file)
-    options = f" {json.dumps(config.data_options, sort_keys=True, default=str)}" if config.data_options else ""
-    return open_cases(config.data, config.data_options), config.env, config.data + options
-
-
 @friendly_errors
 def rollout(
     agent: Annotated[str, typer.Option(help="Agent: expert, random, or one registered by an extension.")] = "expert",
@@ -240,7 +226,7 @@ def rollout(
         seed=seed,
         oracle=oracle,
         mode=mode,
-        options=_agent_options(agent_opt),
+        options=parse_key_values(agent_opt, "--agent-opt"),
         model=model,
         backend=backend,
         base_url=base_url,
@@ -252,7 +238,7 @@ def rollout(
         config = getattr(built, "config", None)
         keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
     if train_config:
-        source, env, spec = _training_setting(train_config)
+        source, env, spec = training_setting(train_config)
     else:
         source, env, spec = open_source(data), EnvConfig(max_steps=max_steps), data
     data = source.name
@@ -280,17 +266,6 @@ def rollout(
     summary = summarize(result.records, result.seconds)
     console.print(summary_table(summary, f"{label} on {data}/{split}"))
     _report(result, summary, store, keep_only_correct, summary_json)
-
-
-def _agent_options(items: list[str] | None) -> dict[str, str]:
-    """``--agent-opt KEY=VALUE`` items as a dict."""
-    options: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--agent-opt takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = value.strip()
-    return options
 
 
 def _open_store(out: Path | None, agent: Any, settings: EpisodeSettings | None) -> TrajectoryStore | None:

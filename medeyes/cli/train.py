@@ -18,7 +18,7 @@ import typer
 from pydantic import BaseModel
 from rich.table import Table
 
-from medeyes.cli.common import Preset, console, friendly_errors, safe
+from medeyes.cli.common import Preset, console, friendly_errors, parse_key_values, safe
 
 
 class Mode(str, Enum):
@@ -26,19 +26,6 @@ class Mode(str, Enum):
 
     dual = "dual"
     on_policy = "on_policy"
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    from medeyes.safe_yaml import parse_yaml
-    from medeyes_env.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE (e.g. grpo.steps=100), got {item!r}")
-        out[key.strip()] = parse_yaml(value, f"--set {key.strip()}") if value.strip() else ""
-    return out
 
 
 @friendly_errors
@@ -80,7 +67,7 @@ def train(
         "grpo.mode": mode.value if mode else None,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    overrides.update(_parse_set(set_ or []))
+    overrides.update(parse_key_values(set_, "--set", yaml_values=True, example="grpo.steps=100"))
     if config is not None:
         cfg = TrainConfig.from_yaml(config, overrides)
     else:

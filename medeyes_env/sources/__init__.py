@@ -54,7 +54,7 @@ def _ensure_builtin_sources() -> None:
     # Imported lazily so that importing medeyes_env stays cheap and optional deps stay optional.
     import importlib
 
-    for module in ("phantom", "samples", "files", "medvqa", "parquet", "omnimed", "cxr"):
+    for module in ("phantom.source", "samples", "files", "medvqa", "parquet", "omnimed", "cxr"):
         try:
             importlib.import_module(f"medeyes_env.sources.{module}")
         except ModuleNotFoundError as exc:

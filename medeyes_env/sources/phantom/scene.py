@@ -3,7 +3,7 @@
 The scene is :class:`Anatomy`, :class:`Focal` and :class:`Extended`; the focal objects are a solid lesion and its
 hollow mimic.
 
-The picture-making rules are in :mod:`medeyes_env.sources.phantom_anatomy`'s docstring.
+The picture-making rules are in :mod:`medeyes_env.sources.phantom.render`'s docstring.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class Anatomy:
 
 
 @lru_cache(maxsize=8)
-def _grid(n: int) -> tuple[FloatArray, FloatArray]:
+def pixel_grid(n: int) -> tuple[FloatArray, FloatArray]:
+    """Normalised ``(u, v)`` of the pixel centres of an ``n`` x ``n`` image (float32, read-only, cached)."""
     axis = ((np.arange(n, dtype=np.float32) + 0.5) / n).astype(np.float32)
     u, v = np.meshgrid(axis, axis)
     u.setflags(write=False)
@@ -288,7 +289,7 @@ def paint(
     Returns the soft mask of the painted window (or None if the window is empty).
     """
     n = image.shape[0]
-    u_all, v_all = _grid(n)
+    u_all, v_all = pixel_grid(n)
     x0, x1 = max(0, int(bbox[0] * n) - 2), min(n, int(bbox[2] * n) + 3)
     y0, y1 = max(0, int(bbox[1] * n) - 2), min(n, int(bbox[3] * n) + 3)
     if x0 >= x1 or y0 >= y1:
@@ -305,7 +306,7 @@ def paint(
     return mask
 
 
-def _ell(cx: float, cy: float, a: float, b: float, angle: float = 0.0):
+def ellipse_shape(cx: float, cy: float, a: float, b: float, angle: float = 0.0):
     """An ellipse as an ``(sdf, bbox)`` pair for :func:`paint`."""
     r = max(a, b)
     return (lambda u, v: ellipse_sdf(u, v, cx, cy, a, b, angle)), (cx - r, cy - r, cx + r, cy + r)

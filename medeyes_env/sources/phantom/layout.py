@@ -12,16 +12,18 @@ from dataclasses import replace
 import numpy as np
 
 from medeyes_env.errors import SourceError
-from medeyes_env.sources import phantom_anatomy as anatomy
-from medeyes_env.sources.phantom_anatomy import Anatomy, Extended, Focal
-from medeyes_env.sources.phantom_config import (
-    _CHEST_FINDINGS,
-    _CT_ORGANS,
-    _LESION,
+from medeyes_env.sources.phantom.brain import brain_parenchyma_sdf
+from medeyes_env.sources.phantom.chest import chest_lungs_sdf, effusion_mask, pneumothorax_mask
+from medeyes_env.sources.phantom.config import (
+    CHEST_FINDINGS,
+    CT_ORGANS,
+    LESION_KIND,
     SMALL_RADIUS_PX,
     PhantomConfig,
     PhantomScene,
 )
+from medeyes_env.sources.phantom.ct import ct_organ_sdf
+from medeyes_env.sources.phantom.scene import Anatomy, Extended, Focal, pixel_grid
 
 
 def organ_sdf(scene_anatomy: Anatomy, organ: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -32,14 +34,12 @@ def organ_sdf(scene_anatomy: Anatomy, organ: str) -> Callable[[np.ndarray, np.nd
     """
     p = scene_anatomy
     if p.modality == "xray":
-        return lambda u, v: anatomy.chest_lungs_sdf(p, u, v)
+        return lambda u, v: chest_lungs_sdf(p, u, v)
     if p.modality == "mri":
-        return lambda u, v: anatomy.brain_parenchyma_sdf(p, u, v)
+        return lambda u, v: brain_parenchyma_sdf(p, u, v)
     if organ == "kidney":
-        return lambda u, v: np.minimum(
-            anatomy.ct_organ_sdf(p, "kidney_left", u, v), anatomy.ct_organ_sdf(p, "kidney_right", u, v)
-        )
-    return lambda u, v: anatomy.ct_organ_sdf(p, organ, u, v)
+        return lambda u, v: np.minimum(ct_organ_sdf(p, "kidney_left", u, v), ct_organ_sdf(p, "kidney_right", u, v))
+    return lambda u, v: ct_organ_sdf(p, organ, u, v)
 
 
 def _region_test(region: str | None, size: int, radius: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -103,7 +103,7 @@ def lesion_site(scene: PhantomScene, rng: np.random.Generator, organ: str | None
     return site[0], site[1]
 
 
-class _SceneBuilder:
+class SceneBuilder:
     """Places findings and mimics for one case, consuming the case RNG in a fixed order."""
 
     def __init__(self, cfg: PhantomConfig, p: Anatomy, rng: np.random.Generator) -> None:
@@ -116,12 +116,13 @@ class _SceneBuilder:
         self.organ_with_lesion = "none"
 
     def pick_finding_kind(self) -> str:
+        """The finding a positive case holds: the modality's lesion, or for a chest one of :data:`CHEST_FINDINGS`."""
         if self.p.modality != "xray":
-            return _LESION[self.p.modality]
+            return LESION_KIND[self.p.modality]
         if self.cfg.focal_only:
             self.rng.random()  # consume what the weighted choice would, so other draws of the case keep their values
-            return _CHEST_FINDINGS[0]
-        return str(self.rng.choice(_CHEST_FINDINGS, p=[0.5, 0.25, 0.25]))
+            return CHEST_FINDINGS[0]
+        return str(self.rng.choice(CHEST_FINDINGS, p=[0.5, 0.25, 0.25]))
 
     def _contrast(self) -> float:
         low, high = self.cfg.lesion_contrast
@@ -146,7 +147,7 @@ class _SceneBuilder:
         radius *= self.scale
         contrast = self._contrast()
         if self.p.modality == "ct":
-            organs = list(_CT_ORGANS) if organ == "any" else [organ or "liver"]
+            organs = list(CT_ORGANS) if organ == "any" else [organ or "liver"]
         else:
             organs = ["lung" if self.p.modality == "xray" else "brain"]
         organs = [o for o in organs if o != "kidney" or radius < 24 * self.scale]
@@ -195,17 +196,18 @@ class _SceneBuilder:
                 self.mimics.append(mimic)
 
     def scene(self) -> PhantomScene:
+        """The scene placed so far."""
         return PhantomScene(self.p, tuple(self.lesions), tuple(self.mimics), tuple(self.extended), self.cfg.image_size)
 
 
-def _extended_box(scene: PhantomScene, finding: Extended) -> tuple[float, float, float, float]:
+def extended_box(scene: PhantomScene, finding: Extended) -> tuple[float, float, float, float]:
     """The box of an effusion or pneumothorax, from its mask on a 256-cell grid."""
     n = 256
-    u, v = anatomy._grid(n)
+    u, v = pixel_grid(n)
     if finding.kind == "effusion":
-        mask = anatomy.effusion_mask(scene.anatomy, finding.side, finding.extent, u, v)
+        mask = effusion_mask(scene.anatomy, finding.side, finding.extent, u, v)
     else:
-        mask = anatomy.pneumothorax_mask(scene.anatomy, finding.side, finding.extent, u, v)
+        mask = pneumothorax_mask(scene.anatomy, finding.side, finding.extent, u, v)
     rows, cols = np.nonzero(mask > 0.5)
     if rows.size == 0:  # pragma: no cover - the masks are never empty for the shipped ranges
         raise SourceError(f"empty {finding.kind} mask")

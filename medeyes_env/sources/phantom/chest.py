@@ -7,17 +7,17 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medeyes_env.sources.phantom_scene import (
+from medeyes_env.sources.phantom.scene import (
     Anatomy,
     Extended,
     FloatArray,
     Focal,
-    _grid,
     blur,
     draw_polyline,
     ellipse_sdf,
     inside,
     noise_patch,
+    pixel_grid,
     resize,
     smooth_field,
     stamp_focal,
@@ -179,7 +179,7 @@ def render_chest(
     bones and vessels) shown through ``1 - exp(-k * attenuation)``.
     """
     n = size // 2
-    u, v = _grid(n)
+    u, v = pixel_grid(n)
     cx = p["cx"]
     body = inside(chest_body_sdf(p, u, v), 0.004)
     lateral = np.clip(np.abs(u - cx) / 0.5, 0.0, 1.0)

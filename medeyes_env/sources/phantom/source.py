@@ -28,7 +28,7 @@ bronchi seen end-on, drawn from the same size and contrast distribution as the
 lesions). A mimic is the lesion's blob with a lumen: a dark (for a dark
 lesion, bright) centre about 3 px across with a brighter rim, a pattern with
 zero integral and zero second moment, finer than 4 px
-(:func:`~medeyes_env.sources.phantom_anatomy.lumen`). A 4x box downsample
+(:func:`~medeyes_env.sources.phantom.scene.lumen`). A 4x box downsample
 (the 256 px overview of a 1024 px image) turns lesion and mimic into the same
 blob; a full-resolution crop shows the lumen plainly. A small lesion takes the
 place of a mimic in its organ, so neither the number nor the places of the
@@ -116,65 +116,37 @@ from PIL import Image
 
 from medeyes_env.cases import AnswerType, Case, Region, Split
 from medeyes_env.errors import ConfigError, SourceError
-from medeyes_env.sources import phantom_anatomy as anatomy
 from medeyes_env.sources import register_source
-from medeyes_env.sources.phantom_anatomy import Focal, Modality
-from medeyes_env.sources.phantom_config import (
-    _APPLICABLE,
-    _BODY_PART,
-    _CHEST_FINDINGS,
-    _CT_ORGANS,
-    _LESION,
-    _LESION_PLURAL,
-    _MODALITY_NAME,
-    _MODALITY_OPEN,
-    _ORGAN,
-    _QUADRANTS,
-    _SIDE_NOTE,
-    _SIZE_RADII,
-    FAMILIES,
+from medeyes_env.sources.phantom.brain import sample_brain
+from medeyes_env.sources.phantom.chest import sample_chest
+from medeyes_env.sources.phantom.config import (
+    APPLICABLE_FAMILIES,
+    BODY_PART,
+    CHEST_FINDINGS,
+    CT_ORGANS,
     FAMILY_WEIGHTS,
-    MODALITIES,
+    LESION_KIND,
+    LESION_PLURAL,
+    MODALITY_NAME,
+    MODALITY_OPEN,
+    ORGAN,
     PIXEL_SPACING_MM,
     PRESETS,
+    QUADRANTS,
     SALT,
+    SIDE_NOTE,
     SIZE_CLASSES,
+    SIZE_RADII,
     SIZE_THRESHOLDS_PX,
-    SMALL_RADIUS_PX,
     SPLIT_CODES,
     Family,
     PhantomConfig,
     PhantomScene,
 )
-from medeyes_env.sources.phantom_layout import (
-    _extended_box,
-    _SceneBuilder,
-    lesion_site,
-    organ_sdf,
-    size_stratum,
-    swap_class,
-)
-
-__all__ = [
-    "FAMILIES",
-    "FAMILY_WEIGHTS",
-    "MODALITIES",
-    "PIXEL_SPACING_MM",
-    "PRESETS",
-    "SALT",
-    "SIZE_CLASSES",
-    "SIZE_THRESHOLDS_PX",
-    "SMALL_RADIUS_PX",
-    "SPLIT_CODES",
-    "Family",
-    "PhantomConfig",
-    "PhantomScene",
-    "PhantomSource",
-    "lesion_site",
-    "open_phantom",
-    "open_phantom_with_options",
-    "organ_sdf",
-]
+from medeyes_env.sources.phantom.ct import sample_abdomen
+from medeyes_env.sources.phantom.layout import SceneBuilder, extended_box, size_stratum, swap_class
+from medeyes_env.sources.phantom.render import render
+from medeyes_env.sources.phantom.scene import Focal, Modality
 
 
 @dataclass
@@ -288,9 +260,9 @@ class PhantomSource:
         meta: dict[str, str | int | float | bool],
     ) -> Case:
         """The case record of a drawn scene: ``lesions`` are its gold regions, ``mimics`` its lookalikes."""
-        label = _LESION[scene.modality].split()[-1]
+        label = LESION_KIND[scene.modality].split()[-1]
         regions = tuple(Region(box=f.box(scene.size), label=label) for f in lesions) + tuple(
-            Region(box=_extended_box(scene, f), label=f.kind) for f in scene.extended
+            Region(box=extended_box(scene, f), label=f.kind) for f in scene.extended
         )
         return Case(
             id=f"phantom/{split}/{index:06d}",
@@ -301,7 +273,7 @@ class PhantomSource:
             regions=regions,
             lookalikes=tuple(Region(box=f.box(scene.size), label="mimic") for f in mimics),
             modality=scene.modality,
-            organ=_ORGAN[scene.modality],
+            organ=ORGAN[scene.modality],
             source=self.name,
             split=split,
             image_size=(scene.size, scene.size),
@@ -311,7 +283,7 @@ class PhantomSource:
     def _render(self, scene: PhantomScene, focals: list[Focal], split: Split, index: int) -> Image.Image:
         """The scene with ``focals`` drawn, its noise from the case's own RNG (so one case, one noise)."""
         rng = np.random.default_rng(np.random.SeedSequence([SALT, _split_code(split), index, 1]))
-        return anatomy.render(scene.anatomy, focals, list(scene.extended), scene.size, self.config.noise, rng)
+        return render(scene.anatomy, focals, list(scene.extended), scene.size, self.config.noise, rng)
 
     # -- drawing a case ------------------------------------------------------------------------------------------------
 
@@ -336,13 +308,13 @@ class PhantomSource:
     ) -> tuple[PhantomScene, _Draft, dict[str, str | int | float | bool]]:
         rng = np.random.default_rng(np.random.SeedSequence([SALT, _split_code(split), int(index), 0]))
         cfg = self.config
-        modalities = [m for m in cfg.modalities if any(f in _APPLICABLE[m] for f in cfg.families)]
+        modalities = [m for m in cfg.modalities if any(f in APPLICABLE_FAMILIES[m] for f in cfg.families)]
         modality: Modality = modalities[int(rng.integers(len(modalities)))]
-        families = [f for f in _APPLICABLE[modality] if f in cfg.families]
+        families = [f for f in APPLICABLE_FAMILIES[modality] if f in cfg.families]
         weights = np.array([FAMILY_WEIGHTS[f] for f in families])
         family: Family = families[int(rng.choice(len(families), p=weights / weights.sum()))]
-        p = {"xray": anatomy.sample_chest, "mri": anatomy.sample_brain, "ct": anatomy.sample_abdomen}[modality](rng)
-        builder = _SceneBuilder(cfg, p, rng)
+        p = {"xray": sample_chest, "mri": sample_brain, "ct": sample_abdomen}[modality](rng)
+        builder = SceneBuilder(cfg, p, rng)
         draft = getattr(self, f"_family_{family}")(builder)
         builder.fill_mimics()
         scene = builder.scene()
@@ -366,7 +338,7 @@ class PhantomSource:
 
     # One method per question family: each decides the answer first, then makes the scene agree with it.
 
-    def _family_presence(self, b: _SceneBuilder) -> _Draft:
+    def _family_presence(self, b: SceneBuilder) -> _Draft:
         present = bool(b.rng.random() < 0.5)
         kind = b.pick_finding_kind()
         question = {
@@ -380,51 +352,51 @@ class PhantomSource:
             b.add_finding(kind)
         return _Draft(question, "yes" if present else "no", AnswerType.CLOSED, variant=kind)
 
-    def _family_location(self, b: _SceneBuilder) -> _Draft:
+    def _family_location(self, b: SceneBuilder) -> _Draft:
         kind = b.pick_finding_kind()
         by_quadrant = kind not in ("pleural effusion", "pneumothorax") and bool(b.rng.random() < 0.5)
-        options = _QUADRANTS if by_quadrant else ("left", "right")
+        options = QUADRANTS if by_quadrant else ("left", "right")
         answer = options[int(b.rng.integers(len(options)))]
         b.add_finding(kind, region=answer if by_quadrant else f"{answer} side", organ="any")
         if b.p.modality == "ct":
             b.finding = "focal lesion"
         if by_quadrant:
-            question = f"In which quadrant of the image is the {b.finding}? {_SIDE_NOTE}"
+            question = f"In which quadrant of the image is the {b.finding}? {SIDE_NOTE}"
         else:
-            question = f"On which side of the image is the {b.finding}? {_SIDE_NOTE}"
+            question = f"On which side of the image is the {b.finding}? {SIDE_NOTE}"
         return _Draft(question, answer, AnswerType.CHOICE, options, variant="quadrant" if by_quadrant else "side")
 
-    def _family_organ(self, b: _SceneBuilder) -> _Draft:
-        organ = _CT_ORGANS[int(b.rng.integers(3))]
+    def _family_organ(self, b: SceneBuilder) -> _Draft:
+        organ = CT_ORGANS[int(b.rng.integers(3))]
         b.add_finding("liver lesion", organ=organ)
         b.finding = "focal lesion"
         if b.rng.random() < 0.5:
-            options = tuple(b.rng.permutation(_CT_ORGANS).tolist())
+            options = tuple(b.rng.permutation(CT_ORGANS).tolist())
             return _Draft("Which organ contains the focal lesion?", organ, AnswerType.CHOICE, options, "choice")
         question = "Which organ contains the focal lesion? Answer with one word."
         return _Draft(question, organ, AnswerType.OPEN, variant="open")
 
-    def _family_finding(self, b: _SceneBuilder) -> _Draft:
-        kind = _CHEST_FINDINGS[int(b.rng.integers(3))]
+    def _family_finding(self, b: SceneBuilder) -> _Draft:
+        kind = CHEST_FINDINGS[int(b.rng.integers(3))]
         b.add_finding(kind)
-        options = tuple(b.rng.permutation(_CHEST_FINDINGS).tolist())
+        options = tuple(b.rng.permutation(CHEST_FINDINGS).tolist())
         return _Draft(
             "What is the abnormal finding on this chest radiograph?", kind, AnswerType.CHOICE, options, "choice"
         )
 
-    def _family_count(self, b: _SceneBuilder) -> _Draft:
-        kind = _LESION[b.p.modality]
+    def _family_count(self, b: SceneBuilder) -> _Draft:
+        kind = LESION_KIND[b.p.modality]
         count = int(b.rng.integers(0, b.cfg.max_lesions + 1))
         for _ in range(count):
             b.add_finding(kind)
         b.finding = kind if count else "none"
-        plural = _LESION_PLURAL[b.p.modality]
+        plural = LESION_PLURAL[b.p.modality]
         return _Draft(f"How many {plural} are there? Answer with a number.", str(count), AnswerType.OPEN, variant=kind)
 
-    def _family_size(self, b: _SceneBuilder) -> _Draft:
-        kind = _LESION[b.p.modality]
+    def _family_size(self, b: SceneBuilder) -> _Draft:
+        kind = LESION_KIND[b.p.modality]
         answer = SIZE_CLASSES[int(b.rng.integers(3))]
-        low, high = _SIZE_RADII[answer]
+        low, high = SIZE_RADII[answer]
         if answer == "small":
             low = max(low, b.cfg.lesion_radius[0])
         b.add_finding(kind, radius=float(b.rng.uniform(low, high)), organ="liver" if kind == "liver lesion" else None)
@@ -438,20 +410,20 @@ class PhantomSource:
         )
         return _Draft(question, answer, AnswerType.CHOICE, SIZE_CLASSES, variant=kind)
 
-    def _family_modality(self, b: _SceneBuilder) -> _Draft:
+    def _family_modality(self, b: SceneBuilder) -> _Draft:
         if b.rng.random() < 0.5:
             b.add_finding(b.pick_finding_kind())
         modality = b.p.modality
         if b.rng.random() < 0.5:
-            options = tuple(b.rng.permutation(list(_MODALITY_NAME.values())).tolist())
+            options = tuple(b.rng.permutation(list(MODALITY_NAME.values())).tolist())
             return _Draft(
-                "What imaging modality is this?", _MODALITY_NAME[modality], AnswerType.CHOICE, options, "choice"
+                "What imaging modality is this?", MODALITY_NAME[modality], AnswerType.CHOICE, options, "choice"
             )
         if b.rng.random() < 0.5:
             question = "What imaging modality was used for this image? Answer with one word."
-            return _Draft(question, _MODALITY_OPEN[modality], AnswerType.OPEN, variant="open")
+            return _Draft(question, MODALITY_OPEN[modality], AnswerType.OPEN, variant="open")
         question = "Which part of the body is shown? Answer with one word."
-        return _Draft(question, _BODY_PART[modality], AnswerType.OPEN, variant="body part")
+        return _Draft(question, BODY_PART[modality], AnswerType.OPEN, variant="body part")
 
 
 _FOCAL_KINDS = ("lung nodule", "brain lesion", "liver lesion")

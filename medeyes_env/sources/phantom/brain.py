@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 
-from medeyes_env.sources.phantom_scene import (
+from medeyes_env.sources.phantom.scene import (
     Anatomy,
     FloatArray,
     Focal,
-    _grid,
     blur,
     ellipse_sdf,
     inside,
     noise_patch,
+    pixel_grid,
     resize,
     smooth_field,
     stamp_focal,
@@ -105,7 +105,7 @@ def render_brain(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: 
     thickness of the surface and of every sulcus, white matter is the rest.
     """
     n = size // 2
-    u, v = _grid(n)
+    u, v = pixel_grid(n)
     x, y = _brain_frame(p, u, v)
     head = brain_head_sdf(p, u, v)
     depth = -head  # from the skin inwards

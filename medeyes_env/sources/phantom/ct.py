@@ -7,18 +7,18 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from medeyes_env.sources.phantom_scene import (
+from medeyes_env.sources.phantom.scene import (
     Anatomy,
     FloatArray,
     Focal,
-    _ell,
-    _grid,
     blur,
     draw_polyline,
     ellipse_sdf,
+    ellipse_shape,
     inside,
     noise_patch,
     paint,
+    pixel_grid,
     resize,
     smooth_field,
     stamp_focal,
@@ -100,10 +100,10 @@ def _bowel(image: FloatArray, rng: np.random.Generator, p: Anatomy) -> None:
             continue
         r = min(float(room), rng.uniform(0.016, 0.03))
         angle, stretch = rng.uniform(0, math.pi), rng.uniform(0.8, 1.5)
-        sdf, box = _ell(x, y, r * stretch, r, angle)
+        sdf, box = ellipse_shape(x, y, r * stretch, r, angle)
         paint(image, box, sdf, hu(50), 0.004)
         content = float(rng.choice([hu(10), hu(25), hu(-950), hu(160)], p=[0.35, 0.3, 0.25, 0.1]))
-        inner, box = _ell(x, y, (r - 0.004) * stretch, r - 0.004, angle)
+        inner, box = ellipse_shape(x, y, (r - 0.004) * stretch, r - 0.004, angle)
         paint(image, box, inner, content, 0.003)
         placed.append((x, y))
         if len(placed) >= 16:
@@ -128,7 +128,7 @@ def _hepatic_vessels(draw: ImageDraw.ImageDraw, rng: np.random.Generator, p: Ana
 def render_ct(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: np.random.Generator) -> FloatArray:
     """An axial contrast-enhanced abdominal CT slice at the level of the kidneys, intensities in ``[0, 1]``."""
     n = size // 2
-    u, v = _grid(n)
+    u, v = pixel_grid(n)
     image = _ct_body_wall(p, u, v)
     _ct_upper_organs(image, rng, p, n)
     _ct_kidneys(image, p)
@@ -174,9 +174,9 @@ def _ct_upper_organs(image: FloatArray, rng: np.random.Generator, p: Anatomy, n:
     paint(image, box, lambda uu, vv: ct_organ_sdf(p, "spleen", uu, vv), hu(120), 0.003)
     # stomach with an air-fluid level
     sx, sy = cx + 0.33 * a, cy - 0.5 * b
-    sdf, box = _ell(sx, sy, 0.15 * a, 0.25 * b, 0.6)
+    sdf, box = ellipse_shape(sx, sy, 0.15 * a, 0.25 * b, 0.6)
     paint(image, box, sdf, hu(55), 0.003)
-    sdf, box = _ell(sx, sy, 0.125 * a, 0.21 * b, 0.6)
+    sdf, box = ellipse_shape(sx, sy, 0.125 * a, 0.21 * b, 0.6)
     paint(image, box, sdf, hu(18), 0.003)
     level = sy - 0.21 * b * (0.2 + 0.6 * p["stomach_air"])
     paint(image, box, lambda uu, vv: np.maximum(sdf(uu, vv), vv - level), hu(-950), 0.002)
@@ -189,9 +189,9 @@ def _ct_kidneys(image: FloatArray, p: Anatomy) -> None:
         kx, ky = cx + side * 0.36 * a, cy + (0.42 + p["kidney_y"]) * b
         box = (kx - 0.1, ky - 0.1, kx + 0.1, ky + 0.1)
         paint(image, box, lambda uu, vv, o=organ: ct_organ_sdf(p, o, uu, vv), hu(175), 0.003)
-        sinus, _ = _ell(kx - side * 0.06 * a, ky, 0.045 * a, 0.085 * b, side * 0.4)
+        sinus, _ = ellipse_shape(kx - side * 0.06 * a, ky, 0.045 * a, 0.085 * b, side * 0.4)
         paint(image, box, sinus, hu(-50), 0.006)
-        pelvis, _ = _ell(kx - side * 0.075 * a, ky, 0.03 * a, 0.045 * b, side * 0.4)
+        pelvis, _ = ellipse_shape(kx - side * 0.075 * a, ky, 0.03 * a, 0.045 * b, side * 0.4)
         paint(image, box, pelvis, hu(15), 0.005)
 
 
@@ -199,17 +199,17 @@ def _ct_spine_and_vessels(image: FloatArray, p: Anatomy) -> None:
     """Spine (body, pedicles and laminae around the canal, spinous and transverse processes), aorta and IVC."""
     sx, sy = p["cx"], p["cy"] + 0.36 * p["b"]
     for m in (-1.0, 1.0):
-        sdf, box = _ell(sx + m * 0.06, sy + 0.095, 0.048, 0.04, m * 0.3)
+        sdf, box = ellipse_shape(sx + m * 0.06, sy + 0.095, 0.048, 0.04, m * 0.3)
         paint(image, box, sdf, hu(55), 0.004)
-        sdf, box = _ell(sx + m * 0.058, sy + 0.005, 0.026, 0.042, m * 0.35)
+        sdf, box = ellipse_shape(sx + m * 0.058, sy + 0.005, 0.026, 0.042, m * 0.35)
         paint(image, box, sdf, hu(50), 0.004)
-    cortex, box = _ell(sx, sy, 0.045, 0.038)
+    cortex, box = ellipse_shape(sx, sy, 0.045, 0.038)
     paint(image, box, cortex, hu(800), 0.003)
-    spongy, box = _ell(sx, sy, 0.039, 0.032)
+    spongy, box = ellipse_shape(sx, sy, 0.039, 0.032)
     paint(image, box, spongy, hu(260), 0.004)
-    arch, box = _ell(sx, sy + 0.062, 0.024, 0.022)
+    arch, box = ellipse_shape(sx, sy + 0.062, 0.024, 0.022)
     paint(image, box, arch, hu(750), 0.003)
-    canal, box = _ell(sx, sy + 0.058, 0.014, 0.013)
+    canal, box = ellipse_shape(sx, sy + 0.058, 0.014, 0.013)
     paint(image, box, canal, hu(25), 0.003)
     paint(
         image,
@@ -228,9 +228,9 @@ def _ct_spine_and_vessels(image: FloatArray, p: Anatomy) -> None:
             hu(600),
             0.004,
         )
-    aorta, box = _ell(sx + 0.03, sy - 0.072, 0.021, 0.021)
+    aorta, box = ellipse_shape(sx + 0.03, sy - 0.072, 0.021, 0.021)
     paint(image, box, aorta, hu(170), 0.003)
-    ivc, box = _ell(sx - 0.055, sy - 0.085, 0.026, 0.017, 0.3)
+    ivc, box = ellipse_shape(sx - 0.055, sy - 0.085, 0.026, 0.017, 0.3)
     paint(image, box, ivc, hu(130), 0.003)
 
 
@@ -246,5 +246,5 @@ def _ct_pancreas(image: FloatArray, rng: np.random.Generator, p: Anatomy, n: int
     pancreas_mask = blur(np.asarray(canvas, dtype=np.float32), 2)
     image += pancreas_mask * (hu(95) + (hu(12) - hu(0)) * smooth_field(rng, n, 90) - image)
     for dx, dy, r, value in ((0.035, -0.15, 0.008, 170.0), (0.0, -0.15, 0.011, 140.0)):  # SMA and SMV
-        sdf, box = _ell(sx + dx, sy + dy, r, r)
+        sdf, box = ellipse_shape(sx + dx, sy + dy, r, r)
         paint(image, box, sdf, hu(value), 0.003)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medeyes_env.sources.phantom_anatomy import Anatomy, Extended, Focal, Modality
+from medeyes_env.sources.phantom.scene import Anatomy, Extended, Focal, Modality
 
 SALT = 0x4D45_4459
 """First word of every case seed; change it to draw a different benchmark."""
@@ -25,28 +25,40 @@ FAMILY_WEIGHTS: dict[str, float] = {
     "modality": 0.08,
 }
 """Relative frequency of each family (renormalised over the families a modality has)."""
-_APPLICABLE: dict[str, tuple[Family, ...]] = {
+APPLICABLE_FAMILIES: dict[str, tuple[Family, ...]] = {
     "xray": ("presence", "location", "finding", "count", "size", "modality"),
     "mri": ("presence", "location", "count", "size", "modality"),
     "ct": ("presence", "location", "organ", "count", "size", "modality"),
 }
+"""The question families each modality can ask."""
 SIZE_CLASSES: tuple[str, ...] = ("small", "medium", "large")
 SIZE_THRESHOLDS_PX = (24.0, 48.0)
 """Lesion diameters (px of a 1024 px image) between the size classes."""
-_SIZE_RADII = {"small": (3.0, 10.5), "medium": (13.0, 22.0), "large": (26.0, 40.0)}
+SIZE_RADII = {"small": (3.0, 10.5), "medium": (13.0, 22.0), "large": (26.0, 40.0)}
+"""Lesion radius range (px of 1024) a size question draws for each answer."""
 SMALL_RADIUS_PX = 10.5
 """Lesions up to this radius (px of 1024) form the ``small`` stratum."""
 PIXEL_SPACING_MM = {"xray": 0.35, "mri": 0.23, "ct": 0.4}
-_ORGAN = {"xray": "chest", "mri": "brain", "ct": "abdomen"}
-_BODY_PART = {"xray": "chest", "mri": "head", "ct": "abdomen"}
-_MODALITY_NAME = {"xray": "X-ray", "mri": "MRI", "ct": "CT"}
-_MODALITY_OPEN = {"xray": "x-ray", "mri": "mri", "ct": "ct"}
-_LESION = {"xray": "lung nodule", "mri": "brain lesion", "ct": "liver lesion"}
-_LESION_PLURAL = {"xray": "lung nodules", "mri": "enhancing brain lesions", "ct": "focal liver lesions"}
-_CHEST_FINDINGS = ("lung nodule", "pleural effusion", "pneumothorax")
-_CT_ORGANS = ("liver", "spleen", "kidney")
-_QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
-_SIDE_NOTE = "Left and right are as seen on the image (the patient's right is on the image's left)."
+ORGAN = {"xray": "chest", "mri": "brain", "ct": "abdomen"}
+"""The organ each modality shows (``Case.organ``)."""
+BODY_PART = {"xray": "chest", "mri": "head", "ct": "abdomen"}
+"""Gold answer of the open "which part of the body" question."""
+MODALITY_NAME = {"xray": "X-ray", "mri": "MRI", "ct": "CT"}
+"""Gold answer (and options) of the multiple-choice modality question."""
+MODALITY_OPEN = {"xray": "x-ray", "mri": "mri", "ct": "ct"}
+"""Gold answer of the open one-word modality question."""
+LESION_KIND = {"xray": "lung nodule", "mri": "brain lesion", "ct": "liver lesion"}
+"""The round finding each modality asks about."""
+LESION_PLURAL = {"xray": "lung nodules", "mri": "enhancing brain lesions", "ct": "focal liver lesions"}
+"""The count question's wording of :data:`LESION_KIND`."""
+CHEST_FINDINGS = ("lung nodule", "pleural effusion", "pneumothorax")
+"""Findings a chest radiograph can hold (the finding question's options)."""
+CT_ORGANS = ("liver", "spleen", "kidney")
+"""Organs a CT lesion can sit in (the organ question's options)."""
+QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
+"""Options of the quadrant location question, as seen on the image."""
+SIDE_NOTE = "Left and right are as seen on the image (the patient's right is on the image's left)."
+"""Appended to every question about sides."""
 
 
 class PhantomConfig(BaseModel):
@@ -109,7 +121,7 @@ class PhantomConfig(BaseModel):
             raise ValueError(f"lesion_radius must lie within [2, 64] px, got {self.lesion_radius}")
         if not self.families or not self.modalities:
             raise ValueError("families and modalities must each name at least one entry")
-        if not any(f in _APPLICABLE[m] for m in self.modalities for f in self.families):
+        if not any(f in APPLICABLE_FAMILIES[m] for m in self.modalities for f in self.families):
             raise ValueError(f"no modality in {self.modalities} has a question family in {self.families}")
         return self
 
