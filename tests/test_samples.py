@@ -16,6 +16,7 @@ pydicom = pytest.importorskip("pydicom")
 pytest.importorskip("skimage")
 
 from medeyes_env.sources import samples  # noqa: E402  (needs the optional packages checked above)
+from medeyes_env.sources.samples_catalog import SAMPLE_IMAGES  # noqa: E402
 
 OVERLAY_BOX = (46.0, 139.0, 81.0, 174.0)
 """Bounding box (pixel edges) of the hand-drawn contour in examples_overlay.dcm's overlay plane 0x6000."""
@@ -121,7 +122,7 @@ MODALITY_TAGS = {"MR": "MRI", "CT": "CT", "US": "Ultrasound", "NM": "Nuclear med
 
 def test_dicom_answers_agree_with_the_dicom_headers() -> None:
     checked = 0
-    by_file = {image.file: image for image in samples.SAMPLE_IMAGES}
+    by_file = {image.file: image for image in SAMPLE_IMAGES}
     for case in all_cases():
         if case.meta["package"] != "pydicom":
             continue
@@ -140,7 +141,7 @@ def test_dicom_answers_agree_with_the_dicom_headers() -> None:
 
 
 def test_only_bundled_files_are_read() -> None:
-    for image in samples.SAMPLE_IMAGES:
+    for image in SAMPLE_IMAGES:
         path = samples.sample_file(image)
         package_dir = Path(next(iter(importlib.util.find_spec(image.package).submodule_search_locations)))
         assert package_dir in path.parents

@@ -25,7 +25,15 @@ from PIL import Image
 from medeyes_env.cases import AnswerType, Box, Region, Split, xywh_to_xyxy
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.rows import FileSource, _clip_box, _Collector, _flag, _Row, image_size, parse_spec_argument
+from medeyes_env.sources.rows import (
+    FileRow,
+    FileSource,
+    RowCollector,
+    clip_box,
+    image_size,
+    parse_flag,
+    parse_spec_argument,
+)
 from medeyes_env.strict_json import BadInput, lines
 
 NIH_BBOX_CSV = "BBox_List_2017.csv"
@@ -71,7 +79,7 @@ def load_nih_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSo
     csv_path = root / NIH_BBOX_CSV
     if not csv_path.is_file():
         raise SourceError(f"NIH ChestX-ray14 box file not found: {csv_path}")
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     boxes: _Boxes = defaultdict(lambda: defaultdict(list))
     where_of: dict[str, str] = {}
     for where, cells, _ in _csv_rows(csv_path):
@@ -94,7 +102,7 @@ def load_nih_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSo
     return collector.source("nih_cxr", root)
 
 
-def _nih_splits(root: Path, collector: _Collector) -> dict[str, Split]:
+def _nih_splits(root: Path, collector: RowCollector) -> dict[str, Split]:
     """Image name -> split from the release's lists; a line that is not UTF-8 is ``FILE:LINE`` (or skipped).
 
     Skipping such a line loses no image: every name in the box CSV decoded as UTF-8, so none can match it.
@@ -124,7 +132,7 @@ def load_vindr_cxr(path: str | os.PathLike[str], skip_bad: bool = False) -> File
     present = {split: root / name for split, name in VINDR_FILES.items() if (root / name).is_file()}
     if not present:
         raise SourceError(f"no VinDr-CXR annotation files in {root}: expected {', '.join(VINDR_FILES.values())}")
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     for split, csv_path in present.items():
         boxes: _Boxes = defaultdict(lambda: defaultdict(list))
         where_of: dict[str, str] = {}
@@ -167,19 +175,21 @@ def _questions(
     findings: dict[str, list[Box]],
     vocabulary: tuple[str, ...],
     folders: tuple[str, ...],
-    collector: _Collector,
-) -> list[_Row]:
+    collector: RowCollector,
+) -> list[FileRow]:
     """Presence (yes per finding, one no) and location questions about one image."""
     path = collector.image(root, image, folders)
     size = _header_size(path)
 
-    def row(question: str, answer: str, kind: AnswerType, finding: str, **fields: object) -> _Row:
+    def row(question: str, answer: str, kind: AnswerType, finding: str, **fields: object) -> FileRow:
         meta = {"image": image, "family": "location" if kind is AnswerType.CHOICE else "presence", "finding": finding}
-        return _Row(question, answer, kind, path, modality="xray", organ="chest", image_size=size, meta=meta, **fields)  # type: ignore[arg-type]
+        return FileRow(
+            question, answer, kind, path, modality="xray", organ="chest", image_size=size, meta=meta, **fields
+        )  # type: ignore[arg-type]
 
-    rows: list[_Row] = []
+    rows: list[FileRow] = []
     for label, boxes in sorted(findings.items()):
-        regions = tuple(Region(box=b, label=label) for box in boxes if (b := _clip_box(box, size)) is not None)
+        regions = tuple(Region(box=b, label=label) for box in boxes if (b := clip_box(box, size)) is not None)
         collector.excluded["boxes_outside_image"] += len(boxes) - len(regions)
         if not regions:
             continue
@@ -224,7 +234,7 @@ def _article(finding: str) -> str:
 def _opener(name: str, load: Callable[..., FileSource]) -> Callable[[str | None], FileSource]:
     def factory(argument: str | None) -> FileSource:
         path, values = parse_spec_argument(argument, name, {"skip_bad": "0"})
-        return load(path, skip_bad=_flag(values["skip_bad"], "skip_bad"))
+        return load(path, skip_bad=parse_flag(values["skip_bad"], "skip_bad"))
 
     return factory
 

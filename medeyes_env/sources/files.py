@@ -9,7 +9,7 @@ Spec strings (``open_source``), each ``NAME:PATH`` with optional ``?key=value&..
 - ``pmc_vqa:/data/PMC-VQA``: PMC-VQA CSV files (:func:`~medeyes_env.sources.medvqa.load_pmc_vqa`).
 
 The machinery they share (the source object, the per-run row collector, record readers) is in
-:mod:`medeyes_env.sources.rows`; this module re-exports the names it held before.
+:mod:`medeyes_env.sources.rows`.
 
 Options every loader takes: ``skip_bad=1`` skips malformed rows (missing image,
 bad field, bad box) instead of stopping at the first one; the source then lists
@@ -47,33 +47,18 @@ from medeyes_env.cases import (
 )
 from medeyes_env.errors import SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.medvqa import load_path_vqa, load_pmc_vqa, load_slake, load_vqa_rad
 from medeyes_env.sources.rows import (
+    FileRow,
     FileSource,
-    _boxes_of,
-    _Collector,
-    _factory,
-    _flag,
-    _record,
-    _Row,
-    _text,
-    image_size,
-    parse_spec_argument,
+    RowCollector,
+    boxes_of,
+    parse_flag,
+    parse_record,
+    spec_factory,
+    text_field,
 )
 from medeyes_env.strict_json import BadInput
 from medeyes_env.strict_json import lines as text_lines
-
-__all__ = [
-    "JSONL_FIELDS",
-    "FileSource",
-    "image_size",
-    "load_jsonl",
-    "load_path_vqa",
-    "load_pmc_vqa",
-    "load_slake",
-    "load_vqa_rad",
-    "parse_spec_argument",
-]
 
 # ---------------------------------------------------------------------------------------------
 # jsonl: MedEyes' own format
@@ -112,7 +97,7 @@ def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSour
     if not path.is_file():
         raise SourceError(f"JSONL file not found: {path}")
     root = path.parent
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     seen: dict[str, int] = {}
     with path.open("rb") as handle:
         for number, line in text_lines(handle):
@@ -120,7 +105,7 @@ def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSour
                 continue
             where = f"{path}:{number}"
             with collector.row(where):
-                split, row = _jsonl_row(_record(line), root, collector)
+                split, row = _jsonl_row(parse_record(line), root, collector)
                 case_id = row.case_id or ""
                 if case_id in seen:
                     raise SourceError(f"duplicate id {case_id!r} (first on line {seen[case_id]})")
@@ -130,13 +115,13 @@ def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSour
     return collector.source("jsonl", root)
 
 
-def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tuple[Split, _Row]:
+def _jsonl_row(record: dict[str, Any], root: Path, collector: RowCollector) -> tuple[Split, FileRow]:
     unknown = sorted(set(record) - set(JSONL_FIELDS))
     if unknown:
         close = difflib.get_close_matches(unknown[0], JSONL_FIELDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SourceError(f"unknown field {unknown[0]!r}{hint}; fields are: {', '.join(JSONL_FIELDS)}")
-    raw_type = _text(record, "answer_type").lower()
+    raw_type = text_field(record, "answer_type").lower()
     try:
         answer_type = AnswerType(raw_type)
     except ValueError:
@@ -144,12 +129,12 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
     options = record.get("options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise SourceError(f"options must be a list of texts, got {options!r}")
-    answer = _text(record, "answer")
+    answer = text_field(record, "answer")
     if answer_type is AnswerType.CHOICE and answer not in options and re.fullmatch(r"[A-Za-z]", answer):
         letter = ord(answer.upper()) - ord("A")
         if letter < len(options):
             answer = options[letter]
-    split_name = _text(record, "split", required=False, default="test").lower()
+    split_name = text_field(record, "split", required=False, default="test").lower()
     if split_name not in _SPLIT_ALIASES:
         raise SourceError(f"split {split_name!r} must be one of train, validation (val), test")
     meta = record.get("meta", {})
@@ -157,7 +142,7 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
         isinstance(v, (str, int, float, bool)) and isinstance(k, str) for k, v in meta.items()
     ):
         raise SourceError(f"meta must be an object of text/number/bool values, got {meta!r}")
-    image_path = collector.image(root, _text(record, "image"))
+    image_path = collector.image(root, text_field(record, "image"))
     regions_raw = record.get("regions", [])
     if not isinstance(regions_raw, list):
         raise SourceError(f"regions must be a list of {{box, label}} objects, got {regions_raw!r}")
@@ -165,7 +150,7 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
     for region in regions_raw:
         if not isinstance(region, dict) or "box" not in region or set(region) - {"box", "label"}:
             raise SourceError(f"each region must be {{'box': [x1, y1, x2, y2], 'label': text}}, got {region!r}")
-        boxes = _boxes_of(region["box"], "region box")
+        boxes = boxes_of(region["box"], "region box")
         if len(boxes) != 1:
             raise SourceError(f"a region has one box [x1, y1, x2, y2], got {region['box']!r}")
         label = region.get("label")
@@ -173,23 +158,23 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: _Collector) -> tup
             raise SourceError(f"a region label must be text, got {type(label).__name__} {label!r}")
         regions.append(Region(box=boxes[0], label=label if label is not None else "abnormality"))
     size = collector.size(image_path) if regions else None
-    row = _Row(
-        question=_text(record, "question"),
+    row = FileRow(
+        question=text_field(record, "question"),
         answer=answer,
         answer_type=answer_type,
         image_path=image_path,
         options=tuple(options),
         regions=tuple(regions),
-        modality=_text(record, "modality", required=False, default="unknown"),
-        organ=_text(record, "organ", required=False, default="unknown"),
+        modality=text_field(record, "modality", required=False, default="unknown"),
+        organ=text_field(record, "organ", required=False, default="unknown"),
         image_size=size,
         meta=meta,
-        case_id=_text(record, "id"),
+        case_id=text_field(record, "id"),
     )
     return _SPLIT_ALIASES[split_name], row
 
 
-def _validate(row: _Row, split: Split) -> None:
+def _validate(row: FileRow, split: Split) -> None:
     """Run the Case model's own checks on a row (answer in options, yes/no, boxes inside the image)."""
     Case(
         id=row.case_id or "?",
@@ -212,5 +197,7 @@ def _validate(row: _Row, split: Split) -> None:
 
 register_source(
     "jsonl",
-    _factory("jsonl", {"skip_bad": "0"}, lambda p, o: load_jsonl(p, skip_bad=_flag(o["skip_bad"], "skip_bad"))),
+    spec_factory(
+        "jsonl", {"skip_bad": "0"}, lambda p, o: load_jsonl(p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"))
+    ),
 )

@@ -24,21 +24,21 @@ from medeyes_env.cases import (
 from medeyes_env.errors import SourceError, UnsafePathError
 from medeyes_env.sources import register_source
 from medeyes_env.sources.rows import (
+    FileRow,
     FileSource,
-    _boxes_of,
-    _clip_box,
-    _Collector,
-    _dataset_answer_type,
-    _factory,
-    _first_key,
-    _flag,
-    _is_yes_no,
-    _normalise_modality,
-    _read_records,
-    _record,
-    _refuse_pickles,
-    _Row,
-    _text,
+    RowCollector,
+    boxes_of,
+    clip_box,
+    dataset_answer_type,
+    first_present_key,
+    is_yes_no,
+    normalise_modality,
+    parse_flag,
+    parse_record,
+    read_records,
+    refuse_pickles,
+    spec_factory,
+    text_field,
 )
 from medeyes_env.strict_json import BadInput, load_file
 
@@ -80,12 +80,12 @@ def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: st
         raise SourceError(
             f"no SLAKE split files in {root}: expected {', '.join(SLAKE_SPLIT_FILES.values())} beside imgs/"
         )
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     detections = functools.cache(functools.partial(_slake_detections, root=root))
     for split, split_file in present.items():
-        for where, item in _read_records(split_file):
+        for where, item in read_records(split_file):
             with collector.row(where):
-                record = _record(item)
+                record = parse_record(item)
                 if str(record.get("q_lang", "en")).strip().lower() == "en":
                     collector.rows[split].append(_slake_row(record, root, regions, collector, detections))
     return collector.source("slake", root)
@@ -95,20 +95,20 @@ def _slake_row(
     record: dict[str, Any],
     root: Path,
     regions_mode: str,
-    collector: _Collector,
+    collector: RowCollector,
     detections_of: Callable[[Path], tuple[tuple[str, Box], ...]],
-) -> _Row:
-    answer = _text(record, "answer")
-    answer_type, meta = _dataset_answer_type(_text(record, "answer_type"), answer)
-    image_path = collector.image(root / "imgs", _text(record, "img_name"))
-    question = _text(record, "question")
+) -> FileRow:
+    answer = text_field(record, "answer")
+    answer_type, meta = dataset_answer_type(text_field(record, "answer_type"), answer)
+    image_path = collector.image(root / "imgs", text_field(record, "img_name"))
+    question = text_field(record, "question")
     regions: tuple[Region, ...] = ()
     size = None
     if regions_mode != "none":
         detections = detections_of(image_path.parent / "detection.json")
         if detections:
             size = collector.size(image_path)
-            boxes = [(label, clipped) for label, box in detections if (clipped := _clip_box(box, size)) is not None]
+            boxes = [(label, clipped) for label, box in detections if (clipped := clip_box(box, size)) is not None]
             text = f" {question} {answer} ".lower()
             matched = [(label, box) for label, box in boxes if re.search(rf"\b{re.escape(label.lower())}\b", text)]
             chosen = matched if (matched and regions_mode == "matched") else boxes
@@ -117,13 +117,13 @@ def _slake_row(
     for key in ("qid", "img_id", "content_type", "base_type", "location"):
         if record.get(key) not in (None, ""):
             meta[key] = record[key] if isinstance(record[key], (int, float)) else str(record[key])
-    return _Row(
+    return FileRow(
         question=question,
         answer=answer,
         answer_type=answer_type,
         image_path=image_path,
         regions=regions,
-        modality=_normalise_modality(str(record.get("modality", "unknown"))),
+        modality=normalise_modality(str(record.get("modality", "unknown"))),
         organ=str(record.get("location", "unknown")).strip().lower() or "unknown",
         image_size=size,
         meta=meta,
@@ -157,7 +157,7 @@ def _slake_detections(path: Path, root: Path) -> tuple[tuple[str, Box], ...]:
             pairs.extend((str(k), v) for k, v in item.items())
     result = []
     for label, value in pairs:
-        for x, y, w, h in _boxes_of(value, f"{path} box {label!r}"):
+        for x, y, w, h in boxes_of(value, f"{path} box {label!r}"):
             if w <= 0 or h <= 0:
                 raise SourceError(f"{path}: box {label!r} [{x}, {y}, {w}, {h}] has no area; expected [x, y, w, h]")
             result.append((label.strip(), xywh_to_xyxy((x, y, w, h))))
@@ -188,24 +188,24 @@ def load_vqa_rad(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSo
     if not json_path.is_file():
         raise SourceError(f"VQA-RAD annotation file not found: {json_path} (expected {VQA_RAD_JSON!r})")
     root = json_path.parent
-    collector = _Collector(skip_bad)
-    for where, item in _read_records(json_path):
+    collector = RowCollector(skip_bad)
+    for where, item in read_records(json_path):
         with collector.row(where):
-            record = _record(item)
-            answer = _text(record, "answer")
-            answer_type, meta = _dataset_answer_type(_text(record, "answer_type"), answer)
-            phrase_type = _text(record, "phrase_type", required=False, default="freeform").lower()
+            record = parse_record(item)
+            answer = text_field(record, "answer")
+            answer_type, meta = dataset_answer_type(text_field(record, "answer_type"), answer)
+            phrase_type = text_field(record, "phrase_type", required=False, default="freeform").lower()
             split: Split = "test" if phrase_type.startswith("test") else "train"
-            organ = _text(record, "image_organ", required=False, default="unknown").lower()
+            organ = text_field(record, "image_organ", required=False, default="unknown").lower()
             meta["phrase_type"] = phrase_type
             for key in ("qid", "question_type"):
                 if record.get(key) not in (None, ""):
                     meta[key] = str(record[key])
-            row = _Row(
-                question=_text(record, "question"),
+            row = FileRow(
+                question=text_field(record, "question"),
                 answer=answer,
                 answer_type=answer_type,
-                image_path=collector.image(root, _text(record, "image_name"), VQA_RAD_IMAGE_FOLDERS),
+                image_path=collector.image(root, text_field(record, "image_name"), VQA_RAD_IMAGE_FOLDERS),
                 organ=_ORGANS.get(organ, organ),
                 meta=meta,
             )
@@ -240,25 +240,25 @@ def load_path_vqa(path: str | os.PathLike[str], skip_bad: bool = False) -> FileS
         raise SourceError(f"PathVQA directory not found: {root}")
     files = _split_files(root, PATH_VQA_SPLITS)
     if not files:
-        _refuse_pickles(root / "qas", "path_vqa")
-        _refuse_pickles(root, "path_vqa")
+        refuse_pickles(root / "qas", "path_vqa")
+        refuse_pickles(root, "path_vqa")
         raise SourceError(
             f"no PathVQA annotation files in {root} or {root / 'qas'}: expected train/val/test as .csv, .json or .jsonl"
         )
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     for split, split_file in files.items():
         folders = (f"images/{split_file.stem}", "images", split_file.stem, "")
-        for where, item in _read_records(split_file):
+        for where, item in read_records(split_file):
             with collector.row(where):
-                record = _record(item)
-                image = _text(record, _first_key(record, _IMAGE_KEYS))
+                record = parse_record(item)
+                image = text_field(record, first_present_key(record, _IMAGE_KEYS))
                 if not Path(image).suffix:
                     image += ".jpg"
-                answer = _text(record, "answer")
-                row = _Row(
-                    question=_text(record, "question"),
+                answer = text_field(record, "answer")
+                row = FileRow(
+                    question=text_field(record, "question"),
                     answer=answer,
-                    answer_type=AnswerType.CLOSED if _is_yes_no(answer) else AnswerType.OPEN,
+                    answer_type=AnswerType.CLOSED if is_yes_no(answer) else AnswerType.OPEN,
                     image_path=collector.image(root, image, folders),
                     modality="pathology",
                 )
@@ -309,15 +309,15 @@ def load_pmc_vqa(
             files[split] = candidate  # type: ignore[index]
     if not files:
         raise SourceError(f"no PMC-VQA CSV files in {root}: expected {train} and/or {test}")
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     for split, split_file in files.items():
-        for where, item in _read_records(split_file):
+        for where, item in read_records(split_file):
             with collector.row(where):
-                collector.rows[split].append(_pmc_row(_record(item), root, collector))
+                collector.rows[split].append(_pmc_row(parse_record(item), root, collector))
     return collector.source("pmc_vqa", root)
 
 
-def _pmc_row(record: dict[str, Any], root: Path, collector: _Collector) -> _Row:
+def _pmc_row(record: dict[str, Any], root: Path, collector: RowCollector) -> FileRow:
     options: list[str] = []
     letters: list[str] = []
     for letter in "ABCD":
@@ -328,15 +328,15 @@ def _pmc_row(record: dict[str, Any], root: Path, collector: _Collector) -> _Row:
         letters.append(letter)
     if len(options) < 2:
         raise SourceError(f"needs at least two of the columns 'Choice A'..'Choice D', got {options!r}")
-    label = _text(record, "Answer_label").upper()
+    label = text_field(record, "Answer_label").upper()
     if label not in letters:
         raise SourceError(f"Answer_label {label!r} names none of the choices {letters}")
-    answer_text = _text(record, "Answer", required=False)
-    return _Row(
-        question=_text(record, "Question"),
+    answer_text = text_field(record, "Answer", required=False)
+    return FileRow(
+        question=text_field(record, "Question"),
         answer=options[letters.index(label)],
         answer_type=AnswerType.CHOICE,
-        image_path=collector.image(root, _text(record, "Figure_path"), PMC_VQA_IMAGE_FOLDERS),
+        image_path=collector.image(root, text_field(record, "Figure_path"), PMC_VQA_IMAGE_FOLDERS),
         options=tuple(options),
         meta={"answer_label": label, "answer_text": answer_text},
     )
@@ -348,27 +348,31 @@ def _pmc_row(record: dict[str, Any], root: Path, collector: _Collector) -> _Row:
 
 register_source(
     "slake",
-    _factory(
+    spec_factory(
         "slake",
         {"skip_bad": "0", "regions": "matched"},
-        lambda p, o: load_slake(p, skip_bad=_flag(o["skip_bad"], "skip_bad"), regions=o["regions"]),
+        lambda p, o: load_slake(p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"), regions=o["regions"]),
     ),
 )
 register_source(
     "vqa_rad",
-    _factory("vqa_rad", {"skip_bad": "0"}, lambda p, o: load_vqa_rad(p, skip_bad=_flag(o["skip_bad"], "skip_bad"))),
+    spec_factory(
+        "vqa_rad", {"skip_bad": "0"}, lambda p, o: load_vqa_rad(p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"))
+    ),
 )
 register_source(
     "path_vqa",
-    _factory("path_vqa", {"skip_bad": "0"}, lambda p, o: load_path_vqa(p, skip_bad=_flag(o["skip_bad"], "skip_bad"))),
+    spec_factory(
+        "path_vqa", {"skip_bad": "0"}, lambda p, o: load_path_vqa(p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"))
+    ),
 )
 register_source(
     "pmc_vqa",
-    _factory(
+    spec_factory(
         "pmc_vqa",
         {"skip_bad": "0", "train": "train.csv", "test": ""},
         lambda p, o: load_pmc_vqa(
-            p, skip_bad=_flag(o["skip_bad"], "skip_bad"), train=o["train"], test=o["test"] or None
+            p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"), train=o["train"], test=o["test"] or None
         ),
     ),
 )

@@ -18,14 +18,14 @@ from medeyes_env.cases import AnswerType
 from medeyes_env.errors import SourceError
 from medeyes_env.sources import register_source
 from medeyes_env.sources.rows import (
+    FileRow,
     FileSource,
-    _Collector,
-    _flag,
-    _read_records,
-    _record,
-    _Row,
-    _text,
+    RowCollector,
+    parse_flag,
+    parse_record,
     parse_spec_argument,
+    read_records,
+    text_field,
 )
 
 OPTION_KEYS = ("option_A", "option_B", "option_C", "option_D")
@@ -39,29 +39,29 @@ def load_omnimedvqa(path: str | os.PathLike[str], skip_bad: bool = False) -> Fil
     files = sorted(qa.glob("*/*.json")) if qa.is_dir() else []
     if not files:
         raise SourceError(f"no OmniMedVQA question files in {qa}: expected QA_information/*/*.json")
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     for file in files:
-        for where, item in _read_records(file):
+        for where, item in read_records(file):
             with collector.row(where):
-                collector.rows["test"].append(_row(_record(item), root, collector, file.parent.name))
+                collector.rows["test"].append(_row(parse_record(item), root, collector, file.parent.name))
     return collector.source("omnimedvqa", root)
 
 
-def _row(record: dict[str, Any], root: Path, collector: _Collector, access: str) -> _Row:
+def _row(record: dict[str, Any], root: Path, collector: RowCollector, access: str) -> FileRow:
     options = tuple(str(record[k]).strip() for k in OPTION_KEYS if record.get(k) not in (None, ""))
-    answer = _text(record, "gt_answer")
+    answer = text_field(record, "gt_answer")
     if answer not in options:
         raise SourceError(f"gt_answer {answer!r} is not one of the options {list(options)}")
-    modality = _text(record, "modality_type", required=False, default="unknown").lower()
+    modality = text_field(record, "modality_type", required=False, default="unknown").lower()
     meta: dict[str, str | int | float | bool] = {"access": access}
     for key in ("question_id", "dataset", "question_type"):
         if record.get(key) not in (None, ""):
             meta[key] = str(record[key])
-    return _Row(
-        question=_text(record, "question"),
+    return FileRow(
+        question=text_field(record, "question"),
         answer=answer,
         answer_type=AnswerType.CHOICE,
-        image_path=collector.image(root, _text(record, "image_path")),
+        image_path=collector.image(root, text_field(record, "image_path")),
         options=options,
         modality=_MODALITIES.get(modality, modality),
         meta=meta,
@@ -70,7 +70,7 @@ def _row(record: dict[str, Any], root: Path, collector: _Collector, access: str)
 
 def _open(argument: str | None) -> FileSource:
     path, values = parse_spec_argument(argument, "omnimedvqa", {"skip_bad": "0"})
-    return load_omnimedvqa(path, skip_bad=_flag(values["skip_bad"], "skip_bad"))
+    return load_omnimedvqa(path, skip_bad=parse_flag(values["skip_bad"], "skip_bad"))
 
 
 register_source("omnimedvqa", _open)

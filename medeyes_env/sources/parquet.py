@@ -34,12 +34,12 @@ from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
 from medeyes_env.sources.parquet_files import ImageCells, read_text_columns
 from medeyes_env.sources.rows import (
+    RowCollector,
     RowSource,
-    _Collector,
-    _dataset_answer_type,
-    _flag,
-    _is_yes_no,
-    _normalise_modality,
+    dataset_answer_type,
+    is_yes_no,
+    normalise_modality,
+    parse_flag,
     parse_spec_argument,
 )
 
@@ -83,7 +83,7 @@ class ParquetSource(RowSource[_PqRow]):
     """A finite source over parquet files whose images are bytes in the file, decoded on demand."""
 
     def __init__(
-        self, name: str, root: Path, files: list[Path], rows: dict[Split, list[_PqRow]], collector: _Collector
+        self, name: str, root: Path, files: list[Path], rows: dict[Split, list[_PqRow]], collector: RowCollector
     ):
         """Wrap rows already validated by a loader; ``collector`` holds the skipped-row messages and count."""
         super().__init__(name, root, rows, collector.skipped, collector.n_skipped)
@@ -179,7 +179,7 @@ def load_hf_parquet(dataset: str, path: str | os.PathLike[str], skip_bad: bool =
         raise SourceError(
             f"no {dataset} parquet files in {root} or {root / 'data'}: expected train-*.parquet, test-*.parquet"
         )
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     files: list[Path] = []
     rows: dict[Split, list[_PqRow]] = {split: [] for split in SPLITS}
     not_english = 0
@@ -213,9 +213,9 @@ def _hf_row(dataset: str, record: Mapping[str, Any], file: int, number: int, col
     answer = _text(record, "answer")
     meta: dict[str, str | int | float | bool] = {}
     if record.get("answer_type"):
-        answer_type, meta = _dataset_answer_type(str(record["answer_type"]), answer)
+        answer_type, meta = dataset_answer_type(str(record["answer_type"]), answer)
     else:
-        answer_type = AnswerType.CLOSED if _is_yes_no(answer) else AnswerType.OPEN
+        answer_type = AnswerType.CLOSED if is_yes_no(answer) else AnswerType.OPEN
     for key in ("qid", "content_type"):
         if record.get(key) not in (None, ""):
             meta[key] = str(record[key])
@@ -227,7 +227,7 @@ def _hf_row(dataset: str, record: Mapping[str, Any], file: int, number: int, col
         file=file,
         row=number,
         column=column,
-        modality=_normalise_modality(str(modality)) if modality else HF_DATASETS[dataset],
+        modality=normalise_modality(str(modality)) if modality else HF_DATASETS[dataset],
         organ=str(record.get("location") or "unknown").strip().lower(),
         meta=meta,
     )
@@ -274,7 +274,7 @@ def load_mmmu(
             )
         if not (root / subject).is_dir():
             raise SourceError(f"MMMU subject folder not found: {root / subject}")
-    collector = _Collector(skip_bad)
+    collector = RowCollector(skip_bad)
     files: list[Path] = []
     rows: dict[Split, list[_PqRow]] = {split: [] for split in SPLITS}
     excluded = {"multi_image": 0, "unanswered": 0}
@@ -362,7 +362,7 @@ def _mmmu_row(record: Mapping[str, Any], subject: str, file: int, number: int) -
         meta["answer_label"] = letter
         answer, answer_type = options[ord(letter) - ord("A")], AnswerType.CHOICE
     else:
-        answer_type, options = (AnswerType.CLOSED if _is_yes_no(answer) else AnswerType.OPEN), ()
+        answer_type, options = (AnswerType.CLOSED if is_yes_no(answer) else AnswerType.OPEN), ()
     return _PqRow(
         question=_IMAGE_TAG.sub("the image", question),
         answer=answer,
@@ -387,12 +387,12 @@ def _subjects(value: str) -> tuple[str, ...] | None:
 
 def _path_and_skip(argument: str | None, name: str, options: dict[str, str]) -> tuple[Path, bool]:
     path, values = parse_spec_argument(argument, name, options)
-    return path, _flag(values["skip_bad"], "skip_bad")
+    return path, parse_flag(values["skip_bad"], "skip_bad")
 
 
 def _open_mmmu(argument: str | None) -> ParquetSource:
     path, values = parse_spec_argument(argument, "mmmu", {"skip_bad": "0", "subjects": ""})
-    return load_mmmu(path, _subjects(values["subjects"]), _flag(values["skip_bad"], "skip_bad"))
+    return load_mmmu(path, _subjects(values["subjects"]), parse_flag(values["skip_bad"], "skip_bad"))
 
 
 for _name in HF_DATASETS:

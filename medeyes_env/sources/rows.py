@@ -1,7 +1,7 @@
 """Row sources: what the file and parquet loaders share.
 
 :class:`RowSource` (cases built on demand from light rows, per split), :class:`FileSource` (rows whose image is a
-file), the per-run :class:`_Collector` (rows per split, bad rows raised or skipped with ``skip_bad``, cached
+file), the per-run :class:`RowCollector` (rows per split, bad rows raised or skipped with ``skip_bad``, cached
 directory listings and image sizes), and the small readers and checks every loader uses: spec options, record
 files (.json, .jsonl, .csv), text fields, boxes. The rules they enforce are listed in
 :mod:`medeyes_env.sources.files`.
@@ -55,7 +55,7 @@ MAX_JSON_FILE_BYTES = 1024**3
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
+class FileRow:
     """Everything a Case needs, kept light so that 10^6-row datasets stay cheap.
 
     The image path is kept as ``str`` (a ``Path`` costs 260 bytes, its string 80) and an empty ``meta`` as
@@ -117,10 +117,10 @@ class RowSource(Generic[RowT]):
         return f"{type(self).__name__}({self.name!r}, {str(self.root)!r}, {sizes}, skipped={self.n_skipped})"
 
 
-class FileSource(RowSource[_Row]):
+class FileSource(RowSource[FileRow]):
     """A finite source over rows read from files, each image a file under the dataset directory."""
 
-    def _case(self, row: _Row, split: Split, index: int) -> Case:
+    def _case(self, row: FileRow, split: Split, index: int) -> Case:
         return Case(
             id=row.case_id or f"{self.name}/{split}/{index}",
             question=row.question,
@@ -138,7 +138,7 @@ class FileSource(RowSource[_Row]):
         )
 
 
-class _Collector:
+class RowCollector:
     """One loader run: collects rows per split, turns a bad row into an error naming ``where`` (or a skip).
 
     It also caches directory listings and image sizes for the run only, so reopening a
@@ -147,7 +147,7 @@ class _Collector:
 
     def __init__(self, skip_bad: bool) -> None:
         self.skip_bad = skip_bad
-        self.rows: dict[Split, list[_Row]] = {split: [] for split in SPLITS}
+        self.rows: dict[Split, list[FileRow]] = {split: [] for split in SPLITS}
         self.skipped: list[str] = []
         self.n_skipped = 0
         self.excluded: Counter[str] = Counter()
@@ -219,6 +219,7 @@ class _Collector:
             self.skipped.append(str(error))
 
     def source(self, name: str, root: Path) -> FileSource:
+        """The :class:`FileSource` of the rows collected (logs how many were skipped)."""
         if self.n_skipped:
             logger.warning("%s: skipped %d malformed rows (see source.skipped)", name, self.n_skipped)
         source = FileSource(name, root, self.rows, self.skipped, self.n_skipped)
@@ -265,7 +266,8 @@ def _listing(directory: Path) -> dict[str, str]:
         return {}
 
 
-def _flag(value: str, key: str) -> bool:
+def parse_flag(value: str, key: str) -> bool:
+    """A spec option's boolean (``1/true/yes/on`` or ``0/false/no/off``); anything else is refused naming ``key``."""
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -274,7 +276,8 @@ def _flag(value: str, key: str) -> bool:
     raise SourceError(f"option {key}={value!r} is not a boolean; use {key}=1 or {key}=0")
 
 
-def _refuse_pickles(directory: Path, source: str) -> None:
+def refuse_pickles(directory: Path, source: str) -> None:
+    """Refuse a dataset directory that holds pickle files, with the fix: MedEyes never unpickles."""
     pickles = sorted(p.name for p in directory.glob("*.pkl")) if directory.is_dir() else []
     if pickles:
         raise SourceError(
@@ -293,7 +296,8 @@ def image_size(path: Path) -> tuple[int, int]:
         raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
 
 
-def _text(record: Mapping[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
+def text_field(record: Mapping[str, Any], key: str, *, required: bool = True, default: str = "") -> str:
+    """``record[key]`` as stripped text (numbers allowed); missing or empty: ``default``, or an error if required."""
     value = record.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
@@ -304,29 +308,31 @@ def _text(record: Mapping[str, Any], key: str, *, required: bool = True, default
     return str(value).strip()
 
 
-def _first_key(record: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+def first_present_key(record: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` that ``record`` holds with a non-empty value (datasets spell their columns apart)."""
     for key in keys:
         if record.get(key) not in (None, ""):
             return key
     raise SourceError(f"none of the fields {', '.join(keys)} is present")
 
 
-def _is_yes_no(answer: str) -> bool:
+def is_yes_no(answer: str) -> bool:
+    """Whether ``answer`` is ``yes`` or ``no`` (any case, surrounding spaces ignored)."""
     return answer.strip().lower() in ("yes", "no")
 
 
-def _dataset_answer_type(raw: str, answer: str) -> tuple[AnswerType, dict[str, str]]:
+def dataset_answer_type(raw: str, answer: str) -> tuple[AnswerType, dict[str, str]]:
     """Map a dataset's CLOSED/OPEN label to an AnswerType (CLOSED only for yes/no answers)."""
     label = raw.strip().upper()
     if label not in ("CLOSED", "OPEN"):
         raise SourceError(f"answer_type {raw!r} is neither CLOSED nor OPEN")
-    if label == "CLOSED" and _is_yes_no(answer):
+    if label == "CLOSED" and is_yes_no(answer):
         return AnswerType.CLOSED, {"dataset_answer_type": label}
     return AnswerType.OPEN, {"dataset_answer_type": label}
 
 
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, item)`` from a .json (array), .jsonl or .csv file; :func:`_record` checks each item.
+def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, item)`` from a .json (array), .jsonl or .csv file; :func:`parse_record` checks each item.
 
     Items are checked by the caller, inside its per-row error handling, so that
     ``skip_bad`` can skip a broken line like any other malformed row.
@@ -370,8 +376,8 @@ def _utf8_row(row: dict[Any, Any]) -> dict[Any, Any] | BadInput:
     return row
 
 
-def _record(item: Any) -> dict[str, Any]:
-    """A record from :func:`_read_records`: a JSONL line is parsed, anything but an object refused."""
+def parse_record(item: Any) -> dict[str, Any]:
+    """A record from :func:`read_records`: a JSONL line is parsed, anything but an object refused."""
     if isinstance(item, BadInput):
         raise SourceError(str(item))
     if isinstance(item, str):
@@ -384,13 +390,14 @@ def _record(item: Any) -> dict[str, Any]:
     return item
 
 
-def _clip_box(box: Box, size: tuple[int, int]) -> Box | None:
+def clip_box(box: Box, size: tuple[int, int]) -> Box | None:
+    """``box`` clipped to an image of ``size`` (width, height); ``None`` when nothing of it is left inside."""
     width, height = size
     x1, y1, x2, y2 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))
     return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
 
 
-def _boxes_of(value: Any, where: str) -> list[tuple[float, float, float, float]]:
+def boxes_of(value: Any, where: str) -> list[tuple[float, float, float, float]]:
     """One box ``[a, b, c, d]`` or a list of them, as float 4-tuples."""
     numbers = isinstance(value, (list, tuple)) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
@@ -401,18 +408,21 @@ def _boxes_of(value: Any, where: str) -> list[tuple[float, float, float, float]]
         except BadInput as exc:
             raise SourceError(str(exc)) from None
     if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
-        return [box for item in value for box in _boxes_of(item, where)]
+        return [box for item in value for box in boxes_of(item, where)]
     raise SourceError(f"{where}: expected a box of 4 numbers, got {value!r}")
 
 
-def _normalise_modality(name: str) -> str:
+def normalise_modality(name: str) -> str:
+    """A dataset's modality label as MedEyes names it (``X-Ray`` -> ``xray``, ``MR`` -> ``mri``)."""
     key = re.sub(r"[^a-z]", "", name.lower())
     return {"xray": "xray", "mri": "mri", "mr": "mri", "ct": "ct"}.get(key, key or "unknown")
 
 
-def _factory(
+def spec_factory(
     name: str, options: Mapping[str, str], open_: Callable[[Path, dict[str, str]], CaseSource]
 ) -> Callable[[str | None], CaseSource]:
+    """The ``register_source`` factory of a file loader: ``NAME:PATH?options`` parsed, then ``open_(path, options)``."""
+
     def factory(argument: str | None) -> CaseSource:
         path, values = parse_spec_argument(argument, name, options)
         return open_(path, values)

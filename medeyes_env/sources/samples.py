@@ -51,14 +51,10 @@ from PIL import Image
 from medeyes_env.cases import SPLITS, Box, Case, Region, Split, load_image_file
 from medeyes_env.errors import ImageLoadError, SourceError
 from medeyes_env.sources import register_source
-from medeyes_env.sources.samples_catalog import MODALITY_OPTIONS, SAMPLE_IMAGES, SampleImage, SampleQuestion
+from medeyes_env.sources.samples_catalog import SAMPLE_IMAGES, SampleImage, SampleQuestion
 
 __all__ = [
     "INSTALL_HINT",
-    "MODALITY_OPTIONS",
-    "SAMPLE_IMAGES",
-    "SampleImage",
-    "SampleQuestion",
     "SamplesSource",
     "dicom_overlay_mask",
     "dicom_to_image",

@@ -9,7 +9,7 @@ from PIL import Image
 
 from medeyes_env.cases import displayed_size, load_image_file, window_to_uint8
 from medeyes_env.errors import ImageLoadError
-from medeyes_env.sources.files import image_size
+from medeyes_env.sources.rows import image_size
 
 
 def _ramp(dtype, low, high, width=256, height=16):
