@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import gymnasium as gym
 import pytest
@@ -43,33 +43,40 @@ class Segment:
     terminated: bool = False
 
 
-@dataclass
-class Trace:
-    rewards: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
+def fresh_trace(task) -> vf.Trace:
+    """An untouched trace of ``task``, built the way verifiers' validator builds one."""
+    from verifiers.v1.state import state_cls
+    from verifiers.v1.trace import Trace, TraceTask
 
-    def record_reward(self, name, value, weight):
-        self.rewards[name] = (value, weight)
-
-    def record_metric(self, name, value):
-        self.metrics[name] = value
+    return Trace(
+        task=TraceTask(type=type(task).__name__, data=task.data, key=task.key, hash=task.hash),
+        state=state_cls(type(task))(),
+        agent=vf.AgentInfo(config=vf.AgentConfig(), name="scripted", trainable=False),
+    )
 
 
 class ScriptedSeat:
-    """The agent seat with scripted replies; every user turn is checked as verifiers' own message type."""
+    """The agent seat with scripted replies and a real verifiers trace, scored by the task when the
+    interaction closes (as ``Rollout.close`` does); every user turn is checked as verifiers' own message type."""
 
     def __init__(self, replies):
-        self.replies, self.turns, self.trace = list(replies), [], Trace()
+        self.replies, self.turns, self.trace = list(replies), [], None
 
     @contextlib.asynccontextmanager
     async def interaction(self, task):
+        self.trace = fresh_trace(task)
         yield self
+        await task.score(self.trace)
 
     async def turn(self, messages):
         from verifiers.v1.dialects import parse_message
 
         self.turns.append([parse_message(m) for m in messages])  # raises if verifiers cannot read the turn
         return Segment(self.replies.pop(0)) if self.replies else Segment("", terminated=True)
+
+
+def rewards(trace) -> dict:
+    return {name: (reward.score, reward.weight) for name, reward in trace.rewards.items()}
 
 
 def test_an_episode_keeps_the_tag_protocol_sends_data_url_images_and_scores_as_in_process():
@@ -83,7 +90,7 @@ def test_an_episode_keeps_the_tag_protocol_sends_data_url_images_and_scores_as_i
 
     local.step(DRILL)
     _, reward, *_, info = local.step(answer)
-    assert seat.trace.rewards == {"medeyes": (reward, 1.0)}
+    assert rewards(seat.trace) == {"medeyes": (reward, 1.0)} and seat.trace.reward == reward
     assert seat.trace.metrics["medeyes/finished"] == 1.0
     assert seat.trace.metrics["medeyes/accuracy"] == info["reward_components"]["accuracy"] == 1.0
     assert seat.trace.metrics["medeyes/grammar"] == 1.0  # the model wrote the tags: grammar keeps its meaning
@@ -97,5 +104,41 @@ def test_a_seat_that_stops_early_earns_nothing_and_is_marked_unfinished():
     env = load(num_cases=1)
     seat = ScriptedSeat([DRILL])
     asyncio.run(env.run(next(iter(env.taskset)), type("Agents", (), {"agent": seat})()))
-    assert seat.trace.rewards == {"medeyes": (0.0, 1.0)}
+    assert rewards(seat.trace) == {"medeyes": (0.0, 1.0)}
     assert seat.trace.metrics["medeyes/finished"] == 0.0
+
+
+def test_the_gold_check_scores_and_an_untouched_trace_scores_zero():
+    """What ``vf-validate`` checks per task: the gold answer scores, and scoring an untouched task gives 0."""
+    for task in load(num_cases=4).taskset:
+        assert asyncio.run(task.validate(None)) is True
+        untouched = fresh_trace(task)
+        asyncio.run(task.score(untouched))
+        assert rewards(untouched) == {"medeyes": (0.0, 1.0)} and untouched.reward == 0.0
+        assert untouched.metrics["medeyes/finished"] == 0.0
+
+
+def test_the_gold_check_fails_when_the_gold_answer_does_not_score(monkeypatch):
+    """A check that passes whatever happens checks nothing: a wrong "gold" answer must fail it."""
+    from medeyes_env.integrations import verifiers_env
+
+    task = next(iter(load(num_cases=1).taskset))
+    monkeypatch.setattr(verifiers_env, "play_gold", lambda data: verifiers_env.MedEyesState(reward=0.2, finished=True))
+    assert asyncio.run(task.validate(None)) is False
+
+
+def test_vf_validate_reports_every_task_valid(tmp_path):
+    """verifiers' own validator, as a user runs it (the subprocess runtime: no container, no model)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    vf_validate = Path(sys.executable).with_name("vf-validate")
+    args = [str(vf_validate), "medeyes-verifiers", "-n", "8", "--runtime.type", "subprocess", "--rich", "false"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (summary_path,) = tmp_path.glob("outputs/*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["outcomes"]["valid"] == 8 and summary["valid_rate"] == 1.0, summary
+    assert summary["checks"]["gold"]["valid"] == summary["checks"]["noop"]["valid"] == 8, summary
