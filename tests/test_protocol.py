@@ -14,7 +14,7 @@ from medeyes_env.protocol import (
     protocol_instructions,
     render_turn,
 )
-from medeyes_env.protocol import _box_wording as _box_wording
+from medeyes_env.protocol.instructions import box_wording
 
 SIZE = (512, 384)
 R = "<reasoning>The left lung looks dense.</reasoning>\n"
@@ -325,9 +325,7 @@ def test_parsed_turn_dump_includes_ok_and_well_formed() -> None:
 )
 def test_instructions_format_and_their_examples_parse(box_format: BoxFormat, concrete: str) -> None:
     text = protocol_instructions(512, 384, max_steps=4, box_format=box_format)
-    assert text == PROTOCOL_INSTRUCTIONS.format(
-        width=512, height=384, max_steps=4, **_box_wording(box_format, 512, 384)
-    )
+    assert text == PROTOCOL_INSTRUCTIONS.format(width=512, height=384, max_steps=4, **box_wording(box_format, 512, 384))
     flat = " ".join(text.split())
     assert "512 x 384 pixels" in flat and "at most 4 turns" in flat
     assert "{" in text and "{{" not in text

@@ -43,7 +43,7 @@ must put it back before parsing, or the turn is an ``unclosed_tag`` error.
 from __future__ import annotations
 
 from medeyes_env.protocol.boxes import LOC_TOKENS, BoxFormat, BoxKind, format_box, loc_token
-from medeyes_env.protocol.instructions import PROTOCOL_INSTRUCTIONS, _box_wording, protocol_instructions
+from medeyes_env.protocol.instructions import PROTOCOL_INSTRUCTIONS, protocol_instructions
 from medeyes_env.protocol.parse import parse_turn
 from medeyes_env.protocol.render import render_turn
 from medeyes_env.protocol.turn import (
@@ -68,7 +68,6 @@ __all__ = [
     "ParsedTurn",
     "ProtocolError",
     "ProtocolLimits",
-    "_box_wording",
     "format_box",
     "loc_token",
     "parse_turn",

@@ -9,11 +9,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medeyes_env.protocol.turn import _excerpt
+from medeyes_env.protocol.turn import excerpt
 
 LOC_TOKENS: int = 64
 """Location tokens ``<loc00>`` .. ``<loc63>`` a ``loc`` box format may use (``bins`` <= 63)."""
-_LOC_RE = re.compile(r"<loc(\d{2})>")
+LOC_TOKEN_RE = re.compile(r"<loc(\d{2})>")
+"""One location token ``<locNN>``; the group is its two-digit bin."""
 BoxKind = Literal["pixels", "norm1000", "loc"]
 
 
@@ -62,7 +63,7 @@ class BoxFormat(BaseModel):
     def encode(self, box: Sequence[float], image_size: tuple[int, int]) -> str:
         """The JSON text of ``box`` (xyxy pixels) as a model writes it."""
         if self.kind == "pixels":
-            return _fmt_box(box)
+            return box_text(box)
         sx, sy = self._scale(image_size)
         x1, y1, x2, y2 = (round(v / s) for v, s in zip(box, (sx, sy, sx, sy), strict=True))
         # Whole units on the grid, never empty: a box thinner than one unit becomes one unit wide.
@@ -115,8 +116,9 @@ def _fmt_num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
 
 
-def _fmt_box(box: Sequence[Any]) -> str:
+def box_text(box: Sequence[Any]) -> str:
+    """A box for a message: ``[x1, y1, x2, y2]`` with whole numbers unpadded, or an excerpt of what it held."""
     try:
         return "[" + ", ".join(_fmt_num(float(v)) for v in box) + "]"
     except (TypeError, ValueError, OverflowError):
-        return _excerpt(json.dumps(box, default=str), 80)
+        return excerpt(json.dumps(box, default=str), 80)

@@ -59,11 +59,12 @@ def protocol_instructions(
     box_format = box_format or BoxFormat()
     template = _BRIEF_INSTRUCTIONS_TEMPLATE if style == "brief" else _INSTRUCTIONS_TEMPLATE
     return template.format(max_boxes=limits.max_boxes).format(
-        width=width, height=height, max_steps=max_steps, **_box_wording(box_format, width, height)
+        width=width, height=height, max_steps=max_steps, **box_wording(box_format, width, height)
     )
 
 
-def _box_wording(box_format: BoxFormat, width: int, height: int) -> dict[str, str]:
+def box_wording(box_format: BoxFormat, width: int, height: int) -> dict[str, str]:
+    """Template fields that word boxes in ``box_format``: ``box`` (placeholder), ``box_rule``, ``brief_box_rule``."""
     if box_format.kind == "pixels":
         rule = (
             f"Boxes are [x1, y1, x2, y2]: pixel coordinates in the original {width} x {height} image, origin at the "

@@ -13,7 +13,7 @@ from typing import Any
 
 from medeyes_env.cases import Box
 from medeyes_env.errors import ConfigError
-from medeyes_env.protocol.boxes import _LOC_RE, BoxFormat, _fmt_box, loc_token
+from medeyes_env.protocol.boxes import LOC_TOKEN_RE, BoxFormat, box_text, loc_token
 from medeyes_env.protocol.turn import (
     ACTION_NAMES,
     TAG_NAMES,
@@ -21,13 +21,15 @@ from medeyes_env.protocol.turn import (
     ErrorKind,
     ParsedTurn,
     ProtocolLimits,
-    _excerpt,
+    excerpt,
 )
 
 # Linear-time patterns only: fixed alternatives and bounded quantifiers, no nested or adjacent unbounded repeats.
-_TAG_RE = re.compile(r"<(/?)(reasoning|action|answer)>", re.IGNORECASE)
+TAG_RE = re.compile(r"<(/?)(reasoning|action|answer)>", re.IGNORECASE)
+"""An opening or closing protocol tag, any case (render refuses text holding one)."""
 _NEAR_TAG_RE = re.compile(r"</?[ \t]{0,3}([A-Za-z_][A-Za-z0-9_-]{0,23})[ \t]{0,3}/?>")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+"""Control characters and lone surrogates: binary junk, refused in a turn."""
 _FENCE_RE = re.compile(r"\A```[A-Za-z]{0,10}[ \t]*\n?(.*?)\n?[ \t]*```\Z", re.DOTALL)
 
 _SCAN_FORM = '<action>{"name": "scan", "boxes": [[x1, y1, x2, y2], ...]}</action>'
@@ -87,7 +89,7 @@ def _split_tags(text: str, limits: ProtocolLimits) -> tuple[list[_Segment], list
     outside: list[str] = []
     pos = 0
     open_match: re.Match[str] | None = None
-    for match in _TAG_RE.finditer(text):
+    for match in TAG_RE.finditer(text):
         closing = match.group(1) == "/"
         name = match.group(2).lower()
         if open_match is None:
@@ -172,7 +174,7 @@ def _load_action_json(content: str, limits: ProtocolLimits, deviations: list[str
     if not isinstance(data, dict):
         raise _Malformed(
             "not_object",
-            f"the <action> content must be a JSON object, got {type(data).__name__} {_excerpt(content, 40)}. "
+            f"the <action> content must be a JSON object, got {type(data).__name__} {excerpt(content, 40)}. "
             f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
         )
     return data
@@ -185,7 +187,7 @@ def _resolve_name(data: dict[str, Any], deviations: list[str]) -> str:
     if not isinstance(raw, str):
         raise _Malformed(
             "unknown_action",
-            f'the action "name" must be the string "scan" or "drill", got {_excerpt(json.dumps(raw), 40)}. '
+            f'the action "name" must be the string "scan" or "drill", got {excerpt(json.dumps(raw), 40)}. '
             f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
         )
     name = raw.strip().lower()
@@ -202,7 +204,7 @@ def _resolve_name(data: dict[str, Any], deviations: list[str]) -> str:
     suggestion = f'; did you mean "{close[0]}"?' if close else "."
     raise _Malformed(
         "unknown_action",
-        f"unknown action {_excerpt(raw, 30)}{suggestion} The actions are scan and drill (and <answer> to finish). "
+        f"unknown action {excerpt(raw, 30)}{suggestion} The actions are scan and drill (and <answer> to finish). "
         f"Expected {_SCAN_FORM} or {_DRILL_FORM}.",
     )
 
@@ -211,7 +213,7 @@ def _to_coordinate(value: Any, box: Any, form: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Malformed(
             "bad_box",
-            f"box {_fmt_box_raw(box)} has a coordinate that is not a number ({_excerpt(json.dumps(value), 20)}); "
+            f"box {_fmt_box_raw(box)} has a coordinate that is not a number ({excerpt(json.dumps(value), 20)}); "
             f"coordinates must be numbers. {form}",
         )
     try:
@@ -239,7 +241,7 @@ def _loc_values(raw: Any, box_format: BoxFormat, form: str) -> list[float]:
     if not isinstance(raw, str):
         raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be a string of 4 location tokens. {form}")
     compact = "".join(raw.split())
-    tokens = _LOC_RE.findall(compact)
+    tokens = LOC_TOKEN_RE.findall(compact)
     if len(tokens) != 4 or "".join(loc_token(int(t)) for t in tokens) != compact:
         raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be exactly 4 location tokens. {form}")
     values = [float(t) for t in tokens]
@@ -261,7 +263,7 @@ def _check_box(raw: Any, image_size: tuple[int, int], notes: list[str], box_form
             got = f"{len(raw)} values" if isinstance(raw, list) else type(raw).__name__
             raise _Malformed("bad_box", f"box {_fmt_box_raw(raw)} must be a list of 4 numbers, got {got}. {form}")
         values = [_to_coordinate(v, raw, form) for v in raw]
-    shown = _fmt_box_raw(raw) if box_format.kind == "loc" else _fmt_box(raw)
+    shown = _fmt_box_raw(raw) if box_format.kind == "loc" else box_text(raw)
     x1, y1, x2, y2 = box_format.to_pixels(values, image_size)
     if x2 < x1 or y2 < y1:
         raise _Malformed(
@@ -352,7 +354,7 @@ def _check_text(text: Any, limits: ProtocolLimits) -> None:
             f"the response is too long (oversized): {len(text)} characters, the limit is {limits.max_chars}. "
             f"Keep each turn short. {_expected_turn(limits)}",
         )
-    bad = _CONTROL_RE.search(text)
+    bad = CONTROL_RE.search(text)
     if bad:
         raise _Malformed(
             "binary",
@@ -371,7 +373,7 @@ def _acting_segment(
             break
     stray = "".join(outside).strip()
     if stray:
-        deviations.append(f"text outside the tags was ignored: {_excerpt(stray)}")
+        deviations.append(f"text outside the tags was ignored: {excerpt(stray)}")
     acting = [s for s in segments if s.name in ("action", "answer")]
     if not acting:
         raise _Malformed(

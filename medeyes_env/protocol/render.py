@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from medeyes_env.protocol.boxes import BoxFormat
-from medeyes_env.protocol.parse import _CONTROL_RE, _TAG_RE
-from medeyes_env.protocol.turn import Action, ProtocolError, _excerpt
+from medeyes_env.protocol.parse import CONTROL_RE, TAG_RE
+from medeyes_env.protocol.turn import Action, ProtocolError, excerpt
 
 
 def _check_renderable(part: str, what: str) -> None:
-    if _TAG_RE.search(part):
-        raise ProtocolError(f"{what} {_excerpt(part)} contains a protocol tag; it would not parse back. Remove it.")
-    if _CONTROL_RE.search(part):
-        raise ProtocolError(f"{what} {_excerpt(part)} contains control characters; it would not parse back.")
+    if TAG_RE.search(part):
+        raise ProtocolError(f"{what} {excerpt(part)} contains a protocol tag; it would not parse back. Remove it.")
+    if CONTROL_RE.search(part):
+        raise ProtocolError(f"{what} {excerpt(part)} contains control characters; it would not parse back.")
 
 
 def render_turn(

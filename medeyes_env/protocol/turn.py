@@ -168,7 +168,7 @@ class ParsedTurn(BaseModel):
         return self.action is not None and not self.deviations
 
 
-def _excerpt(text: str, limit: int = 60) -> str:
+def excerpt(text: str, limit: int = 60) -> str:
     """Quote a short, single-line excerpt of model text for a feedback message."""
     flat = " ".join(text.split())
     return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")
