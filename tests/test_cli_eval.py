@@ -14,6 +14,7 @@ from medeyes.trajectories import read_records
 from medeyes_env.cases import Case
 from medeyes_env.rewards import accuracy_reward, token_recall
 from medeyes_env.sources import open_source
+from tests.openai_stand_in import StartServer, completion
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -162,18 +163,13 @@ def test_kill_9_halfway_then_resume_scores_every_case_once(tmp_path: Path) -> No
     assert resumed["datasets"] == whole["datasets"]
 
 
-def test_parallel_requests_against_an_openai_compatible_server(tmp_path: Path) -> None:
+def test_parallel_requests_against_an_openai_compatible_server(tmp_path: Path, openai_server: StartServer) -> None:
     """--parallel N keeps N requests in flight against a server (a local stand-in answering yes after 50 ms)."""
-    from tests.test_openai_backend import FakeServer, completion
-
-    server = FakeServer(lambda method, path, payload: (200, completion("<answer>yes</answer>")), delay_s=0.05)
-    try:
-        code, output = run(
-            "--agent", "policy", "--backend", "openai", "--base-url", server.base_url, "--model", "served",
-            "--limit", "12", "--parallel", "4", "--quiet", "--json", str(tmp_path / "j"),
-        )  # fmt: skip
-    finally:
-        server.close()
+    server = openai_server(lambda request: (200, completion("<answer>yes</answer>")), delay_s=0.05)
+    code, output = run(
+        "--agent", "policy", "--backend", "openai", "--base-url", server.base_url, "--model", "served",
+        "--limit", "12", "--parallel", "4", "--quiet", "--json", str(tmp_path / "j"),
+    )  # fmt: skip
     assert code == 0, output
     assert len(server.chat_payloads()) == 12 and server.max_in_flight == 4
     figures = json.loads((tmp_path / "j").read_text())["datasets"][0]

@@ -1,8 +1,8 @@
-"""OpenAIBackend against a scripted stdlib HTTP server on 127.0.0.1 (no vLLM needed).
+"""OpenAIBackend against the scripted stand-in server on 127.0.0.1 (``openai_server``; no vLLM needed).
 
-The fake server stands in for a real one only where the point is OUR client's handling of what a server
-does: the request it builds, how it parses answers, and how it survives 5xx, dropped connections, junk and
-silence. The same backend against a real `vllm serve` is tested in tests/test_vllm_serving.py.
+The stand-in plays a real server only where the point is OUR client's handling of what a server does: the
+request it builds, how it parses answers, and how it survives 5xx, dropped connections, junk and silence. The
+same backend against a real `vllm serve` is tested in tests/test_vllm_serving.py.
 """
 
 from __future__ import annotations
@@ -12,17 +12,12 @@ import io
 import json
 import math
 import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from medeyes.agents.base import EpisodeContext
-from medeyes.agents.openai_backend import (
+from medeyes.agents.backends.openai import (
     BackendError,
     OpenAIBackend,
     ServerHTTPError,
@@ -31,111 +26,13 @@ from medeyes.agents.openai_backend import (
     parse_chat_completion,
     yes_probability,
 )
+from medeyes.agents.base import EpisodeContext
 from medeyes.agents.policy import GenerationBackend, PolicyAgent, SamplingConfig
 from medeyes_env.errors import ConfigError
-
-Reply = tuple[int, bytes] | None  # None: close the connection without answering
-Responder = Callable[[str, str, Any], Reply]
+from tests.openai_stand_in import Reply, Request, StandInServer, StartServer, completion
 
 
-def completion(content: str, token_ids: list[int] | None = None, finish: str = "stop", **choice: Any) -> bytes:
-    ids = token_ids if token_ids is not None else list(range(1, len(content) + 1))
-    entries = [{"token": f"token_id:{t}", "logprob": -0.1 * (k + 1)} for k, t in enumerate(ids)]
-    body = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "model": "tiny",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": finish,
-                "token_ids": ids,
-                "logprobs": {"content": entries},
-                **choice,
-            }
-        ],
-    }
-    return json.dumps(body).encode()
-
-
-class FakeServer:
-    """A ThreadingHTTPServer whose answers come from ``respond(method, path, payload)``; records every request."""
-
-    def __init__(self, respond: Responder, delay_s: float = 0.0) -> None:
-        self.respond = respond
-        self.delay_s = delay_s
-        self.requests: list[tuple[str, str, Any]] = []
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _handle(self, method: str) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                payload = json.loads(raw) if raw else None
-                with fake.lock:
-                    fake.requests.append((method, self.path, payload))
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                if fake.delay_s:
-                    time.sleep(fake.delay_s)
-                with fake.lock:
-                    fake.in_flight -= 1
-                reply = fake.respond(method, self.path, payload)
-                if reply is None:
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                status, body = reply
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                self._handle("GET")
-
-            def do_POST(self) -> None:
-                self._handle("POST")
-
-        class Server(ThreadingHTTPServer):
-            request_queue_size = 64  # the default 5 drops simultaneous connects (the client retries after 1 s)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def chat_payloads(self) -> list[Any]:
-        return [p for m, path, p in self.requests if path == "/v1/chat/completions"]
-
-
-@pytest.fixture
-def fake() -> Iterator[Callable[..., FakeServer]]:
-    servers: list[FakeServer] = []
-
-    def start(respond: Responder, delay_s: float = 0.0) -> FakeServer:
-        server = FakeServer(respond, delay_s)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def backend_for(server: FakeServer, **kwargs: Any) -> OpenAIBackend:
+def backend_for(server: StandInServer, **kwargs: Any) -> OpenAIBackend:
     kwargs.setdefault("model", "tiny")
     kwargs.setdefault("backoff_s", 0.0)
     kwargs.setdefault("content_separator", "")
@@ -188,8 +85,8 @@ def test_bad_arguments_are_refused() -> None:
 # ---------------------------------------------------------------------------------------------- requests
 
 
-def test_request_carries_sampling_images_and_vllm_fields(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, completion(" <answer>yes</answer>", [11, 12, 13])))
+def test_request_carries_sampling_images_and_vllm_fields(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, completion(" <answer>yes</answer>", [11, 12, 13])))
     backend = backend_for(server)
     sampling = SamplingConfig(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=33, seed=3, stop=["</answer>"])
     (turn,) = backend.generate([conversation(img=image(77))], sampling)
@@ -222,8 +119,8 @@ def test_request_carries_sampling_images_and_vllm_fields(fake: Callable[..., Fak
     assert turn.finish_reason == "stop"
 
 
-def test_plain_openai_mode_sends_only_standard_fields(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, completion("<answer>no</answer>")))
+def test_plain_openai_mode_sends_only_standard_fields(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, completion("<answer>no</answer>")))
     backend = backend_for(server, vllm_extensions=False)
     backend.generate([conversation()], SamplingConfig(max_new_tokens=4))
     (payload,) = server.chat_payloads()
@@ -233,12 +130,12 @@ def test_plain_openai_mode_sends_only_standard_fields(fake: Callable[..., FakeSe
         backend.generate([conversation()], SamplingConfig(top_k=3))
 
 
-def test_batch_is_concurrent_ordered_and_seeded_per_conversation(fake: Callable[..., FakeServer]) -> None:
-    def respond(method: str, path: str, payload: Any) -> Reply:
-        question = payload["messages"][-1]["content"][-1]["text"]
+def test_batch_is_concurrent_ordered_and_seeded_per_conversation(openai_server: StartServer) -> None:
+    def respond(request: Request) -> Reply:
+        question = request.payload["messages"][-1]["content"][-1]["text"]
         return 200, completion(f"<answer>{question}</answer>", [len(question)])
 
-    server = fake(respond, delay_s=0.2)
+    server = openai_server(respond, delay_s=0.2)
     backend = backend_for(server)
     batch = [conversation(f"q{i}") for i in range(8)]
     turns = backend.generate(batch, SamplingConfig(seed=5, max_new_tokens=8))
@@ -251,44 +148,44 @@ def test_batch_is_concurrent_ordered_and_seeded_per_conversation(fake: Callable[
     assert second == [(6 * 1_000_003 + i) % 2**31 for i in range(2)]  # call 1 uses base seed + 1
 
 
-def test_model_name_is_asked_once_when_not_given(fake: Callable[..., FakeServer]) -> None:
-    def respond(method: str, path: str, payload: Any) -> Reply:
-        if path == "/v1/models":
+def test_model_name_is_asked_once_when_not_given(openai_server: StartServer) -> None:
+    def respond(request: Request) -> Reply:
+        if request.path == "/v1/models":
             return 200, json.dumps({"object": "list", "data": [{"id": "served-tiny"}]}).encode()
         return 200, completion("<answer>yes</answer>")
 
-    server = fake(respond)
+    server = openai_server(respond)
     backend = backend_for(server, model=None)
     backend.generate([conversation(), conversation()], GREEDY)
     assert [p["model"] for p in server.chat_payloads()] == ["served-tiny", "served-tiny"]
-    assert [path for _, path, _ in server.requests].count("/v1/models") == 1
+    assert [r.path for r in server.requests].count("/v1/models") == 1
     assert backend.describe() == {"type": "openai", "base_url": server.base_url, "model": "served-tiny"}
 
 
-def test_content_separator_is_detected_from_vllm_tokenize(fake: Callable[..., FakeServer]) -> None:
-    def respond(method: str, path: str, payload: Any) -> Reply:
-        if path == "/tokenize":
-            n = 3 if payload["add_generation_prompt"] else 6
+def test_content_separator_is_detected_from_vllm_tokenize(openai_server: StartServer) -> None:
+    def respond(request: Request) -> Reply:
+        if request.path == "/tokenize":
+            n = 3 if request.payload["add_generation_prompt"] else 6
             return 200, json.dumps({"tokens": list(range(n)), "count": n, "max_model_len": 99}).encode()
-        if path == "/detokenize":
-            assert payload["tokens"] == [3, 4, 5]
+        if request.path == "/detokenize":
+            assert request.payload["tokens"] == [3, 4, 5]
             return 200, json.dumps({"prompt": " MEDEYESPROBE<end_of_utterance>\n"}).encode()
         return 200, completion(" <answer>yes</answer>")
 
-    server = fake(respond)
+    server = openai_server(respond)
     backend = backend_for(server, content_separator=None)
     (turn,) = backend.generate([conversation()], GREEDY)
     assert backend.content_separator == " "
     assert turn.text == "<answer>yes</answer>"
 
 
-def test_content_separator_is_empty_without_tokenize_endpoint(fake: Callable[..., FakeServer]) -> None:
-    def respond(method: str, path: str, payload: Any) -> Reply:
-        if path.startswith("/v1/"):
+def test_content_separator_is_empty_without_tokenize_endpoint(openai_server: StartServer) -> None:
+    def respond(request: Request) -> Reply:
+        if request.path.startswith("/v1/"):
             return 200, completion(" <answer>yes</answer>")
         return 404, b'{"detail": "Not Found"}'
 
-    backend = backend_for(fake(respond), content_separator=None)
+    backend = backend_for(openai_server(respond), content_separator=None)
     (turn,) = backend.generate([conversation()], GREEDY)
     assert backend.content_separator == ""
     assert turn.text == " <answer>yes</answer>"
@@ -302,8 +199,8 @@ def test_text_is_cut_after_the_first_stop_and_ids_fall_back_to_logprob_names() -
     assert turn.token_ids == [4, 5]
 
 
-def test_policy_agent_runs_over_the_openai_backend(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, completion("<answer>yes</answer>", [1, 2])))
+def test_policy_agent_runs_over_the_openai_backend(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, completion("<answer>yes</answer>", [1, 2])))
     backend = backend_for(server)
     assert isinstance(backend, GenerationBackend)
     agent = PolicyAgent(backend, GREEDY)
@@ -316,14 +213,14 @@ def test_policy_agent_runs_over_the_openai_backend(fake: Callable[..., FakeServe
     assert agent.describe()["backend"]["type"] == "openai"
 
 
-def test_logprobs_mode_must_match_the_server(fake: Callable[..., FakeServer]) -> None:
-    backend = backend_for(fake(lambda m, path, p: (200, completion("x"))))
+def test_logprobs_mode_must_match_the_server(openai_server: StartServer) -> None:
+    backend = backend_for(openai_server(lambda request: (200, completion("x"))))
     with pytest.raises(ConfigError, match="--logprobs-mode processed_logprobs"):
         backend.generate([conversation()], SamplingConfig(logprobs_mode="processed"))
 
 
-def test_file_path_images_are_refused(fake: Callable[..., FakeServer]) -> None:
-    backend = backend_for(fake(lambda m, path, p: (200, completion("x"))))
+def test_file_path_images_are_refused(openai_server: StartServer) -> None:
+    backend = backend_for(openai_server(lambda request: (200, completion("x"))))
     messages = [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}]}]
     with pytest.raises(ConfigError, match="never sends file paths"):
         backend.generate([messages], GREEDY)
@@ -332,16 +229,16 @@ def test_file_path_images_are_refused(fake: Callable[..., FakeServer]) -> None:
 # ---------------------------------------------------------------------------------------------- failures
 
 
-def test_5xx_is_retried_then_succeeds(fake: Callable[..., FakeServer]) -> None:
+def test_5xx_is_retried_then_succeeds(openai_server: StartServer) -> None:
     replies = iter([(503, b'{"error": {"message": "engine busy"}}'), (200, completion("<answer>no</answer>"))])
-    server = fake(lambda m, path, p: next(replies))
+    server = openai_server(lambda request: next(replies))
     (turn,) = backend_for(server, max_retries=2).generate([conversation()], GREEDY)
     assert turn.text == "<answer>no</answer>"
     assert len(server.chat_payloads()) == 2
 
 
-def test_persistent_5xx_reports_the_server_message(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (500, b'{"error": {"message": "EngineCore died", "code": 500}}'))
+def test_persistent_5xx_reports_the_server_message(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (500, b'{"error": {"message": "EngineCore died", "code": 500}}'))
     with pytest.raises(ServerHTTPError) as info:
         backend_for(server, max_retries=2).generate([conversation()], GREEDY)
     assert str(info.value) == f"{server.base_url}/chat/completions answered HTTP 500 after 3 attempts: EngineCore died"
@@ -349,31 +246,31 @@ def test_persistent_5xx_reports_the_server_message(fake: Callable[..., FakeServe
     assert len(server.chat_payloads()) == 3
 
 
-def test_4xx_is_not_retried(fake: Callable[..., FakeServer]) -> None:
+def test_4xx_is_not_retried(openai_server: StartServer) -> None:
     body = b'{"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "code": 400}'
-    server = fake(lambda m, path, p: (400, body))
+    server = openai_server(lambda request: (400, body))
     with pytest.raises(ServerHTTPError) as info:
         backend_for(server, max_retries=3).generate([conversation()], GREEDY)
     assert str(info.value) == f"{server.base_url}/chat/completions answered HTTP 400: max_tokens is too large"
     assert len(server.chat_payloads()) == 1
 
 
-def test_dropped_connection_is_retried(fake: Callable[..., FakeServer]) -> None:
+def test_dropped_connection_is_retried(openai_server: StartServer) -> None:
     replies = iter([None, (200, completion("<answer>yes</answer>"))])
-    server = fake(lambda m, path, p: next(replies))
+    server = openai_server(lambda request: next(replies))
     (turn,) = backend_for(server, max_retries=1).generate([conversation()], GREEDY)
     assert turn.text == "<answer>yes</answer>"
     assert len(server.chat_payloads()) == 2
 
 
-def test_junk_body_is_a_clear_error(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, b"<html>502 Bad Gateway</html>"))
+def test_junk_body_is_a_clear_error(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, b"<html>502 Bad Gateway</html>"))
     with pytest.raises(ServerResponseError, match=r"answered with something that is not JSON: b'<html>502"):
         backend_for(server).generate([conversation()], GREEDY)
 
 
-def test_json_that_is_not_a_completion_is_a_clear_error(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, b'{"choices": []}'))
+def test_json_that_is_not_a_completion_is_a_clear_error(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, b'{"choices": []}'))
     with pytest.raises(ServerResponseError, match=r'answered JSON that is not a chat completion: \{"choices": \[\]\}'):
         backend_for(server).generate([conversation()], GREEDY)
 
@@ -385,8 +282,8 @@ def test_mismatched_ids_and_logprobs_are_refused() -> None:
         parse_chat_completion(answer, [])
 
 
-def test_silence_times_out_without_retry(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, completion("late")), delay_s=1.0)
+def test_silence_times_out_without_retry(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, completion("late")), delay_s=1.0)
     with pytest.raises(BackendError, match=r"gave no answer within timeout_s=0.2 s"):
         backend_for(server, timeout_s=0.2, max_retries=3).generate([conversation()], GREEDY)
     assert len(server.chat_payloads()) == 1
@@ -402,8 +299,8 @@ def top_answer(top: dict[str, float]) -> bytes:
     return json.dumps({"choices": [{"message": {"content": "x"}, "logprobs": {"content": content}}]}).encode()
 
 
-def test_yes_probability_normalises_over_yes_and_no_variants(fake: Callable[..., FakeServer]) -> None:
-    server = fake(lambda m, path, p: (200, top_answer({" yes": 0.3, " Yes": 0.1, " no": 0.2, " maybe": 0.4})))
+def test_yes_probability_normalises_over_yes_and_no_variants(openai_server: StartServer) -> None:
+    server = openai_server(lambda request: (200, top_answer({" yes": 0.3, " Yes": 0.1, " no": 0.2, " maybe": 0.4})))
     backend = backend_for(server)
     assert yes_probability(backend, conversation("Is any abnormality in this region? Answer yes or no.")) == (
         pytest.approx(0.4 / 0.6)
@@ -413,8 +310,8 @@ def test_yes_probability_normalises_over_yes_and_no_variants(fake: Callable[...,
     assert payload["logprobs"] is True and payload["top_logprobs"] == 20
 
 
-def test_yes_probability_without_yes_or_no_tokens(fake: Callable[..., FakeServer]) -> None:
-    backend = backend_for(fake(lambda m, path, p: (200, top_answer({" the": 0.5, " a": 0.2}))))
+def test_yes_probability_without_yes_or_no_tokens(openai_server: StartServer) -> None:
+    backend = backend_for(openai_server(lambda request: (200, top_answer({" the": 0.5, " a": 0.2}))))
     assert yes_probability(backend, conversation()) == 0.5
     assert yes_probability(backend, conversation(), default=0.1) == 0.1
     with pytest.raises(ServerResponseError, match=r"no yes/no token among the top 2 candidates \[' the', ' a'\]"):

@@ -7,27 +7,21 @@ import io
 import json
 import math
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medeyes.agents.oracles import (
-    AnnotationOracle,
-    AnnotationOracleConfig,
-    ImageOracle,
-    RegionOracle,
-    VLMOracle,
-    VLMOracleConfig,
-    make_oracle,
-    parse_regions,
-)
+from medeyes.agents.expert.oracles.annotation import AnnotationOracle, AnnotationOracleConfig
+from medeyes.agents.expert.oracles.base import RegionOracle
+from medeyes.agents.expert.oracles.factory import make_oracle
+from medeyes.agents.expert.oracles.image import ImageOracle
+from medeyes.agents.expert.oracles.vlm import VLMOracle, VLMOracleConfig, parse_regions
 from medeyes_env.cases import Case, Region
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import box_iou
 from medeyes_env.sources import open_source
+from tests.openai_stand_in import Reply, Request, Responder, StartServer
 
 
 def synthetic(kind: str = "disc", size: int = 256, seed: int = 0) -> Image.Image:
@@ -164,61 +158,31 @@ def test_unknown_oracle_name_gets_a_suggestion():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# VLM oracle against a stdlib fake server on 127.0.0.1 (tests our client; the live vLLM test is elsewhere)
+# VLM oracle against the stand-in server on 127.0.0.1 (tests our client; the live vLLM test is elsewhere)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class FakeServer:
-    """An OpenAI-compatible endpoint that records requests and answers from a script."""
+def vlm_server(scan_text: str, yes: float) -> Responder:
+    """A VLM endpoint's script: its model name, ``scan_text`` for a scan, P(yes) = ``yes`` for a drill."""
 
-    def __init__(self, scan_text: str, yes: float) -> None:
-        self.requests: list[dict] = []
-        self.scan_text, self.yes = scan_text, yes
-        outer = self
+    def respond(request: Request) -> Reply:
+        if request.method == "GET":
+            return 200, json.dumps({"data": [{"id": "fake-vlm"}]}).encode()
+        if request.payload.get("max_tokens") == 1:
+            top = [
+                {"token": " Yes", "logprob": math.log(yes)},
+                {"token": "No", "logprob": math.log(1 - yes)},
+            ]
+            choice = {
+                "message": {"content": "Yes"},
+                "finish_reason": "length",
+                "logprobs": {"content": [{"token": "Yes", "logprob": top[0]["logprob"], "top_logprobs": top}]},
+            }
+        else:
+            choice = {"message": {"content": scan_text}, "finish_reason": "stop"}
+        return 200, json.dumps({"choices": [choice]}).encode()
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _send(self, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send({"data": [{"id": "fake-vlm"}]})
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(request)
-                if request.get("max_tokens") == 1:
-                    top = [
-                        {"token": " Yes", "logprob": math.log(outer.yes)},
-                        {"token": "No", "logprob": math.log(1 - outer.yes)},
-                    ]
-                    choice = {
-                        "message": {"content": "Yes"},
-                        "finish_reason": "length",
-                        "logprobs": {"content": [{"token": "Yes", "logprob": top[0]["logprob"], "top_logprobs": top}]},
-                    }
-                else:
-                    choice = {"message": {"content": outer.scan_text}, "finish_reason": "stop"}
-                self._send({"choices": [choice]})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+    return respond
 
 
 def _image_of(request: dict) -> Image.Image:
@@ -228,14 +192,14 @@ def _image_of(request: dict) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
 
 
-def test_vlm_oracle_scan_and_drill_against_a_fake_server():
+def test_vlm_oracle_scan_and_drill_against_a_fake_server(openai_server: StartServer):
     reply = 'Found: ```json\n[{"box": [100, 100, 140, 150], "confidence": 0.8}, {"box": [10, 10, 20, 20]}]\n```'
     image = synthetic(size=896)
-    with FakeServer(reply, yes=0.75) as server:
-        oracle = VLMOracle(VLMOracleConfig(base_url=server.url, image_side=448))
-        found = oracle.scan(image, "Is there a nodule?")
-        confidence = oracle.drill(image, (200, 200, 300, 260), "Is there a nodule?")
-    scan_request, drill_request = server.requests
+    server = openai_server(vlm_server(reply, yes=0.75))
+    oracle = VLMOracle(VLMOracleConfig(base_url=server.base_url, image_side=448))
+    found = oracle.scan(image, "Is there a nodule?")
+    confidence = oracle.drill(image, (200, 200, 300, 260), "Is there a nodule?")
+    scan_request, drill_request = (r.payload for r in server.requests if r.method == "POST")
     assert scan_request["model"] == "fake-vlm" and scan_request["temperature"] == 0.0
     text = next(p["text"] for p in scan_request["messages"][0]["content"] if p["type"] == "text")
     assert text.startswith("Please locate all abnormal regions in this image. The image is 448 x 448 pixels.")
@@ -250,7 +214,7 @@ def test_vlm_oracle_scan_and_drill_against_a_fake_server():
 
 
 def test_vlm_oracle_reports_an_unreachable_server():
-    from medeyes.agents.openai_backend import BackendError
+    from medeyes.agents.backends.openai import BackendError
 
     oracle = VLMOracle(VLMOracleConfig(base_url="http://127.0.0.1:9/v1", model="m", timeout_s=2))
     oracle.backend.max_retries = 0

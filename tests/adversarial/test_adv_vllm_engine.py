@@ -8,21 +8,17 @@ import shlex
 import subprocess
 import sys
 import textwrap
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from medeyes.agents.openai_backend import OpenAIBackend, ServerResponseError
-from medeyes.agents.vllm_server import EngineIdentityError, VLLMServer, free_port
-from medeyes.agents.vllm_weights import check_server_reload, server_version, sync_server
+from medeyes.agents.backends.openai import OpenAIBackend, ServerResponseError
+from medeyes.agents.backends.vllm_server import EngineIdentityError, VLLMServer, free_port
+from medeyes.agents.backends.vllm_weights import check_server_reload, server_version, sync_server
 from medeyes_env.errors import ConfigError
+from tests.openai_stand_in import Reply, Request, StartServer
 
 STAND_IN = Path(__file__).with_name("vllm_stand_in.py")
-Reply = Callable[[str, dict[str, str]], tuple[int, bytes]]
 
 
 def _launcher(tmp_path: Path, body: str) -> str:
@@ -37,44 +33,13 @@ def _stand_in(tmp_path: Path) -> str:
     return _launcher(tmp_path, f'exec {shlex.quote(sys.executable)} {shlex.quote(str(STAND_IN))} "$@"')
 
 
-@pytest.fixture
-def http_server() -> Iterator[Callable[[Reply, int], str]]:
-    """Start a server in this process on a port: ``reply(path, headers) -> (status, body)``; returns its root."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(reply: Reply, port: int = 0) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def _route(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status, body = reply(self.path, dict(self.headers))
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _route
-
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _impostor(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+def _impostor(request: Request) -> Reply:
     """Everything a weight sync checks, answered right; it even refuses a request without a key."""
-    if path.startswith("/v1") and "Authorization" not in headers:
+    if request.path.startswith("/v1") and "Authorization" not in request.headers:
         return 401, b'{"error": "Unauthorized"}'
-    if path == "/version":
+    if request.path == "/version":
         return 200, b'{"version": "0.32.0"}'
-    if path == "/v1/models":
+    if request.path == "/v1/models":
         return 200, b'{"data": [{"id": "medeyes-policy"}]}'
     return 200, b'{"results": [null]}'
 
@@ -90,8 +55,8 @@ def test_the_server_this_process_started_is_verified_and_used(tmp_path: Path, mo
         assert OpenAIBackend(server.base_url, api_key=server.api_key).model == "medeyes-policy"
 
 
-def test_a_server_that_bound_the_port_first_is_refused(tmp_path: Path, http_server):
-    port = int(http_server(_impostor, free_port()).rsplit(":", 1)[1])
+def test_a_server_that_bound_the_port_first_is_refused(tmp_path: Path, openai_server: StartServer):
+    port = openai_server(_impostor, port=free_port()).port
     slow_vllm = _launcher(tmp_path, "exec sleep 120")  # our server, still starting when the impostor answers
     server = VLLMServer(tmp_path, python=slow_vllm, port=port, dev_mode=True, startup_timeout_s=60)
     with pytest.raises(EngineIdentityError) as info:
@@ -107,12 +72,12 @@ def test_a_server_that_takes_any_key_is_refused(tmp_path: Path, monkeypatch: pyt
     assert server.process is None
 
 
-def test_a_verified_server_that_dies_gets_no_more_weights(tmp_path: Path, http_server):
+def test_a_verified_server_that_dies_gets_no_more_weights(tmp_path: Path, openai_server: StartServer):
     server = VLLMServer(tmp_path, python=_stand_in(tmp_path), dev_mode=True, startup_timeout_s=60).start()
     port = server.port
     server.process.kill()  # type: ignore[union-attr]
     server.process.wait()  # type: ignore[union-attr]
-    http_server(_impostor, port)  # someone else takes the port over
+    openai_server(_impostor, port=port)  # someone else takes the port over
     try:
         with pytest.raises(EngineIdentityError, match="is not running"):
             server.verify()
@@ -127,8 +92,8 @@ def test_loopback_requests_ignore_http_proxy(tmp_path: Path):
         import sys, threading
         sys.path.insert(0, {str(STAND_IN.parent)!r})
         from vllm_stand_in import serve
-        from medeyes.agents.openai_backend import OpenAIBackend
-        from medeyes.agents.vllm_weights import server_version
+        from medeyes.agents.backends.openai import OpenAIBackend
+        from medeyes.agents.backends.vllm_weights import server_version
         threading.Thread(target=serve, args=(["--port", sys.argv[1], "--served-model-name", "m"],),
                          daemon=True).start()
         import time; time.sleep(0.5)
@@ -146,8 +111,8 @@ def test_loopback_requests_ignore_http_proxy(tmp_path: Path):
 
 
 @pytest.mark.parametrize("body", [b"<html>proxy login</html>", b'{"name": "vllm"}', b"[1]"])
-def test_a_version_answer_that_is_not_vllms_is_a_named_error(http_server, body: bytes):
-    root = http_server(lambda path, headers: (200, body))
+def test_a_version_answer_that_is_not_vllms_is_a_named_error(openai_server: StartServer, body: bytes):
+    root = openai_server(lambda request: (200, body)).root
     with pytest.raises(ServerResponseError) as info:
         server_version(root + "/v1")  # before: JSONDecodeError, KeyError or TypeError
     assert str(info.value).startswith(f"{root}/version answered ") and "not a vLLM server's" in str(info.value)
