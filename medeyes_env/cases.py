@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps
@@ -298,15 +298,34 @@ def load_image_file(path: str | os.PathLike[str], window: str = "minmax") -> Ima
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"image file not found: {path}")
+    opened = open_image(path, f"image {path}")
     try:
-        with Image.open(path) as opened:
-            image = decode_8bit(opened, f"image {path}", window)
-        del opened  # frees the decoded pixels of a high-bit-depth image before the RGB copy is made
-        return image if image.mode == "RGB" else image.convert("RGB")
+        image = decode_8bit(opened, f"image {path}", window)
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
+    del opened  # frees the decoded pixels of a high-bit-depth image before the RGB copy is made
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def open_image(source: str | os.PathLike[str] | IO[bytes], what: str) -> Image.Image:
+    """Open an image and decode its pixels as stored, refusing it from its header first (the one bounded open).
+
+    Over :data:`MAX_IMAGE_PIXELS` or :data:`MAX_DECODED_BYTES` (:func:`check_image_size`) or unreadable, it is an
+    :class:`ImageLoadError` naming ``what`` (e.g. ``image /data/a.png``): ``cannot read {what}: {reason}``. No
+    EXIF turn, no windowing: :func:`load_image_file` adds those for dataset images; stored trajectory views and
+    served PNGs are read as they are.
+    """
+    try:
+        with Image.open(source) as opened:
+            check_image_size(opened, what)  # pixels and decoded bytes, from the header: before decoding
+            opened.load()
+            return opened
     except ImageLoadError:
         raise
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
+        raise ImageLoadError(f"cannot read {what}: {exc}") from exc
 
 
 def safe_join(root: str | os.PathLike[str], relative: str) -> Path:

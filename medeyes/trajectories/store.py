@@ -21,7 +21,7 @@ from medeyes.trajectories.records import (
     parse_record,
 )
 from medeyes.trajectories.settings import EpisodeSettings, check_settings
-from medeyes_env.cases import MAX_IMAGE_PIXELS, check_image_size
+from medeyes_env.cases import open_image
 from medeyes_env.errors import ImageLoadError, RecordError, StoreMismatchError
 from medeyes_env.strict_json import BadInput, decode, load_file, loads
 
@@ -195,21 +195,10 @@ class TrajectoryStore:
         if not path.is_file():
             raise RecordError(f"{path}: not an image file (a directory or special file)")
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise RecordError(
-                        f"{path}: {width}x{height} pixels, above the {MAX_IMAGE_PIXELS:,}-pixel limit of a stored image"
-                    )
-                check_image_size(image, f"stored image {path}")  # decoded bytes, from the header: before decoding
-                image.load()
-                return image.convert("RGB")
-        except RecordError:
-            raise
+            image = open_image(path, f"stored image {path}")  # pixels and decoded bytes checked before decoding
         except ImageLoadError as exc:
             raise RecordError(str(exc)) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise RecordError(f"{path}: cannot read the stored image ({exc})") from None
+        return image.convert("RGB")
 
     # -- internals -----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from openenv.core.env_server.types import Action, Observation, State
 from PIL import Image
 from pydantic import Field
 
-from medeyes_env.cases import Box, check_image_size
+from medeyes_env.cases import Box, open_image
 from medeyes_env.errors import ImageLoadError
 
 DATA_URL_PREFIX = "data:image/png;base64,"
@@ -108,14 +108,12 @@ def decode_image(data_url: str) -> Image.Image:
         raise ValueError(f"expected a PNG data URL starting with {DATA_URL_PREFIX!r}, got {head!r}")
     try:
         raw = base64.b64decode(data_url[len(DATA_URL_PREFIX) :], validate=True)
-        image = Image.open(io.BytesIO(raw))
-        check_image_size(image, "the PNG of a data URL")  # pixels and decoded bytes, before decoding
-        image.load()
+    except binascii.Error as exc:
+        raise ValueError(f"the data URL does not hold a readable PNG: {exc}") from exc
+    try:
+        return open_image(io.BytesIO(raw), "the PNG of a data URL")  # size refused from the header, before decoding
     except ImageLoadError as exc:
         raise ValueError(str(exc)) from None
-    except (binascii.Error, OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"the data URL does not hold a readable PNG: {exc}") from exc
-    return image
 
 
 def _to_image(pixels: np.ndarray) -> Image.Image:

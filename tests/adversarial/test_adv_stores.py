@@ -93,9 +93,9 @@ def test_out_of_range_box_number_is_a_named_error(tmp_path):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnot really"), r"\.png: cannot read the stored image"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nnot really"), r"cannot read stored image .*\.png: "),
         (lambda p: p.mkdir(), r"\.png: not an image file \(a directory or special file\)"),
-        (lambda p: Image.new("1", (9000, 9000)).save(p, format="PNG"), r"9000x9000 pixels, above the 64,000,000-pixel"),
+        (lambda p: Image.new("1", (9000, 9000)).save(p, format="PNG"), r"png is 9000x9000, above the 64,000,000-pixel"),
         (lambda p: float_tiff_header(p, 8000, 8000), r"256,000,000 bytes decoded, above the 192,000,000-byte limit"),
     ],
     ids=["corrupt", "directory", "bomb", "decoded-bytes"],
