@@ -26,7 +26,7 @@ from medeyes.models.chat import content_text
 from medeyes.models.episodes import TurnTokens, collate, tokenize_episode
 from medeyes.models.factory import load_policy_model
 from medeyes.training.config import preset
-from medeyes.training.grounding import episode_grounding_examples, grounding_examples
+from medeyes.training.stages.ground_examples import episode_grounding_examples, grounding_examples
 from medeyes_env.sources import open_cases
 
 

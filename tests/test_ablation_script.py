@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from medeyes.models import ensure_tiny_model
+from medeyes.evaluation.blind import blind_accuracy
 from medeyes.training.config import build_config, preset
-from medeyes.training.metrics import blind_accuracy, read_metrics
+from medeyes.training.metrics import read_metrics
 from medeyes.training.trainer import train
 from medeyes_env.sources import open_cases
 
@@ -23,17 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "ablation.py"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("medeyes-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(root))
-        ensure_tiny_model("idefics3", "tiny")
-        yield root
-
-
-def test_held_out_evaluation_reads_the_cases_from_eval_start(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_held_out_evaluation_reads_the_cases_from_eval_start(tiny_cache, tmp_path):
     data = preset("tiny").model_dump(mode="json")
     source = open_cases(data["data"], data["data_options"])
     train_cases = [source.case("train", i) for i in range(data["expert"]["cases"])]
@@ -65,11 +55,11 @@ def _keys(path: Path) -> list[tuple]:
     return [(r["warm"], r["seed"], r["arm"], r["step"]) for r in rows]
 
 
-def test_an_interrupted_ablation_resumes_without_redoing_finished_arms_or_rows(cache, tmp_path):
+def test_an_interrupted_ablation_resumes_without_redoing_finished_arms_or_rows(tiny_cache, tmp_path):
     runs = tmp_path / "runs"
     arm = {name: runs / "format" / "seed0" / name for name in ("on_policy", "dual")}
     # 2 ground + 2 SFT + 4 on_policy + 2 of dual's 4 steps: stops inside the second arm, as an interruption would
-    first = _ablation(cache, runs, "--max-steps", "10")
+    first = _ablation(tiny_cache, runs, "--max-steps", "10")
     assert "held-out: test cases 20000..20003 (4)" in first.stdout
     assert "format/seed0/dual: stopped at step 2" in first.stdout
     evals = runs / "report" / "ablation_evals.jsonl"
@@ -81,7 +71,7 @@ def test_an_interrupted_ablation_resumes_without_redoing_finished_arms_or_rows(c
     cpu_finished = (arm["on_policy"] / "ablation_cpu.json").read_text()
     started = (arm["dual"] / "metrics.jsonl").read_bytes()
 
-    second = _ablation(cache, runs)
+    second = _ablation(tiny_cache, runs)
     assert (arm["on_policy"] / "metrics.jsonl").read_bytes() == finished  # the finished arm is not run again
     assert (arm["on_policy"] / "ablation_cpu.json").read_text() == cpu_finished
     assert (arm["dual"] / "metrics.jsonl").read_bytes().startswith(started)  # resumed at step 2, nothing redone
@@ -92,7 +82,7 @@ def test_an_interrupted_ablation_resumes_without_redoing_finished_arms_or_rows(c
 
     # a results file that lost its last row (a crash while writing it): the report restores it, once
     evals.write_text("".join(line + "\n" for line in evals.read_text().splitlines()[:-1]))
-    report = _ablation(cache, runs, "--report-only")
+    report = _ablation(tiny_cache, runs, "--report-only")
     assert _keys(evals) == keys
     table = (runs / "report" / "ablation_table.md").read_text()
     assert "| on_policy | 0 |" in table and "| dual | 0 |" in table

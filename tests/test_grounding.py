@@ -7,16 +7,15 @@ import pytest
 
 pytest.importorskip("torch")
 
-from medeyes.models.factory import ensure_tiny_model
 from medeyes.training.config import build_config, preset
-from medeyes.training.grounding import (
+from medeyes.training.metrics import read_metrics
+from medeyes.training.stages.ground_examples import (
     WHAT_QUESTION,
     WHERE_QUESTION,
     candidates,
     episode_grounding_examples,
     grounding_examples,
 )
-from medeyes.training.metrics import read_metrics
 from medeyes.training.trainer import train
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import BoxFormat, parse_turn
@@ -100,9 +99,7 @@ def test_episode_shape_skips_global_questions():
     assert episode_grounding_examples(case, LOC, ("where", "what"), np.random.default_rng(0), jitter=0.1) == []
 
 
-def test_episode_shaped_ground_step_trains_only_the_last_turn(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ensure_tiny_model("idefics3", "tiny")
+def test_episode_shaped_ground_step_trains_only_the_last_turn(tmp_path, tiny_cache):
     data = preset("tiny").model_dump(mode="json")
     data.update(run_dir=str(tmp_path / "run"), stages=["ground"], data="phantom:look")
     data["ground"].update(shape="episode", what_share=1.0, cases=8)
@@ -114,9 +111,7 @@ def test_episode_shaped_ground_step_trains_only_the_last_turn(tmp_path, tmp_path
     assert all(r["train/loss_tokens"] <= cfg.ground.batch_size * 40 for r in rows)
 
 
-def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ensure_tiny_model("idefics3", "tiny")
+def test_ground_stage_trains_on_the_training_split_only(tmp_path, tiny_cache):
     data = preset("tiny").model_dump(mode="json")
     data.update(run_dir=str(tmp_path / "run"), stages=["ground", "sft"])
     cfg = build_config(data)
@@ -132,10 +127,8 @@ def test_ground_stage_trains_on_the_training_split_only(tmp_path, tmp_path_facto
     assert evals and all(0.0 <= r["eval/ground/hit"] <= 1.0 and "eval/ground/iou" in r for r in evals)
 
 
-def test_sft_co_trains_on_ground_examples(tmp_path, tmp_path_factory, monkeypatch):
+def test_sft_co_trains_on_ground_examples(tmp_path, tiny_cache):
     """sft.ground_examples adds grounding examples to every SFT step on top of the same expert trajectories."""
-    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ensure_tiny_model("idefics3", "tiny")
     tokens = {}
     for extra in (0, 3):
         data = preset("tiny").model_dump(mode="json")
@@ -150,7 +143,7 @@ def test_sft_co_trains_on_ground_examples(tmp_path, tmp_path_factory, monkeypatc
 
 def test_empty_region_examples_answer_no_and_leave_the_default_draws_alone():
     """ground.empty_share: a drill view of an empty region says "no", even on a case whose answer is yes."""
-    from medeyes.training.grounding import _empty_box
+    from medeyes.training.stages.ground_examples import empty_box
 
     case = _look_case("yes")
     default_rng, off_rng, on_rng = (np.random.default_rng(3) for _ in range(3))
@@ -162,5 +155,5 @@ def test_empty_region_examples_answer_no_and_leave_the_default_draws_alone():
     assert len(on) == 3 and on[1][1].endswith("<answer>yes</answer>") and on[2][1].endswith("<answer>no</answer>")
     assert on[2][0][0]["content"][1]["text"] == WHAT_QUESTION
     objects = [box for box, _ in candidates(case)]
-    box = _empty_box(objects, case.image_size, np.random.default_rng(0))
+    box = empty_box(objects, case.image_size, np.random.default_rng(0))
     assert box is not None and all(box_iou(box, b) == 0.0 for b in objects)

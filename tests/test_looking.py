@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medeyes.agents.expert import ExpertAgent
-from medeyes.agents.expert_config import ExpertConfig
-from medeyes.agents.oracles import make_oracle
+from medeyes.agents.expert.agent import ExpertAgent
+from medeyes.agents.expert.config import ExpertConfig
+from medeyes.agents.expert.oracles.factory import make_oracle
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes_env import views
 from medeyes_env.env import EnvConfig, MedEyesEnv
@@ -117,7 +117,7 @@ def test_paper_behaviour_is_unchanged_by_default():
 
 def test_bilateral_where_targets_name_both_sides_left_to_right():
     pytest.importorskip("torch")
-    from medeyes.training.grounding import grounding_examples
+    from medeyes.training.stages.ground_examples import grounding_examples
 
     case = _case("no")
     rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def test_bilateral_where_targets_name_both_sides_left_to_right():
 @pytest.mark.parametrize("answer", ["yes", "no"])
 def test_what_pairs_show_both_drilled_sides_and_answer_for_the_object(answer):
     pytest.importorskip("torch")
-    from medeyes.training.grounding import grounding_examples
+    from medeyes.training.stages.ground_examples import grounding_examples
 
     case = _case(answer)
     orders = set()

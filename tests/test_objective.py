@@ -10,9 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from medeyes.training.advantages import compute_advantages
 from medeyes.training.logprobs import entropy_from_logits, sequence_logprobs_from_logits
 from medeyes.training.objective import (
-    compute_advantages,
     dual_stream_loss,
     masked_mean,
     sft_loss,

@@ -25,8 +25,9 @@ pytest.importorskip("transformers")
 from typer.testing import CliRunner  # noqa: E402
 
 from medeyes.models import ensure_tiny_model, load_processor  # noqa: E402
+from medeyes.training.advantages import compute_advantages  # noqa: E402
 from medeyes.training.config import preset  # noqa: E402
-from medeyes.training.objective import compute_advantages, dual_stream_loss  # noqa: E402
+from medeyes.training.objective import dual_stream_loss  # noqa: E402
 from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
 from medeyes.training.openrlhf import (  # noqa: E402
     ADVANTAGE_LOG_KEYS,

@@ -14,7 +14,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from medeyes.models import ensure_tiny_model  # noqa: E402
 from medeyes.training.config import build_config, preset  # noqa: E402
 from medeyes.training.metrics import read_metrics  # noqa: E402
 from medeyes.training.mismatch import tis_metrics, truncated_is_weights  # noqa: E402
@@ -56,15 +55,17 @@ def test_tis_weights_ignore_garbage_outside_the_mask_and_carry_no_gradient() -> 
         truncated_is_weights(train_old, behaviour[:, :1], torch.tensor([[True, False]]), cap=2.0)
 
 
-def test_loss_with_tis_weights_equals_the_hand_weighted_ppo_loss() -> None:
+def test_dual_stream_loss_honours_tis_cap_as_the_hand_weighted_ppo_loss() -> None:
     logprobs = torch.tensor([[-0.4, -1.2, -0.7], [-0.3, -0.9, -2.0]], requires_grad=True)
     old = torch.tensor([[-0.5, -1.0, -0.7], [-0.2, -0.9, -1.0]])
     adv = torch.tensor([1.0, -0.5])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     is_expert = torch.tensor([False, False])
-    weights = torch.tensor([[2.0, 0.5, 1.0], [1.0, 0.25, 1.5]])
-    config = ObjectiveConfig()
-    loss, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config, is_weights=weights)
+    raw = torch.tensor([[5.0, 0.5, 1.0], [1.0, 0.25, 1.5]])  # exp(old - behaviour); 5 is capped at 2
+    behaviour = old - raw.log()
+    weights = raw.clamp(max=2.0)
+    config = ObjectiveConfig(tis_cap=2.0)
+    loss, metrics = dual_stream_loss(logprobs, old, adv, mask, is_expert, config, behaviour_logprobs=behaviour)
     # the plain loop: per token -w * min(r A, clip(r) A), mean per row over its mask, then mean over rows
     rows = []
     for i in range(2):
@@ -76,12 +77,19 @@ def test_loss_with_tis_weights_equals_the_hand_weighted_ppo_loss() -> None:
                 clipped = min(max(r, 0.8), 1.2)
                 terms.append(-float(weights[i, t]) * min(r * a, clipped * a))
         rows.append(sum(terms) / len(terms))
-    assert float(loss.detach()) == pytest.approx(sum(rows) / 2, rel=1e-6)
-    unweighted, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config)
-    ones, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config, is_weights=torch.ones(2, 3))
+    assert float(loss.detach()) == pytest.approx(sum(rows) / 2, rel=1e-5)
+    assert metrics["stream/on/tis_capped_frac"] == pytest.approx(1 / 5)
+    assert metrics["stream/on/tis_weight_mean"] == pytest.approx((2.0 + 0.5 + 1.0 + 0.25 + 1.5) / 5, rel=1e-5)
+    unweighted, plain = dual_stream_loss(logprobs, old, adv, mask, is_expert, ObjectiveConfig())
+    ones, _ = dual_stream_loss(logprobs, old, adv, mask, is_expert, config, behaviour_logprobs=old)
     assert unweighted.item() == ones.item() != loss.item()
-    with pytest.raises(ValueError, match=r"is_weights has shape \(2, 2\) but logprobs has \(2, 3\)"):
-        dual_stream_loss(logprobs, old, adv, mask, is_expert, config, is_weights=torch.ones(2, 2))
+    assert not any(k.startswith("stream/on/tis_") for k in plain)
+    with pytest.raises(
+        ValueError, match=r"objective.tis_cap=2 needs behaviour_logprobs .* or set objective.tis_cap=null"
+    ):
+        dual_stream_loss(logprobs, old, adv, mask, is_expert, config)
+    with pytest.raises(ValueError, match=r"behaviour_logprobs has shape \(2, 2\) but logprobs has \(2, 3\)"):
+        dual_stream_loss(logprobs, old, adv, mask, is_expert, config, behaviour_logprobs=torch.zeros(2, 2))
 
 
 # ---- configuration ------------------------------------------------------------------------------------------------
@@ -135,15 +143,6 @@ def test_vllm_backends_without_vllm_name_the_extra(backend: str) -> None:
 # ---- the trainer --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("medeyes-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(root))
-        ensure_tiny_model("idefics3", "tiny")
-        yield root
-
-
 def _run(run_dir, **overrides):
     from medeyes.training.trainer import train
 
@@ -154,8 +153,7 @@ def _run(run_dir, **overrides):
     return [{k: v for k, v in r.items() if "seconds" not in k and "per_second" not in k} for r in read_metrics(run_dir)]
 
 
-def test_explicit_transformers_backend_is_the_default_run_and_tis_weights_the_loss(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_explicit_transformers_backend_is_the_default_run_and_tis_weights_the_loss(tiny_cache, tmp_path):
     default = _run(tmp_path / "default")
     explicit = _run(tmp_path / "explicit", **{"grpo.rollout_backend": "transformers"})
     assert default == explicit

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
+from medeyes.models import load_policy_model  # noqa: E402
 from medeyes.training.config import TrainConfig, build_config, preset  # noqa: E402
 from medeyes.training.metrics import read_metrics  # noqa: E402
 from medeyes.training.schedule import learning_rate  # noqa: E402
@@ -26,15 +26,6 @@ from medeyes.training.trainer import train  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402
 
 VOLATILE = ("seconds", "per_second", "elapsed")
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("medeyes-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(root))
-        ensure_tiny_model("idefics3", "tiny")
-        yield root
 
 
 def _config(run_dir, **overrides) -> TrainConfig:
@@ -47,8 +38,7 @@ def _stable(rows):
     return [{k: v for k, v in row.items() if not any(w in k for w in VOLATILE)} for row in rows]
 
 
-def test_tiny_run_logs_loss_and_trains_every_parameter(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_tiny_run_logs_loss_and_trains_every_parameter(tiny_cache, tmp_path):
     cfg = _config(tmp_path / "run")
     before, _ = load_policy_model(cfg.model)
     result = train(cfg, resume=False)
@@ -84,8 +74,7 @@ def test_tiny_run_logs_loss_and_trains_every_parameter(cache, tmp_path, monkeypa
     assert (cfg.run_dir / "final" / "config.json").is_file()
 
 
-def test_time_sliced_run_resumes_to_identical_metrics(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_time_sliced_run_resumes_to_identical_metrics(tiny_cache, tmp_path):
     whole = _config(tmp_path / "whole")
     train(whole, resume=False)
     sliced = _config(tmp_path / "sliced")
@@ -96,17 +85,16 @@ def test_time_sliced_run_resumes_to_identical_metrics(cache, tmp_path, monkeypat
     assert _stable(read_metrics(sliced.run_dir)) == _stable(read_metrics(whole.run_dir))
 
 
-def test_resume_refuses_another_config(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_resume_refuses_another_config(tiny_cache, tmp_path):
     train(_config(tmp_path / "run"), resume=False, max_steps=1)
     with pytest.raises(ConfigError, match="different training config"):
         train(_config(tmp_path / "run", seed=7))
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_resumes_to_identical_metrics(cache, tmp_path):
+def test_kill_9_mid_run_resumes_to_identical_metrics(tiny_cache, tmp_path):
     """A real SIGKILL at a random step: the restarted run loses at most one step and ends bit-identical."""
-    env = {**os.environ, "MEDEYES_CACHE": str(cache)}
+    env = {**os.environ, "MEDEYES_CACHE": str(tiny_cache)}
     overrides = {"sft.steps": 6, "grpo.steps": 4, "eval.every": 5}
     script = (
         "import sys, json; from medeyes.training.config import preset, build_config; "
@@ -151,7 +139,7 @@ def test_config_yaml_round_trip_and_overrides(tmp_path):
 
 
 def test_learning_rate_schedule():
-    from medeyes.training.config import OptimConfig
+    from medeyes.training.stage_config import OptimConfig
 
     cfg = OptimConfig(lr=2.0, warmup_steps=4)
     assert [learning_rate(cfg, s, 10) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
@@ -196,8 +184,7 @@ def test_every_config_field_is_listed_with_its_help():
 # ---- keeping tools alive: curiosity bonus, flat-group skipping, tool-use accuracy, collapse alarm ----------------
 
 
-def test_tool_options_through_a_tiny_run(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_tool_options_through_a_tiny_run(tiny_cache, tmp_path):
     options = {
         "grpo.curiosity_coef": 1.0,
         "grpo.curiosity_threshold": 1.0,
@@ -233,8 +220,7 @@ def test_tool_options_through_a_tiny_run(cache, tmp_path, monkeypatch):
             assert split == pytest.approx(row[accuracy])
 
 
-def test_defaults_add_no_shaping_skipping_or_alarm(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(cache))
+def test_defaults_add_no_shaping_skipping_or_alarm(tiny_cache, tmp_path):
     cfg = _config(tmp_path / "run")
     assert (cfg.grpo.curiosity_coef, cfg.grpo.skip_flat_groups, cfg.grpo.tool_floor) == (0.0, "off", None)
     train(cfg, resume=False)
@@ -245,8 +231,8 @@ def test_defaults_add_no_shaping_skipping_or_alarm(cache, tmp_path, monkeypatch)
 
 
 def test_shaped_rewards_and_loss_rows_by_hand():
-    from medeyes.training.config import GRPOConfig
     from medeyes.training.shaping import loss_rows, shaped_rewards
+    from medeyes.training.stage_config import GRPOConfig
 
     rewards = torch.tensor([0.0, 0.9, 0.0, 0.0, 0.7, 0.5, 0.5, 1.0])
     used = torch.tensor([False, True, False, False, True, True, False, True])
@@ -290,7 +276,7 @@ def test_overrides_do_not_write_into_the_callers_config():
 
 def test_expert_agent_settings_nest_the_agents_config_and_read_the_old_flat_keys(tmp_path):
     """expert.agent is the agent's own ExpertConfig; files and --set keys written before it still load."""
-    from medeyes.agents.expert_config import ExpertConfig
+    from medeyes.agents.expert.config import ExpertConfig
 
     cfg = preset("cpu-default")
     assert isinstance(cfg.expert.agent, ExpertConfig) and cfg.expert.agent.n_expert == 2

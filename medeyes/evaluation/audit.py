@@ -2,7 +2,7 @@
 
 The blind majority-answer accuracy is the floor every result should be read against: the accuracy of a
 policy that never looks at the image and says, for each question text, the answer most common among the
-training cases (:func:`medeyes.training.metrics.blind_accuracy`, the same figure training logs).
+training cases (:func:`medeyes.evaluation.blind.blind_accuracy`, the same figure training logs).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections import Counter
 
 from pydantic import BaseModel, Field
 
+from medeyes.evaluation.blind import blind_accuracy
 from medeyes_env.cases import SPLITS, Case
 from medeyes_env.errors import MedEyesError
 from medeyes_env.sources import CaseSource
@@ -37,8 +38,6 @@ class SplitAudit(BaseModel):
 
 
 def _audit_split(split: str, cases: list[Case], train: list[Case], check_images: bool) -> SplitAudit:
-    from medeyes.training.metrics import blind_accuracy
-
     problems: list[str] = []
     bad = 0
     for case in cases if check_images else []:

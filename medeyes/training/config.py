@@ -18,22 +18,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medeyes.agents.expert_config import ExpertConfig
+from medeyes.agents.expert.config import ExpertConfig
 from medeyes.agents.policy import SamplingConfig
 from medeyes.training.objective_config import ObjectiveConfig
-from medeyes.training.stage_config import EvalConfig, GroundConfig, GRPOConfig, OptimConfig, SFTConfig
+from medeyes.training.stage_config import GroundConfig, GRPOConfig, HeldOutEvalConfig, OptimConfig, SFTConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 
 __all__ = [
     "PRESETS",
-    "EvalConfig",
     "ExpertAgentConfig",
     "ExpertDataConfig",
-    "GRPOConfig",
-    "GroundConfig",
-    "OptimConfig",
-    "SFTConfig",
     "Stage",
     "TrainConfig",
     "apply_overrides",
@@ -169,7 +164,7 @@ class TrainConfig(BaseModel):
     sft: SFTConfig = Field(default_factory=SFTConfig, description="The sft stage.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="The grpo stage.")
     expert: ExpertDataConfig = Field(default_factory=ExpertDataConfig, description="Expert trajectories.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    eval: HeldOutEvalConfig = Field(default_factory=HeldOutEvalConfig, description="Held-out evaluation.")
     log_every: int = Field(default=1, ge=1, description="Write metrics every this many steps.")
     checkpoint_every: int = Field(
         default=25, ge=0, description="Save a resumable checkpoint every N steps; 0: at the end only."

@@ -17,7 +17,7 @@ import numpy as np
 
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes.training.config import FLAT_EXPERT_KEYS, ExpertAgentConfig, TrainConfig
-from medeyes.training.grounding import BRIEF_REASONING
+from medeyes.training.stages.ground_examples import BRIEF_REASONING
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import BoxFormat, render_turn
@@ -62,9 +62,9 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
     """Open the expert store; when empty and allowed, run the expert agent (GRN + CVS) to fill it."""
     from filelock import FileLock
 
-    from medeyes.agents.expert import ExpertAgent
-    from medeyes.agents.expert_config import ExpertConfig
-    from medeyes.agents.oracles import make_oracle
+    from medeyes.agents.expert.agent import ExpertAgent
+    from medeyes.agents.expert.config import ExpertConfig
+    from medeyes.agents.expert.oracles.factory import make_oracle
 
     root = expert_store_dir(config)
     root.mkdir(parents=True, exist_ok=True)

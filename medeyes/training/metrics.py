@@ -15,12 +15,9 @@ import json
 import math
 import os
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from medeyes_env.rewards import accuracy_reward
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -251,29 +248,6 @@ def progress_stats(live: dict[str, float], blind: float | None, tool_floor: floa
     if blind is not None:
         parts.append(f"(blind {blind:.3f})")
     return "  ".join(parts)
-
-
-def blind_answers(cases: list[Any]) -> dict[str, str]:
-    """The majority gold answer per question text: what a format-perfect policy that ignores images says.
-
-    >>> from medeyes_env.cases import Case
-    >>> cs = [Case(id=str(i), question="q?", answer=a, answer_type="closed", source="s") for i, a in
-    ...       enumerate(["yes", "no", "no"])]
-    >>> blind_answers(cs)
-    {'q?': 'no'}
-    """
-    by_question: dict[str, Counter[str]] = {}
-    for case in cases:
-        by_question.setdefault(case.question, Counter())[case.answer] += 1
-    return {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
-
-
-def blind_accuracy(train_cases: list[Any], eval_cases: list[Any]) -> float:
-    """Accuracy on ``eval_cases`` of the majority answer per question (overall majority for unseen questions)."""
-    table = blind_answers(train_cases)
-    overall = Counter(c.answer for c in train_cases).most_common(1)[0][0] if train_cases else "yes"
-    scores = [accuracy_reward(table.get(c.question, overall), c) for c in eval_cases]
-    return float(sum(scores) / len(scores)) if scores else 0.0
 
 
 @contextlib.contextmanager

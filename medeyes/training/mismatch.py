@@ -66,24 +66,33 @@ def tis_metrics(weights: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
     }
 
 
-def rows_tis_weights(
-    episodes: Sequence[Any], train_old: Tensor, mask: Tensor, cap: float
-) -> tuple[Tensor, dict[str, float]]:
-    """:func:`truncated_is_weights` ``[b, T-1]`` of a micro-batch of episodes, and its metrics.
+def tis_weights(train_old: Tensor, behaviour: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, float]]:
+    """:func:`truncated_is_weights` ``[B, T]`` over ``mask`` and their metrics (what ``dual_stream_loss`` applies).
 
-    Each episode's behaviour log-probs are those :func:`~medeyes.training.logprobs.recompute_old_logprobs` kept
-    in ``meta["behaviour_logprobs"]`` (``[T]``, aligned with ``input_ids``) before it overwrote ``old_logprobs``.
     Metrics: :func:`tis_metrics` plus ``stream/on/behaviour_logprob_gap``, the mean |logp_train_old -
     logp_behaviour| over ``mask`` (``stream/on/logprob_gap`` compares with pi_old, which is then the trainer's own).
+
+    >>> w, m = tis_weights(torch.tensor([[0.0, -1.0]]), torch.tensor([[-1.0, -1.0]]), torch.tensor([[1, 1]]), 2.0)
+    >>> w.tolist(), m["stream/on/behaviour_logprob_gap"]
+    ([[2.0, 1.0]], 0.5)
     """
-    behaviour = torch.zeros_like(train_old, dtype=torch.float32)  # [b, T-1]
-    for row, e in enumerate(episodes):
-        if "behaviour_logprobs" not in e.meta:
-            raise ValueError("objective.tis_cap needs the behaviour log-probs: run recompute_old_logprobs first")
-        behaviour[row, : e.length - 1] = e.meta["behaviour_logprobs"][1:].to(behaviour)
     weights = truncated_is_weights(train_old, behaviour, mask, cap)
     metrics = tis_metrics(weights, mask, cap)
     keep = mask.bool()
     if bool(keep.any()):
         metrics["stream/on/behaviour_logprob_gap"] = float((train_old.float() - behaviour)[keep].abs().mean())
     return weights, metrics
+
+
+def behaviour_logprobs(episodes: Sequence[Any], like: Tensor) -> Tensor:
+    """The behaviour log-probs ``[b, T-1]`` of a micro-batch of episodes, shaped and placed like ``like``.
+
+    Each episode's are those :func:`~medeyes.training.logprobs.recompute_old_logprobs` kept in
+    ``meta["behaviour_logprobs"]`` (``[T]``, aligned with ``input_ids``) before it overwrote ``old_logprobs``.
+    """
+    behaviour = torch.zeros_like(like, dtype=torch.float32)  # [b, T-1]
+    for row, e in enumerate(episodes):
+        if "behaviour_logprobs" not in e.meta:
+            raise ValueError("objective.tis_cap needs the behaviour log-probs: run recompute_old_logprobs first")
+        behaviour[row, : e.length - 1] = e.meta["behaviour_logprobs"][1:].to(behaviour)
+    return behaviour

@@ -1,6 +1,8 @@
 """The dual-stream GRPO objective: the clipped/shaped surrogate, SFT loss and tensor helpers.
 
-Advantages live in :mod:`medeyes.training.advantages` (re-exported here).
+Advantages live in :mod:`medeyes.training.advantages`; truncated importance sampling's weights in
+:mod:`medeyes.training.mismatch` (applied here, so every trainer that calls :func:`dual_stream_loss` honours
+``objective.tis_cap``).
 
 Pure functions, tensors in and tensors out: no model, no environment. The math
 and every option are explained in ``docs/objective.md``; METHOD.md section 5 is
@@ -22,20 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from medeyes.training.advantages import STREAMS, check_advantage_inputs, compute_advantages, segment_stats
+from medeyes.training.advantages import STREAMS
 from medeyes.training.logprobs import sequence_logprobs_from_logits
+from medeyes.training.mismatch import tis_weights
 from medeyes.training.objective_config import Aggregation, ObjectiveConfig
-
-__all__ = [
-    "STREAMS",
-    "check_advantage_inputs",
-    "compute_advantages",
-    "dual_stream_loss",
-    "masked_mean",
-    "segment_stats",
-    "sft_loss",
-]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tensor helpers
@@ -145,7 +137,7 @@ def _check_loss_inputs(
     config: ObjectiveConfig,
     ref_logprobs: Tensor | None,
     entropy: Tensor | None,
-    is_weights: Tensor | None,
+    behaviour_logprobs: Tensor | None,
 ) -> None:
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}.")
@@ -166,8 +158,16 @@ def _check_loss_inputs(
         raise ValueError(f"kl_coef={config.kl_coef} > 0 needs ref_logprobs; pass them or set kl_coef=0.")
     if config.entropy_coef > 0 and entropy is None:
         raise ValueError(f"entropy_coef={config.entropy_coef} > 0 needs entropy; pass it or set entropy_coef=0.")
-    if is_weights is not None and is_weights.shape != logprobs.shape:
-        raise ValueError(f"is_weights has shape {tuple(is_weights.shape)} but logprobs has {tuple(logprobs.shape)}.")
+    if config.tis_cap is not None and behaviour_logprobs is None:
+        raise ValueError(
+            f"objective.tis_cap={config.tis_cap:g} needs behaviour_logprobs (the log-probs the rollout engine "
+            "recorded); pass them or set objective.tis_cap=null."
+        )
+    if behaviour_logprobs is not None and behaviour_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"behaviour_logprobs has shape {tuple(behaviour_logprobs.shape)} but logprobs has "
+            f"{tuple(logprobs.shape)}; they must match."
+        )
 
 
 def dual_stream_loss(
@@ -179,16 +179,18 @@ def dual_stream_loss(
     config: ObjectiveConfig,
     ref_logprobs: Tensor | None = None,
     entropy: Tensor | None = None,
-    is_weights: Tensor | None = None,
+    behaviour_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The dual-stream GRPO loss (to minimise) and its per-stream health metrics.
 
     Per loss token ``t`` of row ``i`` with advantage ``A_i``: on-policy rows the PPO clipped surrogate
     (:func:`_on_policy_terms`); expert rows ``-w A`` with ``w`` the (shaped) ratio ``pi_theta / pi_expert``,
     ``pi_expert := 1`` (:func:`_off_policy_terms`); plus ``kl_coef * k3`` and ``- entropy_coef * entropy``
-    (:func:`_regularised`). Each term is reduced with ``config.aggregation`` over ``loss_mask`` (both streams
-    pooled). Positions outside ``loss_mask`` never touch the loss or its gradient, even if they hold inf/NaN
-    padding; rows with an empty mask are skipped; an all-empty batch gives loss 0 with a graph.
+    (:func:`_regularised`). With ``config.tis_cap`` the on-policy term of each token is weighted by
+    ``min(exp(old - behaviour), tis_cap)`` (truncated importance sampling, no gradient). Each term is reduced
+    with ``config.aggregation`` over ``loss_mask`` (both streams pooled). Positions outside ``loss_mask`` never
+    touch the loss or its gradient, even if they hold inf/NaN padding; rows with an empty mask are skipped; an
+    all-empty batch gives loss 0 with a graph.
 
     Args:
         logprobs: ``[B, T]`` log pi_theta of the taken tokens (with grad).
@@ -199,18 +201,23 @@ def dual_stream_loss(
         config: The objective's configuration.
         ref_logprobs: ``[B, T]`` reference-policy log-probs; required when ``kl_coef > 0``.
         entropy: ``[B, T]`` per-token policy entropy (with grad for the bonus); required when ``entropy_coef > 0``.
-        is_weights: ``[B, T]`` per-token weights of the on-policy loss (no grad): truncated importance sampling
-            against the training-inference mismatch (:func:`medeyes.training.mismatch.truncated_is_weights`).
-            None: weight 1.
+        behaviour_logprobs: ``[B, T]`` log-probs the rollout engine recorded for the on-policy tokens, when
+            ``old_logprobs`` are the trainer's recomputation; required when ``config.tis_cap`` is set (truncated
+            importance sampling against the training-inference mismatch, :mod:`medeyes.training.mismatch`),
+            ignored otherwise.
 
     Returns:
         ``(loss, metrics)``: a scalar float32 tensor, and plain floats: ``loss/total``, ``loss/policy`` and the
-        metrics of :func:`_regularised`, :func:`_stream_metrics` and :func:`_ratio_metrics`.
+        metrics of :func:`_regularised`, :func:`_stream_metrics` and :func:`_ratio_metrics` (and with
+        ``tis_cap`` those of :func:`~medeyes.training.mismatch.tis_weights`).
 
     """
-    inputs = (logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy, is_weights)
-    _check_loss_inputs(*inputs)
+    inputs = (logprobs, old_logprobs, advantages, loss_mask, is_expert, config, ref_logprobs, entropy)
+    _check_loss_inputs(*inputs, behaviour_logprobs)
     mask, on_tok, off_tok = _stream_masks(loss_mask, is_expert)  # [B, T] each
+    is_weights, tis = None, {}
+    if config.tis_cap is not None and behaviour_logprobs is not None:  # TIS: the engine sampled, not pi_old
+        is_weights, tis = tis_weights(old_logprobs, behaviour_logprobs, on_tok, config.tis_cap)  # [B, T]
     zero = torch.zeros((), dtype=torch.float32, device=logprobs.device)
     adv = advantages.detach().float()[:, None]  # [B, 1]
     lp = torch.where(mask, logprobs.float(), zero)  # [B, T]; 0 outside the mask: no gradient, no NaN leaks
@@ -229,6 +236,7 @@ def dual_stream_loss(
     clipped = {"on": on_clip_low | on_clip_high, "off": off_clipped}
     metrics.update(_stream_metrics(pg, advantages, is_expert, {"on": on_tok, "off": off_tok}, clipped, config))
     metrics.update(_ratio_metrics(ratio, lp, old, on_tok, on_clip_low, on_clip_high, rho, weight, off_tok))
+    metrics.update(tis)
     return total, metrics
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from medeyes.training.advantages import check_advantage_inputs, segment_stats
-from medeyes.training.config import GRPOConfig
+from medeyes.training.stage_config import GRPOConfig
 
 
 def curiosity_bonus(

@@ -1,6 +1,6 @@
 """The stages' settings: the optimizer, the ``ground``, ``sft`` and ``grpo`` stages, and held-out evaluation.
 
-Parts of :class:`medeyes.training.config.TrainConfig`, which re-exports them.
+Parts of :class:`medeyes.training.config.TrainConfig`; import them from here.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from medeyes.training.grounding import GroundShape, GroundTask
+GroundTask = Literal["where", "what"]
+"""A ground-stage question: where (overview -> boxes) or what (drill view -> abnormal?)."""
+GroundShape = Literal["probe", "turns", "episode"]
+"""How a ground-stage example is written (``ground.shape``)."""
 
 
 class OptimConfig(BaseModel):
@@ -52,7 +55,7 @@ class SFTConfig(BaseModel):
 
 
 class GroundConfig(BaseModel):
-    """Visual grounding warm-up on the training split's annotations (:mod:`medeyes.training.grounding`).
+    """Visual grounding warm-up on the training split's annotations (:mod:`medeyes.training.stages.ground`).
 
     For random-init models only: what a pretrained VLM already knows (where an object is, what a crop
     shows), taught on short single-image examples before SFT teaches when and where to look.
@@ -208,8 +211,11 @@ class GRPOConfig(BaseModel):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer of this stage.")
 
 
-class EvalConfig(BaseModel):
-    """Held-out evaluation: greedy episodes on a fixed set of cases of the eval split."""
+class HeldOutEvalConfig(BaseModel):
+    """Held-out evaluation during training (``eval``): greedy episodes on a fixed set of the eval split's cases.
+
+    ``medeyes eval`` has its own settings, :class:`medeyes.evaluation.run.EvalConfig`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -226,9 +232,9 @@ class EvalConfig(BaseModel):
     def indices(self, size: int | None) -> range:
         """The held-out case indices, ``start`` .. ``start + cases - 1``, clipped to a split of ``size`` cases.
 
-        >>> EvalConfig(start=1000, cases=4).indices(None)
+        >>> HeldOutEvalConfig(start=1000, cases=4).indices(None)
         range(1000, 1004)
-        >>> EvalConfig(start=2, cases=4).indices(3)
+        >>> HeldOutEvalConfig(start=2, cases=4).indices(3)
         range(2, 3)
         """
         stop = self.start + self.cases

@@ -1,57 +1,37 @@
-"""The single-process trainer: SFT warm start and (dual-stream) GRPO, read top to bottom.
+"""The single-process trainer: the loop over the stages, held-out evaluation, checkpoints, and :func:`train`.
 
-One optimizer step of the ``grpo`` stage::
+A run is a sequence of stages over one global step counter (``config.stages``); each stage is one module of
+:mod:`medeyes.training.stages` whose ``step(step)`` reads top to bottom:
 
-    seed      every random choice of step s derives from (config.seed, s): exact resume needs no RNG juggling
-    collect   G_on on-policy episodes per case through MedEyesEnv (the one rollout driver), plus G_off expert
-              trajectories per case from the trajectory store (dual mode)
-    tokenise  each episode with the model's chat template; loss mask = the generated token spans
-    score     rewards come from the environment (verifiable components)
-    advantage per stream and group (objective.compute_advantages)
-    loss      dual_stream_loss over micro-batches (gradient accumulation), backward
-    step      clip, AdamW, learning-rate schedule
-    log       metrics.jsonl + TensorBoard: train/, stream/on/, stream/off/, eval/
+    ground    NLL of single-image grounding answers (random-init models learn to see)  stages/ground.py
+    sft       NLL of the expert's turns (the warm start)                                  stages/sft.py
+    grpo      collect, tokenise, score, advantages, dual-stream update                   stages/grpo.py
 
-The ``sft`` stage replaces collect..advantage by a batch of expert trajectories and the loss by the
-token-mean NLL of the expert's turns. Evaluation runs greedy episodes on a fixed held-out set at step 0,
-every ``eval.every`` steps and at the end. A checkpoint (model, optimizer, RNG, step) is written atomically
-every ``checkpoint_every`` steps; :func:`train` resumes from the latest one by default.
+Every random choice of step s derives from (config.seed, s, salt) (:mod:`medeyes.training.schedule`), so an
+exact resume needs no RNG juggling. Evaluation runs greedy episodes on a fixed held-out set at step 0, every
+``eval.every`` steps and at the end. A checkpoint (model, optimizer, RNG, step) is written atomically every
+``checkpoint_every`` steps; :func:`train` resumes from the latest one by default. Metrics go to metrics.jsonl
+and TensorBoard in the namespaces train/, eval/, stream/on/, stream/off/.
 
 Use :func:`train` (builds every piece from a :class:`TrainConfig`) or :class:`Trainer` with your own pieces.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medeyes.agents.policy import PolicyAgent
-from medeyes.memory_store import MemoryStore
-from medeyes.models.episodes import EpisodeTensors, collate, tokenize_record
-from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.evaluation.blind import blind_accuracy
+from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes.training.checkpoints import check_same_config, load_checkpoint, save_checkpoint, save_final
 from medeyes.training.config import TrainConfig
 from medeyes.training.expert_data import ExpertPool
-from medeyes.training.ground_pool import build_ground_pool, ground_episode
-from medeyes.training.grpo_batch import Collected, StreamStats, score, tokenise
-from medeyes.training.held_out import GroundingEval, held_out_metrics
-from medeyes.training.logprobs import chunks, masked_token_logprobs, recompute_old_logprobs
-from medeyes.training.metrics import (
-    MetricsLogger,
-    blind_accuracy,
-    progress_bar,
-    progress_stats,
-    tool_collapse_alarm,
-    weighted_mean_metrics,
-)
-from medeyes.training.mismatch import rows_tis_weights
-from medeyes.training.objective import dual_stream_loss, sft_loss
+from medeyes.training.metrics import MetricsLogger, progress_bar, progress_stats, tool_use_accuracy
 from medeyes.training.optim import StageOptimizer
 from medeyes.training.rollout_engine import RolloutEngine, make_rollout_engine
 from medeyes.training.run_setup import (
@@ -61,9 +41,12 @@ from medeyes.training.run_setup import (
     param_dtype_name,
     seed_everything,
 )
-from medeyes.training.schedule import step_seed
-from medeyes.trajectories import TrajectoryRecord
-from medeyes_env.errors import ConfigError
+from medeyes.training.stage_config import HeldOutEvalConfig
+from medeyes.training.stages._step import Learner, seed_sampling
+from medeyes.training.stages.ground import GroundingEval, GroundPool, GroundStage, build_ground_pool
+from medeyes.training.stages.grpo import GRPOStage, RolloutSetting
+from medeyes.training.stages.sft import SFTStage
+from medeyes_env.env import EnvConfig
 from medeyes_env.sources import CaseSource, open_cases
 
 LIVE_KEYS = ("train/loss", "stream/on/reward_mean", "stream/on/tool_share", "alarm/tool_collapse", "eval/accuracy")
@@ -105,7 +88,11 @@ class Trainer:
         ground_pool: list[tuple[list[dict[str, Any]], str]] | None = None,
         engine: RolloutEngine | None = None,
     ):
-        """Keep the pieces; nothing heavy happens here. ``engine``: who generates grpo rollouts (default ``policy``)."""
+        """Keep the pieces and build the stages; nothing heavy happens here.
+
+        ``engine``: who generates grpo rollouts (default ``policy``); ``ground_pool``: the ground stage's examples
+        (:func:`~medeyes.training.stages.ground.build_ground_pool`).
+        """
         self.config = config
         self.model = model
         self.processor = processor
@@ -115,17 +102,22 @@ class Trainer:
         self.experts = experts
         self.logger = logger
         self.pool_cases = pool_cases
-        self.ground_pool = ground_pool or []
-        self._ground_tensors: dict[int, EpisodeTensors] = {}
-        self._ground_eval: GroundingEval | None = None
-        self.device = torch.device(config.device)
-        self.autocast_dtype = autocast_dtype(config)
-        self.pad_id = int(processor.tokenizer.pad_token_id)
         self.optim = StageOptimizer(config, model)
+        self.learner = Learner(model, processor, torch.device(config.device), autocast_dtype(config), self.optim)
+        pool = GroundPool(ground_pool or [], processor)
+        rollouts = RolloutSetting(source, config.train_split, config.env, config.rollout_batch, pool_cases)
+        grpo_start = first_step(config, "grpo")
+        self.stages = {
+            "ground": GroundStage(config.ground, config.seed, pool, self.learner),
+            "sft": SFTStage(config.sft, config.seed, experts, pool, self.learner),
+            "grpo": GRPOStage(
+                config.grpo, config.objective, config.seed, grpo_start, rollouts, self.engine, experts, self.learner
+            ),
+        }
+        self._ground_eval: GroundingEval | None = None
         self.eval_history: list[dict[str, float]] = []
         self.blind: float | None = None
         self.live: dict[str, float] = {}
-        self.tool_alarm_shown = False
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -161,8 +153,7 @@ class Trainer:
                 stage, _ = cfg.stage_at(step)
                 self.optim.ensure(stage, None)
                 t0 = time.perf_counter()
-                run_step = {"ground": self.ground_step, "sft": self.sft_step, "grpo": self.grpo_step}[stage]
-                metrics = run_step(step)
+                metrics = self.stages[stage].step(step)
                 metrics["train/step_seconds"] = time.perf_counter() - t0
                 metrics["train/stage"] = STAGE_CODES[stage]
                 done = step + 1
@@ -190,199 +181,6 @@ class Trainer:
             blind_accuracy=self.blind,
         )
 
-    # ------------------------------------------------------------------------------------------ ground
-
-    def ground_step(self, step: int) -> dict[str, float]:
-        """One grounding step: NLL of the answers of ``ground.batch_size`` single-image examples."""
-        cfg = self.config
-        if not self.ground_pool:
-            raise ConfigError("the ground stage has no examples: the first ground.cases training cases hold no region")
-        rng = np.random.default_rng(step_seed(cfg.seed, step, 3))
-        picks = rng.integers(0, len(self.ground_pool), size=cfg.ground.batch_size)
-        t0 = time.perf_counter()
-        episodes = self._ground_episodes(picks)
-        prep = time.perf_counter() - t0
-        self.model.train()
-        lr = self.optim.set_lr("ground", step)
-        t1 = time.perf_counter()
-        batch = collate(episodes, self.pad_id).to(self.device)
-        with self._autocast():
-            logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
-        # every example weighs the same: a one-word what-answer is not drowned by a where-answer's four boxes
-        loss = sft_loss(logprobs, batch.loss_mask[:, 1:], aggregation="seq_mean_token_mean")
-        loss.backward()
-        grad_norm = self.optim.step("ground")
-        tokens = int(batch.attention_mask.sum())
-        return {
-            "train/loss": float(loss.detach()),
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/tokens": float(tokens),
-            "train/loss_tokens": float(sum(e.generated_tokens for e in episodes)),
-            "train/tokens_per_second": tokens / max(time.perf_counter() - t1, 1e-9),
-            "train/prep_seconds": prep,
-        }
-
-    def _ground_episodes(self, picks: np.ndarray) -> list[EpisodeTensors]:
-        """Pool examples by index, each tokenised once per run.
-
-        A pool example is drawn ~20 times in the default run, and its processor pass (chat template, image
-        resize) was a third of a ground step.
-        """
-        for i in picks:
-            if int(i) not in self._ground_tensors:
-                self._ground_tensors[int(i)] = ground_episode(self.ground_pool[int(i)], self.processor)
-        return [self._ground_tensors[int(i)] for i in picks]
-
-    # ------------------------------------------------------------------------------------------ sft
-
-    def sft_step(self, step: int) -> dict[str, float]:
-        """One supervised step: NLL of the expert's turns on ``sft.batch_size`` trajectories."""
-        cfg = self.config
-        if self.experts is None:
-            raise ConfigError("the sft stage needs expert trajectories (expert pool is empty)")
-        rng = np.random.default_rng(step_seed(cfg.seed, step, 1))
-        records = self.experts.sample(cfg.sft.batch_size, rng)
-        t0 = time.perf_counter()
-        episodes = [tokenize_record(r, self.experts.store, self.processor, is_expert=True) for r in records]
-        if cfg.sft.ground_examples and self.ground_pool:
-            picks = rng.integers(0, len(self.ground_pool), size=cfg.sft.ground_examples)
-            episodes += self._ground_episodes(picks)
-        prep = time.perf_counter() - t0
-        self.model.train()
-        lr = self.optim.set_lr("sft", step)
-        n_tokens = sum(e.generated_tokens for e in episodes)
-        losses = []
-        tokens_seen = 0
-        t1 = time.perf_counter()
-        for chunk in chunks(episodes, cfg.sft.grad_accum):
-            batch = collate(chunk, self.pad_id).to(self.device)
-            with self._autocast():
-                logprobs, _ = masked_token_logprobs(self.model, batch, self._param_dtype())
-            mask = batch.loss_mask[:, 1:]
-            # a mean over the whole step: weight each micro-batch by its share of the step's tokens (or rows)
-            if cfg.sft.aggregation == "token_mean":
-                share = int(mask.sum()) / max(1, n_tokens)
-            else:
-                share = int((mask.sum(dim=1) > 0).sum()) / max(1, sum(e.generated_tokens > 0 for e in episodes))
-            loss = sft_loss(logprobs, mask, aggregation=cfg.sft.aggregation) * share
-            loss.backward()
-            losses.append(float(loss.detach()))
-            tokens_seen += int(batch.attention_mask.sum())
-        grad_norm = self.optim.step("sft")
-        seconds = time.perf_counter() - t1
-        return {
-            "train/loss": sum(losses),
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/tokens": float(tokens_seen),
-            "train/loss_tokens": float(n_tokens),
-            "train/tokens_per_second": tokens_seen / max(seconds, 1e-9),
-            "train/prep_seconds": prep,
-        }
-
-    # ------------------------------------------------------------------------------------------ grpo
-
-    def grpo_step(self, step: int) -> dict[str, float]:
-        """One GRPO step: collect, tokenise, score, advantages, loss, optimizer step (module docstring)."""
-        metrics: dict[str, float] = {}
-        collected = self._collect(step, metrics)
-        episodes = tokenise(collected, self.processor, self.experts.store if self.experts else None, metrics)
-        advantages, rows = score(collected, episodes, self.config, metrics)
-        floor = self.config.grpo.tool_floor
-        self.tool_alarm_shown = tool_collapse_alarm(step, metrics, floor, self.tool_alarm_shown)
-        # old log-probs: recorded at generation, or recomputed before the update
-        if self.config.grpo.old_logprobs == "recompute":
-            self.model.eval()
-            with self._autocast():
-                recompute_old_logprobs(self.model, episodes, self.pad_id, self.config.grpo.grad_accum, self.device)
-        self._update(step, episodes, advantages, rows, metrics)
-        return metrics
-
-    def _collect(self, step: int, metrics: dict[str, float]) -> Collected:
-        """On-policy episodes (G_on per case) and, in dual mode, expert trajectories (G_off per case)."""
-        cfg, g = self.config, self.config.grpo
-        _, k = cfg.stage_at(step)
-        rng = np.random.default_rng(step_seed(cfg.seed, step, 2))
-        blocks = max(1, self.pool_cases // g.prompts_per_step)
-        start = (k % blocks) * g.prompts_per_step
-        metrics.update(self.engine.prepare(self.model, step))  # vLLM: the weights of the last optimizer step
-        t0 = time.perf_counter()
-        store = MemoryStore()
-        self.model.eval()
-        rollout_policy = self.engine.policy
-        self._seed_sampling(step_seed(cfg.seed, step, 3), rollout_policy)
-        rollout = RolloutConfig(
-            split=cfg.train_split,
-            n=g.prompts_per_step,
-            start=start,
-            samples_per_case=g.group_on,
-            batch_size=cfg.rollout_batch,
-            seed=step_seed(cfg.seed, step, 4),
-            env=cfg.env,
-        )
-        with self._autocast():
-            result = run_rollout(rollout_policy, self.source, rollout, store=store)
-        self.engine.release()
-        on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
-        cases = range(start, start + g.prompts_per_step)
-        case_index = {self.source.case(cfg.train_split, i).id: i for i in cases}  # type: ignore[arg-type]
-        off_records: list[TrajectoryRecord] = []
-        if g.mode == "dual" and self.experts is not None:
-            for i in cases:
-                off_records += self.experts.for_case(i, g.group_off, rng)
-        metrics["train/rollout_seconds"] = time.perf_counter() - t0
-        return Collected(on_records, off_records, store, case_index)
-
-    def _update(
-        self,
-        step: int,
-        episodes: list[EpisodeTensors],
-        advantages: torch.Tensor,
-        rows: list[int],
-        metrics: dict[str, float],
-    ) -> None:
-        """The dual-stream loss over micro-batches of ``rows`` (gradient accumulation), then one optimizer step."""
-        cfg = self.config
-        self.model.train()
-        lr = self.optim.set_lr("grpo", step)
-        t2 = time.perf_counter()
-        loss_metrics: list[tuple[int, dict[str, float]]] = []
-        streams = StreamStats()
-        tokens_seen = 0
-        for chunk in chunks(rows, cfg.grpo.grad_accum):
-            batch = collate([episodes[i] for i in chunk], self.pad_id).to(self.device)
-            adv = advantages[chunk].to(self.device)
-            with self._autocast():
-                logprobs, entropy = masked_token_logprobs(self.model, batch, self._param_dtype(), with_entropy=True)
-            mask = batch.loss_mask[:, 1:]  # [b, T-1]
-            old = batch.old_logprobs[:, 1:]  # [b, T-1]
-            weights = None
-            if cfg.objective.tis_cap is not None:  # TIS: the engine's log-probs vs the trainer's recomputation
-                on_mask = mask & ~batch.is_expert[:, None]
-                weights, tis = rows_tis_weights([episodes[i] for i in chunk], old, on_mask, cfg.objective.tis_cap)
-                metrics.update(tis)  # the last micro-batch's
-            loss, lm = dual_stream_loss(logprobs, old, adv, mask, batch.is_expert, cfg.objective, is_weights=weights)
-            (loss * len(chunk) / len(rows)).backward()
-            loss_metrics.append((len(chunk), lm))
-            tokens_seen += int(batch.attention_mask.sum())
-            streams.add(logprobs, old, entropy, mask, batch.is_expert)
-        grad_norm = self.optim.step("grpo")
-        seconds = time.perf_counter() - t2
-        metrics.update(weighted_mean_metrics(loss_metrics))
-        metrics.update(streams.metrics())
-        metrics.update(
-            {
-                "train/loss": metrics.get("loss/total", 0.0),
-                "train/lr": lr,
-                "train/grad_norm": grad_norm,
-                "train/tokens": float(tokens_seen),
-                "train/tokens_per_second": tokens_seen / max(seconds, 1e-9),
-                "train/update_seconds": seconds,
-                "train/retokenized_on_turns": float(sum(e.retokenized_turns for e in episodes if not e.is_expert)),
-            }
-        )
-
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
@@ -391,16 +189,17 @@ class Trainer:
         self.model.eval()
         sampling = self.policy.sampling
         self.policy.sampling = sampling.model_copy(update={"temperature": cfg.eval.temperature, "seed": cfg.seed})
-        self._seed_sampling(cfg.seed)
+        seed_sampling(self.policy, cfg.seed)
         try:
-            with self._autocast():
-                out = held_out_metrics(self.policy, self.source, cfg)
+            with self.learner.autocast():
+                out = held_out_metrics(self.policy, self.source, cfg.eval_split, cfg.eval, cfg.env, cfg.seed)
         finally:
             self.policy.sampling = sampling
         if "ground" in cfg.stages:
             if self._ground_eval is None:
-                self._ground_eval = GroundingEval(self.source, cfg)
-            with self._autocast():
+                indices = cfg.eval.indices(self.source.size(cfg.eval_split))
+                self._ground_eval = GroundingEval(self.source, cfg.eval_split, indices, cfg.env, cfg.ground, cfg.seed)
+            with self.learner.autocast():
                 out.update(self._ground_eval.scores(self.policy.backend))
         if self.blind is not None:
             out["eval/blind_accuracy"] = self.blind
@@ -419,22 +218,7 @@ class Trainer:
         held = [self.source.case(cfg.eval_split, i) for i in indices]  # type: ignore[arg-type]
         return blind_accuracy(train, held)
 
-    # ------------------------------------------------------------------------------------------ plumbing
-
-    def _seed_sampling(self, seed: int, policy: PolicyAgent | None = None) -> None:
-        policy = policy or self.policy
-        policy.sampling = policy.sampling.model_copy(update={"seed": seed})
-        backend = policy.backend
-        if hasattr(backend, "calls"):
-            backend.calls = 0
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+    # ------------------------------------------------------------------------------------------ checkpoints
 
     def _checkpoint(self, step: int) -> None:
         cfg = self.config
@@ -444,6 +228,59 @@ class Trainer:
             "eval_history": self.eval_history,
         }
         save_checkpoint(cfg.run_dir, step, self.model, self.optim.optimizer, extra, cfg.keep_checkpoints)
+
+
+def first_step(config: TrainConfig, stage: str) -> int:
+    """The global step at which ``stage`` starts (its steps are counted from there)."""
+    before = config.stages[: config.stages.index(stage)] if stage in config.stages else []  # type: ignore[arg-type]
+    return sum(config.stage_steps(s) for s in before)
+
+
+# ================================================================================================ evaluation
+
+
+def held_out_metrics(
+    policy: PolicyAgent, source: CaseSource, split: str, config: HeldOutEvalConfig, env: EnvConfig, seed: int
+) -> dict[str, float]:
+    """``eval/`` metrics of one episode on each of ``split``'s ``eval.cases`` cases from ``eval.start``.
+
+    The caller puts the policy in eval mode and seeds it; this only plays and scores.
+    """
+    rollout = RolloutConfig(
+        split=split,  # type: ignore[arg-type]
+        start=config.start,
+        n=config.cases,
+        samples_per_case=1,
+        batch_size=config.batch_size,
+        seed=seed,
+        env=env,
+    )
+    result = run_rollout(policy, source, rollout, store=None)
+    summary = summarize(result.records, result.seconds)
+    out = {
+        "eval/accuracy": summary.accuracy,
+        "eval/iou": summary.mean_best_iou,
+        "eval/steps": summary.mean_steps,
+        "eval/turns": summary.mean_turns,
+        "eval/reward": summary.mean_reward,
+        "eval/parse_rate": summary.parse_rate,
+        "eval/scan_share": summary.scan_share,
+        "eval/drill_share": summary.drill_share,
+        "eval/seconds": result.seconds,
+        **tool_use_accuracy(result.records, "eval/"),
+    }
+    for family, accuracy in summary.accuracy_by_family.items():
+        out[f"eval/accuracy/{family}"] = accuracy
+    for family, iou in summary.mean_best_iou_by_family.items():
+        out[f"eval/iou/{family}"] = iou
+    looking = {
+        "eval/looking/first_drill_hit": summary.first_drill_hit_share,
+        "eval/looking/steps_first_hit": summary.tool_steps_first_hit,
+        "eval/looking/steps_first_miss": summary.tool_steps_first_miss,
+        "eval/looking/redrill_after_miss": summary.redrill_after_miss,
+    }
+    out.update({name: value for name, value in looking.items() if value is not None})
+    return out
 
 
 # ================================================================================================ entry point
@@ -461,7 +298,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
         RecordError: a checkpoint file is malformed or in the old pickle format.
 
     """
-    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.agents.backends.transformers import TransformersBackend
     from medeyes.models import load_policy_model
 
     cfg = config
@@ -485,7 +322,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     backend = TransformersBackend(model, processor, device=cfg.device)
     policy = PolicyAgent(backend, cfg.sampling, name="policy")
     wants_ground = cfg.stage_steps("ground") or (cfg.stage_steps("sft") and cfg.sft.ground_examples)
-    ground_pool = build_ground_pool(cfg, source) if wants_ground else None
+    ground_pool = build_ground_pool(cfg.ground, cfg.env, source, cfg.train_split, cfg.seed) if wants_ground else None
     engine = make_rollout_engine(cfg, policy, param_dtype_name(cfg), start_step)
     try:
         trainer = Trainer(cfg, model, processor, policy, source, experts, logger, pool_cases, ground_pool, engine)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medeyes.training.objective import compute_advantages, dual_stream_loss, masked_mean
+from medeyes.training.advantages import compute_advantages
+from medeyes.training.objective import dual_stream_loss, masked_mean
 from medeyes.training.objective_config import Aggregation, ObjectiveConfig
 from medeyes.training.openrlhf.config import ADVANTAGE_LOG_KEYS, LOG_PREFIX, LOSS_LOG_KEYS
 

@@ -1,4 +1,4 @@
-"""The ``ground`` stage: teach a random-init VLM to see before it learns to act.
+"""The ground stage's examples: what a where- or what-question and its answer look like (no torch, no model).
 
 Real policies (Qwen2.5-VL, SmolVLM) come pretrained on grounding data: they can say where an object is and
 what a crop shows. The tiny models built here start from random weights, and expert demonstrations teach
@@ -15,24 +15,25 @@ Each example opens like an episode (the environment's system prompt, then one im
 the image sits where the policy will later look at it; it holds one image and a short answer, so a step
 sees many images. Examples are drawn from a pool of training cases rendered once; the held-out split is
 never touched. ``sft.ground_examples`` keeps some of them in every SFT step (co-training), so learning the
-protocol does not wash out what the model learned to see.
+protocol does not wash out what the model learned to see. The stage itself (pool, step, held-out scores) is
+:mod:`medeyes.training.stages.ground`; this module is apart because experiments and the expert's brief
+reasoning use the example forms without the trainer.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from medeyes.training.stage_config import GroundShape, GroundTask
 from medeyes_env import views
 from medeyes_env.cases import Box, Case
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import Action, protocol_instructions, render_turn
 from medeyes_env.rewards import box_iou
 
-GroundTask = Literal["where", "what"]
-GroundShape = Literal["probe", "turns", "episode"]
 BRIEF_REASONING = {"scan": "compare candidates", "drill": "look closer", "answer": "conclude"}
 """The two-word reasoning of ``expert.reasoning="brief"`` and of episode-shaped grounding, by action."""
 WHERE_QUESTION = "Where are the round objects? Give their boxes."
@@ -102,7 +103,7 @@ def grounding_examples(
             examples.append((_messages(system, shown, WHAT_QUESTION, answer), answer))
     # drawn only when asked for, so a run without it keeps the same random draws
     if "what" in tasks and objects and empty_share > 0 and rng.random() < empty_share:
-        empty = _empty_box([box for box, _ in objects], image.size, rng)
+        empty = empty_box([box for box, _ in objects], image.size, rng)
         if empty is not None:
             view, _ = views.drill_view(image, empty, env.view_size, env.drill_min_side)
             answer = _turn(Action.final_answer("no"), env, image.size) if as_turns else "no"
@@ -121,7 +122,7 @@ def _with_other_side(
     return [view, other] if rng.random() < 0.5 else [other, view]
 
 
-def _empty_box(objects: list[Box], size: tuple[int, int], rng: np.random.Generator, tries: int = 20) -> Box | None:
+def empty_box(objects: list[Box], size: tuple[int, int], rng: np.random.Generator, tries: int = 20) -> Box | None:
     """A box the size of the largest candidate that touches none of them (None if 20 draws all overlap)."""
     side = max(max(b[2] - b[0], b[3] - b[1]) for b in objects)
     width, height = size
@@ -154,7 +155,7 @@ def episode_grounding_examples(
 
     Only questions about regions give examples: the expert answers global ones (modality) without looking.
     """
-    from medeyes.agents.expert_answers import REGION_FAMILIES, question_family
+    from medeyes.agents.expert.answers import REGION_FAMILIES, question_family
 
     objects = candidates(case)
     # a global question (modality) is answered at once in the expert's episodes: no look to learn from it
