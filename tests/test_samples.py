@@ -18,6 +18,7 @@ pytest.importorskip("skimage")
 from medeyes_env.sources import samples  # noqa: E402  (needs the optional packages checked above)
 from medeyes_env.sources.samples_catalog import SAMPLE_IMAGES  # noqa: E402
 
+OVERLAY_IMAGE = next(image for image in SAMPLE_IMAGES if image.key == "examples_overlay")
 OVERLAY_BOX = (46.0, 139.0, 81.0, 174.0)
 """Bounding box (pixel edges) of the hand-drawn contour in examples_overlay.dcm's overlay plane 0x6000."""
 
@@ -70,7 +71,7 @@ def test_images_are_cached_per_file_and_copies_are_handed_out() -> None:
 
 
 def test_overlay_box_is_the_bounding_box_of_the_drawn_contour() -> None:
-    path = samples.sample_file(samples._IMAGES["examples_overlay"])
+    path = samples.sample_file(OVERLAY_IMAGE)
     dataset = pydicom.dcmread(path)
     # Read the overlay plane independently: 1 bit per pixel, little-endian bit order, origin (1, 1).
     assert [int(v) for v in dataset[0x6000, 0x0050].value] == [1, 1]
@@ -154,7 +155,7 @@ def test_dicom_window_and_min_max_conversion() -> None:
     grey = np.asarray(ct.convert("L"))
     assert grey.min() == 0 and grey.max() == 255
     # examples_overlay: the first window (450 +- 395) maps raw 450 to mid-grey.
-    dataset = pydicom.dcmread(samples.sample_file(samples._IMAGES["examples_overlay"]))
+    dataset = pydicom.dcmread(samples.sample_file(OVERLAY_IMAGE))
     raw = dataset.pixel_array.astype(float)
     expected = np.clip(np.rint((raw - (450 - 395)) / 790 * 255), 0, 255)
     assert np.array_equal(np.asarray(overlay.convert("L")), expected.astype(np.uint8))
