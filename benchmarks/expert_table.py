@@ -26,8 +26,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from medeyes.agents.expert import make_expert
-from medeyes.agents.expert_config import EXPERT_MODES
+from medeyes.agents.expert.agent import make_expert
+from medeyes.agents.expert.config import EXPERT_MODES
 from medeyes.agents.random_agent import RandomAgent
 from medeyes.rollout import RolloutConfig, RolloutSummary, run_rollout, summarize
 from medeyes.trajectories import TrajectoryStore
@@ -100,7 +100,7 @@ def main() -> None:
             options = {"base_url": args.vlm_url} if oracle == "vlm" else {}
             agent = make_expert(oracle, mode, seed=args.seed)
             if options:
-                from medeyes.agents.oracles import make_oracle
+                from medeyes.agents.expert.oracles.factory import make_oracle
 
                 agent.oracle = make_oracle("vlm", **options)
             summary = cell(agent, source, args.n, 1 if mode == "greedy" else args.samples, args.seed)

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def expert_episodes(processor: Any, n_cases: int, max_steps: int) -> list[Any]:
     """Real GRN + CVS trajectories on phantom train cases, tokenised exactly as the SFT stage does."""
-    from medeyes.agents.expert import ExpertAgent
-    from medeyes.agents.expert_config import ExpertConfig
+    from medeyes.agents.expert.agent import ExpertAgent
+    from medeyes.agents.expert.config import ExpertConfig
     from medeyes.memory_store import MemoryStore
     from medeyes.models.episodes import tokenize_record
     from medeyes.rollout import RolloutConfig, run_rollout
@@ -144,8 +144,8 @@ def generation_throughput(model: Any, processor: Any, args: argparse.Namespace) 
     """``generate`` new tokens/s on phantom overview prompts, exactly ``--gen-tokens`` new tokens per row."""
     import torch
 
+    from medeyes.agents.backends.transformers import TransformersBackend
     from medeyes.agents.policy import SamplingConfig
-    from medeyes.agents.transformers_backend import TransformersBackend
     from medeyes_env.env import EnvConfig, MedEyesEnv
 
     backend = TransformersBackend(model, processor, device=args.device)

@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from medeyes.agents.oracles import make_oracle
+from medeyes.agents.expert.oracles.factory import make_oracle
 from medeyes_env.rewards import box_iou
 from medeyes_env.sources import open_source
 

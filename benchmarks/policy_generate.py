@@ -52,8 +52,8 @@ def measure(model_name: str, batches: list[int], tokens: int, repeats: int, thre
     if threads > 0:
         torch.set_num_threads(threads)
 
+    from medeyes.agents.backends.transformers import TransformersBackend
     from medeyes.agents.policy import SamplingConfig
-    from medeyes.agents.transformers_backend import TransformersBackend
 
     backend = TransformersBackend.from_pretrained(model_name)
     sampling = SamplingConfig(temperature=1.0, seed=0, max_new_tokens=tokens, stop=[])

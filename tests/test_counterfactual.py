@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medeyes.agents.base import EpisodeContext, TurnOutput
-from medeyes.agents.expert import make_expert
+from medeyes.agents.expert.agent import make_expert
 from medeyes.agents.random_agent import RandomAgent
 from medeyes.cli.app import app
 from medeyes.evaluation.counterfactual import (

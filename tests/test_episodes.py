@@ -10,11 +10,11 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from medeyes.agents.backends.transformers import TransformersBackend  # noqa: E402
 from medeyes.agents.base import EpisodeContext  # noqa: E402
-from medeyes.agents.expert import ExpertAgent  # noqa: E402
-from medeyes.agents.expert_config import ExpertConfig  # noqa: E402
+from medeyes.agents.expert.agent import ExpertAgent  # noqa: E402
+from medeyes.agents.expert.config import ExpertConfig  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig  # noqa: E402
-from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
 from medeyes.models.episodes import (  # noqa: E402
     TurnTokens,

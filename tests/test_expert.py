@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from medeyes.agents.base import Agent, EpisodeContext
-from medeyes.agents.expert import ExpertAgent, make_expert, nucleus_choice, sub_regions
-from medeyes.agents.expert_answers import question_family
-from medeyes.agents.expert_config import ExpertConfig
-from medeyes.agents.oracles import ScoredRegion
+from medeyes.agents.expert.agent import ExpertAgent, make_expert, nucleus_choice, sub_regions
+from medeyes.agents.expert.answers import question_family
+from medeyes.agents.expert.config import ExpertConfig
+from medeyes.agents.expert.oracles.base import ScoredRegion
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
 from medeyes_env.cases import Case, Region
 from medeyes_env.env import MedEyesEnv

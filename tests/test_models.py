@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+from medeyes.agents.backends.transformers import TransformersBackend  # noqa: E402
 from medeyes.agents.base import Agent, EpisodeContext  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop  # noqa: E402
-from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.cli.model import model_app  # noqa: E402
 from medeyes.models import (  # noqa: E402
     build_tiny_model,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medeyes.agents.expert import make_expert
+from medeyes.agents.expert.agent import make_expert
 from medeyes.agents.random_agent import RandomAgent
 from medeyes.rollout import RolloutConfig, producer_of, run_rollout, summarize
 from medeyes.trajectories import (

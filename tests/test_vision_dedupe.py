@@ -9,8 +9,8 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from medeyes.agents.backends.transformers import TransformersBackend  # noqa: E402
 from medeyes.agents.policy import SamplingConfig  # noqa: E402
-from medeyes.agents.transformers_backend import TransformersBackend  # noqa: E402
 from medeyes.models import ensure_tiny_model  # noqa: E402
 from medeyes.models.vision_dedupe import distinct_rows, shared_image_encoding, vision_tower  # noqa: E402
 
@@ -58,9 +58,11 @@ def test_greedy_turns_identical_with_and_without_dedupe(backend: TransformersBac
     for a, b in zip(plain, deduped, strict=True):
         assert a.token_ids == b.token_ids and a.text == b.text and a.logprobs == b.logprobs  # bitwise equal
     sampled = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=3)
-    backend.dedupe_images, backend.calls = False, 0  # call n samples with seed + n
+    backend.dedupe_images = False
+    backend.reset_calls()  # call n samples with seed + n
     plain = backend.generate(group_batch(), sampled)
-    backend.dedupe_images, backend.calls = True, 0
+    backend.dedupe_images = True
+    backend.reset_calls()
     assert [t.token_ids for t in backend.generate(group_batch(), sampled)] == [t.token_ids for t in plain]
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from vllm_helpers import build_vllm_model, conversations
 
+from medeyes.agents.backends.vllm import VLLMBackend, VLLMNotInstalledError
 from medeyes.agents.policy import SamplingConfig
-from medeyes.agents.vllm_backend import VLLMBackend, VLLMNotInstalledError
 from medeyes_env.errors import ConfigError
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -36,7 +36,7 @@ def test_missing_vllm_names_the_install_command(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VLLMBackend, object]]:
-    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.agents.backends.transformers import TransformersBackend
 
     model_dir = build_vllm_model(tmp_path_factory.mktemp("vllm-inproc") / "model")
     engine = VLLMBackend(model_dir, max_model_len=2048)

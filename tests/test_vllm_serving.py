@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from vllm_helpers import build_vllm_model, conversations
 
-from medeyes.agents.openai_backend import BackendError, OpenAIBackend, yes_probability
+from medeyes.agents.backends.openai import BackendError, OpenAIBackend, yes_probability
+from medeyes.agents.backends.vllm_server import INSTALL_HINT, VLLMServer, find_vllm_python
 from medeyes.agents.policy import SamplingConfig
-from medeyes.agents.vllm_server import INSTALL_HINT, VLLMServer, find_vllm_python
 
 pytestmark = [
     pytest.mark.vllm,
@@ -51,7 +51,7 @@ def openai_backend(server: VLLMServer) -> OpenAIBackend:
 
 @pytest.fixture(scope="module")
 def transformers_backend(model_dir: Path) -> object:
-    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.agents.backends.transformers import TransformersBackend
 
     return TransformersBackend.from_pretrained(str(model_dir))
 
@@ -141,9 +141,9 @@ def test_server_memory_is_measured(server: VLLMServer) -> None:
 def test_expert_with_the_vlm_oracle_plays_phantom_episodes_against_the_server(server: VLLMServer) -> None:
     # The live half of the VLM oracle: scan asks the served model for boxes, drill reads P("yes") from its
     # logprobs, and the GRN+CVS expert turns that into well-formed protocol turns through MedEyesEnv.
-    from medeyes.agents.expert import ExpertAgent
-    from medeyes.agents.expert_config import ExpertConfig
-    from medeyes.agents.oracles import VLMOracle, VLMOracleConfig
+    from medeyes.agents.expert.agent import ExpertAgent
+    from medeyes.agents.expert.config import ExpertConfig
+    from medeyes.agents.expert.oracles.vlm import VLMOracle, VLMOracleConfig
     from medeyes.rollout import RolloutConfig, run_rollout
 
     oracle = VLMOracle(

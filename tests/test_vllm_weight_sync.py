@@ -16,14 +16,14 @@ import pytest
 import torch
 from vllm_helpers import build_vllm_model, conversations
 
-from medeyes.agents.policy import SamplingConfig
-from medeyes.agents.vllm_weights import (
+from medeyes.agents.backends.vllm_weights import (
     VLLMVersionError,
     check_vllm_version,
     pack_weights,
     parse_version,
     unpack_weights,
 )
+from medeyes.agents.policy import SamplingConfig
 from medeyes_env.errors import ConfigError
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -76,7 +76,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def reference(model_dir: Path) -> Any:
-    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.agents.backends.transformers import TransformersBackend
 
     return TransformersBackend.from_pretrained(str(model_dir))
 
@@ -92,7 +92,7 @@ def perturbed_reference(reference: Any) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Iterator[Any]:
-    from medeyes.agents.vllm_backend import VLLMBackend
+    from medeyes.agents.backends.vllm import VLLMBackend
 
     backend = VLLMBackend(model_dir, max_model_len=2048, weight_sync=True)
     yield backend
@@ -118,9 +118,9 @@ def test_in_process_sync_matches_transformers_on_perturbed_weights(engine: Any, 
 def test_server_sync_matches_transformers_and_plain_server_fails_closed(
     model_dir: Path, reference: Any, tmp_path: Path
 ) -> None:
-    from medeyes.agents.openai_backend import OpenAIBackend
-    from medeyes.agents.vllm_server import VLLMServer
-    from medeyes.agents.vllm_weights import check_server_reload, sync_server
+    from medeyes.agents.backends.openai import OpenAIBackend
+    from medeyes.agents.backends.vllm_server import VLLMServer
+    from medeyes.agents.backends.vllm_weights import check_server_reload, sync_server
 
     with VLLMServer(model_dir, max_model_len=2048, dev_mode=True) as server:
         assert check_server_reload(server.base_url) == "0.32.0"

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medeyes.agents.vllm_server import vllm_cpu_preset
+from medeyes.agents.backends.vllm_server import vllm_cpu_preset
 from medeyes.models import build_tiny_model
 
 

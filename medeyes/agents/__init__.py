@@ -1,5 +1,14 @@
-"""Agents that play MedEyesEnv: the expert (GRN + CVS over a region oracle) and VLM policies."""
+"""Agents that play MedEyesEnv.
 
-from medeyes.agents.base import Agent, EpisodeContext, TurnOutput
+Import the pieces from their modules:
 
-__all__ = ["Agent", "EpisodeContext", "TurnOutput"]
+- :mod:`medeyes.agents.base`: the one interface every agent implements (``Agent``), what it sees each turn
+  (``EpisodeContext``) and what it returns (``TurnOutput``);
+- :mod:`medeyes.agents.policy`: ``PolicyAgent`` over any ``GenerationBackend``, ``SamplingConfig``;
+- :mod:`medeyes.agents.random_agent`: ``RandomAgent``, a protocol-valid baseline;
+- :mod:`medeyes.agents.expert`: the expert (GRN + CVS over a region oracle), its answers and its narration;
+- :mod:`medeyes.agents.backends`: who generates a policy's turns (transformers, an OpenAI-compatible server,
+  vLLM in process, the vLLM server and its weight sync).
+
+Imports run one way: expert -> backends (the VLM oracle asks a server) -> policy -> base.
+"""

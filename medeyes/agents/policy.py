@@ -3,7 +3,7 @@
 A backend turns a batch of OpenAI-format conversations (``{"role", "content"}`` with content lists of
 ``{"type": "text", "text"}`` and ``{"type": "image", "image": PIL.Image}``) into one :class:`TurnOutput` per
 conversation: the text, the generated token ids exactly as sampled, their log-probabilities and a finish
-reason. Backends: :class:`medeyes.agents.transformers_backend.TransformersBackend` (local ``transformers``),
+reason. Backends: :class:`medeyes.agents.backends.transformers.TransformersBackend` (local ``transformers``),
 and the OpenAI-server and in-process vLLM backends (``openai_backend``, ``vllm_backend``).
 
 Contract every backend keeps (so rollouts, the trainer and the trajectory store can rely on it):

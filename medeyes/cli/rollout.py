@@ -69,8 +69,8 @@ def _parse_value(text: str) -> Any:
 
 
 def _expert_factory(spec: AgentSpec) -> Agent:
-    from medeyes.agents.expert import make_expert
-    from medeyes.agents.expert_config import ExpertConfig
+    from medeyes.agents.expert.agent import make_expert
+    from medeyes.agents.expert.config import ExpertConfig
 
     expert_fields = set(ExpertConfig.model_fields)
     expert_options = {k: _parse_value(v) for k, v in spec.options.items() if k in expert_fields}
@@ -83,7 +83,7 @@ def _expert_factory(spec: AgentSpec) -> Agent:
             f"unknown --agent-opt for the expert: {', '.join(sorted(unknown))}; expert fields are "
             f"{', '.join(sorted(expert_fields))}, oracle fields go as oracle.NAME=VALUE"
         )
-    from medeyes.agents.oracles import make_oracle
+    from medeyes.agents.expert.oracles.factory import make_oracle
 
     expert = make_expert(spec.oracle, spec.mode, seed=spec.seed, **expert_options)
     if oracle_options:
@@ -102,7 +102,7 @@ def _random_factory(spec: AgentSpec) -> Agent:
 
 
 def _policy_factory(spec: AgentSpec) -> Agent:
-    from medeyes.agents.backends import make_backend
+    from medeyes.agents.backends.factory import make_backend
     from medeyes.agents.policy import PolicyAgent, SamplingConfig
 
     backend = make_backend(

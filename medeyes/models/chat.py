@@ -1,6 +1,6 @@
 """What every model backend and the trainer read off a chat conversation and its template, torch-free.
 
-Generation (:mod:`medeyes.agents.transformers_backend`, :mod:`medeyes.agents.vllm_backend`), episode
+Generation (:mod:`medeyes.agents.backends.transformers`, :mod:`medeyes.agents.backends.vllm`), episode
 tokenisation (:mod:`medeyes.models.episodes`) and the OpenRLHF formatter all need the same three facts, and
 when each computed its own they could disagree:
 

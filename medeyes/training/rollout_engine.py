@@ -3,15 +3,15 @@
 ``grpo.rollout_backend`` picks one (:func:`make_rollout_engine`):
 
 - ``transformers`` (default): the trainer's own :class:`~medeyes.agents.policy.PolicyAgent`; nothing to sync.
-- ``vllm``: an in-process ``vllm.LLM`` (:class:`~medeyes.agents.vllm_backend.VLLMBackend`, engine core in a
+- ``vllm``: an in-process ``vllm.LLM`` (:class:`~medeyes.agents.backends.vllm.VLLMBackend`, engine core in a
   process vLLM spawns) colocated with training. Before each step's rollouts the policy's current weights are
-  loaded into it (:func:`~medeyes.agents.vllm_weights.sync_llm`), so it samples from the weights of the last
+  loaded into it (:func:`~medeyes.agents.backends.vllm_weights.sync_llm`), so it samples from the weights of the last
   optimizer step. Where the platform has sleep mode (``grpo.vllm.sleep``) it sleeps through the update.
-- ``vllm-server``: a ``vllm serve`` on this machine (:class:`~medeyes.agents.vllm_server.VLLMServer`, dev
-  mode, loopback only), asked through :class:`~medeyes.agents.openai_backend.OpenAIBackend` with the server's
+- ``vllm-server``: a ``vllm serve`` on this machine (:class:`~medeyes.agents.backends.vllm_server.VLLMServer`, dev
+  mode, loopback only), asked through :class:`~medeyes.agents.backends.openai.OpenAIBackend` with the server's
   per-run key; weights go through a directory and the server's reload endpoint
-  (:func:`~medeyes.agents.vllm_weights.sync_server`), each sync only after
-  :meth:`~medeyes.agents.vllm_server.VLLMServer.verify` found the server this run started still answering;
+  (:func:`~medeyes.agents.backends.vllm_weights.sync_server`), each sync only after
+  :meth:`~medeyes.agents.backends.vllm_server.VLLMServer.verify` found the server this run started still answering;
   a server that cannot reload stops the run before its first step.
 
 Every engine returns the same :class:`~medeyes.agents.base.TurnOutput` (sampled token ids, behaviour
@@ -92,7 +92,7 @@ class VLLMEngine(_SyncedEngine):
     name = "vllm"
 
     def __init__(self, backend: Any, sampling: SamplingConfig, sleep: bool, dtype: torch.dtype | None) -> None:
-        """Wrap a :class:`~medeyes.agents.vllm_backend.VLLMBackend` built with ``weight_sync=True``."""
+        """Wrap a :class:`~medeyes.agents.backends.vllm.VLLMBackend` built with ``weight_sync=True``."""
         super().__init__(PolicyAgent(backend, sampling, name="policy"))
         self.backend = backend
         self.sleep = sleep
@@ -124,13 +124,13 @@ class VLLMServerEngine(_SyncedEngine):
     name = "vllm-server"
 
     def __init__(self, server: Any, backend: Any, sampling: SamplingConfig, weights_dir: Path) -> None:
-        """Use a started dev-mode :class:`~medeyes.agents.vllm_server.VLLMServer` through ``backend``."""
+        """Use a started dev-mode :class:`~medeyes.agents.backends.vllm_server.VLLMServer` through ``backend``."""
         super().__init__(PolicyAgent(backend, sampling, name="policy"))
         self.server = server
         self.weights_dir = weights_dir
 
     def _sync(self, model: torch.nn.Module) -> int:
-        from medeyes.agents.vllm_weights import sync_server
+        from medeyes.agents.backends.vllm_weights import sync_server
 
         self.server.verify()  # the weights go to the server this run started, or nowhere
         return sync_server(self.server.base_url, model, self.weights_dir)
@@ -186,13 +186,13 @@ def make_rollout_engine(config: Any, policy: PolicyAgent, train_dtype: str, star
     from medeyes.models import resolve_model_path
 
     model_path = resolve_model_path(config.model)[0]
-    from medeyes.agents.vllm_weights import check_vllm_version
+    from medeyes.agents.backends.vllm_weights import check_vllm_version
 
     check_vllm_version(vllm.__version__, sys.executable)
     dtype_name = g.vllm.dtype or train_dtype
     sampling = config.sampling
     if g.rollout_backend == "vllm":
-        from medeyes.agents.vllm_backend import VLLMBackend
+        from medeyes.agents.backends.vllm import VLLMBackend
 
         probe_sleep = g.vllm.sleep != "off"
         from vllm.platforms import current_platform
@@ -215,9 +215,9 @@ def make_rollout_engine(config: Any, policy: PolicyAgent, train_dtype: str, star
 
 
 def _server_engine(config: Any, model_path: str, dtype_name: str) -> VLLMServerEngine:
-    from medeyes.agents.openai_backend import OpenAIBackend
-    from medeyes.agents.vllm_server import VLLMServer
-    from medeyes.agents.vllm_weights import check_server_reload
+    from medeyes.agents.backends.openai import OpenAIBackend
+    from medeyes.agents.backends.vllm_server import VLLMServer
+    from medeyes.agents.backends.vllm_weights import check_server_reload
 
     g = config.grpo
     if g.vllm.sleep == "on":
@@ -237,7 +237,7 @@ def _server_engine(config: Any, model_path: str, dtype_name: str) -> VLLMServerE
     server.start()
     try:
         check_server_reload(server.base_url)
-        from medeyes.agents.vllm_backend import placeholder_token_ids
+        from medeyes.agents.backends.vllm import placeholder_token_ids
         from medeyes.models import load_processor
 
         suppress = tuple(placeholder_token_ids(load_processor(model_path)))

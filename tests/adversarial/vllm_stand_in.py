@@ -1,7 +1,7 @@
 """A stand-in for ``vllm serve`` (no vLLM here): the routes and the API-key rule the trainer relies on.
 
 Run as ``python vllm_stand_in.py -m vllm.entrypoints.openai.api_server --host H --port P ...`` (the command line
-:class:`~medeyes.agents.vllm_server.VLLMServer` builds, with this script in the place of the module). Like vLLM
+:class:`~medeyes.agents.backends.vllm_server.VLLMServer` builds, with this script in the place of the module). Like vLLM
 0.32 (``vllm/entrypoints/serve/middleware/authenticate.py``), ``VLLM_API_KEY`` guards only the paths under
 ``/v1`` (401 ``{"error": "Unauthorized"}`` without the key), and ``/collective_rpc`` with the cache resets
 exist only with ``VLLM_SERVER_DEV_MODE=1``. ``STAND_IN_ANY_KEY=1`` makes it a server that wants a key but

@@ -56,13 +56,13 @@ def make_backend(
     if backend != "openai" and (base_url is not None or api_key is not None):
         raise ConfigError(f"--base-url and --api-key apply to the openai backend, not {backend!r}")
     if backend == "openai":
-        from medeyes.agents.openai_backend import OpenAIBackend
+        from medeyes.agents.backends.openai import OpenAIBackend
 
         return OpenAIBackend(base_url or DEFAULT_BASE_URL, model, api_key=api_key, timeout_s=timeout_s, **options)
     if backend == "vllm":
-        from medeyes.agents.vllm_backend import VLLMBackend
+        from medeyes.agents.backends.vllm import VLLMBackend
 
         return VLLMBackend(model or "tiny", **({"dtype": dtype} if dtype else {}), **options)
-    from medeyes.agents.transformers_backend import TransformersBackend
+    from medeyes.agents.backends.transformers import TransformersBackend
 
     return TransformersBackend.from_pretrained(model or "tiny", device=device, dtype=dtype, **options)

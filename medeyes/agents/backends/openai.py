@@ -3,7 +3,7 @@
 :class:`OpenAIBackend` keeps the :class:`~medeyes.agents.policy.GenerationBackend` contract of
 :mod:`medeyes.agents.policy` with nothing but the standard library (``urllib.request`` and a thread pool,
 one request per conversation of a batch, so the server batches them itself); a loopback server is reached
-without any proxy (:mod:`medeyes.agents.http_client`).
+without any proxy (:mod:`medeyes.agents.backends.http_client`).
 
 Request, per conversation: ``POST {base_url}/chat/completions`` with the messages (PIL images become PNG
 ``data:`` URLs, converted to RGB like the local backend does), ``max_tokens``, ``temperature``, ``top_p``,
@@ -21,7 +21,7 @@ the first generated token carries a space). ``content_separator=None`` detects i
 
 Seeds: call ``n`` (counted from 0) with base seed ``s`` sends conversation ``i`` the seed
 ``(s + n) * 1_000_003 + i`` (mod 2^31), so the rollouts of one prompt differ and each is reproducible
-whatever the server batched it with.
+whatever the server batched it with (:mod:`medeyes.agents.backends.seeds`).
 
 Log-probabilities: vLLM returns what its ``--logprobs-mode`` says (default ``raw_logprobs``, which is
 ``SamplingConfig.logprobs_mode="raw"``); the mode is a server setting, so a request whose mode differs from
@@ -41,7 +41,6 @@ import http.client
 import io
 import json
 import math
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,12 +49,12 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from medeyes.agents.backends.http_client import open_url
+from medeyes.agents.backends.seeds import SeededCalls, request_seed
 from medeyes.agents.base import TurnOutput
-from medeyes.agents.http_client import open_url
 from medeyes.agents.policy import SamplingConfig, truncate_at_stop
 from medeyes_env.errors import ConfigError, MedEyesError
 
-_SEED_STRIDE = 1_000_003
 _SEPARATOR_PROBE = "MEDEYESPROBE"
 
 
@@ -78,18 +77,6 @@ class ServerHTTPError(BackendError):
 
 class ServerResponseError(BackendError):
     """The server answered 200 with something that is not a chat completion (junk JSON, missing fields)."""
-
-
-def request_seed(seed: int | None, call: int, index: int) -> int | None:
-    """The seed of conversation ``index`` in call ``call`` of a backend whose sampling base seed is ``seed``.
-
-    Distinct per conversation (the rollouts of one prompt differ), reproducible whatever the server batches a
-    request with, and the same for every vLLM backend.
-
-    >>> request_seed(3, 0, 0), request_seed(3, 0, 1), request_seed(3, 1, 0), request_seed(None, 5, 5)
-    (3000009, 3000010, 4000012, None)
-    """
-    return None if seed is None else ((seed + call) * _SEED_STRIDE + index) % 2**31
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -147,7 +134,7 @@ def _token_id(entry: dict[str, Any]) -> int | None:
     return None
 
 
-class OpenAIBackend:
+class OpenAIBackend(SeededCalls):
     """Generate policy turns through an OpenAI-compatible ``/v1/chat/completions`` endpoint (module docstring)."""
 
     def __init__(
@@ -200,8 +187,7 @@ class OpenAIBackend:
         self._separator = content_separator
         self.server_logprobs_mode = server_logprobs_mode
         self.suppress_token_ids = tuple(suppress_token_ids)
-        self.calls = 0
-        self._lock = threading.Lock()
+        super().__init__()  # the call counter the seeds come from
 
     # ------------------------------------------------------------------------------------------- HTTP
 
@@ -353,9 +339,7 @@ class OpenAIBackend:
             )
         if not batch_messages:
             return []
-        with self._lock:
-            call = self.calls
-            self.calls += 1
+        call = self.next_call()
         separator = self.content_separator  # detect once, before the threads start
         seeds = [request_seed(sampling.seed, call, i) for i in range(len(batch_messages))]
         payloads = [self._payload(m, sampling, s) for m, s in zip(batch_messages, seeds, strict=True)]

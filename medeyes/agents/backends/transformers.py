@@ -56,6 +56,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from medeyes.agents.backends.seeds import SeededCalls
 from medeyes.agents.base import TurnOutput
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop
 from medeyes.models.chat import content_separator, content_text, conversation_images
@@ -124,7 +125,7 @@ class _GatherAndStop(StoppingCriteria):
         return done
 
 
-class TransformersBackend:
+class TransformersBackend(SeededCalls):
     """Generate policy turns with a local ``transformers`` vision-language model (see the module docstring)."""
 
     def __init__(
@@ -155,7 +156,7 @@ class TransformersBackend:
         placeholders = (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
         self.suppressed_token_ids = sorted({int(i) for i in placeholders if isinstance(i, int)})
         self.dedupe_images = dedupe_images
-        self.calls = 0
+        super().__init__()  # the call counter the seeds come from
         self.accepts_turn_token_ids = True  # PolicyAgent passes each episode's sampled ids (generate's docstring)
         self.content_separator = content_separator(processor)
         self._may_finish: dict[tuple[str, ...], torch.Tensor] = {}
@@ -307,11 +308,11 @@ class TransformersBackend:
             record, self.tokenizer, sampling.stop, prompt_len, batch, self._stop_filter(list(sampling.stop))
         )
 
-        self.calls += 1
+        call = self.next_call()
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         with rng, shared_image_encoding(self.model, self.dedupe_images):
             if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + self.calls - 1)
+                torch.manual_seed(sampling.seed + call)
             out = self.model.generate(
                 **inputs,
                 generation_config=self._generation_config(sampling),

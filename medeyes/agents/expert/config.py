@@ -7,7 +7,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 ExpertMode = Literal["full", "scan_only", "drill_only", "greedy", "random"]
-"""``full`` (GRN + CVS), and the ablations of :mod:`medeyes.agents.expert`'s module docstring."""
+"""``full`` (GRN + CVS), and the ablations of :mod:`medeyes.agents.expert.agent`'s module docstring."""
 
 EXPERT_MODES: tuple[str, ...] = get_args(ExpertMode)
 """The modes as a tuple, for choices and "did you mean" hints (derived from :data:`ExpertMode`)."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from medeyes.agents.expert_answers import position_words
+from medeyes.agents.expert.answers import position_words
 from medeyes_env.cases import Box
 from medeyes_env.protocol import format_box
 

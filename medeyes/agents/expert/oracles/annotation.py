@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from medeyes.agents.oracles.base import ScoredRegion, _clip01, _rng
+from medeyes.agents.expert.oracles.base import ScoredRegion, clip01, rng_or_default
 from medeyes_env.cases import AnswerType, Box, Case
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import box_iou, normalize_answer
@@ -134,31 +134,31 @@ class AnnotationOracle:
         rng: np.random.Generator | None = None,
     ) -> list[ScoredRegion]:
         """Noisy gold boxes (some missed) and plausible distractors, with informative confidences."""
-        case, rng, cfg = self._need_case(case), _rng(rng), self.config
+        case, rng, cfg = self._need_case(case), rng_or_default(rng), self.config
         size = image.size
         found: list[ScoredRegion] = []
         for region in case.regions:
             if rng.random() < cfg.miss_rate:
                 continue
             box, extent = self._jitter(region.box, size, rng)
-            confidence = _clip01(rng.normal(cfg.scan_true, cfg.scan_noise))
+            confidence = clip01(rng.normal(cfg.scan_true, cfg.scan_noise))
             found.append(ScoredRegion(box, confidence, region.label, extent))
         for lookalike in case.lookalikes if cfg.lookalikes == "like_gold" else ():
             if rng.random() < cfg.miss_rate:
                 continue
             box, extent = self._jitter(lookalike.box, size, rng)
-            found.append(ScoredRegion(box, _clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
+            found.append(ScoredRegion(box, clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
         objects = [r.box for r in (*case.regions, *case.lookalikes)]
         for box in mirrored_boxes(objects, size[0]) if cfg.bilateral else ():
             if rng.random() < cfg.miss_rate:
                 continue
             box, extent = self._jitter(box, size, rng)
-            found.append(ScoredRegion(box, _clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
+            found.append(ScoredRegion(box, clip01(rng.normal(cfg.scan_true, cfg.scan_noise)), None, extent))
         for site in self._distractor_sites(image, case):
             if rng.random() < cfg.miss_rate:
                 continue
             box, extent = self._jitter(site, size, rng)
-            confidence = _clip01(rng.normal(cfg.scan_false, cfg.scan_noise))
+            confidence = clip01(rng.normal(cfg.scan_false, cfg.scan_noise))
             found.append(ScoredRegion(box, confidence, None, extent))
         found.sort(key=lambda r: -r.confidence)
         return found
@@ -196,10 +196,10 @@ class AnnotationOracle:
         rng: np.random.Generator | None = None,
     ) -> float:
         """``drill_false + (drill_true - drill_false) * quality`` plus noise; quality from :func:`match_quality`."""
-        case, rng, cfg = self._need_case(case), _rng(rng), self.config
+        case, rng, cfg = self._need_case(case), rng_or_default(rng), self.config
         quality = max((match_quality(box, r.box, cfg.loose_penalty) for r in case.regions), default=0.0)
         mean = cfg.drill_false + (cfg.drill_true - cfg.drill_false) * quality
-        return _clip01(rng.normal(mean, cfg.drill_noise)) if cfg.drill_noise > 0 else _clip01(mean)
+        return clip01(rng.normal(mean, cfg.drill_noise)) if cfg.drill_noise > 0 else clip01(mean)
 
     def read(
         self,
@@ -212,7 +212,7 @@ class AnnotationOracle:
         rng: np.random.Generator | None = None,
     ) -> str | None:
         """The gold answer with probability ``fact_accuracy``, else a wrong option (or None for open questions)."""
-        case, rng = self._need_case(case), _rng(rng)
+        case, rng = self._need_case(case), rng_or_default(rng)
         if rng.random() < self.config.fact_accuracy:
             return case.answer
         wrong = [o for o in options if normalize_answer(o) != normalize_answer(case.answer)]

@@ -76,9 +76,15 @@ class RegionOracle(Protocol):
         ...
 
 
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
+def rng_or_default(rng: np.random.Generator | None) -> np.random.Generator:
+    """``rng``, or a generator seeded with 0 when the caller gave none (so a call without ``rng`` is repeatable)."""
     return rng if rng is not None else np.random.default_rng(0)
 
 
-def _clip01(value: float) -> float:
+def clip01(value: float) -> float:
+    """``value`` clipped to [0, 1], as a Python float (a confidence).
+
+    >>> clip01(1.5), clip01(-0.2), clip01(0.25)
+    (1.0, 0.0, 0.25)
+    """
     return float(min(1.0, max(0.0, value)))

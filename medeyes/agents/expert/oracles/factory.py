@@ -1,58 +1,17 @@
-"""Region oracles: what the expert asks before it moves its gaze (METHOD.md section 3).
-
-One small protocol, :class:`RegionOracle`, with the two calls of the paper's GRN:
-
-- ``scan(image, question) -> [ScoredRegion(box, confidence), ...]``: "Please locate all abnormal regions";
-- ``drill(image, box, question) -> confidence``: "Is any abnormality in this region?"
-
-and an optional third, ``read(image, question, options, focus) -> str | None``, for facts that
-regions cannot tell (the imaging modality, say); an oracle that cannot read returns ``None``.
-
-Three implementations:
-
-- :class:`AnnotationOracle`: the case's gold regions seen through calibrated noise, plus plausible
-  distractor regions inside the anatomy. Needs labels; the only oracle that sees ``case``.
-- :class:`ImageOracle`: no labels. A classical blob detector (scale-normalised determinant of the
-  Hessian over a few scales, FFT Gaussian filtering, robust z-scores against the image's own
-  background) with confidence from the score; the drill re-measures the region at full resolution
-  and checks that the blob is solid (a filled nodule, not a ring such as a vessel seen end-on).
-- :class:`VLMOracle`: any OpenAI-compatible chat endpoint (``vllm serve``): boxes as JSON for a scan,
-  the probability of "yes" from the first token's log-probabilities for a drill.
-
-Every call takes ``case`` and ``rng`` keywords: the annotation oracle reads ``case`` and draws its
-noise from ``rng`` (so one seed gives one trajectory); the others ignore what they do not need.
-"""
+"""Build a region oracle by name (``annotation``, ``perfect``, ``image``, ``vlm``): the one place names meet classes."""
 
 from __future__ import annotations
 
 import difflib
 from typing import Any, Literal
 
-from medeyes.agents.oracles.annotation import AnnotationOracle, AnnotationOracleConfig, match_quality
-from medeyes.agents.oracles.base import OracleError, RegionOracle, ScoredRegion
-from medeyes.agents.oracles.image import ImageOracle, ImageOracleConfig, contrast_maps
-from medeyes.agents.oracles.vlm import VLMOracle, VLMOracleConfig, fit_image, parse_regions, user_message
+from medeyes.agents.expert.oracles.annotation import AnnotationOracle, AnnotationOracleConfig
+from medeyes.agents.expert.oracles.base import RegionOracle
+from medeyes.agents.expert.oracles.image import ImageOracle, ImageOracleConfig
+from medeyes.agents.expert.oracles.vlm import VLMOracle, VLMOracleConfig
 from medeyes_env.errors import ConfigError
 
-__all__ = [
-    "ORACLES",
-    "AnnotationOracle",
-    "AnnotationOracleConfig",
-    "ImageOracle",
-    "ImageOracleConfig",
-    "OracleError",
-    "OracleName",
-    "RegionOracle",
-    "ScoredRegion",
-    "VLMOracle",
-    "VLMOracleConfig",
-    "contrast_maps",
-    "fit_image",
-    "make_oracle",
-    "match_quality",
-    "parse_regions",
-    "user_message",
-]
+__all__ = ["ORACLES", "OracleName", "make_oracle"]
 
 OracleName = Literal["annotation", "perfect", "image", "vlm"]
 ORACLES: tuple[str, ...] = ("annotation", "perfect", "image", "vlm")

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from medeyes.agents.oracles.base import ScoredRegion, _clip01
+from medeyes.agents.expert.oracles.base import ScoredRegion, clip01
 from medeyes_env.cases import Box, Case
 from medeyes_env.rewards import box_iou
 from medeyes_env.views import clamp_box, expand_to_min_side
@@ -254,7 +254,7 @@ class ImageOracle:
             cy, cx = int((yy + by1 + 0.5) * sy), int((xx + bx1 + 0.5) * sx)
             solidity = _solidity(full, cy, cx, radii[scale] * factor)
             confidence *= 1.0 - cfg.solidity_weight * (1.0 - solidity)
-        return _clip01(confidence)
+        return clip01(confidence)
 
     def read(
         self,
@@ -305,4 +305,4 @@ def _solidity(gray: np.ndarray, cy: int, cx: int, radius: float) -> float:
     centre_contrast = float(np.mean(centre)) - background
     if abs(rim_contrast) < 1e-6:
         return 1.0
-    return _clip01(centre_contrast / rim_contrast)
+    return clip01(centre_contrast / rim_contrast)

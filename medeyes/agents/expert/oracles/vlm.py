@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medeyes.agents.oracles.base import ScoredRegion, _clip01
+from medeyes.agents.expert.oracles.base import ScoredRegion, clip01
 from medeyes_env.cases import Box, Case
 from medeyes_env.views import clamp_box
 
@@ -132,7 +132,7 @@ def _regions_from(
             raw_box = item.get("box", item.get("bbox", item.get("bbox_2d")))
             raw_conf = item.get("confidence", item.get("score"))
             if isinstance(raw_conf, (int, float)) and not isinstance(raw_conf, bool) and math.isfinite(raw_conf):
-                confidence = _clip01(float(raw_conf))
+                confidence = clip01(float(raw_conf))
             label = item.get("label") if isinstance(item.get("label"), str) else None
         elif isinstance(item, list):
             raw_box = item
@@ -155,14 +155,14 @@ class VLMOracle:
     """A region oracle behind any OpenAI-compatible chat endpoint, through :class:`OpenAIBackend`.
 
     scan: one greedy generation of JSON boxes on the whole image (scaled to ``image_side``);
-    drill: :func:`~medeyes.agents.openai_backend.yes_probability` on the region's full-resolution crop;
+    drill: :func:`~medeyes.agents.backends.openai.yes_probability` on the region's full-resolution crop;
     read: one short greedy generation of the question itself.
     """
 
     name = "vlm"
 
     def __init__(self, config: VLMOracleConfig | None = None, backend: Any | None = None) -> None:
-        from medeyes.agents.openai_backend import OpenAIBackend
+        from medeyes.agents.backends.openai import OpenAIBackend
 
         self.config = config or VLMOracleConfig()
         cfg = self.config
@@ -223,7 +223,7 @@ class VLMOracle:
         rng: np.random.Generator | None = None,
     ) -> float:
         """P("yes") to "Is any abnormality in this region?" on the full-resolution crop."""
-        from medeyes.agents.openai_backend import yes_probability
+        from medeyes.agents.backends.openai import yes_probability
 
         messages = self.drill_messages(image, box, question)
         return float(yes_probability(self.backend, messages, top_logprobs=self.config.top_logprobs))
