@@ -13,8 +13,7 @@ from medeyes.trajectories import read_records
 pytest.importorskip("torch")
 
 
-def test_policy_rollout_with_the_transformers_backend_records_tokens_and_logprobs(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path / "cache"))
+def test_policy_rollout_with_the_transformers_backend_records_tokens_and_logprobs(tmp_path, tiny_cache):
     out = tmp_path / "run"
     result = CliRunner().invoke(
         app,
@@ -56,11 +55,10 @@ def test_policy_rollout_names_an_unknown_backend(tmp_path):
     assert "unknown backend 'vlm'; did you mean 'vllm'?" in result.output
 
 
-def test_rollout_plays_the_setting_a_training_config_names(tmp_path, monkeypatch):
+def test_rollout_plays_the_setting_a_training_config_names(tmp_path, tiny_cache):
     """--train-config: the data options and env of training (brief prompt, 256 px phantoms), not the defaults."""
     from medeyes.training.config import preset
 
-    monkeypatch.setenv("MEDEYES_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "train-run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(preset("tiny").to_yaml())

@@ -15,7 +15,7 @@ from medeyes.agents.base import EpisodeContext  # noqa: E402
 from medeyes.agents.expert.agent import ExpertAgent  # noqa: E402
 from medeyes.agents.expert.config import ExpertConfig  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig  # noqa: E402
-from medeyes.models import ensure_tiny_model, load_policy_model  # noqa: E402
+from medeyes.models import load_policy_model  # noqa: E402
 from medeyes.models.episodes import (  # noqa: E402
     TurnTokens,
     collate,
@@ -35,11 +35,8 @@ ENV = EnvConfig(max_steps=2, view_size=128)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("medeyes-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(cache))
-        yield {arch: load_policy_model(ensure_tiny_model(arch, "tiny")) for arch in ARCHS}
+def models(tiny_models):
+    return {arch: load_policy_model(tiny_models.path(arch)) for arch in ARCHS}
 
 
 def _case() -> Case:

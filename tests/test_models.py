@@ -49,23 +49,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    """Build both tiny models once into a private cache, so the aliases resolve there."""
-    cache = tmp_path_factory.mktemp("medeyes-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(cache))
-        paths = {arch: ensure_tiny_model(arch, "tiny") for arch in ARCHS}
-        yield paths
+def model_cache(tiny_models):
+    """Both tiny models, built once in the session's private cache (tests/conftest.py)."""
+    return {arch: tiny_models.path(arch) for arch in ARCHS}
 
 
 @pytest.fixture(scope="session")
 def loaded(model_cache):
     return {arch: load_policy_model(model_cache[arch]) for arch in ARCHS}
-
-
-@pytest.fixture
-def with_cache(model_cache, monkeypatch):
-    monkeypatch.setenv("MEDEYES_CACHE", str(next(iter(model_cache.values())).parent.parent))
 
 
 def picture(seed: int = 0, size: tuple[int, int] = (200, 160)) -> Image.Image:
@@ -158,7 +149,7 @@ def test_same_seed_builds_identical_weights(tmp_path):
         build_tiny_model("qwen2_5_vl", "tiny", out_dir=first)
 
 
-def test_ensure_builds_once_and_aliases_resolve_to_the_cache(model_cache, with_cache):
+def test_ensure_builds_once_and_aliases_resolve_to_the_cache(model_cache, tiny_cache):
     path = ensure_tiny_model("idefics3", "tiny")
     assert path == default_model_dir("idefics3", "tiny") == model_cache["idefics3"]
     mtime = (path / "model.safetensors").stat().st_mtime_ns

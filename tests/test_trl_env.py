@@ -107,16 +107,16 @@ def steering_bias(tokenizer) -> list:
 
 
 @pytest.mark.slow
-def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_the_loss(tmp_path):
+def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_the_loss(tmp_path, tiny_models):
     torch = pytest.importorskip("torch")
     trl = pytest.importorskip("trl", reason="needs the trl extra")
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText
 
-    from medeyes.models.factory import ensure_tiny_model, load_processor
+    from medeyes.models.factory import load_processor
 
+    path = tiny_models.path("qwen2_5_vl")  # built (if it is not yet) before the seed, so the run's draws are the same
     torch.manual_seed(0)
-    path = ensure_tiny_model("qwen2_5_vl", "tiny")
     processor = load_processor(str(path))
     # TRL's Qwen3-VL template renders tool calls and image tool responses; the tiny Qwen2.5-VL uses the same markers.
     processor.chat_template = (Path(trl.__file__).parent / "chat_templates" / "qwen3_vl.jinja").read_text()

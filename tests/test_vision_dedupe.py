@@ -11,16 +11,12 @@ pytest.importorskip("transformers")
 
 from medeyes.agents.backends.transformers import TransformersBackend  # noqa: E402
 from medeyes.agents.policy import SamplingConfig  # noqa: E402
-from medeyes.models import ensure_tiny_model  # noqa: E402
 from medeyes.models.vision_dedupe import distinct_rows, shared_image_encoding, vision_tower  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> TransformersBackend:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDEYES_CACHE", str(tmp_path_factory.mktemp("medeyes-cache")))
-        path = ensure_tiny_model("idefics3", "tiny")
-        return TransformersBackend.from_pretrained(str(path))
+def backend(tiny_models) -> TransformersBackend:
+    return TransformersBackend.from_pretrained(str(tiny_models.path("idefics3")))
 
 
 def image(seed: int) -> Image.Image:
