@@ -66,8 +66,8 @@ region computed on a 256-cell grid (within 4 px).
 
 Presets (``phantom:easy``, ``phantom`` = ``phantom:medium``, ``phantom:hard``)
 -----------------------------------------------------------------------------
-See :data:`PRESETS`: lesion radius, contrast, mimic count and noise. Any field
-of :class:`PhantomConfig` can be changed with ``PhantomSource(PhantomConfig(...))``.
+See :data:`~medeyes_env.sources.phantom.config.PRESETS`: lesion radius, contrast, mimic count and noise. Any field
+of :class:`~medeyes_env.sources.phantom.config.PhantomConfig` can be changed with ``PhantomSource(PhantomConfig(...))``.
 
 Seeding
 -------
