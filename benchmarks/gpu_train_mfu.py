@@ -202,7 +202,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from medeyes.models import build_tiny_model, load_policy_model
+    from medeyes.models.factory import build_tiny_model, load_policy_model
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no CUDA device; use --device cpu for a smoke run")

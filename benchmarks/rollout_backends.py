@@ -184,7 +184,7 @@ def main() -> None:
         return
 
     from medeyes.agents.backends.vllm_server import find_vllm_python, vllm_cpu_preset
-    from medeyes.models import build_tiny_model
+    from medeyes.models.factory import build_tiny_model
 
     preset = args.preset or vllm_cpu_preset()
     tmp = tempfile.TemporaryDirectory(prefix="medeyes-bench-")

@@ -212,7 +212,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = Path(tempfile.mkdtemp(prefix="medeyes-trl-"))
     os.environ["MEDEYES_CACHE"] = str(cache)
-    from medeyes.models import ensure_tiny_model
+    from medeyes.models.factory import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model("idefics3", "tiny"))
     rows = prompts(args.cases, args.data, json.loads(args.data_options))

@@ -418,8 +418,7 @@ def load_vlm(preset_overrides: dict[str, Any], seed: int) -> tuple[Any, Any]:
 def _load_vlm(preset_overrides: dict[str, Any], seed: int) -> tuple[Any, Any]:
     import torch
 
-    from medeyes.models import load_policy_model
-    from medeyes.models.factory import _build_idefics3
+    from medeyes.models.factory import build_idefics3, load_policy_model
     from medeyes.models.presets import get_preset
 
     torch.manual_seed(seed)
@@ -428,7 +427,7 @@ def _load_vlm(preset_overrides: dict[str, Any], seed: int) -> tuple[Any, Any]:
         return model.float(), processor
     spec = get_preset("idefics3", "tiny").model_copy(update=preset_overrides)
     spec = type(spec).model_validate(spec.model_dump())  # re-run the consistency checks
-    model, processor = _build_idefics3(spec)
+    model, processor = build_idefics3(spec)
     return model.float(), processor
 
 

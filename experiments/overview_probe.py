@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from medeyes.models import load_policy_model
+    from medeyes.models.factory import load_policy_model
     from medeyes_env.sources import open_cases
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ class TinyModels:
 
     def path(self, arch: str = "idefics3") -> Path:
         """The tiny ``arch`` model's directory (the default model is idefics3), built if it is not there yet."""
-        from medeyes.models import ensure_tiny_model
+        from medeyes.models.factory import ensure_tiny_model
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MEDEYES_CACHE", str(self.root))

@@ -15,7 +15,6 @@ from medeyes.agents.base import EpisodeContext  # noqa: E402
 from medeyes.agents.expert.agent import ExpertAgent  # noqa: E402
 from medeyes.agents.expert.config import ExpertConfig  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig  # noqa: E402
-from medeyes.models import load_policy_model  # noqa: E402
 from medeyes.models.episodes import (  # noqa: E402
     TurnTokens,
     collate,
@@ -23,6 +22,7 @@ from medeyes.models.episodes import (  # noqa: E402
     tokenize_episode,
     tokenize_record,
 )
+from medeyes.models.factory import load_policy_model  # noqa: E402
 from medeyes.rollout import RolloutConfig, run_rollout  # noqa: E402
 from medeyes.training.logprobs import sequence_logprobs_from_logits  # noqa: E402
 from medeyes.trajectories import TrajectoryStore  # noqa: E402

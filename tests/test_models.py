@@ -19,16 +19,16 @@ from medeyes.agents.backends.transformers import TransformersBackend  # noqa: E4
 from medeyes.agents.base import Agent, EpisodeContext  # noqa: E402
 from medeyes.agents.policy import PolicyAgent, SamplingConfig, truncate_at_stop  # noqa: E402
 from medeyes.cli.model import model_app  # noqa: E402
-from medeyes.models import (  # noqa: E402
+from medeyes.models.chat import conversation_images  # noqa: E402
+from medeyes.models.factory import (  # noqa: E402
+    MARKER_FILE,
     build_tiny_model,
     default_model_dir,
     ensure_tiny_model,
-    get_preset,
     load_policy_model,
     resolve_model_path,
 )
-from medeyes.models.chat import conversation_images  # noqa: E402
-from medeyes.models.factory import MARKER_FILE  # noqa: E402
+from medeyes.models.presets import get_preset  # noqa: E402
 from medeyes_env.cases import AnswerType, Case, Region  # noqa: E402
 from medeyes_env.env import MedEyesEnv  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402

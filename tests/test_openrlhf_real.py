@@ -32,7 +32,8 @@ STOOD_IN = install_stand_ins()  # before anything imports openrlhf
 import cloudpickle  # noqa: E402
 import torch  # noqa: E402
 
-from medeyes.models import ensure_tiny_model, load_processor  # noqa: E402
+from medeyes.models.factory import ensure_tiny_model  # noqa: E402
+from medeyes.models.processors import load_processor  # noqa: E402
 from medeyes.training.advantages import compute_advantages  # noqa: E402
 from medeyes.training.config import preset  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402

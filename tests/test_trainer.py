@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from medeyes.models import load_policy_model  # noqa: E402
+from medeyes.models.factory import load_policy_model  # noqa: E402
 from medeyes.training.config import TrainConfig, build_config, preset  # noqa: E402
 from medeyes.training.metrics import read_metrics  # noqa: E402
 from medeyes.training.schedule import learning_rate  # noqa: E402

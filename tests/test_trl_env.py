@@ -113,7 +113,7 @@ def test_grpo_trainer_runs_with_the_environment_factory_and_later_images_reach_t
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText
 
-    from medeyes.models.factory import load_processor
+    from medeyes.models.processors import load_processor
 
     path = tiny_models.path("qwen2_5_vl")  # built (if it is not yet) before the seed, so the run's draws are the same
     torch.manual_seed(0)

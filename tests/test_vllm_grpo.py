@@ -21,7 +21,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("backend", ["vllm", "vllm-server"])
 def test_grpo_with_vllm_rollouts_syncs_every_step(backend: str, tmp_path: Path, monkeypatch) -> None:
-    from medeyes.models import ensure_tiny_model
+    from medeyes.models.factory import ensure_tiny_model
     from medeyes.training.config import build_config, preset
     from medeyes.training.metrics import read_metrics
     from medeyes.training.trainer import train

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from medeyes.agents.backends.vllm_server import vllm_cpu_preset
-from medeyes.models import build_tiny_model
+from medeyes.models.factory import build_tiny_model
 
 
 def build_vllm_model(out_dir: Path) -> Path:

@@ -117,7 +117,7 @@ def inspect(
         for record in chosen:
             _details(record)
     if html is not None:
-        from medeyes.report import write_report
+        from medeyes.report.html import write_report
 
         write_report(chosen, html, store, title=f"MedEyes trajectories: {path.name}")
         console.print(

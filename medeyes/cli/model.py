@@ -53,7 +53,7 @@ def init(
     overwrite: Annotated[bool, typer.Option(help="Write into --out even if it is not empty.")] = False,
 ) -> None:
     """Build a random-weight model with its processor, tokenizer and chat template, fully offline."""
-    from medeyes.models import build_tiny_model, ensure_tiny_model
+    from medeyes.models.factory import build_tiny_model, ensure_tiny_model
 
     if out is None:
         path = ensure_tiny_model(arch.value, preset.value)  # type: ignore[arg-type]
@@ -68,8 +68,7 @@ def model_info(name_or_path: str) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from medeyes.models import load_policy_model
-    from medeyes.models.factory import MARKER_FILE, resolve_model_path
+    from medeyes.models.factory import MARKER_FILE, load_policy_model, resolve_model_path
 
     path, _ = resolve_model_path(name_or_path)
     model, processor = load_policy_model(path)

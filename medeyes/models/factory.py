@@ -13,8 +13,9 @@ Gotchas met here (transformers 5.24, torch 2.13 CPU, no torchvision):
    backends; without torchvision use ``Idefics3ImageProcessorPil``/``Qwen2VLImageProcessorPil``. They save
    under the same ``image_processor_type`` and ``AutoImageProcessor`` picks the PIL backend when torchvision is
    missing, so the saved directory works on machines with and without it. transformers 5.15 (OpenRLHF 0.11.2's
-   pin) does neither without torchvision: its top-level PIL names and the Auto classes demand it. ``_pil_class``
-   imports the PIL classes from their own modules and ``load_processor`` assembles the processor from them.
+   pin) does neither without torchvision: its top-level PIL names and the Auto classes demand it.
+   ``pil_processor_class`` imports the PIL classes from their own modules and ``load_processor`` assembles the
+   processor from them.
 2. ``Qwen2_5_VLProcessor`` requires a ``video_processor`` argument (``None`` is a TypeError) and
    ``Qwen2VLVideoProcessor`` needs torchvision. We save the directory in the layout of the released
    Qwen2.5-VL checkpoints: ``processor_config.json`` naming ``Qwen2_5_VLProcessor``, the image processor's
@@ -48,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medeyes.models.presets import ARCHS, PRESET_NAMES, Arch, ModelPreset, get_preset
-from medeyes.models.processors import _image_only_qwen_processor_class, _pil_class, load_processor
+from medeyes.models.processors import image_only_qwen_processor_class, load_processor, pil_processor_class
 from medeyes.models.tokenizer import (
     IDEFICS3_SPECIAL_TOKENS,
     PROTOCOL_TAGS,
@@ -70,7 +71,6 @@ __all__ = [
     "default_model_dir",
     "ensure_tiny_model",
     "load_policy_model",
-    "load_processor",
     "model_aliases",
     "resolve_model_path",
 ]
@@ -130,11 +130,12 @@ def _fast_tokenizer(arch: Arch, preset: ModelPreset) -> Any:
 # --------------------------------------------------------------------------------------------- builders
 
 
-def _build_idefics3(preset: ModelPreset) -> tuple[Any, Any]:
+def build_idefics3(preset: ModelPreset) -> tuple[Any, Any]:
+    """A random-weight Idefics3 model and its processor at ``preset``'s size (gotchas 1, 3 and 4 above)."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
     tokenizer = _fast_tokenizer("idefics3", preset)
-    image_processor = _pil_class("Idefics3ImageProcessorPil")(
+    image_processor = pil_processor_class("Idefics3ImageProcessorPil")(
         do_image_splitting=False,
         size={"longest_edge": preset.image_size},
         max_image_size={"longest_edge": preset.image_size},
@@ -179,19 +180,18 @@ def _build_idefics3(preset: ModelPreset) -> tuple[Any, Any]:
     return model, processor
 
 
-def _build_qwen2_5_vl(preset: ModelPreset) -> tuple[Any, Any]:
+def build_qwen2_5_vl(preset: ModelPreset) -> tuple[Any, Any]:
+    """A random-weight Qwen2.5-VL model and its processor at ``preset``'s size (gotchas 1, 2 and 5 above)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = _fast_tokenizer("qwen2_5_vl", preset)
-    image_processor = _pil_class("Qwen2VLImageProcessorPil")(
+    image_processor = pil_processor_class("Qwen2VLImageProcessorPil")(
         patch_size=preset.patch_size,
         merge_size=preset.merge_size,
         temporal_patch_size=2,
         size={"shortest_edge": preset.min_image_pixels, "longest_edge": preset.max_image_pixels},
     )
-    processor = _image_only_qwen_processor_class()(
-        image_processor, tokenizer, chat_template=chat_template("qwen2_5_vl")
-    )
+    processor = image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=chat_template("qwen2_5_vl"))
     tid = tokenizer.convert_tokens_to_ids
     mrope = preset.mrope_section or _default_mrope(preset)
     config = Qwen2_5_VLConfig(
@@ -264,7 +264,7 @@ def build_tiny_model(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = _build_idefics3(spec) if arch == "idefics3" else _build_qwen2_5_vl(spec)
+        model, processor = build_idefics3(spec) if arch == "idefics3" else build_qwen2_5_vl(spec)
     tokenizer = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

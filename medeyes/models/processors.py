@@ -36,7 +36,7 @@ def load_processor(path: str, *, local_files_only: bool = True, trust_remote_cod
             template = template_file.read_text()
         elif not local_files_only:
             template = _remote_chat_template(path, kwargs)
-        return _image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=template)
+        return image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=template)
     try:
         return AutoProcessor.from_pretrained(path, **kwargs)
     except (ImportError, ValueError):
@@ -64,12 +64,12 @@ def _pil_image_processor(path: str, kwargs: dict[str, Any]) -> Any:
     torchvision, even where a PIL class exists; from 5.16 they fall back to it themselves.
     """
     name = str(_local_processor_config(path).get("image_processor", {}).get("image_processor_type", ""))
-    cls = _pil_class(name.removesuffix("Fast") + "Pil") if name else None
+    cls = pil_processor_class(name.removesuffix("Fast") + "Pil") if name else None
     return cls.from_pretrained(path, **kwargs) if cls is not None else None
 
 
 @functools.cache
-def _pil_class(name: str) -> type | None:
+def pil_processor_class(name: str) -> type | None:
     """A PIL image-processor class from its own module (5.15's lazy top-level names demand torchvision)."""
     import importlib
 
@@ -132,7 +132,8 @@ def _remote_chat_template(path: str, kwargs: dict[str, Any]) -> str | None:
 
 
 @functools.cache
-def _image_only_qwen_processor_class() -> type:
+def image_only_qwen_processor_class() -> type:
+    """``ImageOnlyQwen2_5_VLProcessor``: ``Qwen2_5_VLProcessor`` without its video processor (built once)."""
     from transformers import Qwen2_5_VLProcessor
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):

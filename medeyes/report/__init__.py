@@ -1,5 +1,4 @@
-"""Self-contained HTML reports of trajectories: every image inline, plain JavaScript filters, no network."""
+"""Self-contained HTML reports of trajectories: every image inline, plain JavaScript filters, no network.
 
-from medeyes.report.html import render_report, write_report
-
-__all__ = ["render_report", "write_report"]
+:mod:`medeyes.report.html` holds it all: ``render_report`` (records to one HTML page) and ``write_report``.
+"""

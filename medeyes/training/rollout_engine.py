@@ -183,7 +183,7 @@ def make_rollout_engine(config: Any, policy: PolicyAgent, train_dtype: str, star
     if g.rollout_backend == "transformers" or not config.stage_steps("grpo") or start_step >= config.total_steps:
         return RolloutEngine(policy)
     vllm = _vllm_or_explain(g.rollout_backend)
-    from medeyes.models import resolve_model_path
+    from medeyes.models.factory import resolve_model_path
 
     model_path = resolve_model_path(config.model)[0]
     from medeyes.agents.backends.vllm_weights import check_vllm_version
@@ -238,7 +238,7 @@ def _server_engine(config: Any, model_path: str, dtype_name: str) -> VLLMServerE
     try:
         check_server_reload(server.base_url)
         from medeyes.agents.backends.vllm import placeholder_token_ids
-        from medeyes.models import load_processor
+        from medeyes.models.processors import load_processor
 
         suppress = tuple(placeholder_token_ids(load_processor(model_path)))
         backend = OpenAIBackend(

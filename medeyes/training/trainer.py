@@ -299,7 +299,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
 
     """
     from medeyes.agents.backends.transformers import TransformersBackend
-    from medeyes.models import load_policy_model
+    from medeyes.models.factory import load_policy_model
 
     cfg = config
     if cfg.threads:

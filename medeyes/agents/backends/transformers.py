@@ -183,8 +183,8 @@ class TransformersBackend(SeededCalls):
     def from_pretrained(
         cls, name_or_path: str | Path = "tiny", device: str = "cpu", dtype: str | torch.dtype | None = None
     ) -> TransformersBackend:
-        """Load a model with :func:`medeyes.models.load_policy_model` and wrap it."""
-        from medeyes.models import load_policy_model
+        """Load a model with :func:`medeyes.models.factory.load_policy_model` and wrap it."""
+        from medeyes.models.factory import load_policy_model
 
         model, processor = load_policy_model(name_or_path, device=device, dtype=dtype)
         return cls(model, processor, device=device)

@@ -119,7 +119,7 @@ def _engine_defaults(
 
 def _turn_tokens(path: str, remote: bool, separator: str | None) -> tuple[str, list[int]]:
     """The separator to strip from each turn (``separator``, else the chat template's) and the ids to suppress."""
-    from medeyes.models import load_processor
+    from medeyes.models.processors import load_processor
 
     processor = load_processor(path, local_files_only=not remote)
     if separator is None:
@@ -147,7 +147,7 @@ class VLLMBackend(SeededCalls):
         weight_sync: bool = False,
         **llm_kwargs: Any,
     ) -> None:
-        """Load ``model`` (a directory, or an alias from :func:`medeyes.models.model_aliases`) into vLLM.
+        """Load ``model`` (a directory, or an alias from :func:`medeyes.models.factory.model_aliases`) into vLLM.
 
         Args:
             model: model directory or alias (aliases are built locally on first use, never downloaded).
@@ -169,7 +169,7 @@ class VLLMBackend(SeededCalls):
 
         """
         vllm = _import_vllm_engine(engine_in_process, kv_cache_gib)
-        from medeyes.models import resolve_model_path
+        from medeyes.models.factory import resolve_model_path
 
         path, remote = resolve_model_path(model)
         self.model_path = path

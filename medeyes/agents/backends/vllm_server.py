@@ -72,7 +72,7 @@ def vllm_cpu_preset(arch: str = "idefics3") -> str:
     >>> vllm_cpu_preset() in ("tiny", "small")
     True
     """
-    from medeyes.models import PRESET_NAMES, get_preset
+    from medeyes.models.presets import PRESET_NAMES, get_preset
 
     for preset in PRESET_NAMES:
         if get_preset(arch, preset).head_dim in VLLM_CPU_HEAD_SIZES:  # type: ignore[arg-type]
