@@ -37,9 +37,9 @@ def expert_episodes(processor: Any, n_cases: int, max_steps: int) -> list[Any]:
     """Real GRN + CVS trajectories on phantom train cases, tokenised exactly as the SFT stage does."""
     from medeyes.agents.expert.agent import ExpertAgent
     from medeyes.agents.expert.config import ExpertConfig
-    from medeyes.memory_store import MemoryStore
     from medeyes.models.episodes import tokenize_record
     from medeyes.rollout import RolloutConfig, run_rollout
+    from medeyes.trajectories import MemoryStore
     from medeyes_env.env import EnvConfig
     from medeyes_env.sources import open_cases
 

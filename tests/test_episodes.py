@@ -210,7 +210,7 @@ def test_segment_cache_never_mixes_up_images(models):
     """The GRPO step tokenises a group's rollouts with a shared cache: each episode must keep its own pixels
     (a cache keyed on the ids of temporary image copies once handed one case's pixels to another)."""
     from medeyes.agents.random_agent import RandomAgent
-    from medeyes.memory_store import MemoryStore
+    from medeyes.trajectories import MemoryStore
 
     _, processor = models["idefics3"]
     store = MemoryStore()

@@ -21,7 +21,6 @@ LAYERS = (
     ("medeyes_env", 0),
     ("medeyes.safe_yaml", 1),
     ("medeyes.models", 1),
-    ("medeyes.memory_store", 1),
     ("medeyes.trajectories", 1),
     ("medeyes.agents", 2),
     ("medeyes.rollout", 3),

@@ -223,7 +223,7 @@ def test_episodes_without_a_system_message_are_recorded_and_rebuilt(tmp_path):
 
 
 def test_the_memory_store_has_the_trajectory_store_interface(tmp_path):
-    from medeyes.memory_store import MemoryStore
+    from medeyes.trajectories import MemoryStore
 
     for store in (MemoryStore(), TrajectoryStore(tmp_path / "s")):
         assert isinstance(store, RecordSink)

@@ -1,4 +1,4 @@
-"""The one trajectory record, and the store that keeps records as JSONL with images beside them.
+"""The one trajectory record, the store that keeps records as JSONL with images beside them, and its RAM twin.
 
 A run directory holds::
 
@@ -8,7 +8,9 @@ A run directory holds::
       trajectories.jsonl    one TrajectoryRecord per line, appended atomically
       images/<sha256>.png   every observation image, stored once by the hash of its pixels
 
-``rollout``, ``expert``, ``train`` and ``inspect`` read and write only this format.
+``rollout``, ``expert``, ``train`` and ``inspect`` read and write only this format. On-policy rollouts that
+the step that made them consumes go to :class:`MemoryStore` (:mod:`medeyes.trajectories.memory`) instead:
+the same interface, no PNG encoding, no fsync.
 
 Crash safety: each record is one ``write`` of a complete line on an ``O_APPEND``
 descriptor, followed by ``fsync``; images are written to a temporary file and
@@ -27,6 +29,7 @@ images opened with a pixel limit.
 
 from __future__ import annotations
 
+from medeyes.trajectories.memory import MemoryStore
 from medeyes.trajectories.records import (
     SCHEMA_VERSION,
     ImageStore,
@@ -56,6 +59,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TORN_SUFFIX",
     "ImageStore",
+    "MemoryStore",
     "Producer",
     "RecordSink",
     "StepRecord",

@@ -44,7 +44,7 @@ Components = Annotated[dict[str, FiniteFloat], AfterValidator(_unit_components)]
 
 
 class ImageStore(Protocol):
-    """Where a record's images are read from: :class:`TrajectoryStore` or :class:`~medeyes.memory_store.MemoryStore`."""
+    """Where a record's images are read from: :class:`TrajectoryStore` or :class:`~medeyes.trajectories.MemoryStore`."""
 
     def load_image(self, digest: str) -> Image.Image:
         """The image stored under ``digest``."""

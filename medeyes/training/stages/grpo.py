@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from medeyes.memory_store import MemoryStore
 from medeyes.models.episodes import EpisodeTensors, tokenize_record
 from medeyes.rollout import RolloutConfig, run_rollout
 from medeyes.training.advantages import compute_advantages
@@ -35,7 +34,7 @@ from medeyes.training.schedule import GRPO_EXPERT_SALT, GRPO_ROLLOUT_SALT, GRPO_
 from medeyes.training.shaping import loss_rows, shaped_rewards
 from medeyes.training.stage_config import GRPOConfig
 from medeyes.training.stages._step import Learner, seed_sampling, step_metrics
-from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
+from medeyes.trajectories import MemoryStore, TrajectoryRecord, TrajectoryStore
 from medeyes_env.env import EnvConfig
 from medeyes_env.sources import CaseSource
 

@@ -1,15 +1,15 @@
-"""A trajectory store in RAM, for rollouts that are consumed by the step that made them."""
+"""The in-RAM record sink: a trajectory store for rollouts that are consumed by the step that made them."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from medeyes.trajectories import TrajectoryRecord, image_digest
+from medeyes.trajectories.records import TrajectoryRecord, image_digest
 
 
 class MemoryStore:
-    """A :class:`~medeyes.trajectories.RecordSink` in RAM: what ``run_rollout`` and ``chat_messages`` need of a store.
+    """A :class:`~medeyes.trajectories.records.RecordSink` in RAM: what ``run_rollout`` and ``chat_messages`` need.
 
     On-policy rollouts are consumed by the step that made them: no PNG encoding, no fsync. The same image
     (by content hash) is always the same PIL object, which lets the tokeniser's segment cache hit.
