@@ -186,13 +186,7 @@ def eval_command(
                                    json_path)  # fmt: skip
         return
     report = _run(built, sources, config, out, label, quiet)
-    # A table this wide wraps into noise at 80 columns; rich cannot print wider than its console.
-    Console(emoji=False, width=max(console.width, TABLE_WIDTH)).print(report_table(report))
-    console.print(_footer(report, out))
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(report.model_dump_json(indent=2))
-        console.print(f"figures written to {safe(json_path)}")
+    _show(report, out, json_path)
 
 
 def _run(agent: Any, sources: list[Dataset], config: EvalConfig, out: Path | None, label: str,
@@ -200,6 +194,17 @@ def _run(agent: Any, sources: list[Dataset], config: EvalConfig, out: Path | Non
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, disable=quiet, transient=True) as progress:
         return evaluate(agent, sources, config, out, label, listener=_Bar(progress))
+
+
+def _show(report: EvalReport, out: Path | None, json_path: Path | None) -> None:
+    """Print the table and what was played and stored; write the figures as JSON when asked for."""
+    # A table this wide wraps into noise at 80 columns; rich cannot print wider than its console.
+    Console(emoji=False, width=max(console.width, TABLE_WIDTH)).print(report_table(report))
+    console.print(_footer(report, out))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(report.model_dump_json(indent=2))
+        console.print(f"figures written to {safe(json_path)}")
 
 
 def _footer(report: EvalReport, out: Path | None) -> str:

@@ -4,8 +4,9 @@ Agents come from a registry (:data:`AGENTS`) that other modules extend with :fun
 (the policy registers ``policy``). A factory receives an :class:`AgentSpec` with the common options
 and every ``--agent-opt key=value`` pair.
 
-:func:`rollout` is longer than 60 lines and reads better whole: 50 of them are its signature, one ``Annotated``
-option with its help per flag (Typer's idiom: the signature is the command's ``--help``), and its body is 30 lines.
+:func:`rollout` is longer than 60 lines and reads better whole: 48 of them are its signature, one ``Annotated``
+option with its help per flag (Typer's idiom: the signature is the command's ``--help``); its body reads top to
+bottom in 40: the agent, the setting it plays (:func:`_setting`), the counterfactual arms or the plain run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from medeyes_env.cases import SPLITS
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
-from medeyes_env.sources import open_source
+from medeyes_env.sources import CaseSource, open_source
 
 
 class AgentSpec(BaseModel):
@@ -234,13 +235,9 @@ def rollout(
         max_new_tokens=max_new_tokens,
     )
     built = build_agent(spec)
-    if keep_only_correct is None:  # the expert's own setting, and only when there is a store to keep them in
-        config = getattr(built, "config", None)
-        keep_only_correct = bool(getattr(config, "keep_only_correct", False)) and out is not None
-    if train_config:
-        source, env, spec = training_setting(train_config)
-    else:
-        source, env, spec = open_source(data), EnvConfig(max_steps=max_steps), data
+    if keep_only_correct is None:
+        keep_only_correct = _agent_keeps_only_correct(built, out)
+    source, env, spec = _setting(train_config, data, max_steps)
     data = source.name
     label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
     if counterfactual is not None:  # the same episodes under each image arm (docs/eval.md), not the plain run
@@ -266,6 +263,19 @@ def rollout(
     summary = summarize(result.records, result.seconds)
     console.print(summary_table(summary, f"{label} on {data}/{split}"))
     _report(result, summary, store, keep_only_correct, summary_json)
+
+
+def _agent_keeps_only_correct(agent: Agent, out: Path | None) -> bool:
+    """The agent's own ``keep_only_correct`` (the expert has one), and only when there is a store to keep them in."""
+    config = getattr(agent, "config", None)
+    return bool(getattr(config, "keep_only_correct", False)) and out is not None
+
+
+def _setting(train_config: Path | None, data: str, max_steps: int) -> tuple[CaseSource, EnvConfig, str]:
+    """What the episodes are played on, and its spec: a training run's setting, else ``--data`` and ``--max-steps``."""
+    if train_config:
+        return training_setting(train_config)
+    return open_source(data), EnvConfig(max_steps=max_steps), data
 
 
 def _open_store(out: Path | None, agent: Any, settings: EpisodeSettings | None) -> TrajectoryStore | None:

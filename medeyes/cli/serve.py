@@ -70,29 +70,35 @@ def serve(
     token_name, token = _token(token_env)
     for line in ignored_environment():
         console.print(safe(f"medeyes serve: {line}"), style="yellow", highlight=False)
+    config = _validated(
+        ServeConfig,
+        env_id=env,
+        split=split,
+        env_kwargs=kwargs,
+        host=host,
+        port=port,
+        max_sessions=max_sessions,
+        idle_timeout_s=idle_timeout or None,
+        max_request_bytes=max_request_bytes,
+        token=token,
+        include_gold=eval_mode,
+        allow_origins=allow_origin or [],
+        handshake_timeout_s=handshake_timeout,
+        max_connections=max_connections,
+    )
+    auth = f"bearer token from ${token_name}" if token else "no token, loopback names only"
+    _announce(config, auth)
+    run_server(config)
+
+
+def _validated(config_type: type[Any], **fields: Any) -> Any:
+    """``config_type(**fields)``; a refusal names each field and its problem, never the value given."""
     try:
-        config = ServeConfig(
-            env_id=env,
-            split=split,
-            env_kwargs=kwargs,
-            host=host,
-            port=port,
-            max_sessions=max_sessions,
-            idle_timeout_s=idle_timeout or None,
-            max_request_bytes=max_request_bytes,
-            token=token,
-            include_gold=eval_mode,
-            allow_origins=allow_origin or [],
-            handshake_timeout_s=handshake_timeout,
-            max_connections=max_connections,
-        )
+        return config_type(**fields)
     except ValidationError as exc:
         # Field and message only: pydantic's own text echoes the input, and the token is a secret.
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"invalid serve settings: {problems}") from exc
-    auth = f"bearer token from ${token_name}" if token else "no token, loopback names only"
-    _announce(config, auth)
-    run_server(config)
 
 
 def _announce(config: Any, auth: str) -> None:
