@@ -27,45 +27,44 @@ from typer.testing import CliRunner  # noqa: E402
 from medeyes.models.factory import ensure_tiny_model  # noqa: E402
 from medeyes.models.processors import load_processor  # noqa: E402
 from medeyes.training.advantages import compute_advantages  # noqa: E402
-from medeyes.training.config import preset  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402
 from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
-from medeyes.training.openrlhf import (  # noqa: E402
+from medeyes.training.openrlhf import patches  # noqa: E402
+from medeyes.training.openrlhf.agent import MedEyesAgentInstance, MedEyesExecutorMixin  # noqa: E402
+from medeyes.training.openrlhf.chat import (  # noqa: E402
+    ChatFormatter,
+    FormatterCache,
+    encode_segment,
+    processor_identity,
+    render_prompt_row,
+)
+from medeyes.training.openrlhf.config import (  # noqa: E402
     ADVANTAGE_LOG_KEYS,
+    AGENT_FILE,
+    BACKEND_FILE,
     EPISODE_LOG_KEYS,
+    EVAL_FILE,
+    EXPERT_FILE,
     LOSS_LOG_KEYS,
+    OPENRLHF_PRESET_OVERRIDES,
+    PROMPTS_FILE,
     BackendConfig,
     CaseLabel,
-    ChatFormatter,
+    OpenRLHFConfig,
+    openrlhf_preset,
+)
+from medeyes.training.openrlhf.episode import EpisodeDriver  # noqa: E402
+from medeyes.training.openrlhf.export import check_export, export_openrlhf_data  # noqa: E402
+from medeyes.training.openrlhf.launch import build_command, openrlhf_args, preflight  # noqa: E402
+from medeyes.training.openrlhf.loss import (  # noqa: E402
     DualStreamPolicyLoss,
-    EpisodeDriver,
-    FormatterCache,
-    MedEyesAgentInstance,
-    MedEyesExecutorMixin,
     assign_dual_stream_advantages,
-    encode_segment,
-    install_openrlhf_patches,
-    load_expert_file,
-    patches,
-    processor_identity,
     reduce_like_medeyes,
-    render_prompt_row,
-    replay_expert,
-    require_patch_hook,
     row_advantages,
     stream_advantages,
 )
-from medeyes.training.openrlhf.export import (  # noqa: E402
-    AGENT_FILE,
-    BACKEND_FILE,
-    EVAL_FILE,
-    EXPERT_FILE,
-    PROMPTS_FILE,
-    OpenRLHFConfig,
-    check_export,
-    export_openrlhf_data,
-)
-from medeyes.training.openrlhf.launch import build_command, openrlhf_args, preflight  # noqa: E402
+from medeyes.training.openrlhf.patches import install_openrlhf_patches, require_patch_hook  # noqa: E402
+from medeyes.training.openrlhf.replay import load_expert_file, replay_expert  # noqa: E402
 from medeyes_env.errors import ConfigError, RecordError  # noqa: E402
 from medeyes_env.protocol import Action, render_turn  # noqa: E402
 
@@ -76,8 +75,7 @@ from medeyes_env.protocol import Action, render_turn  # noqa: E402
 def export(tmp_path_factory):
     """A real export of the tiny preset (2 training cases, expert trajectories made by the GRN+CVS expert)."""
     root = tmp_path_factory.mktemp("openrlhf")
-    train = preset("tiny").model_copy(update={"run_dir": root / "run"})
-    train.expert.dir = root / "expert"
+    train = openrlhf_preset("tiny", {"run_dir": str(root / "run"), "expert.dir": str(root / "expert")})
     config = OpenRLHFConfig(train=train, nodes=1, gpus_per_node=2)
     summary = export_openrlhf_data(config)
     rows = [json.loads(line) for line in (config.data_dir / PROMPTS_FILE).read_text().splitlines()]
@@ -201,6 +199,50 @@ def test_command_kl_and_ray_job_variants(export):
     assert runtime["worker_process_setup_hook"] == "medeyes.training.openrlhf.patches.install_openrlhf_patches"
     assert runtime["env_vars"]["MEDEYES_OPENRLHF_CONFIG"] == str(config.data_dir / BACKEND_FILE)
     assert job[job.index("--") + 1 :][:3] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "fix"),
+    [
+        ("grpo.curiosity_coef", 0.5, "grpo.curiosity_coef=0"),
+        ("grpo.skip_flat_groups", "on_rows", "grpo.skip_flat_groups=off"),
+        ("grpo.tool_floor", 0.2, "grpo.tool_floor=null"),
+        ("grpo.old_logprobs", "rollout", "grpo.old_logprobs=recompute"),
+        ("objective.tis_cap", 2.0, "objective.tis_cap=null"),
+    ],
+)
+def test_launch_config_refuses_what_openrlhf_does_not_implement(setting, value, fix):
+    train = openrlhf_preset("paper", {setting: value})
+    with pytest.raises(ValueError, match="the OpenRLHF backend does not implement") as caught:
+        OpenRLHFConfig(train=train)
+    message = str(caught.value)
+    assert (f"{setting}={value:g}" if isinstance(value, float) else f"{setting}={value}") in message
+    assert f"set {fix}, or train with `medeyes train`" in message
+
+
+def test_launch_config_takes_the_no_op_values_and_names_every_refusal():
+    assert OPENRLHF_PRESET_OVERRIDES == {"grpo.old_logprobs": "recompute"}
+    quiet = openrlhf_preset("paper", {"grpo.tool_floor": 0.0, "grpo.curiosity_threshold": 0.9})
+    assert OpenRLHFConfig(train=quiet).train.grpo.tool_floor == 0.0  # a floor of 0 never fires: a no-op
+    both = openrlhf_preset("paper", {"grpo.tool_floor": 0.2, "grpo.skip_flat_groups": "group"})
+    with pytest.raises(ValueError, match=r"grpo.skip_flat_groups=group .*; grpo.tool_floor=0.2 .*medeyes train"):
+        OpenRLHFConfig(train=both)
+
+
+def test_dual_stream_policy_loss_honours_tis_cap_with_rollout_log_probs():
+    log_probs = torch.tensor([[-0.4, -1.2], [-0.3, -0.9]])
+    old = torch.tensor([[-0.5, -1.0], [-0.2, -0.9]])
+    rollout = old - torch.tensor([[5.0, 0.5], [1.0, 1.0]]).log()  # weights 2 (capped), 0.5, 1, 1
+    advantages = torch.tensor([1.0, -0.5])
+    loss_fn = DualStreamPolicyLoss(ObjectiveConfig(tis_cap=2.0))
+    loss, *_ = loss_fn(log_probs, old, advantages, rollout_log_probs=rollout)
+    want, _ = dual_stream_loss(
+        log_probs, old, advantages, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool),
+        loss_fn.config, behaviour_logprobs=rollout,
+    )  # fmt: skip
+    assert loss.item() == want.item() and loss_fn.last_metrics["stream/on/tis_capped_frac"] == 0.25
+    with pytest.raises(ValueError, match=r"objective\.tis_cap=2 needs behaviour_logprobs"):
+        loss_fn(log_probs, old, advantages)
 
 
 def test_launch_config_refuses_inconsistent_settings():
@@ -508,8 +550,11 @@ def test_cli_help_export_and_command(export, tmp_path):
         str(config.train.run_dir),
         "--set",
         f"expert.dir={config.train.expert.dir}",
+        "--gpus-per-node",
+        "2",
     ]
-    common += ["--gpus-per-node", "2"]
+    refused = runner.invoke(app, ["openrlhf", "export", *common, "--set", "grpo.tool_floor=0.2"])
+    assert refused.exit_code == 2 and "set grpo.tool_floor=null, or train with `medeyes train`" in refused.stderr
     result = runner.invoke(app, ["openrlhf", "command", *common])
     assert result.exit_code == 0 and "--train.agent_func_path" in result.stdout and "warning" not in result.stderr
     if not preflight():
@@ -523,7 +568,7 @@ def test_cli_help_export_and_command(export, tmp_path):
 def test_importing_medeyes_does_not_import_the_cluster_stack():
     code = (
         "import sys, medeyes.training.openrlhf, medeyes.training.openrlhf.export, medeyes.training.openrlhf.launch,"
-        "medeyes.training.openrlhf_backend, medeyes.training.openrlhf_launch, medeyes.cli.openrlhf;"
+        "medeyes.training.openrlhf.config, medeyes.cli.openrlhf;"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'openrlhf', 'ray', 'deepspeed', 'vllm'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -35,26 +35,24 @@ import torch  # noqa: E402
 from medeyes.models.factory import ensure_tiny_model  # noqa: E402
 from medeyes.models.processors import load_processor  # noqa: E402
 from medeyes.training.advantages import compute_advantages  # noqa: E402
-from medeyes.training.config import preset  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402
 from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
-from medeyes.training.openrlhf import (  # noqa: E402
-    BackendConfig,
-    CaseLabel,
-    DualStreamPolicyLoss,
-    install_openrlhf_patches,
-    open_case_source,
-    patches,
-    render_prompt_row,
-)
-from medeyes.training.openrlhf.export import (  # noqa: E402
+from medeyes.training.openrlhf import patches  # noqa: E402
+from medeyes.training.openrlhf.chat import render_prompt_row  # noqa: E402
+from medeyes.training.openrlhf.config import (  # noqa: E402
     AGENT_FILE,
     BACKEND_FILE,
     PROMPTS_FILE,
+    BackendConfig,
+    CaseLabel,
     OpenRLHFConfig,
-    export_openrlhf_data,
+    openrlhf_preset,
 )
+from medeyes.training.openrlhf.episode import open_case_source  # noqa: E402
+from medeyes.training.openrlhf.export import export_openrlhf_data  # noqa: E402
 from medeyes.training.openrlhf.launch import openrlhf_args  # noqa: E402
+from medeyes.training.openrlhf.loss import DualStreamPolicyLoss  # noqa: E402
+from medeyes.training.openrlhf.patches import install_openrlhf_patches  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402
 from medeyes_env.protocol import Action, render_turn  # noqa: E402
 
@@ -81,7 +79,7 @@ def run(tmp_path_factory):
     """A tiny dual-stream export (tiny Qwen2.5-VL), its backend config, prompt rows and the model directory."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("openrlhf-real")
-    train = preset("tiny").model_copy(update={"run_dir": root / "run", "model": "tiny-qwen2_5_vl"})
+    train = openrlhf_preset("tiny", {"run_dir": str(root / "run"), "model": "tiny-qwen2_5_vl"})
     train.expert.dir = root / "expert"
     config = OpenRLHFConfig(train=train, nodes=1, gpus_per_node=1, max_len=MAX_LEN)
     export_openrlhf_data(config)

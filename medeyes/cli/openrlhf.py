@@ -2,7 +2,7 @@
 
 The training config is the same :class:`~medeyes.training.config.TrainConfig` as ``medeyes train`` (YAML with
 ``--config``, or ``--preset``; default ``paper``), with ``--set FIELD=VALUE`` overrides; cluster settings are
-:class:`~medeyes.training.openrlhf.export.OpenRLHFConfig` fields (``--nodes``, ``--gpus-per-node``, or
+:class:`~medeyes.training.openrlhf.config.OpenRLHFConfig` fields (``--nodes``, ``--gpus-per-node``, or
 ``--launch-set FIELD=VALUE``). ``export`` writes the data directory; ``command`` prints the exact command line,
 and with ``--run`` executes it (this needs CUDA, Ray, vLLM, DeepSpeed and OpenRLHF on the machine).
 """
@@ -63,14 +63,15 @@ def _build_config(
     nodes: int | None,
     gpus_per_node: int | None,
 ) -> Any:
-    from medeyes.training.config import PRESETS, TrainConfig, build_config
-    from medeyes.training.openrlhf.export import OpenRLHFConfig
+    from medeyes.training.config import TrainConfig
+    from medeyes.training.openrlhf.config import OpenRLHFConfig, openrlhf_preset
     from medeyes_env.errors import ConfigError
 
     overrides = {k: v for k, v in {"model": model, "data": data, "run_dir": run_dir}.items() if v is not None}
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
     overrides.update(parse_key_values(set_, "--set", yaml_values=True, example="grpo.steps=200"))
-    train = TrainConfig.from_yaml(config, overrides) if config else build_config(PRESETS[preset.value](), overrides)
+    # a preset starts from what OpenRLHF does (grpo.old_logprobs=recompute); a config file is taken as written
+    train = TrainConfig.from_yaml(config, overrides) if config else openrlhf_preset(preset.value, overrides)
     launch = parse_key_values(launch_set, "--launch-set", yaml_values=True, example="vllm_tensor_parallel=2")
     flags = {"export_dir": export_dir, "nodes": nodes, "gpus_per_node": gpus_per_node}
     launch.update({k: v for k, v in flags.items() if v is not None})

@@ -1,4 +1,7 @@
-"""What the OpenRLHF workers share: the backend config, the prompt label, the pinned release and log keys.
+"""The OpenRLHF backend's configs and constants, one home for each.
+
+The run (:class:`OpenRLHFConfig`, user side), what the workers share (:class:`BackendConfig`,
+:class:`CaseLabel`), the export's file names, the pinned release and the log keys.
 
 Everything here is plain data (pydantic models and constants); it does not import openrlhf.
 """
@@ -13,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medeyes.agents.policy import PROTOCOL_STOPS
+from medeyes.training.config import PRESETS, TrainConfig, build_config
 from medeyes.training.objective_config import ObjectiveConfig
 from medeyes_env.env import EnvConfig
 from medeyes_env.errors import ConfigError, RecordError
@@ -29,6 +33,14 @@ ALLOW_UNTESTED_ENV = "MEDEYES_OPENRLHF_ALLOW_UNTESTED"
 
 SETUP_HOOK = "medeyes.training.openrlhf.patches.install_openrlhf_patches"
 """Import path of the Ray ``worker_process_setup_hook`` that installs the loss and advantage patches."""
+
+# the export directory (medeyes.training.openrlhf.export writes it, the launch and the workers read it)
+PROMPTS_FILE = "prompts.jsonl"
+EVAL_FILE = "eval.jsonl"
+EXPERT_FILE = "expert.jsonl"
+BACKEND_FILE = "medeyes_openrlhf.json"
+AGENT_FILE = "medeyes_agent.py"
+IMAGES_DIR = "images"
 
 LOG_PREFIX = "medeyes/"
 EPISODE_LOG_KEYS: tuple[str, ...] = (
@@ -171,3 +183,169 @@ class CaseLabel(BaseModel):
                 f"prompt label {str(label)[:120]!r} is not a MedEyes case label ({type(exc).__name__}); "
                 "export the prompts with `medeyes openrlhf export` and pass --data.label_key label"
             ) from None
+
+
+# ================================================================================================ the run
+
+OPENRLHF_PRESET_OVERRIDES: dict[str, Any] = {"grpo.old_logprobs": "recompute"}
+"""Set on a preset an OpenRLHF run starts from: OpenRLHF's actor recomputes pi_old before each update."""
+
+
+def openrlhf_preset(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The training preset ``name`` for an OpenRLHF run: :data:`OPENRLHF_PRESET_OVERRIDES`, then ``overrides``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return build_config(PRESETS[name](), {**OPENRLHF_PRESET_OVERRIDES, **(overrides or {})})
+
+
+def _setting(value: Any) -> str:
+    """A value as ``--set`` spells it: ``null``, ``0``, ``recompute``."""
+    return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def refuse_unimplemented(train: TrainConfig) -> None:
+    """Refuse the training settings the OpenRLHF path does not implement, unless at their no-op value.
+
+    >>> refuse_unimplemented(openrlhf_preset("paper"))  # the paper's settings all run on OpenRLHF
+    >>> try:
+    ...     refuse_unimplemented(openrlhf_preset("paper", {"grpo.tool_floor": 0.2}))
+    ... except ConfigError as error:
+    ...     print(str(error)[-55:])
+    set grpo.tool_floor=null, or train with `medeyes train`
+    """
+    g, objective = train.grpo, train.objective
+    unimplemented = [  # (setting, value, no-op values, why)
+        ("grpo.curiosity_coef", g.curiosity_coef, (0.0,), "the curiosity bonus is added in the single-process "
+         "trainer's scoring; curiosity_threshold and curiosity_scope only act with it"),
+        ("grpo.skip_flat_groups", g.skip_flat_groups, ("off",), "OpenRLHF trains on every row of a rollout batch"),
+        ("grpo.tool_floor", g.tool_floor, (None, 0.0), "the tool-collapse alarm is the single-process trainer's"),
+        ("grpo.old_logprobs", g.old_logprobs, ("recompute",), "OpenRLHF's actor recomputes pi_old before each "
+         "update; it never uses the rollout's log-probs as pi_old"),
+        ("objective.tis_cap", objective.tis_cap, (None,), "the launch does not ask OpenRLHF for the rollout "
+         "log-probs truncated importance sampling weighs by"),
+    ]  # fmt: skip
+    found = [
+        f"{name}={_setting(value)} ({why}): set {name}={_setting(noop[0])}"
+        for name, value, noop, why in unimplemented
+        if value not in noop
+    ]
+    if found:
+        raise ConfigError(
+            "the OpenRLHF backend does not implement " + "; ".join(found) + ", or train with `medeyes train`"
+        )
+
+
+class OpenRLHFConfig(BaseModel):
+    """One OpenRLHF run of the MedEyes grpo stage: the training config plus cluster and launch settings.
+
+    Everything that shapes the method (model, data, environment, G_on/G_off, objective, optimizer, sampling,
+    expert data, evaluation, seed) comes from ``train``; the rest is how OpenRLHF lays the run on GPUs.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(
+        default_factory=lambda: openrlhf_preset("paper"),
+        description="The MedEyes training config (paper preset: Qwen2.5-VL-3B, lr 1e-6, G_on 8, G_off 6, KL 0; "
+        "grpo.old_logprobs=recompute, what OpenRLHF does).",
+    )
+    export_dir: Path | None = Field(
+        default=None, description="Where the export goes (a filesystem every node sees); None: <run_dir>/openrlhf-data."
+    )
+    nodes: int = Field(default=1, ge=1, description="Nodes for the actor (and vLLM when colocated).")
+    gpus_per_node: int = Field(default=8, ge=1, description="GPUs per node.")
+    vllm_engines: int | None = Field(
+        default=None, ge=1, description="vLLM engines; None: one per GPU / vllm_tensor_parallel (colocated)."
+    )
+    vllm_tensor_parallel: int = Field(default=1, ge=1, description="GPUs per vLLM engine.")
+    colocate: bool = Field(
+        default=True,
+        description="Hybrid engine: actor and vLLM share the GPUs (--train.colocate_all with sleep modes).",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="vLLM's share of GPU memory (lower when colocated)."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
+    max_len: int = Field(
+        default=8192, ge=256, description="--data.max_len: tokens of a whole episode (prompt, turns, feedback, images)."
+    )
+    micro_train_batch_size: int = Field(default=1, ge=1, description="Sequences per GPU per training forward.")
+    micro_rollout_batch_size: int = Field(default=2, ge=1, description="Sequences per GPU per log-prob forward.")
+    gradient_checkpointing: bool = Field(default=True, description="Activation checkpointing in the actor.")
+    attn_implementation: str = Field(
+        default="flash_attention_2", description="--ds.attn_implementation (eager, sdpa, flash_attention_2, ...)."
+    )
+    freeze_visual_encoder: bool = Field(default=False, description="Train only the language model.")
+    feedback_images: bool = Field(default=True, description="Send each view image back with the feedback.")
+    medeyes_loss: bool = Field(
+        default=True,
+        description="Patch in the dual-stream loss and per-stream advantages (needed for the expert stream). "
+        "False: OpenRLHF's own PolicyLoss and group_norm advantages (on-policy mode only).",
+    )
+    save_steps: int | None = Field(
+        default=None, description="Checkpoint every N steps; None: train.checkpoint_every (0 -> only the final model)."
+    )
+    python: str = Field(default="python3", description="Python executable of the cluster's environment.")
+    extra_args: list[str] = Field(default_factory=list, description="More train_ppo_ray flags, appended verbatim.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenRLHFConfig:
+        refuse_unimplemented(self.train)
+        world = self.nodes * self.gpus_per_node
+        if self.colocate and world % self.vllm_tensor_parallel:
+            raise ConfigError(
+                f"colocate needs nodes*gpus_per_node ({world}) divisible by vllm_tensor_parallel "
+                f"({self.vllm_tensor_parallel}); change one or set colocate=false"
+            )
+        if self.colocate and self.vllm_engines is not None and self.vllm_engines * self.vllm_tensor_parallel != world:
+            raise ConfigError(
+                f"colocate needs vllm_engines*vllm_tensor_parallel == nodes*gpus_per_node, got "
+                f"{self.vllm_engines}*{self.vllm_tensor_parallel} != {world}; set vllm_engines=None"
+            )
+        if not self.medeyes_loss and self.train.grpo.mode == "dual":
+            raise ConfigError(
+                "medeyes_loss=false uses OpenRLHF's PPO loss, which would treat expert rows as on-policy samples; "
+                "set train.grpo.mode=on_policy or keep medeyes_loss=true"
+            )
+        return self
+
+    # -------------------------------------------------------------------------------------------- derived
+
+    @property
+    def data_dir(self) -> Path:
+        """The export directory (absolute)."""
+        return (self.export_dir or self.train.run_dir / "openrlhf-data").resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        """Where OpenRLHF writes checkpoints, the final model and TensorBoard logs (absolute)."""
+        return (self.train.run_dir / "openrlhf").resolve()
+
+    @property
+    def dual(self) -> bool:
+        """Whether the run has an expert stream."""
+        return self.train.grpo.mode == "dual"
+
+    @property
+    def engines(self) -> int:
+        """Number of vLLM engines."""
+        if self.vllm_engines is not None:
+            return self.vllm_engines
+        return max(1, self.nodes * self.gpus_per_node // self.vllm_tensor_parallel)
+
+    def backend(self) -> BackendConfig:
+        """The worker-side :class:`BackendConfig` of this run (written to the export as JSON)."""
+        train = self.train
+        return BackendConfig(
+            data=train.data,
+            data_options=train.data_options.model_dump(mode="json"),
+            env=train.env,
+            group_on=train.grpo.group_on,
+            group_off=train.grpo.group_off if self.dual else 0,
+            expert_file=self.data_dir / EXPERT_FILE if self.dual else None,
+            objective=train.objective,
+            stop=list(train.sampling.stop),
+            max_turn_tokens=train.sampling.max_new_tokens,
+            feedback_images=self.feedback_images,
+            medeyes_loss=self.medeyes_loss,
+        )

@@ -20,22 +20,24 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
 
-from medeyes.training.config import TrainConfig, preset
-from medeyes.training.openrlhf.config import BackendConfig, CaseLabel
+from medeyes.training.openrlhf.config import (
+    AGENT_FILE,
+    BACKEND_FILE,
+    EVAL_FILE,
+    EXPERT_FILE,
+    IMAGES_DIR,
+    PROMPTS_FILE,
+    BackendConfig,
+    CaseLabel,
+    OpenRLHFConfig,
+)
 from medeyes.training.openrlhf.episode import open_case_source
 from medeyes.training.openrlhf.replay import ExpertCase, ExpertTrajectory
 from medeyes_env.errors import ConfigError
-
-PROMPTS_FILE = "prompts.jsonl"
-EVAL_FILE = "eval.jsonl"
-EXPERT_FILE = "expert.jsonl"
-BACKEND_FILE = "medeyes_openrlhf.json"
-AGENT_FILE = "medeyes_agent.py"
-IMAGES_DIR = "images"
 
 _AGENT_TEMPLATE = '''"""MedEyes agent for OpenRLHF (medeyes openrlhf export): --train.agent_func_path this file."""
 
@@ -43,120 +45,6 @@ from medeyes.training.openrlhf.agent import make_agent_executor
 
 AgentExecutor = make_agent_executor({config!r})
 '''
-
-
-class OpenRLHFConfig(BaseModel):
-    """One OpenRLHF run of the MedEyes grpo stage: the training config plus cluster and launch settings.
-
-    Everything that shapes the method (model, data, environment, G_on/G_off, objective, optimizer, sampling,
-    expert data, evaluation, seed) comes from ``train``; the rest is how OpenRLHF lays the run on GPUs.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    train: TrainConfig = Field(
-        default_factory=lambda: preset("paper"),
-        description="The MedEyes training config (paper preset: Qwen2.5-VL-3B, lr 1e-6, G_on 8, G_off 6, KL 0).",
-    )
-    export_dir: Path | None = Field(
-        default=None, description="Where the export goes (a filesystem every node sees); None: <run_dir>/openrlhf-data."
-    )
-    nodes: int = Field(default=1, ge=1, description="Nodes for the actor (and vLLM when colocated).")
-    gpus_per_node: int = Field(default=8, ge=1, description="GPUs per node.")
-    vllm_engines: int | None = Field(
-        default=None, ge=1, description="vLLM engines; None: one per GPU / vllm_tensor_parallel (colocated)."
-    )
-    vllm_tensor_parallel: int = Field(default=1, ge=1, description="GPUs per vLLM engine.")
-    colocate: bool = Field(
-        default=True,
-        description="Hybrid engine: actor and vLLM share the GPUs (--train.colocate_all with sleep modes).",
-    )
-    vllm_gpu_memory_utilization: float = Field(
-        default=0.5, gt=0.0, le=1.0, description="vLLM's share of GPU memory (lower when colocated)."
-    )
-    zero_stage: Literal[0, 1, 2, 3] = Field(default=3, description="DeepSpeed ZeRO stage.")
-    max_len: int = Field(
-        default=8192, ge=256, description="--data.max_len: tokens of a whole episode (prompt, turns, feedback, images)."
-    )
-    micro_train_batch_size: int = Field(default=1, ge=1, description="Sequences per GPU per training forward.")
-    micro_rollout_batch_size: int = Field(default=2, ge=1, description="Sequences per GPU per log-prob forward.")
-    gradient_checkpointing: bool = Field(default=True, description="Activation checkpointing in the actor.")
-    attn_implementation: str = Field(
-        default="flash_attention_2", description="--ds.attn_implementation (eager, sdpa, flash_attention_2, ...)."
-    )
-    freeze_visual_encoder: bool = Field(default=False, description="Train only the language model.")
-    feedback_images: bool = Field(default=True, description="Send each view image back with the feedback.")
-    medeyes_loss: bool = Field(
-        default=True,
-        description="Patch in the dual-stream loss and per-stream advantages (needed for the expert stream). "
-        "False: OpenRLHF's own PolicyLoss and group_norm advantages (on-policy mode only).",
-    )
-    save_steps: int | None = Field(
-        default=None, description="Checkpoint every N steps; None: train.checkpoint_every (0 -> only the final model)."
-    )
-    python: str = Field(default="python3", description="Python executable of the cluster's environment.")
-    extra_args: list[str] = Field(default_factory=list, description="More train_ppo_ray flags, appended verbatim.")
-
-    @model_validator(mode="after")
-    def _check(self) -> OpenRLHFConfig:
-        world = self.nodes * self.gpus_per_node
-        if self.colocate and world % self.vllm_tensor_parallel:
-            raise ConfigError(
-                f"colocate needs nodes*gpus_per_node ({world}) divisible by vllm_tensor_parallel "
-                f"({self.vllm_tensor_parallel}); change one or set colocate=false"
-            )
-        if self.colocate and self.vllm_engines is not None and self.vllm_engines * self.vllm_tensor_parallel != world:
-            raise ConfigError(
-                f"colocate needs vllm_engines*vllm_tensor_parallel == nodes*gpus_per_node, got "
-                f"{self.vllm_engines}*{self.vllm_tensor_parallel} != {world}; set vllm_engines=None"
-            )
-        if not self.medeyes_loss and self.train.grpo.mode == "dual":
-            raise ConfigError(
-                "medeyes_loss=false uses OpenRLHF's PPO loss, which would treat expert rows as on-policy samples; "
-                "set train.grpo.mode=on_policy or keep medeyes_loss=true"
-            )
-        return self
-
-    # -------------------------------------------------------------------------------------------- derived
-
-    @property
-    def data_dir(self) -> Path:
-        """The export directory (absolute)."""
-        return (self.export_dir or self.train.run_dir / "openrlhf-data").resolve()
-
-    @property
-    def output_dir(self) -> Path:
-        """Where OpenRLHF writes checkpoints, the final model and TensorBoard logs (absolute)."""
-        return (self.train.run_dir / "openrlhf").resolve()
-
-    @property
-    def dual(self) -> bool:
-        """Whether the run has an expert stream."""
-        return self.train.grpo.mode == "dual"
-
-    @property
-    def engines(self) -> int:
-        """Number of vLLM engines."""
-        if self.vllm_engines is not None:
-            return self.vllm_engines
-        return max(1, self.nodes * self.gpus_per_node // self.vllm_tensor_parallel)
-
-    def backend(self) -> BackendConfig:
-        """The worker-side :class:`BackendConfig` of this run (written to the export as JSON)."""
-        train = self.train
-        return BackendConfig(
-            data=train.data,
-            data_options=train.data_options,
-            env=train.env,
-            group_on=train.grpo.group_on,
-            group_off=train.grpo.group_off if self.dual else 0,
-            expert_file=self.data_dir / EXPERT_FILE if self.dual else None,
-            objective=train.objective,
-            stop=list(train.sampling.stop),
-            max_turn_tokens=train.sampling.max_new_tokens,
-            feedback_images=self.feedback_images,
-            medeyes_loss=self.medeyes_loss,
-        )
 
 
 # ================================================================================================ export
@@ -182,7 +70,7 @@ def _case_rows(
     from medeyes_env.env import MedEyesEnv
 
     train = config.train
-    source = open_case_source(train.data, train.data_options)
+    source = open_case_source(train.data, train.data_options.model_dump())
     env = MedEyesEnv(source, split=split, config=train.env)  # type: ignore[arg-type]
     rows: dict[int, dict[str, Any]] = {}
     for index in indices:
@@ -217,7 +105,7 @@ def _case_rows(
 def _pool_size(config: OpenRLHFConfig, split: str) -> int:
     train = config.train
     needed = train.grpo.steps * train.grpo.prompts_per_step
-    size = open_case_source(train.data, train.data_options).size(split)  # type: ignore[arg-type]
+    size = open_case_source(train.data, train.data_options.model_dump()).size(split)  # type: ignore[arg-type]
     pool = train.train_cases or (min(needed, train.expert.cases) if config.dual else needed)
     pool = max(1, pool)
     return min(pool, size) if size else pool
@@ -229,7 +117,7 @@ def _expert_cases(config: OpenRLHFConfig, pool: int) -> list[ExpertCase]:
     from medeyes_env.sources import open_cases
 
     train = config.train
-    source = open_cases(train.data, train.data_options)
+    source = open_cases(train.data, train.data_options.model_dump())
     store = ensure_expert_trajectories(train, source)
     index_of = {source.case(train.train_split, i).id: i for i in range(pool)}
     by_case: dict[int, list[ExpertTrajectory]] = {}
@@ -294,7 +182,7 @@ def export_openrlhf_data(config: OpenRLHFConfig, expert_cases: Sequence[ExpertCa
             )
     cases = _case_rows(config, train.train_split, range(pool), images, expert=config.dual)
     prompt_rows = [cases[k % pool] for k in range(n_rows)]
-    size = open_case_source(train.data, train.data_options).size(train.eval_split)
+    size = open_case_source(train.data, train.data_options.model_dump()).size(train.eval_split)
     held = train.eval.indices(size) if train.eval.every > 0 else range(0)
     eval_rows = list(_case_rows(config, train.eval_split, held, images, expert=False).values())
 

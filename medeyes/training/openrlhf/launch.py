@@ -1,6 +1,6 @@
 """The OpenRLHF launch: the ``train_ppo_ray`` command line of a run, the machine check, and the entry point.
 
-:func:`build_command` turns an :class:`~medeyes.training.openrlhf.export.OpenRLHFConfig` into the exact command:
+:func:`build_command` turns an :class:`~medeyes.training.openrlhf.config.OpenRLHFConfig` into the exact command:
 ``python -m medeyes.training.openrlhf.launch --medeyes-config <export>/medeyes_openrlhf.json <train_ppo_ray
 flags>`` (``launcher="local"``), or ``ray job submit ... -- python -m openrlhf.cli.train_ppo_ray <flags>`` with
 the patch hook in the job's runtime environment (``launcher="ray-job"``). :func:`main` (this module run with
@@ -20,8 +20,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from medeyes.training.openrlhf.config import CONFIG_ENV, OPENRLHF_VERSION, SETUP_HOOK, BackendConfig
-from medeyes.training.openrlhf.export import AGENT_FILE, BACKEND_FILE, EVAL_FILE, PROMPTS_FILE, OpenRLHFConfig
+from medeyes.training.openrlhf.config import (
+    AGENT_FILE,
+    BACKEND_FILE,
+    CONFIG_ENV,
+    EVAL_FILE,
+    OPENRLHF_VERSION,
+    PROMPTS_FILE,
+    SETUP_HOOK,
+    BackendConfig,
+    OpenRLHFConfig,
+)
 from medeyes_env.errors import ConfigError
 
 LAUNCH_MODULE = "medeyes.training.openrlhf.launch"
@@ -130,7 +139,7 @@ def build_command(
 ) -> list[str]:
     """The command line that trains ``config`` on OpenRLHF (argv list; :func:`shlex.join` it to print).
 
-    ``local``: ``python -m medeyes.training.openrlhf_launch`` on the head node (it starts or joins Ray with
+    ``local``: ``python -m medeyes.training.openrlhf.launch`` on the head node (it starts or joins Ray with
     the patch hook). ``ray-job``: ``ray job submit`` to ``ray_address`` with the hook in ``--runtime-env-json``.
     With ``medeyes_loss=false`` both run OpenRLHF's own trainer with no MedEyes patch.
     """
@@ -230,7 +239,7 @@ def format_command(command: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m medeyes.training.openrlhf_launch --medeyes-config FILE <train_ppo_ray flags>``.
+    """``python -m medeyes.training.openrlhf.launch --medeyes-config FILE <train_ppo_ray flags>``.
 
     Starts (or joins, with ``RAY_ADDRESS``) Ray with the MedEyes patch hook in every worker, patches this
     process too, then runs ``openrlhf.cli.train_ppo_ray`` as ``__main__`` with the remaining flags.
@@ -239,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--medeyes-config" not in args or args.index("--medeyes-config") + 1 >= len(args):
-        sys.exit("usage: python -m medeyes.training.openrlhf_launch --medeyes-config FILE <train_ppo_ray flags>")
+        sys.exit(f"usage: python -m {LAUNCH_MODULE} --medeyes-config FILE <train_ppo_ray flags>")
     at = args.index("--medeyes-config")
     config_path = str(Path(args[at + 1]).resolve())
     rest = args[:at] + args[at + 2 :]

@@ -59,8 +59,9 @@ class DualStreamPolicyLoss(torch.nn.Module):
     parallelism give one mean over the optimizer step, as OpenRLHF's own loss does.
 
     Args:
-        config: The objective; its ``kl_coef`` and ``entropy_coef`` are ignored here (OpenRLHF applies KL and
-            entropy itself, from ``--algo.kl.*`` and ``--actor.entropy_coef``).
+        config: The objective; its ``kl_coef`` and ``entropy_coef`` are not applied here (OpenRLHF applies KL and
+            entropy itself, from ``--algo.kl.*`` and ``--actor.entropy_coef``); ``tis_cap`` weighs by the
+            ``rollout_log_probs`` OpenRLHF passes (an error without them).
 
     """
 
@@ -98,7 +99,12 @@ class DualStreamPolicyLoss(torch.nn.Module):
             raise ValueError(f"bound is_expert has {expert.numel()} rows, the micro-batch {rows}; rebind per batch")
         expert = expert.to(log_probs.device)
         adv = row_advantages(advantages, mask)  # [B]
-        loss, metrics = dual_stream_loss(log_probs, old_log_probs, adv, mask, expert, self.config)
+        # objective.tis_cap: the rollout engine's log-probs against OpenRLHF's recomputed pi_old (dual_stream_loss
+        # refuses a tis_cap without them; the export refuses it too, as the launch does not ask for them)
+        behaviour = rollout_log_probs if self.config.tis_cap is not None else None
+        loss, metrics = dual_stream_loss(
+            log_probs, old_log_probs, adv, mask, expert, self.config, behaviour_logprobs=behaviour
+        )
         loss = loss * self.global_scale(mask, dp_size, batch_num_tokens, global_batch_size)
         on = mask & ~expert[:, None]
         clip_ratio = torch.tensor(metrics.get("stream/on/clip_frac", 0.0), device=log_probs.device)
