@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medeyes.cli.app import app
-from medeyes.evaluation import bootstrap_ci, score_records
+from medeyes.evaluation.scores import bootstrap_ci, score_records
 from medeyes.trajectories import read_records
 from medeyes_env.cases import Case
 from medeyes_env.rewards import accuracy_reward, token_recall

@@ -17,8 +17,7 @@ from rich.table import Table
 from medeyes.cli.common import console, friendly_errors, parse_key_values, safe, training_setting
 from medeyes.cli.counterfactual import CounterfactualOption, eval_counterfactual_config, run_counterfactual_command
 from medeyes.cli.rollout import AgentSpec, build_agent
-from medeyes.evaluation import EvalConfig, EvalReport, evaluate
-from medeyes.evaluation.run import Dataset
+from medeyes.evaluation.run import Dataset, EvalConfig, EvalReport, evaluate
 from medeyes.evaluation.scores import PAPER_MODEL, DatasetScores, Interval
 from medeyes.trajectories import TrajectoryRecord
 from medeyes_env.cases import SPLITS

@@ -1,15 +1,13 @@
-"""Benchmark evaluation (``medeyes eval``): run an agent on datasets, score it the way the rewards do."""
+"""Benchmark evaluation (``medeyes eval``): run an agent on datasets, score it the way the rewards do.
 
-from medeyes.evaluation.run import EvalConfig, EvalReport, evaluate, evaluate_source
-from medeyes.evaluation.scores import PAPER_RESULTS, DatasetScores, bootstrap_ci, score_records
+A map, not an API: import each name from the module that defines it.
 
-__all__ = [
-    "PAPER_RESULTS",
-    "DatasetScores",
-    "EvalConfig",
-    "EvalReport",
-    "bootstrap_ci",
-    "evaluate",
-    "evaluate_source",
-    "score_records",
-]
+- :mod:`~medeyes.evaluation.run`: :func:`~medeyes.evaluation.run.evaluate` and its settings,
+  :class:`~medeyes.evaluation.run.EvalConfig` (training's held-out evaluation is
+  :class:`~medeyes.training.stage_config.HeldOutEvalConfig`), the resumable store, the report;
+- :mod:`~medeyes.evaluation.scores`: accuracy per answer type with bootstrap CIs, grounding, steps, the paper's
+  figures;
+- :mod:`~medeyes.evaluation.counterfactual`: image counterfactual arms (does the answer follow the image);
+- :mod:`~medeyes.evaluation.blind`: the blind majority-answer baseline (training logs it too);
+- :mod:`~medeyes.evaluation.audit`: checks of a dataset before scoring on it.
+"""
