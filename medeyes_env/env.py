@@ -78,6 +78,8 @@ from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
 from medeyes_env.sources import CaseSource, open_source
 
 TEXT_CHARSET = frozenset(string.printable)
+PROCEDURAL_CASES = 2**31 - 1
+"""Case indices a reset draws from on a procedural (infinite) source: ``[0, PROCEDURAL_CASES)``."""
 ImageFormat = Literal["pil", "data_url"]
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 
@@ -197,7 +199,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             index = options.get("case_index")
             if index is None:
                 size = self.source.size(self.split)
-                index = int(self.np_random.integers(0, size if size else 2**31 - 1))
+                index = int(self.np_random.integers(0, size if size else PROCEDURAL_CASES))
             elif not isinstance(index, (int, np.integer)) or index < 0:
                 raise ValueError(f"options['case_index'] must be a non-negative int, got {index!r}")
             case = self.source.case(self.split, int(index))

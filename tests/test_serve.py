@@ -165,7 +165,7 @@ def test_malformed_frames_get_clear_errors_and_the_socket_keeps_working(url):
         "code": "EXECUTION_ERROR",
     }
     assert answers["reset with an unknown argument"]["message"] == (
-        "unknown reset arguments ['sneed']; use seed, episode_id or case_index"
+        "unknown reset arguments ['sneed']; use seed, episode_id, case_index, split or index"
     )
     for name, msg in {
         "step without text": "Field required",

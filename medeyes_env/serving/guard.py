@@ -2,12 +2,13 @@
 
 :class:`RequestGuard` (ASGI middleware) checks every HTTP request and WebSocket handshake, in order:
 
-1. the route is one MedEyes serves (:data:`ROUTES`): OpenEnv's MCP, task and web routes are not (404);
+1. the route is one MedEyes serves (:data:`ROUTES`, :data:`TASK_ROUTES`; a WebSocket only on ``/ws``):
+   OpenEnv's MCP sessions and web routes are not (404);
 2. on a server without a token (which is bound to loopback), ``Host`` names loopback: a page on
    ``evil.example`` whose name now resolves to 127.0.0.1 (DNS rebinding) sends ``Host: evil.example`` (403);
 3. no ``Origin`` header, or one allowed with ``--allow-origin``: browsers send one, programs do not, and
    browsers do not hold WebSockets to the same-origin policy (403);
-4. the bearer token, on every route but ``/health`` (401; a WebSocket is refused with 403);
+4. the bearer token, on every route but :data:`OPEN_PATHS` (401; a WebSocket is refused with 403);
 5. the body size (413); a WebSocket's first message within ``handshake_timeout_s`` and then one at least
    every ``idle_timeout_s``, or it is closed (1008); server paths in error frames become ``<server path>``.
 
@@ -29,9 +30,36 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 ROUTES = frozenset(
-    {"/ws", "/reset", "/step", "/state", "/schema", "/metadata", "/health", "/openapi.json", "/docs", "/redoc"}
+    {
+        "/ws",
+        "/reset",
+        "/step",
+        "/state",
+        "/schema",
+        "/metadata",
+        "/health",
+        "/openapi.json",
+        "/docs",
+        "/redoc",
+        "/mcp",
+        "/list_environments",
+    }
 )
-"""The paths ``medeyes serve`` answers; every other path OpenEnv's ``create_app`` adds is removed."""
+"""The fixed paths ``medeyes serve`` answers (``/mcp`` is its own stateless answer, not OpenEnv's)."""
+
+TASK_ROUTES = frozenset({"/medeyes/splits", "/medeyes/num_tasks", "/medeyes/task", "/medeyes/task_range"})
+"""OpenEnv's task API under the served env's name (matched in lower case, as OpenEnv matches the name)."""
+
+APP_ROUTES = (ROUTES - {"/mcp"}) | {"/{env_name}/" + path.rpartition("/")[2] for path in TASK_ROUTES}
+"""The route templates kept from OpenEnv's app; every other route it adds (its MCP, list_tasks, web) is removed."""
+
+OPEN_PATHS = frozenset(
+    {"/health", "/openapi.json", "/schema", "/metadata", "/mcp", "/list_environments"}
+    | {"/medeyes/splits", "/medeyes/num_tasks"}
+)
+"""Routes a server with a token answers without it: discovery that carries no case data and no gold
+(what the server is, its schemas, that it has no MCP tools, split names and sizes). Questions, images,
+rewards and the task specs need the token."""
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -69,8 +97,6 @@ class RequestGuard:
 
     Pure ASGI rather than Starlette's ``BaseHTTPMiddleware`` because that one never sees WebSockets.
     """
-
-    OPEN_PATHS = frozenset({"/health"})
 
     def __init__(
         self,
@@ -114,8 +140,9 @@ class RequestGuard:
 
     def _refusal(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         path = scope.get("path", "")
-        if path not in ROUTES:
-            return 404, f"no route {path}: medeyes serve answers {', '.join(sorted(ROUTES))}"
+        route = path.lower() if path.lower() in TASK_ROUTES else path
+        if route not in ROUTES | TASK_ROUTES or (scope["type"] == "websocket" and route != "/ws"):
+            return 404, f"no route {path}: medeyes serve answers {', '.join(sorted(ROUTES | TASK_ROUTES))}"
         if scope["type"] == "websocket" and scope.get("query_string"):
             return 400, "WS /ws takes no query (attaching to another session is an MCP feature MedEyes turns off)"
         if self.expected is None:
@@ -131,7 +158,7 @@ class RequestGuard:
                 f"Origin {origin!r} is not allowed: browsers are not clients "
                 f"(start the server with --allow-origin {origin} to allow this page)"
             )
-        if self.expected is not None and path not in self.OPEN_PATHS:
+        if self.expected is not None and route not in OPEN_PATHS:
             given = (_header(scope, b"authorization") or "").encode("latin-1")
             if not hmac.compare_digest(given, self.expected):  # constant time: the token is a secret
                 return 401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'"

@@ -3,8 +3,10 @@
 Routes are OpenEnv's: ``WS /ws`` (one stateful episode per connection: reset, step, state, close),
 and ``POST /reset``, ``POST /step``, ``GET /state``, ``GET /schema``, ``GET /metadata``, ``GET /health``.
 Plain HTTP ``/reset`` and ``/step`` are stateless upstream (each builds a fresh environment), so
-episodes go over the socket. OpenEnv's MCP routes (``/mcp``), task routes and web interface
-(``ENABLE_WEB_INTERFACE``) are not served.
+episodes go over the socket. OpenEnv's task API is served (``GET /medeyes/splits``, ``POST
+/medeyes/num_tasks``, ``/medeyes/task``, ``/medeyes/task_range``; ``reset(split=..., index=...)`` picks
+a case). OpenEnv's MCP routes and web interface (``ENABLE_WEB_INTERFACE``) are not: ``POST /mcp`` is
+MedEyes' own stateless answer (no tools, no sessions), ``WS /mcp`` is refused.
 
 What this module adds around OpenEnv's app (the checks themselves are in :mod:`.guard`):
 
@@ -15,7 +17,9 @@ What this module adds around OpenEnv's app (the checks themselves are in :mod:`.
 - an optional bearer token on every route but ``/health`` (HTTP 401; a WebSocket is refused with 403);
   without one the server binds to loopback only and answers only loopback ``Host`` names;
 - no ``Origin`` (no browser page) unless allowed; a connection cap and deadlines for headers and messages;
-- no gold answers or boxes, and opaque case ids, on the wire unless ``include_gold`` (``medeyes serve --eval``).
+- no gold answers or boxes, and opaque case ids, on the wire unless ``include_gold`` (``medeyes serve --eval``);
+- a bad request argument (reset's, the task API's) is a 4xx with the reason over HTTP (OpenEnv answers 500),
+  and an error frame over the socket.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import threading
@@ -31,19 +36,32 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import gymnasium as gym
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from openenv.core.env_server.http_server import create_fastapi_app
 from openenv.core.env_server.interfaces import Environment
 from openenv.core.env_server.types import ConcurrencyConfig, EnvironmentMetadata
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medeyes_env.cases import Split
-from medeyes_env.env import MedEyesEnv
-from medeyes_env.errors import ConfigError
+from medeyes_env.env import PROCEDURAL_CASES, MedEyesEnv
+from medeyes_env.errors import ConfigError, MedEyesError
 from medeyes_env.registration import ENV_IDS
-from medeyes_env.serving.guard import ROUTES, RequestGuard, is_loopback, limited_h11
+from medeyes_env.serving.guard import APP_ROUTES, RequestGuard, is_loopback, limited_h11, redact_paths
 from medeyes_env.serving.wire import MedEyesAction, MedEyesObservation, MedEyesState, encode_image
 
 _COMPONENTS = ("accuracy", "grammar", "diversity", "grounding", "tool", "token_recall", "best_iou")
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+MAX_TASK_RANGE = 1000
+"""Most task specs one ``task_range`` request returns: a procedural split has 2**31 - 1 of them."""
+
+
+class RequestError(MedEyesError, ValueError):
+    """A client's request arguments are wrong: HTTP answers ``status`` with the message, a socket an error frame."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ServeConfig(BaseModel):
@@ -133,6 +151,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         self.config = config or ServeConfig()
         self.id_key = id_key or secrets.token_bytes(32)
         self.env = make_env(self.config)
+        self.default_split: Split = self.env.split
         self._state = MedEyesState()
         self._question = ""
         self._closed = False
@@ -142,14 +161,30 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         seed: int | None = None,
         episode_id: str | None = None,
         case_index: int | None = None,
+        split: str | None = None,
+        index: int | None = None,
         **kwargs: Any,
     ) -> MedEyesObservation:
-        """Start an episode: the case drawn with ``seed``, or the one at ``case_index``."""
+        """Start an episode: the case drawn with ``seed``, or the one at ``case_index`` / ``index``.
+
+        ``index`` is OpenEnv's task-API name for ``case_index``; ``split`` picks the split for this episode
+        (the server's when not given).
+        """
         self._check_open()
         if kwargs:
-            raise ValueError(f"unknown reset arguments {sorted(kwargs)}; use seed, episode_id or case_index")
-        if case_index is not None and (type(case_index) is not int or case_index < 0):  # True is not an index
-            raise ValueError(f"case_index must be a non-negative int, got {case_index!r}")
+            raise RequestError(
+                f"unknown reset arguments {sorted(kwargs)}; use seed, episode_id, case_index, split or index"
+            )
+        if index is not None and case_index is not None:
+            raise RequestError("pass the case as index or as case_index, not both")
+        if seed is not None and (type(seed) is not int or seed < 0):
+            raise RequestError(f"seed must be a non-negative int, got {seed!r}")
+        if episode_id is not None and not isinstance(episode_id, str):
+            raise RequestError(f"episode_id must be a string, got {episode_id!r}")
+        self.env.split = self._split(split) if split is not None else self.default_split
+        case_index = index if index is not None else case_index
+        if case_index is not None:
+            self._check_index(self.env.split, case_index, "case_index" if index is None else "index")
         options = {"case_index": case_index} if case_index is not None else None
         obs, info = self.env.reset(seed=seed, options=options)
         self._question = obs["text"]  # at reset the text is the question with its answer instructions
@@ -160,15 +195,75 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         """Play one turn; a malformed turn is feedback, as in-process; a step after the end is an error."""
         self._check_open()
         if self._state.case_id is None:
-            raise RuntimeError("no episode in this session: send reset before step")
+            # 409 over HTTP: plain POST /step has no session to continue (OpenEnv builds a fresh env per call)
+            raise RequestError("no episode in this session: send reset before step", status=409)
         if self._state.done:
-            raise RuntimeError("the episode has ended: send reset to start another")
+            raise RequestError("the episode has ended: send reset to start another", status=409)
         obs, reward, terminated, truncated, info = self.env.step(action.text)
         done = terminated or truncated
         self._state = self._state.model_copy(
             update={"step_count": info["step"], "done": done, "reward_total": info.get("reward_total")}
         )
         return self._observation(obs, info, reward=reward, terminated=terminated, truncated=truncated)
+
+    # -- OpenEnv's task API (discovery only; reset(split=..., index=...) plays a task) ----------------------------
+
+    def list_splits(self) -> list[dict[str, Any]]:
+        """The three splits, each with its number of tasks (``procedural``: every index is a case)."""
+        return [self._split_descriptor(split) for split in SPLITS]
+
+    def num_tasks(self, split: str) -> int:
+        """Cases in ``split``: the source's count, or 2**31 - 1 for a procedural source (the indices reset draws)."""
+        return self._split_descriptor(self._split(split))["num_tasks"]
+
+    def get_task(self, split: str, index: int) -> dict[str, Any]:
+        """One case as a task spec: its question and answer format, never its gold (unless ``--eval``)."""
+        split = self._split(split)
+        self._check_index(split, index, "index")
+        case = self.env.source.case(split, index)
+        spec: dict[str, Any] = {
+            "split": split,
+            "index": index,
+            "case_id": self.public_id(case.id),
+            "question": case.question,
+            "answer_type": case.answer_type.value,
+            "options": list(case.options),
+        }
+        if self.config.include_gold:
+            spec |= {"gold_answer": case.answer, "gold_boxes": [region.box for region in case.regions]}
+        return spec
+
+    def get_task_range(self, split: str, start: int | None = None, stop: int | None = None) -> list[dict[str, Any]]:
+        """Task specs ``start`` (inclusive) to ``stop`` (exclusive), Python-slice style, at most MAX_TASK_RANGE."""
+        split = self._split(split)
+        total = self.num_tasks(split)
+        for name, bound in (("start", start), ("stop", stop)):
+            if bound is not None and type(bound) is not int:
+                raise RequestError(f"{name} must be an int or null, got {bound!r}")
+        indices = range(total)[start:stop]
+        if len(indices) > MAX_TASK_RANGE:
+            raise RequestError(
+                f"{len(indices)} tasks asked for at once; ask for at most {MAX_TASK_RANGE} (pass start and stop)"
+            )
+        return [self.get_task(split, index) for index in indices]
+
+    def _split(self, split: Any) -> Split:
+        if split not in SPLITS:
+            raise RequestError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        return split
+
+    def _split_descriptor(self, split: Split) -> dict[str, Any]:
+        size = self.env.source.size(split)
+        procedural = size is None
+        num_tasks = PROCEDURAL_CASES if procedural else size
+        return {"name": split, "type": split, "num_tasks": num_tasks, "procedural": procedural}
+
+    def _check_index(self, split: Split, index: Any, name: str) -> None:
+        if type(index) is not int or index < 0:  # True is not an index
+            raise RequestError(f"{name} must be a non-negative int, got {index!r}")
+        total = self._split_descriptor(split)["num_tasks"]
+        if index >= total:
+            raise RequestError(f"{name} {index} is out of range: split {split!r} has {total} tasks")
 
     def public_id(self, case_id: str) -> str:
         """The id clients see: the case's own with ``include_gold``, else an HMAC of it under this server's key.
@@ -277,8 +372,10 @@ def build_app(config: ServeConfig | None = None) -> Any:
         state_cls=MedEyesState,
         mode="simulation",
     )
-    # OpenEnv's MCP routes make sessions the idle reaper never frees, and its task routes are not MedEyes'.
-    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) in ROUTES]
+    # OpenEnv's MCP routes make sessions the idle reaper never frees; its list_tasks route would list 2**31 tasks.
+    app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) in APP_ROUTES]
+    app.add_api_route("/mcp", mcp_without_tools, methods=["POST"], include_in_schema=False)
+    app.add_exception_handler(RequestError, _request_error_response)
     app.add_middleware(
         RequestGuard,
         token=config.token,
@@ -288,6 +385,30 @@ def build_app(config: ServeConfig | None = None) -> Any:
         idle_timeout_s=config.idle_timeout_s,
     )
     return app
+
+
+async def mcp_without_tools(request: Request) -> dict[str, Any]:
+    """``POST /mcp``: a JSON-RPC 2.0 answer that MedEyes has no MCP tools, with no session behind it.
+
+    MedEyes is a simulation-mode environment (its actions are protocol text over ``/ws``), so ``tools/list``
+    is empty and every other method is "not found". OpenEnv's own ``/mcp`` made sessions the idle reaper
+    never freed; this one holds nothing. OpenEnv's runtime validator expects the route to answer JSON-RPC.
+    """
+    try:
+        message = json.loads(await request.body())
+    except ValueError:
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
+    if not isinstance(message, dict) or not isinstance(message.get("method"), str):
+        return {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Invalid Request: no method"}}
+    request_id = message.get("id")
+    if message["method"] == "tools/list":
+        return {"jsonrpc": "2.0", "id": request_id, "result": {"tools": []}}
+    error = f"Method not found: {message['method'][:100]}. medeyes serve has no MCP tools; play over WS /ws"
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32601, "message": error}}
+
+
+def _request_error_response(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": redact_paths(str(exc))}, status_code=exc.status)
 
 
 def _session_factory(config: ServeConfig, id_key: bytes) -> Callable[[], MedEyesOpenEnv]:

@@ -85,20 +85,21 @@ def test_dns_rebinding_a_token_less_server_is_refused(url):
         assert httpx.post(url + "/reset", json={"seed": 0}, headers={"Host": host}).status_code == 200
 
 
-# -- 8: OpenEnv's MCP and task routes ------------------------------------------------------------------
+# -- 8: OpenEnv's MCP sessions and list_tasks -------------------------------------------------------
 
 
-def test_mcp_routes_are_gone_and_cannot_hold_slots():
+def test_mcp_sessions_are_gone_and_cannot_hold_slots():
     with background_server(ServeConfig(port=0, max_sessions=1)) as base:
+        # POST /mcp is MedEyes' own stateless JSON-RPC answer (no tools): OpenEnv's session methods are not found
         created = httpx.post(base + "/mcp", json={"jsonrpc": "2.0", "method": "openenv/session/create", "id": 1})
-        assert created.status_code == 404
+        assert created.status_code == 200 and created.json()["error"]["code"] == -32601
         with pytest.raises(InvalidStatus) as refused:
             connect(ws_url(base, "/mcp"))
         assert refused.value.response.status_code == 403  # a refused WebSocket handshake is always 403
         with pytest.raises(InvalidStatus):
             connect(ws_url(base, "/ws?session_id=anything"))
-        for path in ("/list_environments", "/medeyes/splits"):
-            assert httpx.get(base + path).status_code == 404
+        for path in ("/medeyes/tasks", "/other_env/splits"):  # list_tasks (2**31 phantom tasks) and other names
+            assert httpx.post(base + path, json={"split": "test"}).status_code == 404
         with connect(ws_url(base)) as ws:  # the one slot is still free
             assert reset_over(ws)["type"] == "observation"
 
