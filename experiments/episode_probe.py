@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = preset("cpu-default")
     env = cfg.env.model_copy(update={"instructions": args.instructions})
-    source = open_cases(cfg.data, cfg.data_options)
+    source = open_cases(cfg.data, cfg.data_options.model_dump())
     rng = np.random.default_rng(0)
     cases = []
     for index in range(args.start, args.start + args.n):

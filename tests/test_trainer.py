@@ -274,19 +274,63 @@ def test_overrides_do_not_write_into_the_callers_config():
     assert changed["eval"]["every"] == every + 7 and base["eval"]["every"] == every
 
 
-def test_expert_agent_settings_nest_the_agents_config_and_read_the_old_flat_keys(tmp_path):
-    """expert.agent is the agent's own ExpertConfig; files and --set keys written before it still load."""
+def test_expert_agent_settings_nest_the_agents_config_and_refuse_the_old_flat_keys(tmp_path):
+    """expert.agent is the agent's own ExpertConfig; a key from before it is refused with its new name."""
     from medeyes.agents.expert.config import ExpertConfig
 
     cfg = preset("cpu-default")
     assert isinstance(cfg.expert.agent, ExpertConfig) and cfg.expert.agent.n_expert == 2
     old = tmp_path / "old.yaml"
-    old.write_text("expert:\n  per_case: 3\n  mode: greedy\n  seed: 7\n")
-    loaded = TrainConfig.from_yaml(old, {"expert.agent.seed": 8})  # the new key replaces the file's old one
-    assert (loaded.expert.agent.n_expert, loaded.expert.agent.mode, loaded.expert.agent.seed) == (3, "greedy", 8)
-    assert build_config({}, {"expert.per_case": 4}).expert.agent.n_expert == 4
+    old.write_text("expert:\n  per_case: 3\n  mode: greedy\n")
+    renamed = (
+        r"the expert agent's settings live under expert\.agent: rename expert\.per_case -> expert\.agent\.n_expert"
+    )
+    with pytest.raises(ConfigError, match=rf"(?s)old\.yaml: .*{renamed}, expert\.mode -> expert\.agent\.mode"):
+        TrainConfig.from_yaml(old)
+    with pytest.raises(ConfigError, match=renamed):
+        build_config({}, {"expert.per_case": 4})
     assert "t_max" not in cfg.model_dump()["expert"]["agent"]  # the expert's tool turns are env.max_steps
     with pytest.raises(ConfigError, match=r"expert\.agent\.t_max=3 is not read: .* set env\.max_steps instead"):
         build_config({}, {"expert.agent.t_max": 3})
-    with pytest.raises(ConfigError, match=r"expert\.per_case=2 and expert\.agent\.n_expert=5 disagree"):
-        build_config({"expert": {"per_case": 2, "agent": {"n_expert": 5}}})
+
+
+def test_oracle_and_data_options_are_typed_and_dump_only_what_was_given():
+    """--help-config lists every oracle and phantom field; a dump (and so the expert cache key) holds the given ones."""
+    from medeyes.cli.train import config_rows
+
+    cfg = build_config(preset("tiny").model_dump(mode="json"), {"expert.oracle_options.bilateral": True})
+    assert cfg.expert.oracle_options.model_dump() == {"distractors": 0.0, "lookalikes": "like_gold", "bilateral": True}
+    assert cfg.data_options.model_dump() == {"image_size": 256}
+    assert cfg.data_options.noise is None  # the preset's value
+    rows = {key for key, _, _ in config_rows(cfg)}
+    assert {"expert.oracle_options.work_side", "expert.oracle_options.base_url", "data_options.lumen_sigma"} <= rows
+    with pytest.raises(
+        ConfigError,
+        match=r"expert\.oracle_options\.bilateral is a setting of the annotation and "
+        r"perfect oracles, not of expert\.oracle='image': remove it, or set expert\.oracle=annotation",
+    ):
+        build_config({}, {"expert.oracle": "image", "expert.oracle_options.bilateral": True})
+    with pytest.raises(
+        ConfigError,
+        match=r"expert\.oracle_options\.distractors=99\.0: Input should be less than or "
+        r"equal to 10 \(the annotation oracle's config\)",
+    ):
+        build_config({}, {"expert.oracle_options.distractors": 99})
+    with pytest.raises(
+        ConfigError, match=r"expert\.oracle\n  Input should be 'annotation', 'perfect', 'image' or 'vlm'"
+    ):
+        build_config({}, {"expert.oracle": "vlmm"})
+
+
+def test_training_code_map_names_every_module():
+    """docs/training.md's module table names every module of medeyes/training (the openrlhf package as one)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    training = root / "medeyes" / "training"
+    table = [line for line in (root / "docs" / "training.md").read_text().splitlines() if line.startswith("| `")]
+    named = {name for line in table for name in line.split("|")[1].replace("`", "").replace(",", " ").split()}
+    modules = {p.relative_to(training).as_posix() for p in training.glob("**/*.py") if p.name != "__init__.py"}
+    modules = {"openrlhf/" if m.startswith("openrlhf/") else m for m in modules}
+    assert sorted(modules - named) == []
+    assert sorted(named - modules) == []

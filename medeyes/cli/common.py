@@ -121,5 +121,6 @@ def training_setting(path: Path) -> tuple[CaseSource, EnvConfig, str]:
 
     config_file = path / "config.yaml" if path.is_dir() else path
     config = TrainConfig.from_yaml(config_file)
-    options = f" {json.dumps(config.data_options, sort_keys=True, default=str)}" if config.data_options else ""
-    return open_cases(config.data, config.data_options), config.env, config.data + options
+    given = config.data_options.model_dump(mode="json")
+    options = f" {json.dumps(given, sort_keys=True, default=str)}" if given else ""
+    return open_cases(config.data, config.data_options.model_dump()), config.env, config.data + options

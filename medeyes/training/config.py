@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medeyes.agents.expert.config import ExpertConfig
 from medeyes.agents.policy import SamplingConfig
+from medeyes.training.data_config import ExpertDataConfig, PhantomOptions
 from medeyes.training.objective_config import ObjectiveConfig
 from medeyes.training.stage_config import GroundConfig, GRPOConfig, HeldOutEvalConfig, OptimConfig, SFTConfig
 from medeyes_env.env import EnvConfig
@@ -27,8 +27,6 @@ from medeyes_env.errors import ConfigError
 
 __all__ = [
     "PRESETS",
-    "ExpertAgentConfig",
-    "ExpertDataConfig",
     "Stage",
     "TrainConfig",
     "apply_overrides",
@@ -37,94 +35,6 @@ __all__ = [
 ]
 
 Stage = Literal["ground", "sft", "grpo"]
-
-
-class ExpertAgentConfig(ExpertConfig):
-    """The expert agent's settings (:class:`ExpertConfig`) in a run; ``t_max`` comes from ``env.max_steps``."""
-
-    t_max: int = Field(default=4, ge=1, le=32, exclude=True, description="Not set here: max(1, env.max_steps).")
-
-
-FLAT_EXPERT_KEYS = {
-    "per_case": "n_expert",
-    "mode": "mode",
-    "keep_only_correct": "keep_only_correct",
-    "max_regions": "max_regions",
-    "global_questions": "global_questions",
-    "seed": "seed",
-}
-"""``expert.<old key>`` -> ``expert.agent.<field>``: the flat keys of configs written before ``expert.agent``."""
-
-
-def nest_flat_expert_keys(expert: Any) -> Any:
-    """An ``expert`` mapping with its flat keys (``per_case``, ``mode``, ...) moved under ``agent``.
-
-    >>> nest_flat_expert_keys({"cases": 4, "per_case": 2, "mode": "greedy"})
-    {'cases': 4, 'agent': {'n_expert': 2, 'mode': 'greedy'}}
-    """
-    if not isinstance(expert, dict) or not FLAT_EXPERT_KEYS.keys() & expert.keys():
-        return expert
-    expert = dict(expert)
-    agent = expert.get("agent") or {}
-    agent = agent.model_dump(exclude_unset=True) if isinstance(agent, BaseModel) else dict(agent)
-    for old, new in FLAT_EXPERT_KEYS.items():
-        if old not in expert:
-            continue
-        value = expert.pop(old)
-        if new in agent and agent[new] != value:
-            raise ConfigError(
-                f"expert.{old}={value!r} and expert.agent.{new}={agent[new]!r} disagree; expert.{old} is the old "
-                f"name of expert.agent.{new}: keep only expert.agent.{new}"
-            )
-        agent[new] = value
-    expert["agent"] = agent
-    return expert
-
-
-class ExpertDataConfig(BaseModel):
-    """Where the expert (GRN + CVS) trajectories come from, and how they are made when absent."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dir: Path | None = Field(
-        default=None, description="Trajectory store of expert demos; None: <run_dir>/../expert-<mode>-<data> cache."
-    )
-    generate_if_absent: bool = Field(default=True, description="Run the expert agent when the store is empty.")
-    cases: int = Field(default=256, ge=1, description="Training cases to generate expert trajectories for.")
-    oracle: str = Field(default="annotation", description="Region oracle of the expert (annotation, image, vlm).")
-    oracle_options: dict[str, str | int | float | bool] = Field(
-        default_factory=dict,
-        description="Fields of the oracle's config, e.g. {lookalikes: like_gold, distractors: 0} for annotation.",
-    )
-    reasoning: Literal["full", "brief"] = Field(
-        default="full",
-        description="full: train on the expert's narrated reasoning as generated; brief: re-render every expert "
-        "turn with a two-word reasoning (same actions, boxes and answers), for small models and short token budgets.",
-    )
-    agent: ExpertAgentConfig = Field(
-        default_factory=ExpertAgentConfig,
-        description="The expert agent: mode, n_expert (N_expert, trajectories per case), seed (independent of the "
-        "training seed, so runs share demos), ...; its tool turns are env.max_steps.",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _flat_keys(cls, data: Any) -> Any:
-        """Read ``expert.per_case``, ``expert.mode``, ... (configs and run dirs from before ``expert.agent``)."""
-        return nest_flat_expert_keys(data)
-
-    @model_validator(mode="after")
-    def _no_t_max(self) -> ExpertDataConfig:
-        if "t_max" in self.agent.model_fields_set:
-            raise ConfigError(
-                f"expert.agent.t_max={self.agent.t_max} is not read: the expert's tool turns are "
-                "max(1, env.max_steps); set env.max_steps instead"
-            )
-        return self
-
-
-DataOption = str | int | float | bool | list[str | int | float | bool]
-"""A value of ``data_options``: a scalar or a flat list (what PhantomConfig's fields take), nothing nested."""
 
 
 class TrainConfig(BaseModel):
@@ -143,8 +53,8 @@ class TrainConfig(BaseModel):
         default="tiny", description="Model alias (tiny, small-idefics3, ...), local directory or remote id."
     )
     data: str = Field(default="phantom", description="Case source spec, e.g. phantom, phantom:easy, slake:/path.")
-    data_options: dict[str, DataOption] = Field(
-        default_factory=dict,
+    data_options: PhantomOptions = Field(  # type: ignore[valid-type]
+        default_factory=PhantomOptions,
         description="Phantom only: PhantomConfig fields over the preset, e.g. {families: [presence, modality]}.",
     )
     train_split: Literal["train", "validation", "test"] = Field(default="train", description="Cases to train on.")
@@ -286,23 +196,12 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Validate ``data`` with dotted ``overrides`` applied; errors become :class:`ConfigError` naming the field."""
-    overrides = {_current_key(key): value for key, value in (overrides or {}).items()}
-    if isinstance(data.get("expert"), dict):  # so an override of expert.agent.* replaces an old file's flat key
-        data = {**data, "expert": nest_flat_expert_keys(data["expert"])}
     try:
-        return TrainConfig.model_validate(apply_overrides(data, overrides))
+        return TrainConfig.model_validate(apply_overrides(data, overrides or {}))
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"invalid training config: {exc}") from None
-
-
-def _current_key(dotted: str) -> str:
-    """``expert.per_case`` -> ``expert.agent.n_expert`` (:data:`FLAT_EXPERT_KEYS`); other keys as they are."""
-    parent, _, leaf = dotted.partition(".")
-    if parent == "expert" and leaf in FLAT_EXPERT_KEYS:
-        return f"expert.agent.{FLAT_EXPERT_KEYS[leaf]}"
-    return dotted
 
 
 # -------------------------------------------------------------------------------------------- presets

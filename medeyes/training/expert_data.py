@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from medeyes.rollout import RolloutConfig, run_rollout, summarize
-from medeyes.training.config import FLAT_EXPERT_KEYS, ExpertAgentConfig, TrainConfig
+from medeyes.training.config import TrainConfig
+from medeyes.training.data_config import OLD_EXPERT_KEYS, ExpertAgentConfig
 from medeyes.training.stages.ground_examples import BRIEF_REASONING
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes_env.errors import ConfigError
@@ -32,7 +33,7 @@ def expert_store_dir(config: TrainConfig) -> Path:
 
     key = {
         "data": config.data,
-        "data_options": config.data_options,
+        "data_options": config.data_options.model_dump(mode="json"),
         "split": config.train_split,
         "env": config.env.model_dump(mode="json"),
         "expert": _expert_key(config),
@@ -48,11 +49,12 @@ def _expert_key(config: TrainConfig) -> dict[str, Any]:
     Agent fields the flat config did not have enter the key only when they differ from their default.
     """
     expert, agent = config.expert, config.expert.agent
-    key: dict[str, Any] = {"cases": expert.cases, "oracle": expert.oracle, "oracle_options": expert.oracle_options}
-    key.update({old: getattr(agent, new) for old, new in FLAT_EXPERT_KEYS.items()})
+    options = expert.oracle_options.model_dump(mode="json")
+    key: dict[str, Any] = {"cases": expert.cases, "oracle": expert.oracle, "oracle_options": options}
+    key.update({old: getattr(agent, new) for old, new in OLD_EXPERT_KEYS.items()})
     dumped = agent.model_dump(mode="json")
     defaults = ExpertAgentConfig().model_dump(mode="json")
-    others = {k: v for k, v in dumped.items() if k not in FLAT_EXPERT_KEYS.values() and v != defaults[k]}
+    others = {k: v for k, v in dumped.items() if k not in OLD_EXPERT_KEYS.values() and v != defaults[k]}
     if others:
         key["agent"] = others
     return key
@@ -78,7 +80,7 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
                 f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
             )
         agent_config = ExpertConfig(**config.expert.agent.model_dump(), t_max=max(1, config.env.max_steps))
-        agent = ExpertAgent(make_oracle(config.expert.oracle, **config.expert.oracle_options), agent_config)
+        agent = ExpertAgent(make_oracle(config.expert.oracle, **config.expert.oracle_options.model_dump()), agent_config)
         rollout = RolloutConfig(
             split=config.train_split,
             n=config.expert.cases,

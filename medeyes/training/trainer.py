@@ -310,7 +310,7 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
     seed_everything(cfg.seed)
 
     model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=param_dtype_name(cfg))
-    source = open_cases(cfg.data, cfg.data_options)
+    source = open_cases(cfg.data, cfg.data_options.model_dump())
     pool_cases, experts = expert_pool(cfg, source)
 
     start_step, optimizer_state = 0, None

@@ -5,16 +5,25 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from medeyes.agents.expert.oracles.annotation import AnnotationOracle, AnnotationOracleConfig
 from medeyes.agents.expert.oracles.base import RegionOracle
 from medeyes.agents.expert.oracles.image import ImageOracle, ImageOracleConfig
 from medeyes.agents.expert.oracles.vlm import VLMOracle, VLMOracleConfig
 from medeyes_env.errors import ConfigError
 
-__all__ = ["ORACLES", "OracleName", "make_oracle"]
+__all__ = ["ORACLES", "ORACLE_CONFIGS", "OracleName", "make_oracle"]
 
 OracleName = Literal["annotation", "perfect", "image", "vlm"]
 ORACLES: tuple[str, ...] = ("annotation", "perfect", "image", "vlm")
+ORACLE_CONFIGS: dict[str, type[BaseModel]] = {
+    "annotation": AnnotationOracleConfig,
+    "perfect": AnnotationOracleConfig,
+    "image": ImageOracleConfig,
+    "vlm": VLMOracleConfig,
+}
+"""The config class of each oracle (``perfect`` starts from :meth:`AnnotationOracleConfig.perfect`)."""
 
 
 def make_oracle(name: str, **options: Any) -> RegionOracle:
