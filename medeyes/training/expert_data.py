@@ -80,7 +80,8 @@ def ensure_expert_trajectories(config: TrainConfig, source: CaseSource) -> Traje
                 f"no expert trajectories in {root}; run `medeyes expert` or set expert.generate_if_absent=true"
             )
         agent_config = ExpertConfig(**config.expert.agent.model_dump(), t_max=max(1, config.env.max_steps))
-        agent = ExpertAgent(make_oracle(config.expert.oracle, **config.expert.oracle_options.model_dump()), agent_config)
+        oracle = make_oracle(config.expert.oracle, **config.expert.oracle_options.model_dump())
+        agent = ExpertAgent(oracle, agent_config)
         rollout = RolloutConfig(
             split=config.train_split,
             n=config.expert.cases,
