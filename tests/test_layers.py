@@ -133,6 +133,33 @@ def test_no_import_from_a_lower_layer_to_a_higher_one() -> None:
     assert upward == []
 
 
+# Inside medeyes.agents: the interface, then the policy agent, then who generates its turns, then the expert
+# (whose VLM oracle asks a server through a backend). A backend never reaches into the expert.
+AGENT_LAYERS = (
+    ("medeyes.agents.base", 0),
+    ("medeyes.agents.policy", 1),
+    ("medeyes.agents.random_agent", 1),
+    ("medeyes.agents.backends", 2),
+    ("medeyes.agents.expert", 3),
+    ("medeyes.agents", 4),  # the package map
+)
+
+
+def test_agents_import_downward_only() -> None:
+    def layer(module: str) -> int:
+        return next(n for prefix, n in AGENT_LAYERS if module == prefix or module.startswith(prefix + "."))
+
+    graph = _import_graph()
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("medeyes.agents.")
+        for target in targets
+        if target.startswith("medeyes.agents.") and layer(target) > layer(module)
+    )
+    assert upward == []
+
+
 @pytest.mark.parametrize(
     "statement",
     [
