@@ -19,7 +19,7 @@ from medeyes.training.metrics import read_metrics  # noqa: E402
 from medeyes.training.mismatch import tis_metrics, truncated_is_weights  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402
 from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
-from medeyes.training.rollout_engine import _resolve_sleep, make_rollout_engine  # noqa: E402
+from medeyes.training.rollout_engine import resolve_sleep, make_rollout_engine  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -122,10 +122,10 @@ def test_tis_needs_recomputed_old_logprobs() -> None:
 
 
 def test_sleep_setting() -> None:
-    assert _resolve_sleep("auto", available=False) is False
-    assert _resolve_sleep("on", available=True) is True
+    assert resolve_sleep("auto", available=False) is False
+    assert resolve_sleep("on", available=True) is True
     with pytest.raises(ConfigError, match=r"grpo\.vllm\.sleep=.on. but this vLLM platform has no sleep mode"):
-        _resolve_sleep("on", available=False)
+        resolve_sleep("on", available=False)
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is importable in this python")

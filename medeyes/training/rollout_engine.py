@@ -152,10 +152,10 @@ def _vllm_or_explain(backend: str) -> Any:
     return vllm
 
 
-def _resolve_sleep(mode: str, available: bool) -> bool:
+def resolve_sleep(mode: str, available: bool) -> bool:
     """Whether to sleep between rollouts: ``on`` refuses an engine without sleep mode, ``auto`` follows it.
 
-    >>> _resolve_sleep("auto", False), _resolve_sleep("auto", True), _resolve_sleep("off", True)
+    >>> resolve_sleep("auto", False), resolve_sleep("auto", True), resolve_sleep("off", True)
     (False, True, False)
     """
     if mode == "on" and not available:
@@ -197,7 +197,7 @@ def make_rollout_engine(config: Any, policy: PolicyAgent, train_dtype: str, star
         probe_sleep = g.vllm.sleep != "off"
         from vllm.platforms import current_platform
 
-        sleep = _resolve_sleep(g.vllm.sleep, probe_sleep and bool(current_platform.is_sleep_mode_available()))
+        sleep = resolve_sleep(g.vllm.sleep, probe_sleep and bool(current_platform.is_sleep_mode_available()))
         backend = VLLMBackend(
             model_path,
             dtype=dtype_name,
