@@ -19,7 +19,7 @@ from medeyes.training.metrics import read_metrics  # noqa: E402
 from medeyes.training.mismatch import tis_metrics, truncated_is_weights  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402
 from medeyes.training.objective_config import ObjectiveConfig  # noqa: E402
-from medeyes.training.rollout_engine import resolve_sleep, make_rollout_engine  # noqa: E402
+from medeyes.training.rollout_engine import make_rollout_engine, resolve_sleep  # noqa: E402
 from medeyes_env.errors import ConfigError  # noqa: E402
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
