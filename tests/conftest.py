@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.openai_stand_in import Responder, StandInServer, StartServer
+from openai_stand_in import Responder, StandInServer, StartServer
 
 
 class TinyModels:

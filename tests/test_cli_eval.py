@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from openai_stand_in import StartServer, completion
 from typer.testing import CliRunner
 
 from medeyes.cli.app import app
@@ -14,7 +15,6 @@ from medeyes.trajectories import read_records
 from medeyes_env.cases import Case
 from medeyes_env.rewards import accuracy_reward, token_recall
 from medeyes_env.sources import open_source
-from tests.openai_stand_in import StartServer, completion
 
 
 def run(*args: str) -> tuple[int, str]:

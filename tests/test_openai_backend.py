@@ -15,6 +15,7 @@ import socket
 from typing import Any
 
 import pytest
+from openai_stand_in import Reply, Request, StandInServer, StartServer, completion
 from PIL import Image
 
 from medeyes.agents.backends.openai import (
@@ -29,7 +30,6 @@ from medeyes.agents.backends.openai import (
 from medeyes.agents.base import EpisodeContext
 from medeyes.agents.policy import GenerationBackend, PolicyAgent, SamplingConfig
 from medeyes_env.errors import ConfigError
-from tests.openai_stand_in import Reply, Request, StandInServer, StartServer, completion
 
 
 def backend_for(server: StandInServer, **kwargs: Any) -> OpenAIBackend:

@@ -24,7 +24,6 @@ pytest.importorskip("transformers")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from medeyes.models.factory import ensure_tiny_model  # noqa: E402
 from medeyes.models.processors import load_processor  # noqa: E402
 from medeyes.training.advantages import compute_advantages  # noqa: E402
 from medeyes.training.objective import dual_stream_loss  # noqa: E402
@@ -83,13 +82,13 @@ def export(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return load_processor(str(ensure_tiny_model("qwen2_5_vl", "tiny")))
+def qwen(tiny_models):
+    return load_processor(str(tiny_models.path("qwen2_5_vl")))
 
 
 @pytest.fixture(scope="module")
-def idefics():
-    return load_processor(str(ensure_tiny_model("idefics3", "tiny")))
+def idefics(tiny_models):
+    return load_processor(str(tiny_models.path("idefics3")))
 
 
 def _backend(config: OpenRLHFConfig) -> BackendConfig:

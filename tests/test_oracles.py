@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from openai_stand_in import Reply, Request, Responder, StartServer
 from PIL import Image
 
 from medeyes.agents.expert.oracles.annotation import AnnotationOracle, AnnotationOracleConfig
@@ -21,7 +22,6 @@ from medeyes_env.cases import Case, Region
 from medeyes_env.errors import ConfigError
 from medeyes_env.rewards import box_iou
 from medeyes_env.sources import open_source
-from tests.openai_stand_in import Reply, Request, Responder, StartServer
 
 
 def synthetic(kind: str = "disc", size: int = 256, seed: int = 0) -> Image.Image:

@@ -11,12 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from openai_stand_in import Reply, Request, StartServer
 
 from medeyes.agents.backends.openai import OpenAIBackend, ServerResponseError
 from medeyes.agents.backends.vllm_server import EngineIdentityError, VLLMServer, free_port
 from medeyes.agents.backends.vllm_weights import check_server_reload, server_version, sync_server
 from medeyes_env.errors import ConfigError
-from tests.openai_stand_in import Reply, Request, StartServer
 
 STAND_IN = Path(__file__).with_name("vllm_stand_in.py")
 
