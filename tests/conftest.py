@@ -5,7 +5,9 @@ which modules doctest collection skips.)
 - ``tiny_cache``: ``MEDEYES_CACHE`` pointed at that cache for one test, with the default tiny model built.
 - ``openai_server``: start stand-in OpenAI-compatible servers (tests/openai_stand_in.py), closed after the test.
 
-Nothing here imports torch at collection time: the verifiers stage's venv has none.
+Nothing here imports torch at collection time: the verifiers stage's venv has none. Helper modules in tests/ are
+imported by their bare name (``from openai_stand_in import ...``; pytest puts tests/ on sys.path for this file):
+``tests.…`` would find the ``tests`` package that a dependency installs into .venv-openrlhf's site-packages.
 """
 
 from __future__ import annotations
