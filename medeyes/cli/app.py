@@ -13,6 +13,24 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medeyes import __version__
+
+        typer.echo(f"medeyes {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print medeyes' version and exit."
+    ),
+) -> None:
+    # Typer needs a callback to take options before the sub-command; the app's help is the Typer's own.
+    pass
+
+
 def _mount() -> None:
     # Sub-command modules import their heavy dependencies (torch) inside the commands, so `--help` stays fast.
     from medeyes.cli import cases, inspect, rollout, train
