@@ -32,3 +32,15 @@ def test_readme_test_command_is_what_ci_runs():
     assert ".venv/bin/python -m pytest\n" in readme
     assert "\n.venv/bin/python -m pytest\n" in ci
     assert "bash scripts/setup.sh" in readme and "bash scripts/setup.sh" in ci
+
+
+def test_every_marker_the_default_run_leaves_out_has_a_ci_stage():
+    """CI runs every test: each marker the README's command deselects (pyproject's addopts) is selected by a stage."""
+    import tomllib
+
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    left_out = set(re.findall(r"\bnot (\w+)", addopts))
+    ci = (ROOT / ".ci" / "run").read_text()
+    selected = set(re.findall(r"-m [\"']?(\w+)", ci))  # a stage's `pytest -m MARKER ...`
+    assert {"slow", "vllm", "openrlhf"} <= left_out
+    assert sorted(left_out - selected) == []
