@@ -78,15 +78,21 @@ class GRPOStage:
 
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step (module docstring); returns its metrics."""
-        learner, metrics = self.learner, {}
+        learner = self.learner
+        metrics: dict[str, float] = {}
+        # collect: both streams' episodes of this step's cases
         collected = self.collect(step, metrics)
+        # tokenise: the chat template; the loss mask is the generated spans
         episodes = tokenise(collected, learner.processor, self.experts.store if self.experts else None, metrics)
+        # score: rewards, advantages per stream and group, the rows that enter the loss
         advantages, rows = score(collected, episodes, self.config, self.objective, metrics)
         self.tool_alarm_shown = tool_collapse_alarm(step, metrics, self.config.tool_floor, self.tool_alarm_shown)
+        # old log-probs: recorded at generation, or recomputed before the update
         if self.config.old_logprobs == "recompute":
             learner.model.eval()
             with learner.autocast():
                 recompute_old_logprobs(learner.model, episodes, learner.pad_id, self.config.grad_accum, learner.device)
+        # update: the dual-stream loss over micro-batches, one optimizer step
         self.update(step, episodes, advantages, rows, metrics)
         return metrics
 
