@@ -33,11 +33,11 @@ from verl.experimental.agent_loop.agent_loop import (
     _agent_loop_registry,
 )
 from verl.utils.dataset.rl_dataset import RLHFDataset
+from verl_token_server import TransformersTokenServer
 
 import medeyes_env  # noqa: F401  (registers the ids)
 from medeyes.models.processors import load_processor
 from medeyes_env.integrations.verl_agent_loop import AGENT_LOOP_CONFIG, AGENT_NAME, MedEyesAgentLoop
-from tests.verl_token_server import TransformersTokenServer
 
 pytestmark = pytest.mark.verl
 
