@@ -1,8 +1,9 @@
 """Environment throughput: drill / scan / answer steps per second on 1024 px phantoms, and reset cost.
 
-Prints one table. The baseline row is the least work a drill can do (one PIL
-crop-and-resize of the same region); the ratio column says how much the env
-adds on top (parsing, bookkeeping, reward components, observation arrays).
+Prints one table. The phantom's gold regions carry their discs, so the drill row scores drills against a
+shape; the "boxes only" row drops the shapes (the path of every box-only source). The baseline row is the
+least work a drill can do (one PIL crop-and-resize of the same region); the ratio column says how much the
+env adds on top (parsing, bookkeeping, reward components, observation arrays).
 Run: ``python benchmarks/env_throughput.py [--seconds 2]``.
 """
 
@@ -17,7 +18,24 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from medeyes_env.cases import Case, Region
 from medeyes_env.env import MedEyesEnv
+from medeyes_env.sources import CaseSource, open_source
+
+
+class BoxesOnly:
+    """A source with its gold shapes dropped: the box-only scoring path every box-only source takes."""
+
+    def __init__(self, source: CaseSource) -> None:
+        self.source, self.name = source, source.name
+
+    def size(self, split: str) -> int | None:
+        return self.source.size(split)
+
+    def case(self, split: str, index: int) -> Case:
+        case = self.source.case(split, index)
+        plain = tuple(Region(box=r.box, label=r.label) for r in case.regions)
+        return case.model_copy(update={"regions": plain})  # the image factory comes along
 
 
 def timed(fn, seconds: float) -> tuple[float, int]:
@@ -92,6 +110,7 @@ def main() -> None:
     for name, fn in [
         ("baseline: PIL crop+resize to 256 px", baseline_crop),
         ("drill step (1024 px, incl. reward)", None),
+        ("drill step, gold as boxes only", "boxes"),
         ("scan step (3 regions, montage)", None),
         ("drill step, zoom_filter=nearest", "nearest"),
         ("reset (cached case) + answer step", answer_episode),
@@ -99,6 +118,9 @@ def main() -> None:
     ]:
         if fn is baseline_crop:
             per_call = base_s
+        elif fn == "boxes":
+            boxed_env = MedEyesEnv(BoxesOnly(open_source("phantom")), split="test")
+            per_call, _ = timed_steps(boxed_env, drill_texts, args.seconds)
         elif fn == "nearest":
             fast_env = MedEyesEnv("phantom", split="test", zoom_filter="nearest")
             per_call, _ = timed_steps(fast_env, drill_texts, args.seconds)

@@ -31,7 +31,7 @@ from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, Traj
 from medeyes_env.cases import Box, Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
-from medeyes_env.rewards import box_iou
+from medeyes_env.rewards import box_iou, grounding_reward
 from medeyes_env.sources import CaseSource, open_source
 
 
@@ -279,6 +279,7 @@ class _Runner:
             options=list(case.options),
             gold_answer=case.answer,
             gold_boxes=[r.box for r in case.regions],
+            gold_shapes=[r.shape for r in case.regions] if any(r.shape is not None for r in case.regions) else [],
             family=str(case.meta["family"]) if "family" in case.meta else None,
             image_size=image.size,
             system_prompt=env.system_prompt(),
@@ -394,6 +395,14 @@ class RolloutSummary(BaseModel):
     accuracy_by_family: dict[str, float] = Field(default_factory=dict, description="Mean accuracy per family.")
     mean_best_iou: float = Field(description="Mean best IoU against gold, over episodes whose case has gold boxes.")
     iou_episodes: int = Field(default=0, description="Episodes with gold boxes (the IoU mean's denominator).")
+    shape_regions: int = Field(
+        default=0, description="Gold regions of those episodes with a shape (IoU against the shape's area)."
+    )
+    box_regions: int = Field(default=0, description="Gold regions of those episodes that are boxes only.")
+    mean_best_box_iou: float | None = Field(
+        default=None,
+        description="With any gold shape: the mean best IoU of the same explored boxes against the gold boxes alone.",
+    )
     mean_best_iou_by_family: dict[str, float] = Field(
         default_factory=dict,
         description="Mean best IoU per question family, over its episodes with gold boxes. A case's gold region "
@@ -464,8 +473,8 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
     by_family: dict[str, list[float]] = defaultdict(list)
     iou_by_family: dict[str, list[float]] = defaultdict(list)
     components: dict[str, list[float]] = defaultdict(list)
-    ious, steps, turns, rewards = [], [], [], []
-    parsed = total_turns = scans = drills = 0
+    ious, box_ious, steps, turns, rewards = [], [], [], [], []
+    parsed = total_turns = scans = drills = shape_regions = box_regions = 0
     paths: dict[str, list[tuple]] = defaultdict(list)
     for record in records:
         accuracy = record.reward_components.get("accuracy", 0.0)
@@ -476,6 +485,9 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
         if record.gold_boxes:
             ious.append(record.reward_components.get("best_iou", 0.0))
             iou_by_family[record.family or "-"].append(ious[-1])
+            box_ious.append(grounding_reward(record.explored_boxes, record.gold_boxes))
+            shaped = sum(1 for shape in record.gold_shapes if shape is not None)
+            shape_regions, box_regions = shape_regions + shaped, box_regions + len(record.gold_boxes) - shaped
         steps.append(record.tool_steps)
         turns.append(len(record.steps))
         rewards.append(record.reward)
@@ -499,6 +511,9 @@ def summarize(records: list[TrajectoryRecord], seconds: float | None = None) -> 
         accuracy_by_family={k: _mean(v) for k, v in sorted(by_family.items())},
         mean_best_iou=_mean(ious),
         iou_episodes=len(ious),
+        shape_regions=shape_regions,
+        box_regions=box_regions,
+        mean_best_box_iou=_mean(box_ious) if shape_regions else None,
         mean_best_iou_by_family={k: _mean(v) for k, v in sorted(iou_by_family.items())},
         iou_episodes_by_family={k: len(v) for k, v in sorted(iou_by_family.items())},
         mean_steps=_mean([float(s) for s in steps]),

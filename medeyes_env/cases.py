@@ -1,6 +1,7 @@
 """The one data model every source yields: :class:`Case`, :class:`Region`, :class:`AnswerType`.
 
 Boxes are ``xyxy`` in pixels of the ORIGINAL image, top-left origin, floats allowed.
+A region may also carry its exact outline (:class:`~medeyes_env.shapes.Shape`, a polygon in the same pixels).
 Sources convert other conventions (``xywh``, normalised coordinates) once, at
 their boundary, with :func:`xywh_to_xyxy`; nothing downstream converts again.
 """
@@ -18,6 +19,7 @@ from PIL import Image, ImageMode, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from medeyes_env.errors import CaseError, ImageLoadError
+from medeyes_env.shapes import COORD_DECIMALS, Shape
 
 Box = tuple[float, float, float, float]
 """``(x1, y1, x2, y2)`` in pixels of the original image, ``x1 < x2`` and ``y1 < y2``."""
@@ -46,12 +48,34 @@ class AnswerType(str, Enum):
 
 
 class Region(BaseModel):
-    """A gold region: a box in pixels of the original image and what it shows."""
+    """A gold region: a box in pixels of the original image, what it shows, and its exact shape when known.
+
+    The box is what the model sees and answers in; ``shape`` (a polygon from a mask or from known geometry)
+    is what the scores compare a box against when present. Built from a shape alone, the box is its bounds.
+
+    >>> from medeyes_env.shapes import disc_shape
+    >>> Region(shape=disc_shape(20.0, 20.0, 5.0), label="nodule").box
+    (15.0, 15.0, 25.0, 25.0)
+    """
 
     model_config = ConfigDict(frozen=True)
 
     box: Box = Field(description="xyxy pixels of the original image")
     label: str = Field(default="abnormality", description="What the region shows, e.g. 'nodule'.")
+    shape: Shape | None = Field(
+        default=None,
+        description="The region's exact outline (polygon or multipolygon, original-image pixels) inside its box; "
+        "None when the source has only the box.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _box_from_shape(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("box") is None and data.get("shape") is not None:
+            shape = data["shape"]
+            shape = shape if isinstance(shape, Shape) else Shape.model_validate(shape)
+            return {**data, "box": shape.bounds, "shape": shape}
+        return data
 
     @field_validator("box")
     @classmethod
@@ -60,6 +84,24 @@ class Region(BaseModel):
         if not (x2 > x1 and y2 > y1):
             raise ValueError(f"box {list(box)} is not xyxy with x2 > x1 and y2 > y1; convert xywh with xywh_to_xyxy")
         return box
+
+    @model_validator(mode="after")
+    def _shape_inside_box(self) -> Region:
+        if self.shape is not None:
+            x1, y1, x2, y2 = self.box
+            sx1, sy1, sx2, sy2 = self.shape.bounds
+            slack = 10.0**-COORD_DECIMALS  # a shape's coordinates are rounded to this
+            if sx1 < x1 - slack or sy1 < y1 - slack or sx2 > x2 + slack or sy2 > y2 + slack:
+                raise ValueError(
+                    f"region {self.label!r}: its shape spans {[sx1, sy1, sx2, sy2]}, outside its box {list(self.box)}; "
+                    "leave the box out to take the shape's bounds"
+                )
+        return self
+
+
+def _inside(bounds: Box, width: int, height: int) -> bool:
+    x1, y1, x2, y2 = bounds
+    return x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height
 
 
 def xywh_to_xyxy(box: tuple[float, float, float, float]) -> Box:
@@ -119,6 +161,13 @@ class Case(BaseModel):
                 if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
                     raise ValueError(
                         f"case {self.id!r}: region {list(region.box)} lies outside the {width}x{height} image"
+                    )
+            for region in (*self.regions, *self.lookalikes):
+                if region.shape is not None and not _inside(region.shape.bounds, width, height):
+                    raise ValueError(
+                        f"case {self.id!r}: the shape of region {region.label!r} spans "
+                        f"{[round(v, 3) for v in region.shape.bounds]}, outside the {width}x{height} image; "
+                        "clip it to the image (shapely intersection with box(0, 0, width, height))"
                     )
         return self
 

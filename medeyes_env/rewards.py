@@ -2,8 +2,9 @@
 
 Paper (MedEyes, METHOD.md section 2): ``R = 0.7 r_acc + 0.2 r_grammar + 0.1 r_div``.
 Ours, weight 0 by default: ``r_ground`` (best IoU of the explored boxes, or of the drilled
-boxes only, against the gold boxes) and ``r_tool`` (DeepEyes-style: 1 only when correct and a
-tool was used). :data:`REWARD_PRESETS` names the weightings to compare (``paper`` is the default).
+boxes only, against the gold regions: their shapes where a source gives them, else their
+boxes) and ``r_tool`` (DeepEyes-style: 1 only when correct and a tool was used).
+:data:`REWARD_PRESETS` names the weightings to compare (``paper`` is the default).
 Metrics that are only logged (``token_recall``, ``best_iou``) are reported next to the
 rewards in :class:`RewardBreakdown` and never enter the total.
 
@@ -29,7 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medeyes_env.cases import AnswerType, Box, Case
+from medeyes_env.cases import AnswerType, Box, Case, Region
+from medeyes_env.shapes import box_shape_iou
 
 REWARD_COMPONENTS: tuple[str, ...] = ("accuracy", "grammar", "diversity", "grounding", "tool")
 """Components that enter the total, each with a weight in :class:`RewardConfig`."""
@@ -265,15 +267,30 @@ def diversity_reward(boxes: Sequence[Box], iou_threshold: float = 0.5, max_regio
     return 0.5 * pair_share + 0.5 * region_share
 
 
-def grounding_reward(boxes: Sequence[Box], gold: Sequence[Box]) -> float:
-    """Best IoU of any explored box against any gold box; 0.0 if either list is empty.
+def region_iou(box: Box, region: Region) -> float:
+    """IoU of a box against a gold region: against its shape's area when it has one, else against its box.
+
+    >>> from medeyes_env.shapes import disc_shape
+    >>> round(region_iou((40, 40, 60, 60), Region(shape=disc_shape(50.0, 50.0, 10.0))), 3)
+    0.784
+    >>> region_iou((40, 40, 60, 60), Region(box=(40, 40, 60, 60)))
+    1.0
+    """
+    return box_iou(box, region.box) if region.shape is None else box_shape_iou(box, region.shape)
+
+
+def grounding_reward(boxes: Sequence[Box], gold: Sequence[Box | Region]) -> float:
+    """Best IoU of any explored box against any gold region; 0.0 if either list is empty.
+
+    A gold :class:`~medeyes_env.cases.Region` with a shape is scored by :func:`region_iou`
+    (intersection over union of areas); a gold box, or a region with none, box against box.
 
     >>> grounding_reward([(0, 0, 10, 10), (40, 40, 60, 60)], [(40, 40, 60, 60)])
     1.0
     >>> grounding_reward([(0, 0, 10, 10)], [])
     0.0
     """
-    return max((box_iou(b, g) for b in boxes for g in gold), default=0.0)
+    return max((region_iou(b, g) if isinstance(g, Region) else box_iou(b, g) for b in boxes for g in gold), default=0.0)
 
 
 def tool_reward(correct: bool, used_tool: bool) -> float:
@@ -293,7 +310,9 @@ class RewardConfig(BaseModel):
     accuracy: float = Field(default=0.7, ge=0.0, description="Weight of r_acc, answer correctness.")
     grammar: float = Field(default=0.2, ge=0.0, description="Weight of r_grammar, every turn follows the protocol.")
     diversity: float = Field(default=0.1, ge=0.0, description="Weight of r_div, diversity of the explored regions.")
-    grounding: float = Field(default=0.0, ge=0.0, description="Weight of r_ground, best IoU against gold boxes (ours).")
+    grounding: float = Field(
+        default=0.0, ge=0.0, description="Weight of r_ground, best IoU against gold regions (ours)."
+    )
     tool: float = Field(default=0.0, ge=0.0, description="Weight of r_tool, correct answer after a tool call (ours).")
     iou_threshold: float = Field(
         default=0.5, gt=0.0, le=1.0, description="IoU at or above which two boxes count as the same region (r_div)."
@@ -399,7 +418,8 @@ def score_episode(
     (0.0, 1.0)
     """
     config = config if config is not None else RewardConfig()
-    gold = [region.box for region in case.regions]
+    # Box-only gold stays on the plain box path; regions with a shape are scored against it.
+    gold = case.regions if any(r.shape is not None for r in case.regions) else [r.box for r in case.regions]
     accuracy = accuracy_reward(answer, case, open_match=config.open_match)
     best_iou = grounding_reward(explored_boxes, gold)
     grounding = best_iou

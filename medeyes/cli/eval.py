@@ -78,8 +78,21 @@ def report_table(report: EvalReport) -> Table:
             f"[bold]{name}[/]", "[bold]all[/]", f"{scores.n}{failed}", f"[bold]{overall}[/]",
             iou, hit, f"{scores.mean_tool_steps:.2f}", f"{paper:.1f}" if paper is not None else "-", end_section=True,
         )  # fmt: skip
-    table.caption = f"paper %: {PAPER_MODEL}, METHOD.md section 6; open rows: recall and exact match"
+    table.caption = "\n".join(
+        [f"paper %: {PAPER_MODEL}, METHOD.md section 6; open rows: recall and exact match"]
+        + [_regions_line(scores) for scores in report.datasets if scores.grounded]
+    )
     return table
+
+
+def _regions_line(scores: DatasetScores) -> str:
+    """How the dataset's gold regions were scored: how many as shapes, how many as boxes (and box-only IoU)."""
+    line = f"{safe(scores.dataset)}: gold regions scored as {scores.shape_regions} shapes, {scores.box_regions} boxes"
+    if scores.mean_best_box_iou is not None:
+        line += (
+            f"; against their boxes alone: best IoU {scores.mean_best_box_iou:.3f}, hit rate {scores.box_hit_rate:.3f}"
+        )
+    return line
 
 
 def _training_run(path: Path) -> tuple[Dataset, EnvConfig, Path | None]:

@@ -143,6 +143,10 @@ def summary_table(summary: RolloutSummary, title: str) -> Table:
         if family != "-":
             table.add_row(f"  accuracy / family {safe(family)}", f"{accuracy:.3f}")
     table.add_row("mean best IoU vs gold", f"{summary.mean_best_iou:.3f} (n={summary.iou_episodes})")
+    if summary.mean_best_box_iou is not None:
+        table.add_row("  vs gold boxes alone", f"{summary.mean_best_box_iou:.3f}")
+    if summary.iou_episodes:
+        table.add_row("  gold regions: shapes, boxes", f"{summary.shape_regions}, {summary.box_regions}")
     for family, iou in summary.mean_best_iou_by_family.items():
         if family != "-":
             n = summary.iou_episodes_by_family[family]

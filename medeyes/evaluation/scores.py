@@ -8,7 +8,10 @@ testing can never disagree on what a correct answer is:
 - open rows: exact match (``accuracy`` with the default ``open_match="exact"``) and recall
   (``token_recall``, the share of the gold answer's tokens the prediction contains);
 - grounding, over episodes whose case has gold regions: the mean best IoU of the explored boxes, and the
-  hit rate, the share of explored boxes whose IoU with some gold box reaches ``iou_threshold`` (0.5).
+  hit rate, the share of explored boxes whose IoU with some gold region reaches ``iou_threshold`` (0.5).
+  A region with a shape (a mask's polygon, a phantom lesion's disc) is compared as intersection over union
+  of areas (:func:`~medeyes_env.rewards.region_iou`); the figures count the shapes and the boxes, and with
+  any shape also give the box-against-box figures of the same boxes, for comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.trajectories import TrajectoryRecord
-from medeyes_env.rewards import box_iou
+from medeyes_env.rewards import box_iou, grounding_reward, region_iou
 
 PAPER_RESULTS: dict[str, dict[str, float]] = {
     "vqa_rad": {"MedEyes (Qwen2.5-VL-3B)": 70.7, "GMAI-VL": 64.6, "MedVLM-R1": 61.4},
@@ -73,6 +76,14 @@ class DatasetScores(BaseModel):
         default=None, description="Share of explored boxes with IoU >= 0.5 against a gold box (cases with gold)."
     )
     grounded: int = Field(default=0, description="Cases with gold regions (the grounding denominator).")
+    shape_regions: int = Field(default=0, description="Gold regions of those cases scored against their shape.")
+    box_regions: int = Field(default=0, description="Gold regions of those cases scored as boxes (no shape).")
+    mean_best_box_iou: float | None = Field(
+        default=None, description="With any shape: mean best IoU of the same boxes against the gold boxes alone."
+    )
+    box_hit_rate: float | None = Field(
+        default=None, description="With any shape: the hit rate against the gold boxes alone."
+    )
     mean_tool_steps: float = Field(description="Mean executed scan and drill turns per case.")
     paper: dict[str, float] = Field(default_factory=dict, description="The paper's accuracy (%) on this dataset.")
 
@@ -117,10 +128,17 @@ def _interval(values: list[float]) -> Interval:
     return Interval(value=float(np.mean(values)) if values else 0.0, ci95=bootstrap_ci(values))
 
 
-def hits(record: TrajectoryRecord, iou_threshold: float = 0.5) -> tuple[int, int]:
-    """``(explored boxes that hit a gold box, explored boxes)`` of one episode."""
+def hits(record: TrajectoryRecord, iou_threshold: float = 0.5, shapes: bool = True) -> tuple[int, int]:
+    """``(explored boxes that hit a gold region, explored boxes)`` of one episode.
+
+    A gold region with a shape is hit by area IoU against the shape (``shapes=False``: against its box).
+    """
     boxes = record.explored_boxes
-    hit = sum(1 for box in boxes if any(box_iou(box, gold) >= iou_threshold for gold in record.gold_boxes))
+    if shapes and any(shape is not None for shape in record.gold_shapes):
+        regions = record.gold_regions
+        hit = sum(1 for box in boxes if any(region_iou(box, region) >= iou_threshold for region in regions))
+    else:
+        hit = sum(1 for box in boxes if any(box_iou(box, gold) >= iou_threshold for gold in record.gold_boxes))
     return hit, len(boxes)
 
 
@@ -131,7 +149,8 @@ def score_records(
     accuracy: dict[str, list[float]] = defaultdict(list)
     recall: dict[str, list[float]] = defaultdict(list)
     ious: list[float] = []
-    hit = looked = 0
+    box_ious: list[float] = []
+    hit = box_hit = looked = shape_regions = box_regions = 0
     for record in records:
         components = record.reward_components
         accuracy[record.answer_type].append(components.get("accuracy", 0.0))
@@ -140,6 +159,10 @@ def score_records(
             ious.append(components.get("best_iou", 0.0))
             got, boxes = hits(record, iou_threshold)
             hit, looked = hit + got, looked + boxes
+            box_ious.append(grounding_reward(record.explored_boxes, record.gold_boxes))
+            box_hit += hits(record, iou_threshold, shapes=False)[0]
+            shaped = sum(1 for shape in record.gold_shapes if shape is not None)
+            shape_regions, box_regions = shape_regions + shaped, box_regions + len(record.gold_boxes) - shaped
     every = [a for kind in accuracy for a in accuracy[kind]]
     order = [k for k in ANSWER_TYPES if k in accuracy] + sorted(set(accuracy) - set(ANSWER_TYPES))
     by_type = [
@@ -166,6 +189,10 @@ def score_records(
         mean_best_iou_ci95=iou.ci95 if iou else None,
         hit_rate=(hit / looked if looked else 0.0) if grounding else None,
         grounded=len(ious),
+        shape_regions=shape_regions,
+        box_regions=box_regions,
+        mean_best_box_iou=float(np.mean(box_ious)) if grounding and shape_regions else None,
+        box_hit_rate=(box_hit / looked if looked else 0.0) if grounding and shape_regions else None,
         mean_tool_steps=float(np.mean([r.tool_steps for r in records])) if records else 0.0,
         paper=PAPER_RESULTS.get(dataset, {}),
     )

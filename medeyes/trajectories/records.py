@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
-from medeyes_env.cases import Box
+from medeyes_env.cases import Box, Region
 from medeyes_env.errors import RecordError
 from medeyes_env.protocol import Action
 from medeyes_env.rewards import METRIC_COMPONENTS, REWARD_COMPONENTS
+from medeyes_env.shapes import Shape
 from medeyes_env.strict_json import BadInput, loads
 
 SCHEMA_VERSION = 1
@@ -138,6 +139,11 @@ class TrajectoryRecord(BaseModel):
     options: list[str] = Field(default_factory=list, description="Choices of a CHOICE question.")
     gold_answer: str = Field(description="The case's gold answer.")
     gold_boxes: list[FiniteBox] = Field(default_factory=list, description="Gold region boxes, original-image pixels.")
+    gold_shapes: list[Shape | None] = Field(
+        default_factory=list,
+        description="Each gold region's exact outline, in gold_boxes' order, None where the region is only a box; "
+        "empty when every region is a box (and in records written before shapes).",
+    )
     family: str | None = Field(default=None, description="Question family (meta['family']) when the source has one.")
     image_size: tuple[int, int] = Field(description="(width, height) of the original image.")
     original_image: str | None = Field(default=None, description="sha256 of the original image, when stored.")
@@ -158,6 +164,24 @@ class TrajectoryRecord(BaseModel):
     error_type: str | None = Field(default=None, description="Exception class name of ``error``.")
     kept: bool = Field(default=True, description="False when a filter (keep-only-correct) dropped it from the store.")
     agent_info: dict[str, Any] = Field(default_factory=dict, description="Agent-specific facts (e.g. expert evidence).")
+
+    @model_validator(mode="after")
+    def _shapes_match_boxes(self) -> TrajectoryRecord:
+        if self.gold_shapes and len(self.gold_shapes) != len(self.gold_boxes):
+            raise ValueError(
+                f"gold_shapes has {len(self.gold_shapes)} entries for {len(self.gold_boxes)} gold_boxes; "
+                "give one per box (null for a box-only region) or none"
+            )
+        return self
+
+    @property
+    def gold_regions(self) -> list[Region]:
+        """The gold regions as the rewards score them: each box with its shape, when it has one."""
+        shapes = self.gold_shapes or [None] * len(self.gold_boxes)
+        # model_construct: a stored box was checked finite, a shape valid; an old odd box must not crash a reader.
+        return [
+            Region.model_construct(box=box, shape=shape) for box, shape in zip(self.gold_boxes, shapes, strict=True)
+        ]
 
     @property
     def correct(self) -> bool:

@@ -108,7 +108,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -116,6 +116,7 @@ from PIL import Image
 
 from medeyes_env.cases import AnswerType, Case, Region, Split
 from medeyes_env.errors import ConfigError, SourceError
+from medeyes_env.shapes import disc_shape
 from medeyes_env.sources import register_source
 from medeyes_env.sources.phantom.brain import sample_brain
 from medeyes_env.sources.phantom.chest import sample_chest
@@ -261,7 +262,7 @@ class PhantomSource:
     ) -> Case:
         """The case record of a drawn scene: ``lesions`` are its gold regions, ``mimics`` its lookalikes."""
         label = LESION_KIND[scene.modality].split()[-1]
-        regions = tuple(Region(box=f.box(scene.size), label=label) for f in lesions) + tuple(
+        regions = tuple(_focal_region(f, scene.size, label) for f in lesions) + tuple(
             Region(box=extended_box(scene, f), label=f.kind) for f in scene.extended
         )
         return Case(
@@ -271,7 +272,7 @@ class PhantomSource:
             answer_type=draft.answer_type,
             options=draft.options,
             regions=regions,
-            lookalikes=tuple(Region(box=f.box(scene.size), label="mimic") for f in mimics),
+            lookalikes=tuple(_focal_region(f, scene.size, "mimic") for f in mimics),
             modality=scene.modality,
             organ=ORGAN[scene.modality],
             source=self.name,
@@ -428,6 +429,18 @@ class PhantomSource:
 
 _FOCAL_KINDS = ("lung nodule", "brain lesion", "liver lesion")
 """Presence questions about a round object (the class swap turns their answer over)."""
+
+
+@lru_cache(maxsize=4096)
+def _focal_region(focal: Focal, size: int, label: str) -> Region:
+    """A lesion's or mimic's gold region: its padded box and its exact outline, the disc of half intensity.
+
+    The drawn profile falls to half its contrast at ``radius`` from the centre (``scene._edge``); the disc is
+    clipped to the image like the box, so it always lies inside it. Cached: a replayed case (GRPO plays one
+    case G times) does not build its polygons again; a Region is immutable.
+    """
+    outline = disc_shape(focal.x, focal.y, focal.radius, clip=(0.0, 0.0, float(size), float(size)))
+    return Region(box=focal.box(size), label=label, shape=outline)
 
 
 def _split_code(split: str) -> int:
