@@ -26,6 +26,8 @@ class SplitAudit(BaseModel):
     n: int = Field(description="Cases in the split.")
     by_type: dict[str, int] = Field(description="Cases per answer type.")
     with_regions: int = Field(description="Cases with gold regions.")
+    shape_regions: int = Field(default=0, description="Gold regions with a shape (polygon), over every case.")
+    box_regions: int = Field(default=0, description="Gold regions that are boxes only, over every case.")
     images_checked: int = Field(description="Images decoded.")
     bad_images: int = Field(description="Images missing or unreadable.")
     problems: list[str] = Field(default_factory=list, description="The first bad images, each naming its file.")
@@ -53,6 +55,8 @@ def _audit_split(split: str, cases: list[Case], train: list[Case], check_images:
         n=len(cases),
         by_type=dict(Counter(c.answer_type.value for c in cases)),
         with_regions=sum(1 for c in cases if c.regions),
+        shape_regions=sum(1 for c in cases for r in c.regions if r.shape is not None),
+        box_regions=sum(1 for c in cases for r in c.regions if r.shape is None),
         images_checked=len(cases) if check_images else 0,
         bad_images=bad,
         problems=problems,

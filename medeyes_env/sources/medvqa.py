@@ -13,15 +13,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import shapely
+
 from medeyes_env.cases import (
     AnswerType,
     Box,
     Region,
     Split,
+    open_image,
     safe_join,
     xywh_to_xyxy,
 )
 from medeyes_env.errors import SourceError, UnsafePathError
+from medeyes_env.shapes import Shape, shape_from_mask
 from medeyes_env.sources import register_source
 from medeyes_env.sources.rows import (
     FileRow,
@@ -51,7 +56,9 @@ MAX_DETECTION_BYTES = 16 * 1024**2
 SLAKE_SPLIT_FILES: dict[Split, str] = {"train": "train.json", "validation": "validate.json", "test": "test.json"}
 
 
-def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: str = "matched") -> FileSource:
+def load_slake(
+    path: str | os.PathLike[str], skip_bad: bool = False, regions: str = "matched", shapes: bool = True
+) -> FileSource:
     """Open SLAKE 1.0 (``Slake1.0/`` with ``train.json``, ``validate.json``, ``test.json`` and ``imgs/``).
 
     Assumed layout (the public release; state of knowledge, not checked against every copy):
@@ -69,6 +76,12 @@ def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: st
     (default) gives a case the boxes whose name appears in its question or answer, and
     all of the image's boxes when none does; ``regions="all"`` always gives all of them;
     ``regions="none"`` gives none.
+
+    With ``shapes`` (default) and an ``imgs/xmlabN/mask.png`` beside the image (a label map: one grey
+    level or colour per structure, 0 or black for background), each box also gets its structure's outline:
+    the mask's most frequent non-background label inside the box, traced with scikit-image
+    (:func:`~medeyes_env.shapes.shape_from_mask`) and clipped to the box. A box whose mask is empty there,
+    or an image without a mask, keeps its box alone. ``shapes=False`` keeps every region a box.
     """
     if regions not in ("matched", "all", "none"):
         raise SourceError(f"slake option regions={regions!r} must be matched, all or none")
@@ -82,12 +95,14 @@ def load_slake(path: str | os.PathLike[str], skip_bad: bool = False, regions: st
         )
     collector = RowCollector(skip_bad)
     detections = functools.cache(functools.partial(_slake_detections, root=root))
+    outlines = functools.cache(functools.partial(slake_mask_shapes, root=root)) if shapes else None
     for split, split_file in present.items():
         for where, item in read_records(split_file):
             with collector.row(where):
                 record = parse_record(item)
                 if str(record.get("q_lang", "en")).strip().lower() == "en":
-                    collector.rows[split].append(_slake_row(record, root, regions, collector, detections))
+                    row = _slake_row(record, root, regions, collector, detections, outlines)
+                    collector.rows[split].append(row)
     return collector.source("slake", root)
 
 
@@ -97,6 +112,7 @@ def _slake_row(
     regions_mode: str,
     collector: RowCollector,
     detections_of: Callable[[Path], tuple[tuple[str, Box], ...]],
+    outlines_of: Callable[[Path, tuple[Box, ...]], tuple[Shape | None, ...]] | None = None,
 ) -> FileRow:
     answer = text_field(record, "answer")
     answer_type, meta = dataset_answer_type(text_field(record, "answer_type"), answer)
@@ -112,7 +128,12 @@ def _slake_row(
             text = f" {question} {answer} ".lower()
             matched = [(label, box) for label, box in boxes if re.search(rf"\b{re.escape(label.lower())}\b", text)]
             chosen = matched if (matched and regions_mode == "matched") else boxes
-            regions = tuple(Region(box=box, label=label) for label, box in chosen)
+            mask = image_path.parent / "mask.png"
+            if outlines_of is not None and mask.is_file():
+                outline = dict(zip(boxes, outlines_of(mask, tuple(box for _, box in boxes)), strict=True))
+                regions = tuple(Region(box=box, label=label, shape=outline[label, box]) for label, box in chosen)
+            else:
+                regions = tuple(Region(box=box, label=label) for label, box in chosen)
             meta["regions_matched"] = bool(matched)
     for key in ("qid", "img_id", "content_type", "base_type", "location"):
         if record.get(key) not in (None, ""):
@@ -128,6 +149,51 @@ def _slake_row(
         image_size=size,
         meta=meta,
     )
+
+
+def slake_mask_shapes(path: Path, boxes: tuple[Box, ...], root: Path) -> tuple[Shape | None, ...]:
+    """The outline of each box's structure in a SLAKE ``mask.png`` label map (None where the box holds none).
+
+    A box's structure is the most frequent non-background label among the mask's pixels inside it; its
+    pixels there are traced (:func:`~medeyes_env.shapes.shape_from_mask`) and the outline clipped to the box.
+    A mask that resolves outside ``root``, or whose size differs from the image's, is refused.
+    """
+    resolved, inside = path.resolve(), root.resolve()
+    if inside not in resolved.parents:
+        raise UnsafePathError(f"{path} resolves to {resolved}, outside the dataset directory {inside}")
+    labels = label_map(path)
+    height, width = labels.shape
+    shapes: list[Shape | None] = []
+    for box in boxes:
+        x1, y1, x2, y2 = box
+        if x2 > width or y2 > height:
+            raise SourceError(f"{path} is {width}x{height}, smaller than box {list(box)} of its image; masks must "
+                              "have the image's size (or open slake with shapes=0)")  # fmt: skip
+        cols = slice(int(np.floor(x1)), int(np.ceil(x2)))
+        rows = slice(int(np.floor(y1)), int(np.ceil(y2)))
+        window = labels[rows, cols]
+        values, counts = np.unique(window[window != 0], return_counts=True)
+        if values.size == 0:
+            shapes.append(None)
+            continue
+        full = np.zeros(labels.shape, dtype=bool)
+        full[rows, cols] = window == values[np.argmax(counts)]
+        try:
+            traced = shape_from_mask(full)
+        except ImportError as exc:
+            raise SourceError(f"{path}: {exc}; or open slake with shapes=0 to keep its regions as boxes") from None
+        clipped = traced.geometry.intersection(shapely.box(*box)) if traced is not None else None
+        shapes.append(Shape.from_geometry(clipped) if clipped is not None and clipped.area > 0 else None)
+    return tuple(shapes)
+
+
+def label_map(path: Path) -> np.ndarray:
+    """A mask image as a 2-D integer label map: grey levels as they are, a colour image's RGB packed in one int."""
+    image = open_image(path, f"mask {path}")
+    if image.mode in ("RGB", "RGBA", "P"):
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    return np.asarray(image.convert("I") if image.mode not in ("L", "I", "I;16") else image).astype(np.int64)
 
 
 def _slake_detections(path: Path, root: Path) -> tuple[tuple[str, Box], ...]:
@@ -350,8 +416,13 @@ register_source(
     "slake",
     spec_factory(
         "slake",
-        {"skip_bad": "0", "regions": "matched"},
-        lambda p, o: load_slake(p, skip_bad=parse_flag(o["skip_bad"], "skip_bad"), regions=o["regions"]),
+        {"skip_bad": "0", "regions": "matched", "shapes": "1"},
+        lambda p, o: load_slake(
+            p,
+            skip_bad=parse_flag(o["skip_bad"], "skip_bad"),
+            regions=o["regions"],
+            shapes=parse_flag(o["shapes"], "shapes"),
+        ),
     ),
 )
 register_source(
