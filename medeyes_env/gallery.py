@@ -1,4 +1,4 @@
-"""Pictures of cases: a grid of images with their gold boxes and a caption, for docs and quick looks."""
+"""Pictures of cases: a grid of images with their gold boxes and shapes and a caption, for docs and quick looks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ from medeyes_env.cases import Case
 
 
 def case_tile(case: Case, size: int = 320, caption_lines: int = 4) -> Image.Image:
-    """One case: the letterboxed image with gold boxes (green) above a caption with question and answer."""
+    """One case: the letterboxed image with gold boxes (green) and their shapes (amber) above a caption."""
     image = case.load_image()
     view = views.letterbox(image, size)
     boxes = views.to_letterbox([region.box for region in case.regions], image.size, size)
     view = views.draw_boxes(view, boxes, [views.GOLD_COLOUR], labels=[r.label for r in case.regions])
+    shapes = [region.shape for region in case.regions if region.shape is not None]
+    if shapes:
+        scale, offset = views.letterbox_transform(image.size, size)
+        view = views.draw_shapes(view, shapes, scale, offset, width=1 if scale < 0.5 else 2)
     line_height = 12
     tile = Image.new("RGB", (size, size + caption_lines * line_height + 6), (20, 20, 20))
     tile.paste(view, (0, 0))

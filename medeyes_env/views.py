@@ -15,10 +15,13 @@ from PIL import Image, ImageDraw
 
 from medeyes_env.cases import Box
 from medeyes_env.rewards import box_iou
+from medeyes_env.shapes import Shape
 
 SCAN_COLOURS = ((255, 196, 0), (0, 200, 255), (255, 80, 200), (120, 255, 120), (255, 120, 60))
 DRILL_COLOUR = (255, 60, 60)
 GOLD_COLOUR = (60, 255, 90)
+SHAPE_COLOUR = (255, 200, 40)
+"""Outline of a gold region's exact shape, drawn inside its (green) box."""
 
 
 def clamp_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
@@ -66,6 +69,44 @@ def to_letterbox(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], 
         (x1 * scale + offset_x, y1 * scale + offset_y, x2 * scale + offset_x, y2 * scale + offset_y)
         for x1, y1, x2, y2 in boxes
     ]
+
+
+def draw_shapes(
+    image: Image.Image,
+    shapes: Sequence[Shape],
+    scale: float = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
+    colour: tuple[int, int, int] = SHAPE_COLOUR,
+    width: int = 2,
+) -> Image.Image:
+    """Return a copy of ``image`` with every ring of ``shapes`` outlined, original pixels mapped by scale, offset.
+
+    For a letterboxed view of the whole image, :func:`letterbox_transform` gives ``scale`` and ``offset``.
+
+    >>> from medeyes_env.shapes import disc_shape
+    >>> drawn = draw_shapes(Image.new("RGB", (40, 40)), [disc_shape(20.0, 20.0, 10.0)])
+    >>> drawn.getpixel((30, 20)), drawn.getpixel((20, 20))
+    ((255, 200, 40), (0, 0, 0))
+    """
+    image = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    draw = ImageDraw.Draw(image)
+    dx, dy = offset
+    for shape in shapes:
+        for polygon in shape.polygons:
+            for ring in polygon:
+                draw.line([(x * scale + dx, y * scale + dy) for x, y in ring], fill=colour, width=width, joint="curve")
+    return image
+
+
+def letterbox_transform(image_size: tuple[int, int], size: int) -> tuple[float, tuple[float, float]]:
+    """``(scale, (offset_x, offset_y))`` that map original pixels onto a ``size`` square letterboxed view.
+
+    >>> letterbox_transform((200, 100), 100)
+    (0.5, (0.0, 25.0))
+    """
+    width, height = image_size
+    scale = size / max(width, height)
+    return scale, ((size - width * scale) / 2, (size - height * scale) / 2)
 
 
 def mirrored_boxes(boxes: Sequence[Box], width: float, min_iou: float = 0.1) -> list[Box]:

@@ -1,10 +1,11 @@
 """One HTML file that shows trajectories step by step.
 
 For every trajectory: the question, gold and given answers, the reward breakdown, and for every step the
-original image with the step's boxes (scan boxes in their montage colours, a drill in red) and the gold
-boxes in green, the view the environment returned, the reasoning, the action and the feedback. Buttons
-filter correct and incorrect trajectories and a selector filters by question family. Images are JPEG
-data URLs, so the file opens anywhere, offline.
+original image with the step's boxes (scan boxes in their montage colours, a drill in red), the gold
+boxes in green and the gold regions' exact shapes (when the source has them) in amber, the view the
+environment returned, the reasoning, the action and the feedback. Buttons filter correct and incorrect
+trajectories and a selector filters by question family. Images are JPEG data URLs, so the file opens
+anywhere, offline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from medeyes.trajectories import StepRecord, TrajectoryRecord, TrajectoryStore
 from medeyes_env import views
 from medeyes_env.cases import Box
 from medeyes_env.errors import RecordError
+from medeyes_env.shapes import Shape
 
 PANEL = 320
 """Side in pixels of every image panel in the report."""
@@ -117,12 +119,20 @@ def _placed(boxes: Sequence[Box], size: tuple[int, int], side: int) -> list[Box]
 
 
 def annotated_original(
-    original: Image.Image, gold: Sequence[Box], step: StepRecord | None, side: int = PANEL
+    original: Image.Image,
+    gold: Sequence[Box],
+    step: StepRecord | None,
+    side: int = PANEL,
+    shapes: Sequence[Shape | None] = (),
 ) -> Image.Image:
-    """The original image letterboxed to ``side`` with gold boxes (green) and the step's boxes drawn."""
+    """The original image letterboxed to ``side`` with gold boxes (green), their shapes (amber) and the step's boxes."""
     canvas = views.letterbox(original, side)
     if gold:
         canvas = views.draw_boxes(canvas, _placed(gold, original.size, side), [views.GOLD_COLOUR], width=2)
+    outlines = [shape for shape in shapes if shape is not None]
+    if outlines:
+        scale, offset = views.letterbox_transform(original.size, side)
+        canvas = views.draw_shapes(canvas, outlines, scale, offset, width=2)
     if step is not None and step.action is not None and step.action.boxes:
         placed = _placed(step.action.boxes, original.size, side)
         if step.action.name == "drill":
@@ -148,10 +158,10 @@ def _step_html(
 ) -> str:
     left = right = '<div class="caption">(image not stored)</div>'
     if original is not None:
-        picture = _data_url(annotated_original(original, record.gold_boxes, step))
+        picture = _data_url(annotated_original(original, record.gold_boxes, step, shapes=record.gold_shapes))
         left = (
             f'<img alt="step {step.index + 1} on the original" src="{picture}">'
-            f'<div class="caption">original, step {step.index + 1} boxes; gold in green</div>'
+            f'<div class="caption">original, step {step.index + 1} boxes; gold in green, its shapes in amber</div>'
         )
     if step.observation_image is not None and store is not None:
         try:
@@ -213,6 +223,7 @@ def render_report(
     legend = (
         '<div class="legend">'
         f'<span><i class="swatch" style="background: rgb{views.GOLD_COLOUR}"></i>gold</span>'
+        f'<span><i class="swatch" style="background: rgb{views.SHAPE_COLOUR}"></i>gold shape</span>'
         f'<span><i class="swatch" style="background: rgb{views.DRILL_COLOUR}"></i>drill</span>'
         f'<span><i class="swatch" style="background: rgb{views.SCAN_COLOURS[0]}"></i>scan (numbered)</span></div>'
     )
