@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -288,3 +289,22 @@ def test_report_draws_the_gold_shape_beside_the_gold_box() -> None:
     with_shape = annotated_original(original, [disc.bounds], None, side=100, shapes=[disc])
     assert _amber_pixels(with_shape) > 50
     assert _amber_pixels(annotated_original(original, [disc.bounds], None, side=100)) == 0
+
+
+# ------------------------------------------------------------------------------------- the measurement
+
+
+def test_shape_iou_experiment_counts_the_drills_the_box_metric_flatters(tmp_path: Path) -> None:
+    """experiments/shape_iou.py on expert drills on the phantom (seeded): the box metric flatters the drills."""
+    store = tmp_path / "expert"
+    result = CliRunner().invoke(
+        app, ["rollout", "--n", "12", "--samples", "1", "--keep-all", "--out", str(store), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    script = Path(__file__).resolve().parents[1] / "experiments" / "shape_iou.py"
+    ran = subprocess.run([sys.executable, str(script), f"expert={store}"], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    (row,) = json.loads(ran.stdout)
+    assert row["agent"] == "expert" and row["drills"] > 0 and row["with_shapes"] > 0
+    assert row["mean_box_iou"] >= row["mean_shape_iou"] > 0.0
+    assert row["box_hits"] - row["box_only_hits"] <= row["shape_hits"]
