@@ -308,3 +308,20 @@ def test_shape_iou_experiment_counts_the_drills_the_box_metric_flatters(tmp_path
     assert row["agent"] == "expert" and row["drills"] > 0 and row["with_shapes"] > 0
     assert row["mean_box_iou"] >= row["mean_shape_iou"] > 0.0
     assert row["box_hits"] - row["box_only_hits"] <= row["shape_hits"]
+
+
+def test_jsonl_regions_may_carry_a_shape_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    square = {"polygons": [[[[10, 10], [40, 10], [40, 30], [10, 30]]]]}
+    rows = [
+        {"id": "a", "image": "a.png", "question": "Nodule?", "answer": "yes", "answer_type": "closed",
+         "regions": [{"shape": square, "label": "nodule"}, {"box": [50, 50, 60, 60]}]},
+    ]  # fmt: skip
+    (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    case = open_source(f"jsonl:{tmp_path / 'cases.jsonl'}").case("test", 0)
+    assert case.regions[0].box == (10.0, 10.0, 40.0, 30.0) and case.regions[0].shape.area == 600.0
+    assert case.regions[1].shape is None
+    rows[0]["regions"] = [{"shape": {"polygons": [[[[10, 10], [40, 40], [40, 10], [10, 40]]]]}}]
+    (tmp_path / "cases.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SourceError, match=r"cases\.jsonl:1: .*shape is not a valid polygon \(Self-intersection"):
+        open_source(f"jsonl:{tmp_path / 'cases.jsonl'}")

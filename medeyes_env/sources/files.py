@@ -81,6 +81,10 @@ JSONL_FIELDS = {
 _SPLIT_ALIASES: dict[str, Split] = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
 
 
+REGION_KEYS = frozenset({"box", "label", "shape"})
+"""Keys of a JSONL region: a box, a shape (GeoJSON MultiPolygon coordinates under ``polygons``) or both."""
+
+
 def load_jsonl(path: str | os.PathLike[str], skip_bad: bool = False) -> FileSource:
     """Open a MedEyes JSONL file: one case per line, fields as in :data:`JSONL_FIELDS`.
 
@@ -148,15 +152,22 @@ def _jsonl_row(record: dict[str, Any], root: Path, collector: RowCollector) -> t
         raise SourceError(f"regions must be a list of {{box, label}} objects, got {regions_raw!r}")
     regions = []
     for region in regions_raw:
-        if not isinstance(region, dict) or "box" not in region or set(region) - {"box", "label"}:
-            raise SourceError(f"each region must be {{'box': [x1, y1, x2, y2], 'label': text}}, got {region!r}")
-        boxes = boxes_of(region["box"], "region box")
-        if len(boxes) != 1:
-            raise SourceError(f"a region has one box [x1, y1, x2, y2], got {region['box']!r}")
+        if not isinstance(region, dict) or not {"box", "shape"} & set(region) or set(region) - REGION_KEYS:
+            raise SourceError(
+                f"each region must be {{'box': [x1, y1, x2, y2], 'label': text}} (and/or 'shape': "
+                f"{{'polygons': [[[[x, y], ...]]]}}), got {region!r}"
+            )
+        box = None
+        if "box" in region:
+            boxes = boxes_of(region["box"], "region box")
+            if len(boxes) != 1:
+                raise SourceError(f"a region has one box [x1, y1, x2, y2], got {region['box']!r}")
+            box = boxes[0]
         label = region.get("label")
         if label is not None and not isinstance(label, str):
             raise SourceError(f"a region label must be text, got {type(label).__name__} {label!r}")
-        regions.append(Region(box=boxes[0], label=label if label is not None else "abnormality"))
+        shape = region.get("shape")  # validated by Region (Shape): valid, non-empty, inside the box
+        regions.append(Region(box=box, shape=shape, label=label if label is not None else "abnormality"))
     size = collector.size(image_path) if regions else None
     row = FileRow(
         question=text_field(record, "question"),
