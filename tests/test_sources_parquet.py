@@ -151,8 +151,9 @@ def test_cases_check_reports_counts_bad_images_balance_and_the_blind_floor(tmp_p
     assert result.exit_code == 0, result.output
     test_row = next(line for line in result.output.splitlines() if line.startswith("│ test"))
     cells = [cell.strip() for cell in test_row.strip("│").split("│")]
-    # closed 2, open 1; no bad image; half of yes/no answers are yes; the train majority "yes" gets 1 of 3
-    assert cells[:6] == ["test", "3", "closed 2, open 1", "0", "0/3", "0.50"] and cells[-1] == "0.333"
+    # closed 2, open 1; no regions (0 shapes / 0 boxes); no bad image; half of yes/no answers are yes; the train
+    # majority "yes" gets 1 of 3
+    assert cells[:7] == ["test", "3", "closed 2, open 1", "0", "0/0", "0/3", "0.50"] and cells[-1] == "0.333"
     result = CliRunner().invoke(app, ["cases", "--data", f"vqa_rad_hf:{bad}", "--check"])
     assert "0/3" not in result.output and "3/3" in result.output
     assert "bad image vqa_rad/test/0:" in result.output and "cannot decode image" in result.output
