@@ -177,6 +177,20 @@ class PhantomSource:
         self._drawn: OrderedDict[tuple[str, int], tuple[Any, Any, dict]] = OrderedDict()
         self._lock = threading.Lock()
 
+    # -- pickling (Ray, RLlib, gym.make_vec's async workers and copy.deepcopy copy environments) ---------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The config only.
+
+        A lock cannot be pickled, and the caches are cheap to rebuild (every case is a pure function of
+        ``(config, split, index)``), while the rendered images would add megabytes to each pickle.
+        """
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A fresh source of the same config: a new lock, empty caches."""
+        PhantomSource.__init__(self, state["config"])
+
     def size(self, split: Split) -> int | None:
         """Always ``None``: the phantom is infinite."""
         _split_code(split)
