@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def build(root: Path, rows: int) -> dict[str, str]:
     """Write every layout under ``root``; returns ``{layout: spec}``."""
     sys.path.insert(0, str(ROOT))
-    from tests.layouts import _gray_png, hf_vqa, mmmu_rows, png_bytes, write_parquet
+    from tests.layouts import gray_png, hf_vqa, mmmu_rows, png_bytes, write_parquet
 
     image = png_bytes(0)
     hf_vqa(root / "vqa_rad", {"test": [(f"Is there a lesion? ({i})", "yes") for i in range(rows)]}, image_bytes=image,
@@ -38,13 +38,13 @@ def build(root: Path, rows: int) -> dict[str, str]:
     images = max(1, rows // 20)  # 20 box rows per image, as VinDr's readers and findings add up
     nih = root / "nih"
     for k in range(images):
-        _gray_png(nih / "images_001" / "images" / f"{k:08d}_000.png", (64, 64))
+        gray_png(nih / "images_001" / "images" / f"{k:08d}_000.png", (64, 64))
     lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"]
     lines += [f"{i % images:08d}_000.png,Nodule,{i % 40},{i % 30},8,8,,," for i in range(rows)]
     (nih / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
     vindr = root / "vindr"
     for k in range(images):
-        _gray_png(vindr / "train" / f"img{k}.png", (64, 64))
+        gray_png(vindr / "train" / f"img{k}.png", (64, 64))
     lines = ["image_id,rad_id,class_name,x_min,y_min,x_max,y_max,class_id"]
     lines += [
         f"img{i % images},R{i % 3},Nodule/Mass,{i % 40},{i % 30},{i % 40 + 9},{i % 30 + 9},8" for i in range(rows)

@@ -125,7 +125,7 @@ def omnimedvqa(root: Path, n: int = 4) -> Path:
     return root
 
 
-def _gray_png(path: Path, size: tuple[int, int] = (128, 128)) -> None:
+def gray_png(path: Path, size: tuple[int, int] = (128, 128)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("L", size, 40).save(path)
 
@@ -142,8 +142,8 @@ def nih_cxr(root: Path) -> Path:
     lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"] + [",".join(map(str, r)) + ",,," for r in rows]
     root.mkdir(parents=True, exist_ok=True)
     (root / "BBox_List_2017.csv").write_text("\n".join(lines) + "\n")
-    _gray_png(root / "images_001" / "images" / "00000001_000.png")
-    _gray_png(root / "images_002" / "images" / "00000002_000.png")
+    gray_png(root / "images_001" / "images" / "00000001_000.png")
+    gray_png(root / "images_002" / "images" / "00000002_000.png")
     return root
 
 
@@ -161,5 +161,5 @@ def vindr_cxr(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "annotations_train.csv").write_text("\n".join([header, *rows]) + "\n")
     for name in ("img1", "img2", "img3"):
-        _gray_png(root / "train" / f"{name}.png")
+        gray_png(root / "train" / f"{name}.png")
     return root
