@@ -44,3 +44,18 @@ def test_every_marker_the_default_run_leaves_out_has_a_ci_stage():
     selected = set(re.findall(r"-m [\"']?(\w+)", ci))  # a stage's `pytest -m MARKER ...`
     assert {"slow", "vllm", "openrlhf"} <= left_out
     assert sorted(left_out - selected) == []
+
+
+def test_layout_map_names_every_package():
+    """docs/layout.md is the map of the packages; a new package without a line there fails here."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "layout.md").read_text(encoding="utf-8")
+    packages = sorted(
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("medeyes", "medeyes_env", "medeyes_verifiers")
+        for init in (root / top).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    )
+    assert "medeyes.agents.expert.oracles" in packages  # the walk found the nested packages
+    missing = [name for name in packages if f"`{name}`" not in text]
+    assert not missing, f"docs/layout.md does not name: {', '.join(missing)}"
