@@ -59,3 +59,14 @@ def test_layout_map_names_every_package():
     assert "medeyes.agents.expert.oracles" in packages  # the walk found the nested packages
     missing = [name for name in packages if f"`{name}`" not in text]
     assert not missing, f"docs/layout.md does not name: {', '.join(missing)}"
+
+
+def test_training_code_map_names_every_module():
+    """docs/training.md's module table names every module of medeyes/training and its subpackages, and no other."""
+    training = ROOT / "medeyes" / "training"
+    rows = [line for line in (ROOT / "docs" / "training.md").read_text().splitlines() if line.startswith("| `")]
+    named = {name for row in rows for name in row.split("|")[1].replace("`", "").replace(",", " ").split()}
+    modules = {path.relative_to(training).as_posix() for path in training.rglob("*.py") if path.name != "__init__.py"}
+    assert {"trainer.py", "stages/grpo.py", "openrlhf/loss.py"} <= modules  # the walk reaches the subpackages
+    assert sorted(modules - named) == [], "modules docs/training.md's code map does not name"
+    assert sorted(named - modules) == [], "names in docs/training.md's code map that are no module"
