@@ -15,6 +15,7 @@ from medeyes_env.sources.phantom.scene import (
     blur,
     draw_polyline,
     ellipse_sdf,
+    float_pixels,
     inside,
     noise_patch,
     pixel_grid,
@@ -190,10 +191,11 @@ def render_chest(
     # bones (seen best against the lungs) and vessels, drawn at this resolution
     canvas = Image.new("F", (n, n), 0.0)
     _ribs(ImageDraw.Draw(canvas), p, n)
-    att += 0.16 * blur(np.asarray(canvas, dtype=np.float32), 2) * body * (0.12 + 0.88 * profile)
+    att += 0.16 * blur(float_pixels(canvas), 2) * body * (0.12 + 0.88 * profile)
     canvas = Image.new("F", (n, n), 0.0)
     _vessel_trees(ImageDraw.Draw(canvas), rng, p, n)
-    vessels = blur(np.asarray(canvas, dtype=np.float32), 2) * 0.5 + np.asarray(canvas, dtype=np.float32) * 0.5
+    drawn = float_pixels(canvas)
+    vessels = blur(drawn, 2) * 0.5 + drawn * 0.5
     att += 1.3 * vessels * inside(lung_sdf, 0.004) * keep
     for hx, hy in ((cx - 0.075, 0.47), (cx + 0.08, 0.445)):
         att += 0.1 * inside(ellipse_sdf(u, v, hx, hy, 0.03, 0.055), 0.03)

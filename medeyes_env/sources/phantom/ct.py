@@ -15,6 +15,7 @@ from medeyes_env.sources.phantom.scene import (
     draw_polyline,
     ellipse_sdf,
     ellipse_shape,
+    float_pixels,
     inside,
     noise_patch,
     paint,
@@ -166,7 +167,7 @@ def _ct_upper_organs(image: FloatArray, rng: np.random.Generator, p: Anatomy, n:
     cx, cy, a, b = p["cx"], p["cy"], p["a"], p["b"]
     canvas = Image.new("F", (n, n), 0.0)
     _hepatic_vessels(ImageDraw.Draw(canvas), rng, p, n)
-    tissue = blur(np.asarray(canvas, dtype=np.float32), 2) * (hu(150) - hu(108)) + hu(108)
+    tissue = blur(float_pixels(canvas), 2) * (hu(150) - hu(108)) + hu(108)
     tissue += (hu(5) - hu(0)) * smooth_field(rng, n, 40)
     box = (cx - 0.95 * a, cy - 0.8 * b, cx + 0.35 * a, cy + 0.7 * b)
     paint(image, box, lambda uu, vv: ct_organ_sdf(p, "liver", uu, vv), tissue, 0.003)
@@ -243,7 +244,7 @@ def _ct_pancreas(image: FloatArray, rng: np.random.Generator, p: Anatomy, n: int
     ]
     canvas = Image.new("F", (n, n), 0.0)
     draw_polyline(ImageDraw.Draw(canvas), pancreas, n * 0.032, 1.0, n)
-    pancreas_mask = blur(np.asarray(canvas, dtype=np.float32), 2)
+    pancreas_mask = blur(float_pixels(canvas), 2)
     image += pancreas_mask * (hu(95) + (hu(12) - hu(0)) * smooth_field(rng, n, 90) - image)
     for dx, dy, r, value in ((0.035, -0.15, 0.008, 170.0), (0.0, -0.15, 0.011, 140.0)):  # SMA and SMV
         sdf, box = ellipse_shape(sx + dx, sy + dy, r, r)

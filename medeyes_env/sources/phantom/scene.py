@@ -8,6 +8,7 @@ The picture-making rules are in :mod:`medeyes_env.sources.phantom.render`'s docs
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -119,7 +120,51 @@ def inside(sdf: FloatArray, width: float) -> FloatArray:
 def resize(array: FloatArray, n: int, resample: Image.Resampling = Image.Resampling.BICUBIC) -> FloatArray:
     """Resize a float image to ``n`` x ``n`` with Pillow (``F`` mode)."""
     out = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), "F").resize((n, n), resample)
-    return np.array(out, dtype=np.float32)
+    return float_pixels(out)
+
+
+class _ArrowArray(ctypes.Structure):
+    """The Arrow C data interface's ``struct ArrowArray`` (a stable ABI), as Pillow exports an image."""
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.c_void_p),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def float_pixels(image: Image.Image) -> FloatArray:
+    """A writable float32 array of an ``F`` image's pixels (a copy).
+
+    ``np.array(image)`` goes through ``Image.tobytes``, which packs the pixels row by row into chunks and joins
+    them: 5 ms for a 1024 px float image, a tenth of a render. Pillow (11.2 and later) also exports an image
+    through the Arrow C data interface, whose pixel buffer is copied here in one ``memmove`` (0.1 ms); any image
+    that export does not give as one flat float buffer takes the ``np.array`` path. The same bytes either way.
+    """
+    width, height = image.size
+    try:
+        _schema, capsule = image.__arrow_c_array__()
+        exported = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
+        flat = exported.length == width * height and exported.offset == 0 and exported.n_children == 0
+        data = exported.buffers[1] if flat and exported.n_buffers == 2 else None
+    except (AttributeError, ValueError, TypeError):
+        data = None
+    if image.mode != "F" or not data:
+        return np.array(image, dtype=np.float32)
+    pixels = np.empty((height, width), dtype=np.float32)
+    ctypes.memmove(pixels.ctypes.data, data, pixels.nbytes)
+    return pixels  # the capsule's destructor releases Pillow's export
 
 
 def smooth_field(rng: np.random.Generator, n: int, cells: int) -> FloatArray:
@@ -136,7 +181,7 @@ def smooth_field(rng: np.random.Generator, n: int, cells: int) -> FloatArray:
     if flip & 2:
         field_ = field_[:, ::-1]
     if flip & 4:
-        field_ = field_.T
+        field_ = np.ascontiguousarray(field_.T)  # rows in memory order: later elementwise ops run 2-3x faster
     return -field_ if flip & 8 else field_
 
 
@@ -152,7 +197,7 @@ def blur(array: FloatArray, factor: int) -> FloatArray:
     """Cheap blur: box-downsample by ``factor`` and upsample bicubically."""
     n = array.shape[0]
     small = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), "F").reduce(factor)
-    return np.array(small.resize((n, n), Image.Resampling.BICUBIC), dtype=np.float32)
+    return float_pixels(small.resize((n, n), Image.Resampling.BICUBIC))
 
 
 @lru_cache(maxsize=1)
