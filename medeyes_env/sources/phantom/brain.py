@@ -11,8 +11,8 @@ from medeyes_env.sources.phantom.scene import (
     Anatomy,
     FloatArray,
     Focal,
+    add_soft_ellipse,
     blur,
-    ellipse_sdf,
     inside,
     noise_patch,
     pixel_grid,
@@ -54,6 +54,12 @@ def _brain_frame(p: Anatomy, u: FloatArray, v: FloatArray) -> tuple[FloatArray, 
     c, s = math.cos(p["tilt"]), math.sin(p["tilt"])
     x, y = u - p["cx"], v - p["cy"]
     return c * x + s * y, -s * x + c * y
+
+
+def _frame_to_grid(p: Anatomy, x: float, y: float) -> tuple[float, float]:
+    """The ``(u, v)`` of a point given in the head's frame (the inverse of :func:`_brain_frame`)."""
+    c, s = math.cos(p["tilt"]), math.sin(p["tilt"])
+    return p["cx"] + c * x - s * y, p["cy"] + s * x + c * y
 
 
 def brain_head_sdf(p: Anatomy, u: FloatArray, v: FloatArray) -> FloatArray:
@@ -122,17 +128,21 @@ def render_brain(p: Anatomy, focals: list[Focal], size: int, noise: float, rng: 
     grey = inside(surface - 0.0095 - 0.0015 * smooth_field(rng, n, 20), 0.006)
     tissue = (0.68 - 0.25 * grey) * (1.0 + 0.025 * smooth_field(rng, n, 70) + 0.02 * smooth_field(rng, n, 12))
     for s in (-1.0, 1.0):  # caudate heads and thalami
-        tissue -= 0.1 * inside(ellipse_sdf(x, y, s * 0.065 * p["vent"], -0.1, 0.026, 0.045, -s * 0.3), 0.015)
-        tissue -= 0.07 * inside(ellipse_sdf(x, y, s * 0.045, 0.05, 0.035, 0.05), 0.02)
+        caudate = (s * 0.065 * p["vent"], -0.1, 0.026, 0.045, -s * 0.3)
+        add_soft_ellipse(tissue, x, y, _frame_to_grid(p, *caudate[:2]), caudate, 0.015, -0.1)
+        thalamus = (s * 0.045, 0.05, 0.035, 0.05, 0.0)
+        add_soft_ellipse(tissue, x, y, _frame_to_grid(p, *thalamus[:2]), thalamus, 0.02, -0.07)
     window = (slice(int((p["cy"] - 0.26) * n), int((p["cy"] + 0.26) * n)),) * 1 + (
         slice(int((p["cx"] - 0.2) * n), int((p["cx"] + 0.2) * n)),
     )
     csf[window] = np.maximum(csf[window], inside(brain_ventricles_sdf(p, u[window], v[window]), 0.006))
     value = tissue * (1.0 - csf) + 0.1 * csf
     for s in (-1.0, 1.0):  # choroid plexus in the atria enhances
-        value += 0.28 * inside(ellipse_sdf(x, y, s * 0.072 * p["vent"], 0.11, 0.014, 0.02), 0.008)
+        plexus = (s * 0.072 * p["vent"], 0.11, 0.014, 0.02, 0.0)
+        add_soft_ellipse(value, x, y, _frame_to_grid(p, *plexus[:2]), plexus, 0.008, 0.28)
     for sy in (-1.0, 1.0):  # superior sagittal sinus, front and back
-        value += 0.45 * inside(ellipse_sdf(x, y, 0.0, sy * (p["b"] - BRAIN_INSET - 0.02), 0.01, 0.007), 0.004)
+        sinus = (0.0, sy * (p["b"] - BRAIN_INSET - 0.02), 0.01, 0.007, 0.0)
+        add_soft_ellipse(value, x, y, _frame_to_grid(p, *sinus[:2]), sinus, 0.004, 0.45)
     image = image * (1.0 - brain) + value * brain
     image *= 1.0 + 0.07 * smooth_field(rng, n, 3)  # coil sensitivity
     image = 0.5 * image + 0.5 * blur(image, 2)  # acquisition resolution below the display's

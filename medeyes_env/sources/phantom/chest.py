@@ -12,6 +12,7 @@ from medeyes_env.sources.phantom.scene import (
     Extended,
     FloatArray,
     Focal,
+    add_soft_ellipse,
     blur,
     draw_polyline,
     ellipse_sdf,
@@ -198,7 +199,7 @@ def render_chest(
     vessels = blur(drawn, 2) * 0.5 + drawn * 0.5
     att += 1.3 * vessels * inside(lung_sdf, 0.004) * keep
     for hx, hy in ((cx - 0.075, 0.47), (cx + 0.08, 0.445)):
-        att += 0.1 * inside(ellipse_sdf(u, v, hx, hy, 0.03, 0.055), 0.03)
+        add_soft_ellipse(att, u, v, (hx, hy), (hx, hy, 0.03, 0.055, 0.0), 0.03, 0.1)
     full = resize(att, size)
     for focal in focals:
         stamp_focal(full, focal, "xray", scale=1.15)  # about 1 display unit per unit of contrast in the lungs
