@@ -93,7 +93,7 @@ plausible site; ``drill@mimic``: at a mimic, the harder case)::
     medium  ct           55.7    85.9     76.5
     hard    all          48.2    79.5     78.5     (radius 5-8 px, 4-8 mimics)
 
-Rendering a 1024 px case takes about 52 ms of CPU (CT 35, chest 59, brain 61).
+Rendering a 1024 px case takes about 33 ms of CPU (CT 24, chest 42, brain 30; issue 24, docs/environment.md).
 Not all information is gone at 256 px: an ideal observer that knew where a
 blob was and both templates exactly would still separate lesion from mimic
 with d' about 1.5 at medium contrast (about 15 at full resolution; white-noise
