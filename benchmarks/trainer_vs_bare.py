@@ -145,6 +145,40 @@ def trainer_pieces(stage: Any, episodes: list, advantages: torch.Tensor, rows: l
     return out
 
 
+def logprob_head(stage: Any, batch: Any, rounds: int) -> dict[str, float]:
+    """Seconds (min of ``rounds``) of the log-prob step alone, forward + backward to the logits, on the real logits.
+
+    The trainer's ``sequence_logprobs_from_logits`` works one row and chunk at a time (so the vocabulary fits);
+    each row's slice sends a full-size gradient back through its own slice, so the backward grows with rows x
+    kept positions. Beside it: one batched ``log_softmax`` + ``gather``, and the no-grad entropy pass.
+    """
+    from medeyes.training.logprobs import entropy_from_logits, sequence_logprobs_from_logits
+
+    positions = batch.loss_mask[:, 1:].any(dim=0).nonzero().squeeze(1)  # [K]
+    with torch.no_grad():
+        logits = stage.learner.model(**batch.model_inputs(None, causal_only=True), logits_to_keep=positions).logits
+    targets = batch.input_ids[:, positions + 1]  # [B, K]
+    out = {"kept positions": float(positions.numel())}
+    for name in ("chunked (trainer)", "batched log_softmax", "entropy (no grad)"):
+        best = float("inf")
+        for _ in range(rounds):
+            x = logits.detach().requires_grad_(True)
+            t = time.perf_counter()
+            if name.startswith("entropy"):
+                with torch.no_grad():
+                    entropy_from_logits(x.detach())
+            else:
+                lp = (
+                    sequence_logprobs_from_logits(x, targets)
+                    if name.startswith("chunked")
+                    else torch.log_softmax(x.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+                )
+                lp.sum().backward()
+            best = min(best, time.perf_counter() - t)
+        out[name] = best
+    return out
+
+
 def main() -> None:
     """Collect one batch, then time the trainer's update and the bare loop in alternating rounds."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,6 +279,14 @@ def run(args: argparse.Namespace, cache: Path) -> None:
         v = med([p[k] for p in pieces])
         print(f"| {k} | {v:.3f} | {v / total:.0%} |")
     print(f"| old-logprob recompute (grpo.old_logprobs=recompute only) | {med(recompute_s):.3f} | - |")
+    head = logprob_head(stage, batch, 3)
+    print(
+        f"\nthe log-prob step alone on the real logits ({len(rows)} rows x {head.pop('kept positions'):.0f} kept "
+        "positions), forward + backward to the logits, best of 3:"
+    )
+    print("| log-prob step | s |\n|---|---:|")
+    for name, v in head.items():
+        print(f"| {name} | {v:.3f} |")
     result = {
         "rows": len(rows),
         "positions": int(batch.input_ids.shape[1]),
@@ -257,6 +299,7 @@ def run(args: argparse.Namespace, cache: Path) -> None:
         "ratio_vs_kept": t_kept / t_tr,
         "pieces": pieces,
         "recompute_seconds": recompute_s,
+        "logprob_head_seconds": head,
         "load_average": load,
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
