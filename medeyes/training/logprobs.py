@@ -27,11 +27,16 @@ def _logit_chunks(logits: Tensor, temperature: float, chunk_size: int) -> Iterat
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    b, t, _ = logits.shape
-    for row in range(b):
-        for start in range(0, t, chunk_size):
-            pos = slice(start, min(start + chunk_size, t))
-            x = logits[row, pos].float()  # [n, V]
+    t = logits.shape[1]
+    # unbind and split, not logits[row, pos]: the backward of an indexed slice writes its gradient into a
+    # zero tensor of the whole [B, T, V] input, once per chunk (rows x positions); unbind's and split's
+    # backward assemble the pieces once. Same values either way.
+    if t == 0:
+        return
+    for row, row_logits in enumerate(logits.unbind(0)):
+        for start, chunk in zip(range(0, t, chunk_size), row_logits.split(chunk_size, dim=0), strict=True):
+            pos = slice(start, start + chunk.shape[0])
+            x = chunk.float()  # [n, V]
             yield row, pos, (x / temperature if temperature != 1.0 else x)
 
 
