@@ -37,6 +37,8 @@ import torch
 
 def build_stage(args: argparse.Namespace, cache: Path) -> Any:
     """A Trainer built from a config as ``medeyes train`` builds it; returns its GRPO stage."""
+    from trl_compare import ours_config  # this script sits beside it; run as a script, benchmarks/ is on sys.path
+
     from medeyes.agents.backends.transformers import TransformersBackend
     from medeyes.agents.policy import PolicyAgent
     from medeyes.models.factory import ensure_tiny_model, load_policy_model
@@ -49,29 +51,7 @@ def build_stage(args: argparse.Namespace, cache: Path) -> Any:
 
     model_dir = str(ensure_tiny_model("idefics3", "tiny"))
     cfg = build_config(
-        {
-            "model": model_dir,
-            "data": args.data,
-            "data_options": json.loads(args.data_options),
-            "run_dir": str(cache / "run"),
-            "threads": args.threads,
-            "stages": ["grpo"],
-            "env": {"max_steps": args.env_max_steps, "view_size": 128},
-            "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
-            "rollout_batch": args.prompts * args.group,
-            "grpo": {
-                "steps": 1,
-                "mode": "on_policy",
-                "prompts_per_step": args.prompts,
-                "group_on": args.group,
-                "optim": {"lr": args.lr, "grad_clip": 1.0},
-            },
-            "train_cases": args.prompts,
-            "eval": {"every": 0},
-            "checkpoint_every": 0,
-            "tensorboard": False,
-            "progress": False,
-        }
+        ours_config(model_dir, args, cache / "run", steps=1, train_cases=args.prompts, env_max_steps=args.env_max_steps)
     )
     seed_everything(cfg.seed)
     model, processor = load_policy_model(cfg.model, device=cfg.device, dtype=param_dtype_name(cfg))

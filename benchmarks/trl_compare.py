@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,6 +138,38 @@ def run_trl(model_dir: str, rows: list[dict], args: argparse.Namespace, out: Pat
     }
 
 
+def ours_config(
+    model_dir: str, args: argparse.Namespace, run_dir: Path, *, steps: int, train_cases: int, env_max_steps: int
+) -> dict[str, Any]:
+    """The MedEyes config of this comparison: on-policy GRPO, ``args``' budget, no eval, checkpoints or logs.
+
+    trainer_vs_bare.py builds its batch from the same settings.
+    """
+    return {
+        "model": model_dir,
+        "data": args.data,
+        "data_options": json.loads(args.data_options),
+        "run_dir": str(run_dir),
+        "threads": args.threads,
+        "stages": ["grpo"],
+        "env": {"max_steps": env_max_steps, "view_size": 128},
+        "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
+        "rollout_batch": args.prompts * args.group,
+        "grpo": {
+            "steps": steps,
+            "mode": "on_policy",
+            "prompts_per_step": args.prompts,
+            "group_on": args.group,
+            "optim": {"lr": args.lr, "grad_clip": 1.0},
+        },
+        "train_cases": train_cases,
+        "eval": {"every": 0},
+        "checkpoint_every": 0,
+        "tensorboard": False,
+        "progress": False,
+    }
+
+
 def run_ours(model_dir: str, args: argparse.Namespace, out: Path) -> dict:
     """The MedEyes trainer, single-turn on-policy GRPO with the same budget."""
     from medeyes.training.config import build_config
@@ -144,29 +177,7 @@ def run_ours(model_dir: str, args: argparse.Namespace, out: Path) -> dict:
     from medeyes.training.trainer import train
 
     config = build_config(
-        {
-            "model": model_dir,
-            "data": args.data,
-            "data_options": json.loads(args.data_options),
-            "run_dir": str(out / "ours"),
-            "threads": args.threads,
-            "stages": ["grpo"],
-            "env": {"max_steps": 0, "view_size": 128},
-            "sampling": {"temperature": 1.0, "max_new_tokens": args.max_new_tokens},
-            "rollout_batch": args.prompts * args.group,
-            "grpo": {
-                "steps": args.steps,
-                "mode": "on_policy",
-                "prompts_per_step": args.prompts,
-                "group_on": args.group,
-                "optim": {"lr": args.lr, "grad_clip": 1.0},
-            },
-            "train_cases": args.cases,
-            "eval": {"every": 0},
-            "checkpoint_every": 0,
-            "tensorboard": False,
-            "progress": False,
-        }
+        ours_config(model_dir, args, out / "ours", steps=args.steps, train_cases=args.cases, env_max_steps=0)
     )
     start = time.perf_counter()
     train(config, resume=False)
