@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -47,6 +48,16 @@ def single_env_rate(env_id: str, seconds: float) -> float:
     return episodes / (time.perf_counter() - start)
 
 
+def independent_rate(env_id: str, processes: int, seconds: float) -> float:
+    """Episodes per second of ``processes`` single envs in separate processes at once, no vector env between.
+
+    What the machine gives ``processes`` workers with no lockstep and no pipe: the ceiling of an async vector env.
+    """
+    context = multiprocessing.get_context("spawn")  # a clean interpreter each, as gym's async workers use fork/spawn
+    with context.Pool(processes) as pool:
+        return float(sum(pool.starmap(single_env_rate, [(env_id, seconds)] * processes)))
+
+
 def vector_env_rate(env_id: str, mode: str, num_envs: int, seconds: float) -> float:
     """Episodes per second of ``gym.make_vec``: answered episodes over the wall time, autoresets included."""
     vector_kwargs: dict[str, Any] = {"shared_memory": False} if mode == "async" else {}
@@ -80,6 +91,9 @@ def main() -> None:
     for mode, num_envs in [("sync", 1), ("sync", 2), ("async", 1), ("async", 2)]:
         rate = vector_env_rate(args.id, mode, num_envs, args.seconds)
         rows.append({"what": f"make_vec {mode}, {num_envs} env{'s' if num_envs > 1 else ''}", "episodes_per_s": rate})
+    rows.append(
+        {"what": "ceiling: 2 single envs, 2 processes", "episodes_per_s": independent_rate(args.id, 2, args.seconds)}
+    )
     for row in rows:
         row["ratio"] = row["episodes_per_s"] / base
     load_after = os.getloadavg()

@@ -49,6 +49,7 @@ been taken and the next turn is not an answer (accuracy 0).
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 import string
@@ -74,6 +75,7 @@ from medeyes_env.protocol import (
     parse_turn,
     protocol_instructions,
 )
+from medeyes_env.render_ahead import RenderAhead
 from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
 from medeyes_env.sources import CaseSource, open_source
 
@@ -123,6 +125,12 @@ class EnvConfig(BaseModel):
     limits: ProtocolLimits = Field(default_factory=ProtocolLimits)
     render_size: int = Field(default=512, ge=64, description="Side of the render() image.")
     render_gold: bool = Field(default=True, description="Draw gold regions in render() (green).")
+    render_ahead: bool = Field(
+        default=True,
+        description="While an episode runs, load the next case in a background thread when the env draws its own "
+        "cases (a reset with neither seed nor options: a vector env's autoreset, a training loop's stream): the "
+        "next reset then finds its image ready. The same images; only when they are made changes.",
+    )
 
 
 class Turn(BaseModel):
@@ -184,6 +192,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._pixels: Image.Image | None = None  # what views are cut from: the image, or its one channel
         self._drill_pixels: Image.Image | None = None  # what drill views are cut from, when not _pixels
         self._view_cache: OrderedDict[tuple[str, str], tuple[Image.Image, Image.Image]] = OrderedDict()
+        self._render_ahead: RenderAhead[tuple[Image.Image, Image.Image, Image.Image]] = RenderAhead()
 
     # -- the Gymnasium API ---------------------------------------------------------------------------
 
@@ -191,6 +200,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         """Start an episode on a case drawn with ``self.np_random`` or named in ``options``."""
         super().reset(seed=seed)
         options = options or {}
+        index = None
         if "case" in options:
             case = options["case"]
             if not isinstance(case, Case):
@@ -198,13 +208,19 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         else:
             index = options.get("case_index")
             if index is None:
-                size = self.source.size(self.split)
-                index = int(self.np_random.integers(0, size if size else PROCEDURAL_CASES))
+                index = self._draw_index(self.np_random)
             elif not isinstance(index, (int, np.integer)) or index < 0:
                 raise ValueError(f"options['case_index'] must be a non-negative int, got {index!r}")
             case = self.source.case(self.split, int(index))
         self.case = case
-        self.image = case.load_image()
+        ready = self._render_ahead.take((self.split, index))
+        if ready is None:
+            self.image = case.load_image()
+        else:
+            self.image, overview, pixels = ready
+            self._view_cache[(case.source, case.id)] = (overview, pixels)
+        if seed is None and not options and self.config.render_ahead:
+            self._load_next_case_ahead()
         self.turns, self._answer, self._done = [], None, False
         first_view = self._prepare_views(case)
         self._drill_pixels = self._drill_source(options.get("drill_image"))
@@ -257,6 +273,11 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         obs_text = f"<feedback>{feedback}</feedback>"
         self.turns[-1].feedback = feedback
         return self._observation(view, obs_text), float(reward), terminated, truncated, self._info(breakdown)
+
+    def close(self) -> None:
+        """Stop the render-ahead thread (a load in flight finishes)."""
+        self._render_ahead.close()
+        super().close()
 
     def render(self) -> np.ndarray | None:
         """RGB array of the image with explored regions drawn (drill red, scan yellow, gold green)."""
@@ -327,20 +348,41 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
 
     # -- internals -------------------------------------------------------------------------------------
 
+    def _draw_index(self, rng: np.random.Generator) -> int:
+        """The case index a reset without options draws from ``rng``."""
+        size = self.source.size(self.split)
+        return int(rng.integers(0, size if size else PROCEDURAL_CASES))
+
+    def _load_next_case_ahead(self) -> None:
+        """Start loading the case the next option-free, unseeded reset will draw (``np_random`` is not advanced)."""
+        split, index = self.split, self._draw_index(copy.deepcopy(self.np_random))
+
+        def load() -> tuple[Image.Image, Image.Image, Image.Image]:
+            image = self.source.case(split, index).load_image()
+            return (image, *self._views_of(image))
+
+        self._render_ahead.submit((split, index), load)
+
+    def _views_of(self, image: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """The overview of ``image`` and the pixels views are cut from.
+
+        Most medical images are grayscale stored as RGB: cutting views from a one-channel copy makes
+        each resample about 3x cheaper (same pixels up to rounding: at most 2 grey levels apart).
+        """
+        pixels = _grey_channel(image) or image
+        return views.overview(pixels, self.config.view_size).convert("RGB"), pixels
+
     def _prepare_views(self, case: Case) -> Image.Image:
         """Make the overview and pick the pixels views are cut from; both are cached per case.
 
         GRPO replays each case G times in a row, and the area-averaged overview is the costliest view.
-        Most medical images are grayscale stored as RGB: cutting views from a one-channel copy makes
-        each resample about 3x cheaper (same pixels up to rounding: at most 2 grey levels apart).
         """
         key = (case.source, case.id)
         if key not in self._view_cache:
-            source = _grey_channel(self.image) or self.image
-            self._view_cache[key] = (views.overview(source, self.config.view_size).convert("RGB"), source)
-            if len(self._view_cache) > 16:
-                self._view_cache.popitem(last=False)
+            self._view_cache[key] = self._views_of(self.image)
         self._view_cache.move_to_end(key)
+        while len(self._view_cache) > 16:
+            self._view_cache.popitem(last=False)
         overview, self._pixels = self._view_cache[key]
         return overview
 

@@ -227,3 +227,81 @@ def test_no_instructions_leaves_out_the_system_message():
     assert [m["role"] for m in messages] == ["user"] and env.system_prompt() == ""
     env.step('<reasoning>r</reasoning><action>{"name": "drill", "box": "<loc04><loc04><loc08><loc08>"}</action>')
     assert [m["role"] for m in env.chat_messages("pil")] == ["user", "assistant", "user"]
+
+
+DRILL_TURN = '<reasoning>look</reasoning><action>{"name": "drill", "box": [100, 100, 300, 300]}</action>'
+
+
+def _stream(env: MedEyesEnv, resets: list[dict]) -> list[bytes]:
+    """Observations of a mix of streamed, seeded and named resets, each followed by one drill."""
+    seen = []
+    for kwargs in resets:
+        obs, info = env.reset(**kwargs)
+        seen += [obs["image"].tobytes(), obs["text"].encode(), info["case_id"].encode()]
+        seen.append(env.step(DRILL_TURN)[0]["image"].tobytes())
+    env.close()
+    return seen
+
+
+def test_render_ahead_gives_the_same_episodes_as_loading_at_reset():
+    # streamed resets (render-ahead on) mixed with a seeded one and a named case, which must drop the guess
+    resets = [{"seed": 5}, {}, {}, {"options": {"case_index": 3}}, {}, {}, {"seed": 9}, {}]
+    ahead = _stream(MedEyesEnv("phantom:look", split="train"), resets)
+    plain = _stream(MedEyesEnv("phantom:look", split="train", render_ahead=False), resets)
+    assert ahead == plain
+
+
+def test_render_ahead_survives_pickling_with_a_load_in_flight():
+    import pickle
+
+    env = MedEyesEnv("phantom:look", split="train")
+    env.reset(seed=1)
+    env.reset()  # starts loading the next case
+    copy_ = pickle.loads(pickle.dumps(env))
+    assert copy_.reset()[1]["case_id"] == env.reset()[1]["case_id"]
+    env.close()
+    copy_.close()
+
+
+def test_a_case_that_fails_to_load_ahead_fails_at_its_own_reset_with_its_own_message(tmp_path):
+    from PIL import Image
+
+    from medeyes_env.cases import Case
+    from medeyes_env.errors import ImageLoadError
+
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "good.png")
+
+    class HalfMissing:
+        """Even cases load, odd cases name a file that is not there."""
+
+        name = "half"
+
+        def size(self, split):
+            return 50
+
+        def case(self, split, index):
+            image = tmp_path / ("good.png" if index % 2 == 0 else f"missing-{index}.png")
+            return Case(
+                id=f"half/{index}",
+                question="q?",
+                answer="yes",
+                answer_type=AnswerType.CLOSED,
+                source="half",
+                split=split,
+                image_path=str(image),
+            )
+
+    def outcomes(render_ahead: bool) -> list[str]:
+        env = MedEyesEnv(HalfMissing(), split="test", render_ahead=render_ahead)
+        seen = []
+        for kwargs in [{"seed": 0}] + [{}] * 15:
+            try:
+                seen.append(env.reset(**kwargs)[1]["case_id"])
+            except ImageLoadError as exc:
+                seen.append(str(exc))
+        env.close()
+        return seen
+
+    ahead = outcomes(True)
+    assert ahead == outcomes(False)
+    assert any("missing-" in outcome for outcome in ahead[2:])  # a failed background load, raised at its reset
