@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent, EpisodeContext, TurnOutput
 from medeyes.trajectories import Producer, RecordSink, StepRecord, Timings, TrajectoryRecord
-from medeyes_env.cases import Box, Split
+from medeyes_env.cases import Box, Case, Split
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
 from medeyes_env.rewards import box_iou, grounding_reward
@@ -128,6 +128,24 @@ class _Live:
     steps: list[StepRecord] = field(default_factory=list)
     reward: float = 0.0
     """Sum of the rewards ``env.step`` returned: the one total (malformed-turn penalties included)."""
+
+
+def preloaded_cases(source: CaseSource, split: Split, indices: Iterable[int]) -> dict[int, Case]:
+    """Cases of ``split`` by index, their images loaded now; ``run_rollout``'s resets take them as ``{"case": ...}``.
+
+    A trainer calls it in a background thread for its next step's cases while this step's update runs, so that
+    rollout's resets do not render (the same image: each reset gets a copy of the one loaded here). A case
+    whose image does not load is left out; its own reset loads it and raises there, with its own message.
+    """
+    loaded: dict[int, Case] = {}
+    for index in indices:
+        case = source.case(split, index)
+        try:
+            image = case.load_image()
+        except (MedEyesError, OSError):
+            continue
+        loaded[index] = case.model_copy().with_image_factory(image.copy)
+    return loaded
 
 
 def run_rollout(

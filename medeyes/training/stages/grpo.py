@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from medeyes.models.episodes import EpisodeTensors, tokenize_record
-from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout import RolloutConfig, preloaded_cases, run_rollout
 from medeyes.training.advantages import compute_advantages
 from medeyes.training.expert_data import ExpertPool
 from medeyes.training.logprobs import recompute_old_logprobs
@@ -35,7 +36,9 @@ from medeyes.training.shaping import loss_rows, shaped_rewards
 from medeyes.training.stage_config import GRPOConfig
 from medeyes.training.stages._step import Learner, seed_sampling, step_metrics
 from medeyes.trajectories import MemoryStore, TrajectoryRecord, TrajectoryStore
+from medeyes_env.cases import Case
 from medeyes_env.env import EnvConfig
+from medeyes_env.render_ahead import RenderAhead
 from medeyes_env.sources import CaseSource
 
 
@@ -75,6 +78,7 @@ class GRPOStage:
         self.experts = experts
         self.learner = learner
         self.tool_alarm_shown = False
+        self.next_cases: RenderAhead[dict[int, Case]] = RenderAhead()
 
     def step(self, step: int) -> dict[str, float]:
         """One GRPO step (module docstring); returns its metrics."""
@@ -102,6 +106,7 @@ class GRPOStage:
         rng = np.random.default_rng(step_seed(self.seed, step, GRPO_EXPERT_SALT))
         blocks = max(1, setting.pool_cases // g.prompts_per_step)
         start = ((step - self.first_step) % blocks) * g.prompts_per_step
+        loaded = self.next_cases.take(start) or {}  # this step's cases, loaded while the last step's update ran
         metrics.update(self.engine.prepare(learner.model, step))  # vLLM: the weights of the last optimizer step
         t0 = time.perf_counter()
         store = MemoryStore()
@@ -118,8 +123,18 @@ class GRPOStage:
             env=setting.env,
         )
         with learner.autocast():
-            result = run_rollout(policy, setting.source, rollout, store=store)
+            result = run_rollout(
+                policy,
+                setting.source,
+                rollout,
+                store=store,
+                reset_options=lambda i: {"case": loaded[i]} if i in loaded else {},
+            )
         self.engine.release()
+        # the next step's cases load in the background while this step is scored and its update runs
+        upcoming = ((step + 1 - self.first_step) % blocks) * g.prompts_per_step
+        cases_ahead = range(upcoming, upcoming + g.prompts_per_step)
+        self.next_cases.submit(upcoming, partial(preloaded_cases, setting.source, setting.split, cases_ahead))
         on_records = sorted(result.records, key=lambda r: (r.case_id, r.sample_index))
         cases = range(start, start + g.prompts_per_step)
         case_index = {setting.source.case(setting.split, i).id: i for i in cases}  # type: ignore[arg-type]
