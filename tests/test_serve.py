@@ -105,6 +105,25 @@ def test_eval_flag_sends_gold():
     assert obs.gold_boxes == [region.box for region in local.case.regions]
 
 
+def test_timings_count_the_env_and_png_encoding_only_when_asked(url):
+    assert httpx.get(url + "/medeyes/timings").status_code == 404  # off by default
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with background_server(ServeConfig(port=0, token=TOKEN, timings=True)) as base:
+        assert httpx.get(base + "/medeyes/timings").status_code == 401  # the totals need the token
+        before = httpx.get(base + "/medeyes/timings", headers=headers).json()
+        with MedEyesClient(base, token=TOKEN).sync() as env:
+            env.reset(seed=0)
+            env.step(SCAN)
+            env.step(DRILL)
+        after = httpx.get(base + "/medeyes/timings", headers=headers).json()
+    calls = {name: after["parts"][name]["calls"] - before["parts"][name]["calls"] for name in after["parts"]}
+    assert calls == {"env_reset": 1, "env_step": 2, "png_encode": 3}
+    spent = {name: after["parts"][name]["cpu_s"] - before["parts"][name]["cpu_s"] for name in after["parts"]}
+    assert all(seconds > 0 for seconds in spent.values())
+    assert sum(spent.values()) <= after["process_cpu_s"] - before["process_cpu_s"]
+    assert "--timings" in CliRunner().invoke(app, ["serve", "--help"]).output
+
+
 def test_async_clients_run_interleaved_sessions_without_crossing(url):
     async def episode(seed: int) -> tuple[str, float]:
         async with MedEyesClient(url) as env:

@@ -59,6 +59,13 @@ def serve(
         bool,
         typer.Option("--eval", help="Send gold answers, gold boxes and real case ids (evaluation only)."),
     ] = False,
+    timings: Annotated[
+        bool,
+        typer.Option(
+            help="Count the seconds spent in the env's reset and step and in PNG encoding; "
+            "GET /medeyes/timings serves the totals (benchmarks)."
+        ),
+    ] = False,
 ) -> None:
     """Serve MedEyes over OpenEnv's protocol: WS /ws, /reset, /step, /state, /schema, /health."""
     try:
@@ -85,6 +92,7 @@ def serve(
         allow_origins=allow_origin or [],
         handshake_timeout_s=handshake_timeout,
         max_connections=max_connections,
+        timings=timings,
     )
     auth = f"bearer token from ${token_name}" if token else "no token, loopback names only"
     _announce(config, auth)

@@ -29,8 +29,12 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+TIMINGS_ROUTE = "/medeyes/timings"
+"""Where a server started with ``--timings`` serves its time totals (404 on one without; it needs the token)."""
+
 ROUTES = frozenset(
     {
+        TIMINGS_ROUTE,
         "/ws",
         "/reset",
         "/step",

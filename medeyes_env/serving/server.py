@@ -19,7 +19,9 @@ What this module adds around OpenEnv's app (the checks themselves are in :mod:`.
 - no ``Origin`` (no browser page) unless allowed; a connection cap and deadlines for headers and messages;
 - no gold answers or boxes, and opaque case ids, on the wire unless ``include_gold`` (``medeyes serve --eval``);
 - a bad request argument (reset's, the task API's) is a 4xx with the reason over HTTP (OpenEnv answers 500),
-  and an error frame over the socket.
+  and an error frame over the socket;
+- with ``timings`` (``medeyes serve --timings``, off by default), ``GET /medeyes/timings``: the seconds the
+  process spent in the environment's reset and step and in PNG encoding (:class:`ServerTimings`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,14 @@ from medeyes_env.cases import Split
 from medeyes_env.env import PROCEDURAL_CASES, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
 from medeyes_env.registration import ENV_IDS
-from medeyes_env.serving.guard import APP_ROUTES, RequestGuard, is_loopback, limited_h11, redact_paths
+from medeyes_env.serving.guard import (
+    APP_ROUTES,
+    TIMINGS_ROUTE,
+    RequestGuard,
+    is_loopback,
+    limited_h11,
+    redact_paths,
+)
 from medeyes_env.serving.wire import MedEyesAction, MedEyesObservation, MedEyesState, encode_image
 
 _COMPONENTS = ("accuracy", "grammar", "diversity", "grounding", "tool", "token_recall", "best_iou")
@@ -112,6 +121,11 @@ class ServeConfig(BaseModel):
     max_connections: int | None = Field(
         default=None, ge=1, description="Open connections at most (HTTP and WebSocket); None: max_sessions + 64."
     )
+    timings: bool = Field(
+        default=False,
+        description="Count the seconds spent in the env's reset and step and in PNG encoding, and serve the "
+        "totals on GET /medeyes/timings (for benchmarks; costs two clock reads per call).",
+    )
 
     @model_validator(mode="after")
     def _checked(self) -> ServeConfig:
@@ -136,6 +150,48 @@ class ServeConfig(BaseModel):
         return self.max_connections if self.max_connections is not None else self.max_sessions + 64
 
 
+class ServerTimings:
+    """Where a server's time goes (``medeyes serve --timings``): the env's reset and step, and PNG encoding.
+
+    Each part keeps its calls, wall seconds (``perf_counter``) and the calling thread's CPU seconds
+    (``thread_time``: a session thread waiting for the GIL is not counted). :meth:`snapshot` adds the
+    process's CPU seconds over all threads, so a client takes two snapshots and divides the differences.
+
+    >>> timings = ServerTimings()
+    >>> with timings.measure("png_encode"):
+    ...     pass
+    >>> timings.snapshot()["parts"]["png_encode"]["calls"]
+    1
+    """
+
+    PARTS = ("env_reset", "env_step", "png_encode")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals = {part: [0, 0.0, 0.0] for part in self.PARTS}
+
+    @contextlib.contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        """Add the time spent in the ``with`` block to ``part``."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            with self._lock:
+                total = self._totals[part]
+                total[0] += 1
+                total[1] += wall
+                total[2] += cpu
+
+    def snapshot(self) -> dict[str, Any]:
+        """The totals so far, the process's CPU seconds and a wall clock (``perf_counter``) reading."""
+        with self._lock:
+            totals = {part: list(total) for part, total in self._totals.items()}
+        parts = {part: {"calls": calls, "wall_s": wall, "cpu_s": cpu} for part, (calls, wall, cpu) in totals.items()}
+        return {"process_cpu_s": time.process_time(), "clock_s": time.perf_counter(), "parts": parts}
+
+
 class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState]):
     """One MedEyes episode per session, behind OpenEnv's ``Environment`` API.
 
@@ -146,10 +202,14 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
 
     SUPPORTS_CONCURRENT_SESSIONS = True  # each session owns its own MedEyesEnv; nothing is shared
 
-    def __init__(self, config: ServeConfig | None = None, id_key: bytes | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig | None = None, id_key: bytes | None = None, timings: ServerTimings | None = None
+    ) -> None:
+        """``timings``: where to count the env's and PNG encoding's seconds (``None``: not counted)."""
         super().__init__()
         self.config = config or ServeConfig()
         self.id_key = id_key or secrets.token_bytes(32)
+        self.timings = timings
         self.env = make_env(self.config)
         self.default_split: Split = self.env.split
         self._state = MedEyesState()
@@ -186,7 +246,8 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         if case_index is not None:
             self._check_index(self.env.split, case_index, "case_index" if index is None else "index")
         options = {"case_index": case_index} if case_index is not None else None
-        obs, info = self.env.reset(seed=seed, options=options)
+        with self._measure("env_reset"):
+            obs, info = self.env.reset(seed=seed, options=options)
         self._question = obs["text"]  # at reset the text is the question with its answer instructions
         self._state = MedEyesState(episode_id=episode_id, step_count=0, case_id=self.public_id(info["case_id"]))
         return self._observation(obs, info, reward=None, terminated=False, truncated=False)
@@ -199,7 +260,8 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
             raise RequestError("no episode in this session: send reset before step", status=409)
         if self._state.done:
             raise RequestError("the episode has ended: send reset to start another", status=409)
-        obs, reward, terminated, truncated, info = self.env.step(action.text)
+        with self._measure("env_step"):
+            obs, reward, terminated, truncated, info = self.env.step(action.text)
         done = terminated or truncated
         self._state = self._state.model_copy(
             update={"step_count": info["step"], "done": done, "reward_total": info.get("reward_total")}
@@ -302,6 +364,9 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
                 f"this session was closed after {self.config.idle_timeout_s} s without a message; open a new connection"
             )
 
+    def _measure(self, part: str) -> contextlib.AbstractContextManager:
+        return self.timings.measure(part) if self.timings is not None else contextlib.nullcontext()
+
     def _observation(
         self, obs: dict[str, Any], info: dict[str, Any], *, reward: float | None, terminated: bool, truncated: bool
     ) -> MedEyesObservation:
@@ -309,8 +374,10 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         case = env.case
         components = info.get("reward_components", {})
         gold = self.config.include_gold
+        with self._measure("png_encode"):
+            image = encode_image(obs["image"])
         return MedEyesObservation(
-            image=encode_image(obs["image"]),
+            image=image,
             text=obs["text"],
             question=self._question,
             system_prompt=env.system_prompt() if info["step"] == 0 else "",
@@ -361,8 +428,9 @@ def build_app(config: ServeConfig | None = None) -> Any:
     """
     config = config or ServeConfig()
     make_env(config).close()  # fail at start-up, not in the first session, on a bad env config
+    timings = ServerTimings() if config.timings else None
     app = create_fastapi_app(
-        _session_factory(config, secrets.token_bytes(32)),
+        _session_factory(config, secrets.token_bytes(32), timings),
         MedEyesAction,
         MedEyesObservation,
         concurrency_config=ConcurrencyConfig(
@@ -375,6 +443,8 @@ def build_app(config: ServeConfig | None = None) -> Any:
     # OpenEnv's MCP routes make sessions the idle reaper never frees; its list_tasks route would list 2**31 tasks.
     app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) in APP_ROUTES]
     app.add_api_route("/mcp", mcp_without_tools, methods=["POST"], include_in_schema=False)
+    if timings is not None:
+        app.add_api_route(TIMINGS_ROUTE, timings.snapshot, methods=["GET"], include_in_schema=False)
     app.add_exception_handler(RequestError, _request_error_response)
     app.add_middleware(
         RequestGuard,
@@ -411,11 +481,11 @@ def _request_error_response(request: Request, exc: RequestError) -> JSONResponse
     return JSONResponse({"detail": redact_paths(str(exc))}, status_code=exc.status)
 
 
-def _session_factory(config: ServeConfig, id_key: bytes) -> Callable[[], MedEyesOpenEnv]:
+def _session_factory(config: ServeConfig, id_key: bytes, timings: ServerTimings | None) -> Callable[[], MedEyesOpenEnv]:
     # A named function: OpenEnv puts the factory's name in FACTORY_ERROR frames, and a partial's repr
     # would show the config (paths of the data).
     def medeyes_session() -> MedEyesOpenEnv:
-        return MedEyesOpenEnv(config, id_key)
+        return MedEyesOpenEnv(config, id_key, timings)
 
     return medeyes_session
 
