@@ -125,12 +125,6 @@ class EnvConfig(BaseModel):
     limits: ProtocolLimits = Field(default_factory=ProtocolLimits)
     render_size: int = Field(default=512, ge=64, description="Side of the render() image.")
     render_gold: bool = Field(default=True, description="Draw gold regions in render() (green).")
-    render_ahead: bool = Field(
-        default=True,
-        description="While an episode runs, load the next case in a background thread when the env draws its own "
-        "cases (a reset with neither seed nor options: a vector env's autoreset, a training loop's stream): the "
-        "next reset then finds its image ready. The same images; only when they are made changes.",
-    )
 
 
 class Turn(BaseModel):
@@ -161,8 +155,16 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         split: Split = "train",
         config: EnvConfig | None = None,
         render_mode: str | None = None,
+        render_ahead: bool = True,
         **config_overrides: Any,
     ) -> None:
+        """An environment on ``source``'s ``split``; ``config`` or keyword overrides of :class:`EnvConfig`.
+
+        ``render_ahead``: while an episode runs, load the next case in a background thread when the env draws
+        its own cases (after a reset with neither seed nor options: a vector env's autoreset, a loop that streams
+        cases), so the next such reset finds its image ready. The same images; only when they are made changes,
+        so it is not part of :class:`EnvConfig` (not a setting of the episodes).
+        """
         if config is not None and config_overrides:
             raise ConfigError(f"pass either config or keyword overrides, not both (got {sorted(config_overrides)})")
         try:
@@ -174,6 +176,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self.source = open_source(source) if isinstance(source, str) else source
         self.split: Split = split
         self.render_mode = render_mode
+        self.render_ahead = render_ahead
         size = self.config.view_size
         self.observation_space = spaces.Dict(
             {
@@ -219,7 +222,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         else:
             self.image, overview, pixels = ready
             self._view_cache[(case.source, case.id)] = (overview, pixels)
-        if seed is None and not options and self.config.render_ahead:
+        if seed is None and not options and self.render_ahead:
             self._load_next_case_ahead()
         self.turns, self._answer, self._done = [], None, False
         first_view = self._prepare_views(case)
