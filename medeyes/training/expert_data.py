@@ -24,6 +24,12 @@ from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import BoxFormat, render_turn
 from medeyes_env.sources import CaseSource
 
+EXPERT_CACHE_VERSION = 2
+"""Bumped when the same configuration would record other demonstrations or other values in them.
+
+2: gold regions carry shapes, so the recorded rewards and best IoU score a drill against a lesion's disc; a
+cache made before kept box-scored values, which the trainer logs (``stream/off/*``)."""
+
 
 def expert_store_dir(config: TrainConfig) -> Path:
     """Where the expert demos of ``config`` live: ``expert.dir`` or a cache keyed by everything that shapes them."""
@@ -37,6 +43,7 @@ def expert_store_dir(config: TrainConfig) -> Path:
         "split": config.train_split,
         "env": config.env.model_dump(mode="json"),
         "expert": _expert_key(config),
+        "version": EXPERT_CACHE_VERSION,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     safe = "".join(ch if ch.isalnum() else "-" for ch in config.data)
