@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import re
@@ -69,20 +68,6 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 _PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s'\"<>:,;()\[\]{}/]+){2,}/?")
 _log = logging.getLogger("medeyes.serve")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name to bind) is the loopback interface.
-
-    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("0.0.0.0")
-    (True, True, False)
-    """
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def redact_paths(text: str) -> str:

@@ -48,12 +48,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from medeyes_env.cases import Split
 from medeyes_env.env import PROCEDURAL_CASES, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
+from medeyes_env.net import is_loopback
 from medeyes_env.registration import ENV_IDS
 from medeyes_env.serving.guard import (
     APP_ROUTES,
     TIMINGS_ROUTE,
     RequestGuard,
-    is_loopback,
     limited_h11,
     redact_paths,
 )

@@ -9,28 +9,13 @@ environment as before.
 
 from __future__ import annotations
 
-import ipaddress
 import urllib.parse
 import urllib.request
 from http.client import HTTPResponse
 
+from medeyes_env.net import is_loopback
+
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` (a URL's host name or address) names this machine's loopback interface.
-
-    >>> [is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost", "0.0.0.0", "10.0.0.1", None)]
-    [True, True, True, True, False, False, False]
-    """
-    if not host:
-        return False
-    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def open_url(request: urllib.request.Request | str, timeout: float) -> HTTPResponse:

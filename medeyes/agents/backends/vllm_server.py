@@ -47,9 +47,10 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from medeyes.agents.backends.http_client import is_loopback, open_url
+from medeyes.agents.backends.http_client import open_url
 from medeyes.agents.backends.openai import BackendError
 from medeyes_env.errors import ConfigError
+from medeyes_env.net import is_loopback
 
 INSTALL_HINT = "bash scripts/install_vllm_cpu.sh .venv-vllm  (CPU; on a GPU machine: pip install vllm)"
 
