@@ -3,11 +3,13 @@
 import json
 import math
 import random
+from unittest import mock
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from medeyes_env.protocol import Action, BoxFormat, ParsedTurn, ProtocolLimits, parse_turn, render_turn
+from medeyes_env.protocol.canonical import parse_canonical
 
 LIMITS = ProtocolLimits()
 
@@ -272,3 +274,96 @@ def test_deeply_nested_tags_never_raise(depth: int, tag: str, size: tuple[int, i
 )
 def test_small_limits_never_raise(text: str, limits: ProtocolLimits, size: tuple[int, int]) -> None:
     check_invariants(parse_turn(text, size, limits), size, limits)
+
+
+# ---- the plain-form fast path (protocol/canonical.py) gives what the full parser gives -----------------------
+
+odd_numbers = st.sampled_from([
+    "0", "1", "0.5", "1.0", "12.50", "007", "-0", "-3", "1e2", "1E+2", "2.", ".5", "1024", "4096", "99999999999",
+    "123456789.123456789", "1" * 400, "NaN", "Infinity", "true", '"5"',
+])  # fmt: skip
+spaces = st.sampled_from(["", " ", "  ", "\n", "\t", "\r\n", " \n "])  # JSON's whitespace
+odd_spaces = st.sampled_from(["\u00a0", "\u2003", "\x0b", "\x1c"])  # str.strip() takes them, JSON does not
+
+
+@st.composite
+def plain_turns(draw: st.DrawFn) -> str:
+    """Turns in or next to the plain form: what the fast path takes, and near misses it must leave alone.
+
+    Each part is right most of the time (``odd`` is rarely true), so about half the turns are in the plain form.
+    """
+    odd = lambda: draw(st.integers(0, 19)) == 0  # noqa: E731
+    ws = lambda: (draw(spaces) if not odd() else draw(odd_spaces)) if draw(st.booleans()) else ""  # noqa: E731
+
+    def number(low: int, high: int) -> str:
+        if odd():
+            return draw(odd_numbers)
+        value = draw(st.integers(low, high))
+        return str(value) if draw(st.booleans()) else f"{value}.{draw(st.integers(0, 99))}"
+
+    def box() -> str:
+        x1, y1 = draw(st.integers(0, 1000)), draw(st.integers(0, 1000))
+        values = [str(x1), str(y1), number(x1 + 1, 1024), number(y1 + 1, 1024)]
+        if odd():
+            values = values[: draw(st.integers(0, 5))] if draw(st.booleans()) else [number(-50, 1100) for _ in values]
+        return "[" + ws() + f"{ws()},{ws()}".join(values) + ws() + "]"
+
+    reasoning = (
+        "look here" if not odd() else draw(st.sampled_from(["", "  ", "a < b", "x" * 3000, "\u00a0", "A.\n\nB."]))
+    )
+    head = f"{ws()}<reasoning>{ws()}{reasoning}{ws()}</reasoning>{ws()}"
+    kind = draw(st.sampled_from(["drill", "scan", "answer"]))
+    if kind == "answer":
+        answer = "yes" if not odd() else draw(st.sampled_from(["", "   ", "B", "a" * 300, "l < r", "\u00a0no", "Yes."]))
+        return f"{head}<answer>{ws()}{answer}{ws()}</answer>{ws()}"
+    name = kind if not odd() else draw(st.sampled_from(["Drill", " scan", "zoom", "answer", "drill", "scan"]))
+    if kind == "scan":
+        count = draw(st.integers(1, 3)) if not odd() else draw(st.integers(0, 7))
+        key, value = "boxes", "[" + ws() + f"{ws()},{ws()}".join(box() for _ in range(count)) + ws() + "]"
+    else:
+        key, value = ("box" if not odd() else "boxes"), box()
+    pairs = [f'"name"{ws()}:{ws()}"{name}"', f'"{key}"{ws()}:{ws()}{value}']
+    if odd():
+        pairs.reverse()
+    if odd():
+        pairs.append('"why": 1')
+    body = "{" + ws() + f"{ws()},{ws()}".join(pairs) + ws() + "}"
+    if odd():
+        body = f"```json\n{body}\n```"
+    return f"{head}<action>{ws()}{body}{ws()}</action>{ws()}"
+
+
+def full_parse(text: str, size: tuple[int, int], limits: ProtocolLimits | None, box_format: BoxFormat) -> ParsedTurn:
+    """parse_turn with the fast path switched off: the four-stage parser alone."""
+    with mock.patch("medeyes_env.protocol.parse.parse_canonical", return_value=None):
+        return parse_turn(text, size, limits, box_format)
+
+
+@fuzz(3000)
+@given(
+    text=plain_turns(),
+    size=st.sampled_from([(1024, 1024), (1024, 1024), (2000, 1100), (1000, 600), (3, 3)]) | image_sizes,
+    box_format=st.sampled_from([BoxFormat(), BoxFormat(), BoxFormat(kind="norm1000")]) | box_formats,
+    limits=st.sampled_from([LIMITS, LIMITS, ProtocolLimits(max_boxes=2, max_reasoning_chars=9, max_answer_chars=3)]),
+    rng=st.randoms(),
+    mutated=st.integers(0, 5),
+)
+def test_the_fast_path_gives_what_the_full_parser_gives(
+    text: str,
+    size: tuple[int, int],
+    box_format: BoxFormat,
+    limits: ProtocolLimits,
+    rng: random.Random,
+    mutated: int,
+) -> None:
+    text = mutate(text, rng) if mutated == 0 else text
+    fast = parse_canonical(text, size, limits, box_format)
+    event("fast path" if fast is not None else "full parser")
+    full = full_parse(text, size, limits, box_format)
+    turn = parse_turn(text, size, limits, box_format)
+    assert turn == full and turn.model_dump() == full.model_dump()
+    assert turn.model_fields_set == full.model_fields_set
+    if fast is not None:
+        assert fast == full and fast.well_formed and not fast.notes
+        assert fast.action.model_fields_set == full.action.model_fields_set
+        assert [type(v) for box in fast.action.boxes for v in box] == [float] * (4 * len(full.action.boxes))

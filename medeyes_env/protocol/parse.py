@@ -1,6 +1,7 @@
 """Parsing a model's turn: :func:`parse_turn` in four stages (text, tags, reasoning, action), never raising on text.
 
-The grammar, and what is tolerated or refused, is in :mod:`medeyes_env.protocol`'s docstring.
+The grammar, and what is tolerated or refused, is in :mod:`medeyes_env.protocol`'s docstring. A well-formed turn in
+the plain form takes the fast path of :mod:`medeyes_env.protocol.canonical` first.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 from medeyes_env.cases import Box
 from medeyes_env.errors import ConfigError
 from medeyes_env.protocol.boxes import LOC_TOKEN_RE, BoxFormat, box_text, loc_token
+from medeyes_env.protocol.canonical import parse_canonical
 from medeyes_env.protocol.turn import (
     ACTION_NAMES,
+    CONTROL_RE,
     TAG_NAMES,
     Action,
     ErrorKind,
@@ -28,8 +31,6 @@ from medeyes_env.protocol.turn import (
 TAG_RE = re.compile(r"<(/?)(reasoning|action|answer)>", re.IGNORECASE)
 """An opening or closing protocol tag, any case (render refuses text holding one)."""
 _NEAR_TAG_RE = re.compile(r"</?[ \t]{0,3}([A-Za-z_][A-Za-z0-9_-]{0,23})[ \t]{0,3}/?>")
-CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-"""Control characters and lone surrogates: binary junk, refused in a turn."""
 _FENCE_RE = re.compile(r"\A```[A-Za-z]{0,10}[ \t]*\n?(.*?)\n?[ \t]*```\Z", re.DOTALL)
 
 _SCAN_FORM = '<action>{"name": "scan", "boxes": [[x1, y1, x2, y2], ...]}</action>'
@@ -486,6 +487,8 @@ def parse_turn(
     limits = limits if limits is not None else ProtocolLimits()
     box_format = box_format if box_format is not None else BoxFormat()
     image_size = _check_image_size(image_size)
+    if (canonical := parse_canonical(text, image_size, limits, box_format)) is not None:
+        return canonical  # a well-formed turn in the plain form: its fast path gives the same turn
     try:
         return _parse(text, image_size, limits, box_format)
     except _Malformed as exc:

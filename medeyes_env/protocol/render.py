@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from medeyes_env.protocol.boxes import BoxFormat
-from medeyes_env.protocol.parse import CONTROL_RE, TAG_RE
-from medeyes_env.protocol.turn import Action, ProtocolError, excerpt
+from medeyes_env.protocol.parse import TAG_RE
+from medeyes_env.protocol.turn import CONTROL_RE, Action, ProtocolError, excerpt
 
 
 def _check_renderable(part: str, what: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,6 +16,9 @@ ACTION_NAMES: tuple[str, ...] = ("scan", "drill")
 """Names allowed inside ``<action>``; answering uses the ``<answer>`` tag."""
 
 TAG_NAMES: tuple[str, ...] = ("reasoning", "action", "answer")
+
+CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+"""Control characters and lone surrogates: binary junk, refused in a turn."""
 
 ErrorKind = Literal[
     "not_text",
