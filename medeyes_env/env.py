@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes_env import views
 from medeyes_env.cases import AnswerType, Box, Case, Split
+from medeyes_env.episode_score import EpisodeScore
 from medeyes_env.errors import ConfigError
 from medeyes_env.protocol import (
     Action,
@@ -76,7 +77,7 @@ from medeyes_env.protocol import (
     protocol_instructions,
 )
 from medeyes_env.render_ahead import RenderAhead
-from medeyes_env.rewards import RewardBreakdown, RewardConfig, score_episode
+from medeyes_env.rewards import RewardBreakdown, RewardConfig
 from medeyes_env.sources import CaseSource, open_source
 
 TEXT_CHARSET = frozenset(string.printable)
@@ -195,6 +196,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._pixels: Image.Image | None = None  # what views are cut from: the image, or its one channel
         self._drill_pixels: Image.Image | None = None  # what drill views are cut from, when not _pixels
         self._view_cache: OrderedDict[tuple[str, str], tuple[Image.Image, Image.Image]] = OrderedDict()
+        self._score: EpisodeScore | None = None  # the reward components of the episode so far
         self._render_ahead: RenderAhead[tuple[Image.Image, Image.Image, Image.Image]] = RenderAhead()
 
     # -- the Gymnasium API ---------------------------------------------------------------------------
@@ -225,6 +227,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         if seed is None and not options and self.render_ahead:
             self._load_next_case_ahead()
         self.turns, self._answer, self._done = [], None, False
+        self._score = EpisodeScore(case, self.config.rewards)
         first_view = self._prepare_views(case)
         self._drill_pixels = self._drill_source(options.get("drill_image"))
         self._views = [first_view]
@@ -255,26 +258,28 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
             parsed = parsed.model_copy(update={"notes": (*parsed.notes, "tool call refused: no turns left")})
         else:
             view, shown, feedback = self._look(parsed.action)
+        is_drill = parsed.ok and parsed.action.name == "drill"
         if parsed.notes:
             feedback += " Note: " + " ".join(parsed.notes)
 
-        self.turns.append(Turn(text=text, parsed=parsed, shown_boxes=shown, feedback=feedback))
-        used_turns = len(self.turns)
+        used_turns = len(self.turns) + 1
         if not terminated and used_turns > self.config.max_steps:
             truncated = True
             feedback += " The episode ended without an answer."
         elif not terminated:
             remaining = self.config.max_steps + 1 - used_turns
             feedback += f" Turns left: {remaining}" + (" (this one must be an answer)." if remaining == 1 else ".")
+        self.turns.append(Turn(text=text, parsed=parsed, shown_boxes=shown, feedback=feedback))
         self._views.append(view)
         self._done = terminated or truncated
 
-        breakdown = self._score()
+        # Only this turn's boxes are scored anew: the same components as score_episode over the whole episode.
+        self._score.add_turn(parsed.well_formed, parsed.action.boxes if shown else (), bool(shown) and is_drill)
+        breakdown = self._score.breakdown(self._answer)
         reward = breakdown.total if self._done else 0.0
         if not parsed.ok:
             reward -= self.config.malformed_penalty
         obs_text = f"<feedback>{feedback}</feedback>"
-        self.turns[-1].feedback = feedback
         return self._observation(view, obs_text), float(reward), terminated, truncated, self._info(breakdown)
 
     def close(self) -> None:
@@ -423,21 +428,6 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         listing = "; ".join(f"{i + 1}: {self._fmt_box(b)}" for i, b in enumerate(shown))
         layout = "side by side, numbered" if cfg.scan_mode == "montage" else "outlined on the overview"
         return view, shown, f"Scanned {len(shown)} region(s), shown {layout}: {listing}."
-
-    def _score(self) -> RewardBreakdown:
-        return score_episode(
-            self.case,
-            self._answer,
-            [turn.parsed.well_formed for turn in self.turns],
-            self.explored_boxes,
-            self.config.rewards,
-            drill_boxes=[
-                box
-                for turn in self.turns
-                if turn.shown_boxes and turn.parsed.action.name == "drill"
-                for box in turn.parsed.action.boxes
-            ],
-        )
 
     def _question_text(self, case: Case) -> str:
         width, height = self.image.size

@@ -260,10 +260,21 @@ def diversity_reward(boxes: Sequence[Box], iou_threshold: float = 0.5, max_regio
     n = len(boxes)
     if n == 0:
         return 0.0
-    pairs = n * (n - 1) // 2
     dissimilar = sum(1 for i in range(n) for j in range(i + 1, n) if box_iou(boxes[i], boxes[j]) < iou_threshold)
-    pair_share = dissimilar / pairs if pairs else 0.0
-    region_share = min(distinct_regions(boxes, iou_threshold), max_regions) / max_regions
+    return diversity_of_counts(n, dissimilar, distinct_regions(boxes, iou_threshold), max_regions)
+
+
+def diversity_of_counts(boxes: int, dissimilar_pairs: int, regions: int, max_regions: int) -> float:
+    """:func:`diversity_reward` from its counts: boxes, pairs with IoU under the threshold, distinct regions.
+
+    >>> diversity_of_counts(3, 2, 2, 4)  # as diversity_reward's third example
+    0.5833333333333333
+    """
+    if boxes == 0:
+        return 0.0
+    pairs = boxes * (boxes - 1) // 2
+    pair_share = dissimilar_pairs / pairs if pairs else 0.0
+    region_share = min(regions, max_regions) / max_regions
     return 0.5 * pair_share + 0.5 * region_share
 
 
@@ -418,28 +429,61 @@ def score_episode(
     (0.0, 1.0)
     """
     config = config if config is not None else RewardConfig()
-    # Box-only gold stays on the plain box path; regions with a shape are scored against it.
-    gold = case.regions if any(r.shape is not None for r in case.regions) else [r.box for r in case.regions]
-    accuracy = accuracy_reward(answer, case, open_match=config.open_match)
+    gold = scoring_gold(case)
     best_iou = grounding_reward(explored_boxes, gold)
     grounding = best_iou
     if config.grounding_boxes == "drill":
         if drill_boxes is None:
             raise ValueError("RewardConfig.grounding_boxes='drill' scores the drilled boxes; pass drill_boxes=[...]")
         grounding = grounding_reward(drill_boxes, gold)
+    return assemble_breakdown(
+        case,
+        answer,
+        config,
+        grammar=grammar_reward(turns_well_formed, answered=answer is not None),
+        diversity=diversity_reward(explored_boxes, config.iou_threshold, config.diversity_max_regions),
+        grounding=grounding,
+        best_iou=best_iou,
+        used_tool=len(explored_boxes) > 0,
+        gold_regions=len(gold),
+    )
+
+
+def scoring_gold(case: Case) -> list[Region] | list[Box]:
+    """What the case's boxes are scored against: its regions where any has a shape, else their boxes.
+
+    Box-only gold stays on the plain box path (:func:`box_iou`); regions with a shape go through :func:`region_iou`.
+    """
+    return list(case.regions) if any(r.shape is not None for r in case.regions) else [r.box for r in case.regions]
+
+
+def assemble_breakdown(
+    case: Case,
+    answer: str | None,
+    config: RewardConfig,
+    *,
+    grammar: float,
+    diversity: float,
+    grounding: float,
+    best_iou: float,
+    used_tool: bool,
+    gold_regions: int,
+) -> RewardBreakdown:
+    """The breakdown from the box-based components: adds accuracy, tool and token recall, weighs the total."""
+    accuracy = accuracy_reward(answer, case, open_match=config.open_match)
     recall_prediction = answer
     if answer is not None and case.answer_type is AnswerType.CHOICE:
         index = _choice_index(answer, case.options)
         recall_prediction = case.options[index] if index is not None else answer
     components = {
         "accuracy": accuracy,
-        "grammar": grammar_reward(turns_well_formed, answered=answer is not None),
-        "diversity": diversity_reward(explored_boxes, config.iou_threshold, config.diversity_max_regions),
+        "grammar": grammar,
+        "diversity": diversity,
         "grounding": grounding,
-        "tool": tool_reward(correct=accuracy >= 1.0, used_tool=len(explored_boxes) > 0),
+        "tool": tool_reward(correct=accuracy >= 1.0, used_tool=used_tool),
         "token_recall": token_recall(recall_prediction, case.answer),
         "best_iou": best_iou,
     }
     weights = config.weights()
     total = sum(weights[name] * components[name] for name in REWARD_COMPONENTS)
-    return RewardBreakdown(components=components, total=total, gold_regions=len(gold))
+    return RewardBreakdown(components=components, total=total, gold_regions=gold_regions)

@@ -1,8 +1,11 @@
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from medeyes_env.cases import AnswerType, Case, Region
+from medeyes_env.cases import AnswerType, Box, Case, Region
+from medeyes_env.episode_score import EpisodeScore
 from medeyes_env.protocol import Action, parse_turn, render_turn
 from medeyes_env.rewards import (
     METRIC_COMPONENTS,
@@ -22,6 +25,7 @@ from medeyes_env.rewards import (
     token_recall,
     tool_reward,
 )
+from medeyes_env.shapes import disc_shape
 
 A = (0.0, 0.0, 10.0, 10.0)
 B = (5.0, 5.0, 15.0, 15.0)  # IoU(A, B) = 25 / 175 = 1/7
@@ -493,3 +497,51 @@ def test_choice_letter() -> None:
     assert [choice_letter(i) for i in range(3)] == ["A", "B", "C"]
     with pytest.raises(ValueError, match=r"0\.\.25, got 26"):
         choice_letter(26)
+
+
+# ---- EpisodeScore: score_episode one turn at a time --------------------------------------------------------
+
+coordinate = st.integers(0, 400).map(float) | st.floats(0.0, 400.0)
+boxes = st.tuples(coordinate, coordinate, st.integers(1, 150), st.integers(1, 150)).map(
+    lambda b: (b[0], b[1], b[0] + b[2], b[1] + b[3])
+)
+# A turn: well formed?, the boxes it explored (none: an answer, a refused or malformed turn), a drill?
+turns = st.lists(st.tuples(st.booleans(), st.lists(boxes, max_size=5), st.booleans()), max_size=9)
+golds = st.sampled_from(
+    [
+        (),
+        (Region(box=(100.0, 100.0, 160.0, 150.0)),),
+        (Region(box=(100.0, 100.0, 160.0, 150.0)), Region(box=(0.0, 0.0, 30.0, 30.0))),
+        (Region(shape=disc_shape(150.0, 150.0, 40.0)), Region(box=(300.0, 10.0, 390.0, 60.0))),
+    ]
+)
+configs = st.sampled_from(
+    [
+        RewardConfig(),
+        RewardConfig.preset("paper_drill_grounding"),
+        RewardConfig.preset("deepeyes", iou_threshold=0.2, diversity_max_regions=2),
+        RewardConfig(grounding=0.3, tool=0.5, iou_threshold=1.0),
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(turns=turns, regions=golds, config=configs, answer=st.sampled_from([None, "yes", "no", "yes, left"]))
+def test_episode_score_gives_score_episodes_floats_turn_by_turn(
+    turns: list[tuple[bool, list[Box], bool]], regions: tuple[Region, ...], config: RewardConfig, answer: str | None
+) -> None:
+    case = closed(regions=regions)
+    score = EpisodeScore(case, config)
+    for n, (well_formed, explored, drill) in enumerate(turns, 1):
+        score.add_turn(well_formed, explored, drill)
+        so_far = turns[:n]
+        for final in (None, answer):  # the env asks every step, with the answer once there is one
+            expected = score_episode(
+                case,
+                final,
+                [formed for formed, _, _ in so_far],
+                [box for _, explored_boxes, _ in so_far for box in explored_boxes],
+                config,
+                drill_boxes=[box for _, explored_boxes, is_drill in so_far if is_drill for box in explored_boxes],
+            )
+            assert score.breakdown(final) == expected  # == on floats: the very same values, not close ones
