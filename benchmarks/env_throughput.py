@@ -3,7 +3,8 @@
 Prints one table. The phantom's gold regions carry their discs, so the drill row scores drills against a
 shape; the "boxes only" row drops the shapes (the path of every box-only source). The limit row is the least
 work that makes a drill's observation: a PIL crop of the same box from the grey image, resized to the view
-size and stacked to 3 channels. The drill rows and the limit are timed in alternating rounds (medians), so a
+size and merged to 3 channels (``np.array(Image.merge("RGB", ...))``, the env's own way: 54 us against
+``np.stack``'s 66 us). The drill rows and the limit are timed in alternating rounds (medians), so a
 noisy machine moves them together; "vs limit" is the limit's time over the row's (1.0 = at the limit).
 Run: ``python benchmarks/env_throughput.py [--seconds 2]``.
 """
@@ -66,13 +67,13 @@ def timed_steps(env: MedEyesEnv, texts: list[str], seconds: float, start_at: int
 
 
 def timed_limit(grey: Image.Image, boxes: list[list[int]], size: int, seconds: float) -> tuple[float, int]:
-    """The least work that makes a drill's observation: crop the box from the grey image, resize, stack."""
+    """The least work that makes a drill's observation: crop the box from the grey image, resize, merge."""
     spent, calls, i = 0.0, 0, 0
     while spent < seconds:
         start = time.perf_counter()
         for _ in range(64):
-            view = np.asarray(grey.resize((size, size), Image.Resampling.BILINEAR, box=tuple(boxes[i % len(boxes)])))
-            np.stack((view, view, view), axis=-1)
+            view = grey.resize((size, size), Image.Resampling.BILINEAR, box=tuple(boxes[i % len(boxes)]))
+            np.array(Image.merge("RGB", (view, view, view)))  # as the env does: cheaper than np.stack, same bytes
             i += 1
         spent += time.perf_counter() - start
         calls += 64
