@@ -77,7 +77,7 @@ from medeyes_env.protocol import (
     protocol_instructions,
 )
 from medeyes_env.render_ahead import RenderAhead
-from medeyes_env.rewards import RewardBreakdown, RewardConfig
+from medeyes_env.rewards import RewardConfig
 from medeyes_env.sources import CaseSource, open_source
 
 TEXT_CHARSET = frozenset(string.printable)
@@ -232,7 +232,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
         self._drill_pixels = self._drill_source(options.get("drill_image"))
         self._views = [first_view]
         self._prompt = self._question_text(case)
-        return self._observation(first_view, self._prompt), self._info(None)
+        return self._observation(first_view, self._prompt), self._info()
 
     def step(self, action: str) -> tuple[dict, float, bool, bool, dict]:
         """Execute one turn of model text; never raises on malformed text."""
@@ -275,12 +275,12 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
 
         # Only this turn's boxes are scored anew: the same components as score_episode over the whole episode.
         self._score.add_turn(parsed.well_formed, parsed.action.boxes if shown else (), bool(shown) and is_drill)
-        breakdown = self._score.breakdown(self._answer)
-        reward = breakdown.total if self._done else 0.0
+        components, total = self._score.components(self._answer)
+        reward = total if self._done else 0.0
         if not parsed.ok:
             reward -= self.config.malformed_penalty
         obs_text = f"<feedback>{feedback}</feedback>"
-        return self._observation(view, obs_text), float(reward), terminated, truncated, self._info(breakdown)
+        return self._observation(view, obs_text), float(reward), terminated, truncated, self._info(components, total)
 
     def close(self) -> None:
         """Stop the render-ahead thread (a load in flight finishes)."""
@@ -451,7 +451,7 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
                 pixels = np.stack((pixels, pixels, pixels), axis=-1)
         return {"image": pixels, "text": _printable(text, self.config.max_text_chars)}
 
-    def _info(self, breakdown: RewardBreakdown | None) -> dict[str, Any]:
+    def _info(self, components: dict[str, float] | None = None, total: float = 0.0) -> dict[str, Any]:
         case = self.case
         info: dict[str, Any] = {
             "case_id": case.id,
@@ -469,9 +469,9 @@ class MedEyesEnv(gym.Env[dict[str, Any], str]):
                 shown_boxes=list(last.shown_boxes),
                 answer=self._answer,
             )
-        if breakdown is not None:
-            info["reward_components"] = dict(breakdown.components)
-            info["reward_total"] = breakdown.total
+        if components is not None:
+            info["reward_components"] = components  # a new dict each step, as the breakdown's copy was
+            info["reward_total"] = total
         return info
 
     def _fmt_box(self, box: Box) -> str:

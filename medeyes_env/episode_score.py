@@ -14,12 +14,12 @@ from medeyes_env.cases import Box, Case, Region
 from medeyes_env.rewards import (
     RewardBreakdown,
     RewardConfig,
-    assemble_breakdown,
     box_iou,
     diversity_of_counts,
     grammar_reward,
     region_iou,
     scoring_gold,
+    weigh_components,
 )
 
 
@@ -39,6 +39,7 @@ class EpisodeScore:
     def __init__(self, case: Case, config: RewardConfig) -> None:
         self.case, self.config = case, config
         self._gold = scoring_gold(case)
+        self._weights = config.weights()
         self._well_formed: list[bool] = []
         self._boxes: list[Box] = []
         self._parent: list[int] = []  # union-find over the boxes: IoU >= threshold links two (distinct_regions)
@@ -72,12 +73,17 @@ class EpisodeScore:
             self._boxes.append(box)
 
     def breakdown(self, answer: str | None) -> RewardBreakdown:
-        """The components and total :func:`~medeyes_env.rewards.score_episode` gives for the turns so far."""
+        """The breakdown :func:`~medeyes_env.rewards.score_episode` gives for the turns so far."""
+        components, total = self.components(answer)
+        return RewardBreakdown(components=components, total=total, gold_regions=len(self._gold))
+
+    def components(self, answer: str | None) -> tuple[dict[str, float], float]:
+        """The breakdown's components (a new dict) and total, without building the record."""
         best_iou = 0.0 if self._best_iou is None else self._best_iou
         grounding = best_iou
         if self.config.grounding_boxes == "drill":
             grounding = 0.0 if self._best_drill is None else self._best_drill
-        return assemble_breakdown(
+        return weigh_components(
             self.case,
             answer,
             self.config,
@@ -88,7 +94,7 @@ class EpisodeScore:
             grounding=grounding,
             best_iou=best_iou,
             used_tool=len(self._boxes) > 0,
-            gold_regions=len(self._gold),
+            weights=self._weights,
         )
 
     def _find(self, i: int) -> int:

@@ -436,7 +436,7 @@ def score_episode(
         if drill_boxes is None:
             raise ValueError("RewardConfig.grounding_boxes='drill' scores the drilled boxes; pass drill_boxes=[...]")
         grounding = grounding_reward(drill_boxes, gold)
-    return assemble_breakdown(
+    components, total = weigh_components(
         case,
         answer,
         config,
@@ -445,8 +445,8 @@ def score_episode(
         grounding=grounding,
         best_iou=best_iou,
         used_tool=len(explored_boxes) > 0,
-        gold_regions=len(gold),
     )
+    return RewardBreakdown(components=components, total=total, gold_regions=len(gold))
 
 
 def scoring_gold(case: Case) -> list[Region] | list[Box]:
@@ -457,7 +457,7 @@ def scoring_gold(case: Case) -> list[Region] | list[Box]:
     return list(case.regions) if any(r.shape is not None for r in case.regions) else [r.box for r in case.regions]
 
 
-def assemble_breakdown(
+def weigh_components(
     case: Case,
     answer: str | None,
     config: RewardConfig,
@@ -467,9 +467,12 @@ def assemble_breakdown(
     grounding: float,
     best_iou: float,
     used_tool: bool,
-    gold_regions: int,
-) -> RewardBreakdown:
-    """The breakdown from the box-based components: adds accuracy, tool and token recall, weighs the total."""
+    weights: dict[str, float] | None = None,
+) -> tuple[dict[str, float], float]:
+    """Every component (adding accuracy, tool and token recall to the box-based ones) and the weighted total.
+
+    ``weights`` is ``config.weights()``, passed by a caller that asks many times.
+    """
     accuracy = accuracy_reward(answer, case, open_match=config.open_match)
     recall_prediction = answer
     if answer is not None and case.answer_type is AnswerType.CHOICE:
@@ -484,6 +487,6 @@ def assemble_breakdown(
         "token_recall": token_recall(recall_prediction, case.answer),
         "best_iou": best_iou,
     }
-    weights = config.weights()
+    weights = weights if weights is not None else config.weights()
     total = sum(weights[name] * components[name] for name in REWARD_COMPONENTS)
-    return RewardBreakdown(components=components, total=total, gold_regions=gold_regions)
+    return components, total

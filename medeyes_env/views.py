@@ -31,7 +31,7 @@ def clamp_box(box: Sequence[float], image_size: tuple[int, int]) -> Box:
     (0.0, 5.0, 50.0, 100.0)
     """
     width, height = float(image_size[0]), float(image_size[1])
-    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1, x2, y2 = map(float, box)
     return (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
 
 
@@ -46,14 +46,16 @@ def expand_to_min_side(box: Sequence[float], min_side: float, image_size: tuple[
     """
     width, height = float(image_size[0]), float(image_size[1])
     x1, y1, x2, y2 = clamp_box(box, image_size)
-    new = []
-    for low, high, limit in ((x1, x2, width), (y1, y2, height)):
-        side = min(max(high - low, min_side), limit)
-        centre = (low + high) / 2
-        low = min(max(centre - side / 2, 0.0), limit - side)
-        new.append((low, low + side))
-    (nx1, nx2), (ny1, ny2) = new
+    nx1, nx2 = _expand_side(x1, x2, min_side, width)
+    ny1, ny2 = _expand_side(y1, y2, min_side, height)
     return (nx1, ny1, nx2, ny2)
+
+
+def _expand_side(low: float, high: float, min_side: float, limit: float) -> tuple[float, float]:
+    side = min(max(high - low, min_side), limit)
+    centre = (low + high) / 2
+    low = min(max(centre - side / 2, 0.0), limit - side)
+    return low, low + side
 
 
 def to_letterbox(boxes: Sequence[Sequence[float]], image_size: tuple[int, int], size: int) -> list[Box]:

@@ -108,6 +108,10 @@ def format_box(box: Sequence[float], box_format: BoxFormat | None = None, image_
     >>> format_box((0, 0, 512, 256), BoxFormat(kind="norm1000"), (1024, 512))
     '[0, 0, 500, 500]'
     """
+    if len(box) == 4 and (box_format is None or box_format.kind == "pixels"):  # what box_text writes, directly
+        x1, y1, x2, y2 = (round(v) for v in box)
+        if max(abs(x1), abs(y1), abs(x2), abs(y2)) < 10**15:
+            return f"[{x1}, {y1}, {x2}, {y2}]"
     rounded = tuple(float(round(v)) for v in box)
     return (box_format or BoxFormat()).encode(rounded, image_size)
 
