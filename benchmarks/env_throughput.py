@@ -6,6 +6,8 @@ work that makes a drill's observation: a PIL crop of the same box from the grey 
 size and merged to 3 channels (``np.array(Image.merge("RGB", ...))``, the env's own way: 54 us against
 ``np.stack``'s 66 us). The drill rows and the limit are timed in alternating rounds (medians), so a
 noisy machine moves them together; "vs limit" is the limit's time over the row's (1.0 = at the limit).
+The render-ahead rows time only ``reset()`` of resets that let the env draw its case, ``--away`` seconds apart
+(the agent's turn spent elsewhere), so the next case is loaded in the background meanwhile.
 Run: ``python benchmarks/env_throughput.py [--seconds 2]``.
 """
 
@@ -80,10 +82,30 @@ def timed_limit(grey: Image.Image, boxes: list[list[int]], size: int, seconds: f
     return spent / calls, calls
 
 
+def timed_streamed_resets(source: str, resets: int, away: float) -> tuple[float, int]:
+    """Resets that let the env draw its case (render-ahead loads it), ``away`` seconds apart: the resets' own time.
+
+    The sleep stands for the agent's turn spent elsewhere (generation on a GPU, a remote model): the time
+    render-ahead has to load the next case. Only ``reset()`` is on the clock.
+    """
+    env = MedEyesEnv(source, split="test")
+    env.reset(seed=0)
+    env.reset()  # the first streamed reset: from here on each one starts loading the next
+    spent = 0.0
+    for _ in range(resets):
+        time.sleep(away)
+        start = time.perf_counter()
+        env.reset()
+        spent += time.perf_counter() - start
+    env.close()
+    return spent / resets, resets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per row")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the drill rows and the limit")
+    parser.add_argument("--away", type=float, default=0.05, help="seconds between streamed resets (the agent's turn)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -148,6 +170,14 @@ def main() -> None:
         ("reset (cached case) + answer step", lambda: timed(answer_episode, args.seconds)[0]),
         ("reset on a new case (renders phantom)", lambda: timed(reset_new_case, args.seconds)[0]),
         ("reset on a new case, phantom:look", lambda: timed(reset_new_look_case, args.seconds)[0]),
+        (
+            f"reset on a drawn case, render-ahead, {args.away * 1e3:.0f} ms apart",
+            lambda: timed_streamed_resets("phantom", 40, args.away)[0],
+        ),
+        (
+            f"the same, phantom:look, {args.away * 1e3:.0f} ms apart",
+            lambda: timed_streamed_resets("phantom:look", 40, args.away)[0],
+        ),
     ]:
         per_call[name] = fn()
 
