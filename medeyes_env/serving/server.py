@@ -65,6 +65,18 @@ MAX_TASK_RANGE = 1000
 """Most task specs one ``task_range`` request returns: a procedural split has 2**31 - 1 of them."""
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+RESET_SLOTS = threading.BoundedSemaphore(_usable_cores())
+"""Resets in progress at once, over all sessions: one per usable core.
+
+A reset renders or decodes a new image (tens of milliseconds of numpy and Pillow that release the GIL); more
+of them at once than there are cores only evict each other's arrays from the caches. Measured with 8-32
+sessions on 2 cores (benchmarks/serve_load.py): docs/integrations.md."""
+
+
 class RequestError(MedEyesError, ValueError):
     """A client's request arguments are wrong: HTTP answers ``status`` with the message, a socket an error frame."""
 
@@ -246,7 +258,7 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         if case_index is not None:
             self._check_index(self.env.split, case_index, "case_index" if index is None else "index")
         options = {"case_index": case_index} if case_index is not None else None
-        with self._measure("env_reset"):
+        with RESET_SLOTS, self._measure("env_reset"):
             obs, info = self.env.reset(seed=seed, options=options)
         self._question = obs["text"]  # at reset the text is the question with its answer instructions
         self._state = MedEyesState(episode_id=episode_id, step_count=0, case_id=self.public_id(info["case_id"]))
