@@ -29,7 +29,8 @@ from rich.table import Table
 from medeyes.agents.expert.agent import make_expert
 from medeyes.agents.expert.config import EXPERT_MODES
 from medeyes.agents.random_agent import RandomAgent
-from medeyes.rollout import RolloutConfig, RolloutSummary, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout_summary import RolloutSummary, summarize
 from medeyes.trajectories import TrajectoryStore
 from medeyes_env.sources import open_source
 

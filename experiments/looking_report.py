@@ -3,7 +3,7 @@
 Reads a trajectory store (``medeyes rollout --out DIR``, or one arm of ``--counterfactual``: ``DIR/counterfactual/
 <data>/real``) and the source's cases, and reports per run: overall, presence, lesion-case and mimic-only
 accuracy, mean best IoU on presence questions, tool steps, how often the first drill reached the image's
-round object (the lesion, or the mimic of a mimic-only case; ``medeyes.rollout.reaches``), how
+round object (the lesion, or the mimic of a mimic-only case; ``medeyes.rollout_summary.reaches``), how
 often the policy drilled again after a first drill that reached nothing, and presence accuracy split by
 whether any drill reached the object::
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medeyes.rollout import reaches
+from medeyes.rollout_summary import reaches
 from medeyes.trajectories import TrajectoryStore
 from medeyes_env.cases import Case
 from medeyes_env.sources import open_source

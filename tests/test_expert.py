@@ -13,7 +13,8 @@ from medeyes.agents.expert.agent import ExpertAgent, make_expert, nucleus_choice
 from medeyes.agents.expert.answers import question_family
 from medeyes.agents.expert.config import ExpertConfig
 from medeyes.agents.expert.oracles.base import ScoredRegion
-from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout_summary import summarize
 from medeyes_env.cases import Case, Region
 from medeyes_env.env import MedEyesEnv
 from medeyes_env.errors import ConfigError

@@ -24,6 +24,7 @@ LAYERS = (
     ("medeyes.trajectories", 1),
     ("medeyes.agents", 2),
     ("medeyes.rollout", 3),
+    ("medeyes.rollout_summary", 3),
     ("medeyes.evaluation", 4),
     ("medeyes.training", 4),
     ("medeyes.report", 4),

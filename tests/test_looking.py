@@ -7,7 +7,8 @@ from PIL import Image
 from medeyes.agents.expert.agent import ExpertAgent
 from medeyes.agents.expert.config import ExpertConfig
 from medeyes.agents.expert.oracles.factory import make_oracle
-from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout_summary import summarize
 from medeyes_env import views
 from medeyes_env.env import EnvConfig, MedEyesEnv
 from medeyes_env.protocol import Action, BoxFormat, parse_turn, render_turn

@@ -10,7 +10,8 @@ from PIL import Image
 
 from medeyes.agents.expert.agent import make_expert
 from medeyes.agents.random_agent import RandomAgent
-from medeyes.rollout import RolloutConfig, producer_of, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, producer_of, run_rollout
+from medeyes.rollout_summary import summarize
 from medeyes.trajectories import (
     SCHEMA_VERSION,
     Producer,

@@ -26,7 +26,8 @@ from medeyes.agents.base import Agent
 from medeyes.cli.common import console, friendly_errors, parse_key_values, safe, training_setting
 from medeyes.cli.counterfactual import CounterfactualOption, run_counterfactual_command
 from medeyes.evaluation.counterfactual import CounterfactualConfig
-from medeyes.rollout import RolloutConfig, RolloutResult, RolloutSummary, producer_of, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, RolloutResult, producer_of, run_rollout
+from medeyes.rollout_summary import RolloutSummary, summarize
 from medeyes.trajectories import TrajectoryStore
 from medeyes.trajectories.settings import EpisodeSettings, episode_settings
 from medeyes_env.cases import SPLITS

@@ -40,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medeyes.agents.base import Agent
 from medeyes.evaluation.run import verify_record
-from medeyes.rollout import REACH_IOU, RolloutConfig, producer_of, reaches, run_rollout, trajectory_id
+from medeyes.rollout import RolloutConfig, producer_of, run_rollout, trajectory_id
+from medeyes.rollout_summary import REACH_IOU, reaches
 from medeyes.trajectories import TrajectoryRecord, TrajectoryStore
 from medeyes.trajectories.settings import episode_settings
 from medeyes_env.cases import AnswerType, Box, Case, Split

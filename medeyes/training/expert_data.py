@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout_summary import summarize
 from medeyes.training.config import TrainConfig
 from medeyes.training.data_config import OLD_EXPERT_KEYS, ExpertAgentConfig
 from medeyes.training.stages.ground_examples import BRIEF_REASONING

@@ -27,7 +27,8 @@ import torch
 
 from medeyes.agents.policy import PolicyAgent
 from medeyes.evaluation.blind import blind_accuracy
-from medeyes.rollout import RolloutConfig, run_rollout, summarize
+from medeyes.rollout import RolloutConfig, run_rollout
+from medeyes.rollout_summary import summarize
 from medeyes.training.checkpoints import check_same_config, load_checkpoint, save_checkpoint, save_final
 from medeyes.training.config import TrainConfig
 from medeyes.training.expert_data import ExpertPool
