@@ -4,9 +4,10 @@ Agents come from a registry (:data:`AGENTS`) that other modules extend with :fun
 (the policy registers ``policy``). A factory receives an :class:`AgentSpec` with the common options
 and every ``--agent-opt key=value`` pair.
 
-:func:`rollout` is longer than 60 lines and reads better whole: 48 of them are its signature, one ``Annotated``
-option with its help per flag (Typer's idiom: the signature is the command's ``--help``); its body reads top to
-bottom in 40: the agent, the setting it plays (:func:`_setting`), the counterfactual arms or the plain run.
+:func:`rollout` is longer than 60 lines only by its signature: 48 of them, one ``Annotated`` option with its help
+per flag (Typer's idiom: the signature is the command's ``--help``). Its body reads top to bottom in 36: the agent,
+the setting it plays (:func:`_setting`), then the counterfactual arms or the plain run (:func:`_play`: store, run,
+summary table, report).
 """
 
 from __future__ import annotations
@@ -242,13 +243,12 @@ def rollout(
     built = build_agent(spec)
     if keep_only_correct is None:
         keep_only_correct = _agent_keeps_only_correct(built, out)
-    source, env, spec = _setting(train_config, data, max_steps)
-    data = source.name
+    source, env, source_spec = _setting(train_config, data, max_steps)
     label = agent if agent != "expert" else f"expert ({oracle}, {mode})"
     if counterfactual is not None:  # the same episodes under each image arm (docs/eval.md), not the plain run
         arms = CounterfactualConfig(split=split, start=start, n=n, samples_per_case=samples or 1, seed=seed,  # type: ignore[arg-type]
                                     batch_size=batch_size, env=env)  # fmt: skip
-        run_counterfactual_command(built, [(data, source)], lambda _: arms, counterfactual, out, label, quiet)
+        run_counterfactual_command(built, [(source.name, source)], lambda _: arms, counterfactual, out, label, quiet)
         return
     rollout_config = RolloutConfig(
         split=split,  # type: ignore[arg-type]
@@ -260,14 +260,30 @@ def rollout(
         keep_only_correct=keep_only_correct,
         env=env,
     )
+    _play(built, source, source_spec, rollout_config, out, agent, label, summary_json, quiet)
+
+
+def _play(
+    agent: Agent,
+    source: CaseSource,
+    source_spec: str,
+    config: RolloutConfig,
+    out: Path | None,
+    agent_name: str,
+    label: str,
+    summary_json: Path | None,
+    quiet: bool,
+) -> None:
+    """The plain run: open the store (with ``--out``), play the episodes, print the summary table and report."""
+    where = f"{source.name}/{config.split}"
     # What an episode is besides the agent and the seed (the number of samples and the filter are not: they pick
     # which episodes are played and kept). A store of other settings is refused, naming the field.
-    settings = episode_settings(spec, source, rollout_config.split, env) if out is not None else None
-    store = _open_store(out, built, settings)
-    result = _run_with_progress(built, source, rollout_config, store, f"{agent} on {data}/{split}", quiet)
+    settings = episode_settings(source_spec, source, config.split, config.env) if out is not None else None
+    store = _open_store(out, agent, settings)
+    result = _run_with_progress(agent, source, config, store, f"{agent_name} on {where}", quiet)
     summary = summarize(result.records, result.seconds)
-    console.print(summary_table(summary, f"{label} on {data}/{split}"))
-    _report(result, summary, store, keep_only_correct, summary_json)
+    console.print(summary_table(summary, f"{label} on {where}"))
+    _report(result, summary, store, config.keep_only_correct, summary_json)
 
 
 def _agent_keeps_only_correct(agent: Agent, out: Path | None) -> bool:
