@@ -128,6 +128,7 @@ def install_timers() -> None:
     from medeyes.training.stages import ground
     from medeyes.training.stages._step import Learner
     from medeyes_env import rewards, views
+    from medeyes_env.episode_score import EpisodeScore
     from medeyes_env.sources.phantom import render as render_module
     from medeyes_env.sources.phantom.source import PhantomSource
 
@@ -142,14 +143,9 @@ def install_timers() -> None:
     wrap_method(TransformersBackend, "generate", "generate")
     wrap_method(TransformersBackend, "encode", "encode")
     wrap_method(TransformersBackend, "encode_with_turns", "encode")
-    wrap_everywhere(rewards.score_episode, "score")  # the env's scoring, where it calls the whole-episode function
-    try:  # the env that scores one turn at a time
-        from medeyes_env.episode_score import EpisodeScore
-    except ImportError:
-        pass
-    else:
-        for name in ("__init__", "add_turn", "breakdown"):
-            wrap_method(EpisodeScore, name, "score")
+    wrap_everywhere(rewards.score_episode, "score")  # whole-episode scoring, wherever it is still called
+    for name in ("__init__", "add_turn", "breakdown"):  # the env scores one turn at a time
+        wrap_method(EpisodeScore, name, "score")
     trainer_module.summarize = timed("score", trainer_module.summarize)
     ground.grounding_scores = timed("score", ground.grounding_scores)
 
