@@ -31,18 +31,22 @@ class RenderAhead(Generic[T]):
         self._pending = (key, self._executor.submit(load))
 
     def take(self, key: Hashable) -> T | None:
-        """What was loaded for ``key``, waiting for it if it is still running.
+        """What was loaded for ``key``; the load in flight is waited for even when it is for another key.
 
-        ``None`` when nothing was loaded for ``key`` (another case was asked for) or the load raised: the caller
-        then loads the case itself, so an error surfaces where it would without render-ahead, with its own message.
+        Waiting either way means the caller's own load never runs beside the background one: a source need not be
+        safe to read from two threads at once (a parquet source's row-group cache is not). ``None`` when nothing
+        was loaded for ``key`` (another case was asked for) or the load raised: the caller then loads the case
+        itself, so an error surfaces where it would without render-ahead, with its own message.
         """
         pending, self._pending = self._pending, None
-        if pending is None or pending[0] != key:
+        if pending is None:
             return None
+        loaded_key, future = pending
         try:
-            return pending[1].result()
-        except Exception:
+            loaded = future.result()
+        except Exception:  # the caller's own load raises it again
             return None
+        return loaded if loaded_key == key else None
 
     def close(self) -> None:
         """Stop the background thread; a load in flight finishes, none is started."""

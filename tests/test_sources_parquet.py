@@ -157,3 +157,25 @@ def test_cases_check_reports_counts_bad_images_balance_and_the_blind_floor(tmp_p
     result = CliRunner().invoke(app, ["cases", "--data", f"vqa_rad_hf:{bad}", "--check"])
     assert "0/3" not in result.output and "3/3" in result.output
     assert "bad image vqa_rad/test/0:" in result.output and "cannot decode image" in result.output
+
+
+def test_images_load_from_several_threads_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An env's render-ahead and the trainer's preload read images from a background thread while the main thread
+    # may read others; a row-group cache that holds one group at a time evicts on almost every read.
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medeyes_env.sources import parquet_files
+
+    monkeypatch.setattr(parquet_files, "IMAGE_GROUPS_CACHED_BYTES", 1)
+    rows = {"test": [(f"Question {i}?", "yes") for i in range(24)]}
+    source = open_source(f"vqa_rad_hf:{hf_vqa(tmp_path, rows, row_group_size=2)}")
+    expected = [np.asarray(Image.open(io.BytesIO(png_bytes(i))).convert("RGB")) for i in range(24)]
+
+    def load(index: int) -> bool:
+        return np.array_equal(np.asarray(source.case("test", index).load_image()), expected[index])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(load, [i % 24 for i in range(400)]))
+    copy = pickle.loads(pickle.dumps(source))  # a vector env's worker gets a copy with its own, empty cache
+    assert np.array_equal(np.asarray(copy.case("test", 5).load_image()), expected[5])

@@ -18,6 +18,7 @@ A text cell over :data:`MAX_TEXT_CELL_BYTES` and an image cell over :data:`MAX_I
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,18 +131,28 @@ class ImageCells:
         """Start with nothing read."""
         self._starts: dict[Path, list[int]] = {}
         self._cache: OrderedDict[tuple[Path, int, str], Any] = OrderedDict()
+        # Images load from background threads too (an env's render-ahead, the trainer's next-step preload).
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Nothing: a copy (pickle, a vector env's worker) reads again what it needs; a lock cannot be pickled."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        ImageCells.__init__(self)
 
     def cell(self, path: Path, row: int, column: str, where: str) -> Any:
         """The Python value of ``column`` at ``row`` of ``path`` (``where`` names it in errors)."""
-        starts = self._group_starts(path)
-        group = int(np.searchsorted(starts, row, side="right")) - 1
-        key = (path, group, column)
-        if key not in self._cache:
-            self._cache[key] = _read_group(path, group, column)
-            while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > IMAGE_GROUPS_CACHED_BYTES:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        array = self._cache[key]
+        with self._lock:
+            starts = self._group_starts(path)
+            group = int(np.searchsorted(starts, row, side="right")) - 1
+            key = (path, group, column)
+            if key not in self._cache:
+                self._cache[key] = _read_group(path, group, column)
+                while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > IMAGE_GROUPS_CACHED_BYTES:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            array = self._cache[key]
         index = row - starts[group]
         size = int(cell_bytes(array.slice(index, 1))[0])
         if size > MAX_IMAGE_CELL_BYTES:
