@@ -51,8 +51,8 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def in_process(seeds: list[int]) -> tuple[dict[int, tuple[str, float]], list[float], float]:
-    """Play every seed's episode in-process; return {seed: (case_id, reward)}, step latencies, wall seconds.
+def in_process(seeds: list[int], group: int = 1) -> tuple[dict[int, tuple[str, float]], list[float], float]:
+    """Play every seed's episode ``group`` times in-process; return {seed: (case_id, reward)}, step latencies, wall s.
 
     Latencies are of steps only: a reset on a new case renders a phantom (about 60 ms), which says
     nothing about the server. Episodes per second include the resets, served and in-process alike.
@@ -62,11 +62,12 @@ def in_process(seeds: list[int]) -> tuple[dict[int, tuple[str, float]], list[flo
     results, latencies = {}, []
     start = time.perf_counter()
     for seed in seeds:
-        _, info = env.reset(seed=seed)
-        for text in SCRIPT:
-            t0 = time.perf_counter()
-            _, reward, *_ = env.step(text)
-            latencies.append(time.perf_counter() - t0)
+        for _ in range(group):  # a GRPO group: G rollouts of one case, one after the other
+            _, info = env.reset(seed=seed)
+            for text in SCRIPT:
+                t0 = time.perf_counter()
+                _, reward, *_ = env.step(text)
+                latencies.append(time.perf_counter() - t0)
         results[seed] = (info["case_id"], reward)
     return results, latencies, time.perf_counter() - start
 
@@ -106,10 +107,14 @@ def _calls(after: dict, before: dict, name: str) -> int:
 
 
 async def served(
-    url: str, sessions: int, episodes: int, pid: int
-) -> tuple[dict[int, tuple[str, float]], list[float], float, dict[str, float]]:
-    """Play sessions x episodes over the socket, concurrently; as in_process, plus the server's time shares."""
-    results: dict[int, tuple[str, float]] = {}
+    url: str, sessions: int, episodes: int, pid: int, group: int = 1
+) -> tuple[dict[tuple[int, int], tuple[str, float]], list[float], float, dict[str, float]]:
+    """Play sessions x episodes over the socket, concurrently; as in_process, plus the server's time shares.
+
+    Sessions come in groups of ``group`` that play the same seeds at once (a GRPO group's G rollouts of a case);
+    results are keyed by ``(seed, session)``.
+    """
+    results: dict[tuple[int, int], tuple[str, float]] = {}
     latencies: list[float] = []
 
     async def session(index: int) -> None:
@@ -118,13 +123,13 @@ async def served(
             warmed.append(index)
             await ready.wait()
             for episode in range(episodes):
-                seed = index * episodes + episode
+                seed = index // group * episodes + episode
                 first = await env.reset(seed=seed)
                 for text in SCRIPT:
                     t0 = time.perf_counter()
                     last = await env.step(text)
                     latencies.append(time.perf_counter() - t0)
-                results[seed] = (first.observation.case_id, last.reward)
+                results[seed, index] = (first.observation.case_id, last.reward)
 
     ready, warmed = asyncio.Event(), []
     tasks = [asyncio.create_task(session(i)) for i in range(sessions)]
@@ -234,6 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 8, 32], help="concurrent sessions per row")
     parser.add_argument("--episodes", type=int, default=4, help="episodes per session")
+    parser.add_argument("--group", type=int, default=1, help="sessions that play the same seeds at once (GRPO's G)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -242,18 +248,21 @@ def main() -> None:
     rows = []
     try:
         for n in args.sessions:
-            seeds = list(range(n * args.episodes))
-            expected, base_lat, base_wall = in_process(seeds)
-            got, lat, wall, shares = asyncio.run(served(url, n, args.episodes, server.pid))
-            lost = sum(seed not in got for seed in seeds)
-            crossed = sum(seed in got and got[seed] != expected[seed] for seed in seeds)
+            group = min(args.group, n)
+            seeds = list(range(-(-n // group) * args.episodes))
+            expected, base_lat, base_wall = in_process(seeds, group)
+            got, lat, wall, shares = asyncio.run(served(url, n, args.episodes, server.pid, group))
+            played = [(index // group * args.episodes + e, index) for index in range(n) for e in range(args.episodes)]
+            lost = sum(key not in got for key in played)
+            crossed = sum(key in got and got[key] != expected[key[0]] for key in played)
             rss, peak = rss_mb(server.pid)
             rows.append(
                 {
                     "sessions": n,
-                    "episodes": len(seeds),
+                    "episodes": len(played),
+                    "group": group,
                     "served_eps_per_s": len(got) / wall,
-                    "in_process_eps_per_s": len(seeds) / base_wall,
+                    "in_process_eps_per_s": len(seeds) * group / base_wall,
                     "served_p50_ms": ms(lat, 50),
                     "served_p99_ms": ms(lat, 99),
                     "in_process_p50_ms": ms(base_lat, 50),
@@ -271,7 +280,10 @@ def main() -> None:
         server.wait(timeout=30)
 
     load = f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
-    table = Table(title=f"medeyes serve under load: {args.episodes} episodes per session, 4 messages each ({load})")
+    grouping = f", sessions in groups of {args.group} on the same seeds" if args.group > 1 else ""
+    table = Table(
+        title=f"medeyes serve under load: {args.episodes} episodes per session, 4 messages each{grouping} ({load})"
+    )
     for column in (
         "sessions",
         "episodes/s served (in-proc, ratio)",

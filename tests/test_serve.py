@@ -142,6 +142,34 @@ def test_async_clients_run_interleaved_sessions_without_crossing(url):
         assert (question, reward) == (expected[0][1], expected[-1][2])  # the question stands for the case
 
 
+def test_a_grpo_group_of_sessions_renders_its_case_once(monkeypatch):
+    # The sessions share the server's case source: G rollouts of one case, reset at once, render it once.
+    from medeyes_env.sources.phantom.source import PhantomSource
+
+    renders = []
+    real_render = PhantomSource._render
+
+    def counted(self, scene, focals, split, index):
+        renders.append(index)
+        return real_render(self, scene, focals, split, index)
+
+    monkeypatch.setattr(PhantomSource, "_render", counted)
+
+    async def rollout(base: str) -> tuple[str, bytes]:
+        async with MedEyesClient(base) as env:
+            first = await env.reset(seed=11)
+            return first.observation.case_id, first.observation.image
+
+    async def group(base: str) -> list[tuple[str, bytes]]:
+        return await asyncio.gather(*(rollout(base) for _ in range(6)))
+
+    with background_server(ServeConfig(port=0, include_gold=True)) as base:
+        renders.clear()  # start-up builds one env to check the config; it renders nothing
+        played = asyncio.run(group(base))
+    assert len({case for case, _ in played}) == 1 and len({image for _, image in played}) == 1
+    assert len(renders) == 1
+
+
 def test_http_routes(url):
     assert httpx.get(url + "/health").json()["status"] == "healthy"
     schema = httpx.get(url + "/schema").json()

@@ -58,6 +58,7 @@ from medeyes_env.serving.guard import (
     redact_paths,
 )
 from medeyes_env.serving.wire import MedEyesAction, MedEyesObservation, MedEyesState, encode_image
+from medeyes_env.sources import CaseSource
 
 _COMPONENTS = ("accuracy", "grammar", "diversity", "grounding", "tool", "token_recall", "best_iou")
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
@@ -212,17 +213,27 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
     as in-process.
     """
 
-    SUPPORTS_CONCURRENT_SESSIONS = True  # each session owns its own MedEyesEnv; nothing is shared
+    # Each session owns its MedEyesEnv; the server's sessions share one case source (sources are safe to read from
+    # several threads), so the G sessions of a GRPO group on one case render it once, from the source's cache.
+    SUPPORTS_CONCURRENT_SESSIONS = True
 
     def __init__(
-        self, config: ServeConfig | None = None, id_key: bytes | None = None, timings: ServerTimings | None = None
+        self,
+        config: ServeConfig | None = None,
+        id_key: bytes | None = None,
+        timings: ServerTimings | None = None,
+        source: CaseSource | None = None,
     ) -> None:
-        """``timings``: where to count the env's and PNG encoding's seconds (``None``: not counted)."""
+        """One session's episode state.
+
+        ``timings``: where to count the env's and PNG encoding's seconds (``None``: not counted); ``source``: the
+        case source the server's sessions share (``None``: this session opens its own).
+        """
         super().__init__()
         self.config = config or ServeConfig()
         self.id_key = id_key or secrets.token_bytes(32)
         self.timings = timings
-        self.env = make_env(self.config)
+        self.env = make_env(self.config, source)
         self.default_split: Split = self.env.split
         self._state = MedEyesState()
         self._question = ""
@@ -409,11 +420,16 @@ class MedEyesOpenEnv(Environment[MedEyesAction, MedEyesObservation, MedEyesState
         )
 
 
-def make_env(config: ServeConfig) -> MedEyesEnv:
-    """The Gymnasium environment one session plays (unwrapped: the server checks its own inputs)."""
+def make_env(config: ServeConfig, source: CaseSource | None = None) -> MedEyesEnv:
+    """The Gymnasium environment one session plays (unwrapped: the server checks its own inputs).
+
+    ``source``: the case source the server's sessions share (``None``: the env opens its own).
+    """
     kwargs = dict(config.env_kwargs)
     if config.split is not None:
         kwargs["split"] = config.split
+    if source is not None:
+        kwargs["source"] = source
     try:
         return gym.make(config.env_id, **kwargs).unwrapped
     except (TypeError, ValueError) as exc:
@@ -439,10 +455,11 @@ def build_app(config: ServeConfig | None = None) -> Any:
     serves ``/web`` routes on one environment that every client shares.
     """
     config = config or ServeConfig()
-    make_env(config).close()  # fail at start-up, not in the first session, on a bad env config
+    probe = make_env(config)  # fail at start-up, not in the first session, on a bad env config
+    probe.close()
     timings = ServerTimings() if config.timings else None
     app = create_fastapi_app(
-        _session_factory(config, secrets.token_bytes(32), timings),
+        _session_factory(config, secrets.token_bytes(32), timings, probe.source),
         MedEyesAction,
         MedEyesObservation,
         concurrency_config=ConcurrencyConfig(
@@ -493,11 +510,13 @@ def _request_error_response(request: Request, exc: RequestError) -> JSONResponse
     return JSONResponse({"detail": redact_paths(str(exc))}, status_code=exc.status)
 
 
-def _session_factory(config: ServeConfig, id_key: bytes, timings: ServerTimings | None) -> Callable[[], MedEyesOpenEnv]:
+def _session_factory(
+    config: ServeConfig, id_key: bytes, timings: ServerTimings | None, source: CaseSource
+) -> Callable[[], MedEyesOpenEnv]:
     # A named function: OpenEnv puts the factory's name in FACTORY_ERROR frames, and a partial's repr
     # would show the config (paths of the data).
     def medeyes_session() -> MedEyesOpenEnv:
-        return MedEyesOpenEnv(config, id_key, timings)
+        return MedEyesOpenEnv(config, id_key, timings, source)
 
     return medeyes_session
 

@@ -220,7 +220,9 @@ def _dataset(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_error_frames_hold_no_server_paths_or_settings(tmp_path):
+def test_error_frames_hold_no_server_paths_or_settings(tmp_path, monkeypatch):
+    import medeyes_env.serving.server as server_module
+
     data = _dataset(tmp_path / "private-data")
     config = ServeConfig(port=0, env_kwargs={"source": f"jsonl:{data}/cases.jsonl", "split": "test"}, token=TOKEN)
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -228,13 +230,21 @@ def test_error_frames_hold_no_server_paths_or_settings(tmp_path):
         with connect(ws_url(base), additional_headers=headers) as ws:
             ws.send(json.dumps({"type": "reset", "data": {"case_index": 1}}))
             bad_image = json.loads(ws.recv(timeout=30))["data"]
-        shutil.rmtree(data)  # the next session cannot build its environment
+        shutil.rmtree(data)  # sessions share the source opened at start-up: the next one finds its images gone
+        with connect(ws_url(base), additional_headers=headers) as ws:
+            ws.send(json.dumps({"type": "reset", "data": {"case_index": 0}}))
+            missing = json.loads(ws.recv(timeout=30))["data"]
+        real_make_env = server_module.make_env
+        # a session that opens its own source now cannot build its environment
+        monkeypatch.setattr(server_module, "make_env", lambda config, source=None: real_make_env(config))
         with connect(ws_url(base), additional_headers=headers) as ws:
             no_factory = ws.recv(timeout=30)
     assert bad_image == {
         "message": "cannot read image <server path>: cannot identify image file '<server path>'",
         "code": "EXECUTION_ERROR",
     }
+    assert missing["code"] == "EXECUTION_ERROR" and "<server path>" in missing["message"]
+    assert str(tmp_path) not in json.dumps(missing)
     assert str(tmp_path) not in no_factory and TOKEN not in no_factory and "ServeConfig" not in no_factory
     assert json.loads(no_factory)["data"]["code"] == "FACTORY_ERROR"
 

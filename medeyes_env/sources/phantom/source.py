@@ -176,6 +176,8 @@ class PhantomSource:
         # Drawn scenes are small: keep many, so the G rollouts of a case (and its render) draw it once.
         self._drawn: OrderedDict[tuple[str, int], tuple[Any, Any, dict]] = OrderedDict()
         self._lock = threading.Lock()
+        # Cases being rendered now: a thread that asks for one waits for it instead of rendering it again.
+        self._rendering: dict[tuple[str, int], threading.Event] = {}
 
     # -- pickling (Ray, RLlib, gym.make_vec's async workers and copy.deepcopy copy environments) ---------------------
 
@@ -211,18 +213,30 @@ class PhantomSource:
     def image(self, split: Split, index: int) -> Image.Image:
         """The rendered RGB image of a case (a fresh copy; the last few renders are cached)."""
         key = (split, index)
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached.copy()
-        scene = self.scene(split, index)
-        image = self._render(scene, [*scene.lesions, *scene.mimics], split, index)
-        if self.config.cache_size:
+        while True:
             with self._lock:
-                self._cache[key] = image
-                while len(self._cache) > self.config.cache_size:
-                    self._cache.popitem(last=False)
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    return cached.copy()
+                pending = self._rendering.get(key)
+                if pending is None:
+                    if self.config.cache_size:
+                        self._rendering[key] = threading.Event()
+                    break
+            pending.wait()  # a GRPO group's sessions on a shared source ask for one case at once: render it once
+        try:
+            scene = self.scene(split, index)
+            image = self._render(scene, [*scene.lesions, *scene.mimics], split, index)
+            if self.config.cache_size:
+                with self._lock:
+                    self._cache[key] = image
+                    while len(self._cache) > self.config.cache_size:
+                        self._cache.popitem(last=False)
+        finally:
+            if self.config.cache_size:
+                with self._lock:
+                    self._rendering.pop(key).set()  # waiters retry: the cache, or (had it failed) their own render
         return image.copy()
 
     def swapped_case(self, split: Split, index: int) -> Case | None:
