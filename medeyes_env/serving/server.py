@@ -10,7 +10,9 @@ MedEyes' own stateless answer (no tools, no sessions), ``WS /mcp`` is refused.
 
 What this module adds around OpenEnv's app (the checks themselves are in :mod:`.guard`):
 
-- concurrent sessions (``max_sessions``, at least a generation batch) with an idle timeout;
+- concurrent sessions (``max_sessions``, at least a generation batch) with an idle timeout, each with its own
+  environment on the one case source the server opened (a GRPO group's sessions on one case render it once), and at
+  most one reset per usable core at a time (:data:`RESET_SLOTS`);
 - request size limits: HTTP bodies over ``max_request_bytes`` get 413, WebSocket frames over it
   close the socket with code 1009, action text over :data:`~medeyes_env.serving.wire.MAX_ACTION_CHARS`
   gets a validation error frame;
