@@ -53,9 +53,9 @@ def timed(fn, seconds: float) -> tuple[float, int]:
     return elapsed / calls, calls
 
 
-def timed_steps(env: MedEyesEnv, texts: list[str], seconds: float, start_at: int = 0) -> tuple[float, int]:
+def timed_steps(env: MedEyesEnv, texts: list[str], seconds: float) -> tuple[float, int]:
     """Time only env.step calls: episodes of max_steps tool turns, resets left out of the clock."""
-    spent, calls, i = 0.0, 0, start_at
+    spent, calls, i = 0.0, 0, 0
     while spent < seconds:
         env.reset(options={"case_index": 0})
         for _ in range(env.config.max_steps):

@@ -52,13 +52,7 @@ from medeyes_env.env import PROCEDURAL_CASES, MedEyesEnv
 from medeyes_env.errors import ConfigError, MedEyesError
 from medeyes_env.net import is_loopback
 from medeyes_env.registration import ENV_IDS
-from medeyes_env.serving.guard import (
-    APP_ROUTES,
-    TIMINGS_ROUTE,
-    RequestGuard,
-    limited_h11,
-    redact_paths,
-)
+from medeyes_env.serving.guard import APP_ROUTES, TIMINGS_ROUTE, RequestGuard, limited_h11, redact_paths
 from medeyes_env.serving.wire import MedEyesAction, MedEyesObservation, MedEyesState, encode_image
 from medeyes_env.sources import CaseSource
 
